@@ -1,0 +1,169 @@
+"""The cluster-event processor (WORKLOADS.md §1): highest priority, 10 parallel workers.
+
+- spot interruption → flag the pool (instance type + AZ) as risky for every client, with a
+  TTL; remember the interrupted node for a while; notify the cluster's subscribers.
+- OOMKilled → a right-sizing recommendation: the new memory limit from the observed one.
+- node not ready → interruption-related when that node (or instance) was interrupted in the
+  last ``INTERRUPTION_MEMORY_S``; a critical notification otherwise.
+- pod pending → classified by the scheduler's reason.
+
+Redis-side effects go through ``ctx.effect`` (applied once, atomically with the ack); events
+it emits get ids derived from the cause's id, so a handler that runs twice emits nothing new
+(producer-side dedup).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from schemas.cluster import NodeNotReady, OOMKilled, PodPending, SpotInterruption
+from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation
+from streamproc.concern import Concern, Context
+from streamproc.settings import RetryPolicy
+
+__all__ = (
+    "CONCERN",
+    "RISKY_POOL_TTL_S",
+    "classify_pending",
+    "derived_id",
+    "recommend_memory_limit",
+)
+
+#: How long a pool stays flagged risky after an interruption.
+RISKY_POOL_TTL_S = 6 * 3600
+#: How long an interrupted node is remembered, to explain a later NotReady.
+INTERRUPTION_MEMORY_S = 15 * 60
+_MIB = 1 << 20
+_NS = uuid.UUID("6f1c3a52-8d7e-4c1b-9a53-2d0c7f1e9b11")
+
+
+def derived_id(cause_id: str, what: str) -> str:
+    """A deterministic id for an event caused by another: the same cause gives the same id."""
+    return str(uuid.uuid5(_NS, f"{cause_id}/{what}"))
+
+
+def recommend_memory_limit(limit_bytes: int, peak_bytes: int = 0, restarts: int = 0) -> int:
+    """The next memory limit after an OOM kill.
+
+    1.5x the larger of the limit and the observed peak (2x once it was killed 3+ times), with
+    at least 64 MiB more, rounded up to a whole MiB.
+    """
+    base = max(limit_bytes, peak_bytes)
+    factor = 2.0 if restarts >= 3 else 1.5
+    new = max(int(base * factor), base + 64 * _MIB)
+    return -(-new // _MIB) * _MIB
+
+
+_PENDING_RULES = (
+    ("insufficient_gpu", re.compile(r"insufficient (nvidia\.com/gpu|amd\.com/gpu|gpu)", re.I)),
+    ("insufficient_cpu", re.compile(r"insufficient cpu", re.I)),
+    ("insufficient_memory", re.compile(r"insufficient memory", re.I)),
+    ("taints", re.compile(r"untolerated taint|had taint", re.I)),
+    ("node_selector", re.compile(r"node affinity|node selector|didn't match", re.I)),
+    ("volume", re.compile(r"volume|persistentvolumeclaim|pvc", re.I)),
+)
+
+
+def classify_pending(message: str) -> str:
+    """The scheduler's reason for a pending pod, as one category."""
+    for category, pattern in _PENDING_RULES:
+        if pattern.search(message):
+            return category
+    return "unknown"
+
+
+async def on_spot_interruption(event: SpotInterruption, ctx: Context) -> None:
+    pool = ctx.keys.state("risky-pool", event.instance_type, event.availability_zone)
+    ctx.effect("SET", pool, event.id, "EX", RISKY_POOL_TTL_S)
+    for node in filter(None, (event.node_name, event.instance_id)):
+        mark = ctx.keys.state("interrupted", event.cluster_id, node)
+        ctx.effect("SET", mark, event.id, "EX", INTERRUPTION_MEMORY_S)
+    await ctx.producer.publish(
+        Notification(
+            id=derived_id(event.id, "notify"),
+            key=event.cluster_id,
+            source="cluster-events",
+            cluster_id=event.cluster_id,
+            severity="warning",
+            cause_id=event.id,
+            title=f"Spot interruption: {event.instance_id} ({event.instance_type}, "
+            f"{event.availability_zone})",
+            body=f"Pool {event.instance_type}/{event.availability_zone} flagged risky for "
+            f"{RISKY_POOL_TTL_S // 3600} h.",
+        )
+    )
+
+
+async def on_oom_killed(event: OOMKilled, ctx: Context) -> None:
+    new_limit = recommend_memory_limit(
+        event.memory_limit_bytes, event.memory_peak_bytes, event.restart_count
+    )
+    await ctx.producer.publish(
+        RightSizingRecommendation(
+            id=derived_id(event.id, "rightsizing"),
+            key=event.cluster_id,
+            source="cluster-events",
+            cluster_id=event.cluster_id,
+            namespace=event.namespace,
+            workload=event.workload or event.pod,
+            container=event.container,
+            current_limit_bytes=event.memory_limit_bytes,
+            recommended_limit_bytes=new_limit,
+            cause_id=event.id,
+        )
+    )
+
+
+async def on_node_not_ready(event: NodeNotReady, ctx: Context) -> None:
+    marks = [
+        ctx.keys.state("interrupted", event.cluster_id, n)
+        for n in filter(None, (event.node_name, event.instance_id))
+    ]
+    interrupted = any(await ctx.redis.mget(marks)) if marks else False
+    category = "interruption" if interrupted else "unexpected"
+    ctx.effect(
+        "HSET", ctx.keys.state("node-not-ready", event.cluster_id), event.node_name, category
+    )
+    if not interrupted:
+        await ctx.producer.publish(
+            Notification(
+                id=derived_id(event.id, "notify"),
+                key=event.cluster_id,
+                source="cluster-events",
+                cluster_id=event.cluster_id,
+                severity="critical",
+                cause_id=event.id,
+                title=f"Node {event.node_name} not ready",
+                body=event.reason or "no spot interruption explains it",
+            )
+        )
+
+
+async def on_pod_pending(event: PodPending, ctx: Context) -> None:
+    await ctx.producer.publish(
+        PodPendingClassified(
+            id=derived_id(event.id, "pending"),
+            key=event.cluster_id,
+            source="cluster-events",
+            cluster_id=event.cluster_id,
+            namespace=event.namespace,
+            pod=event.pod,
+            category=classify_pending(event.message),  # type: ignore[arg-type]
+            cause_id=event.id,
+        )
+    )
+
+
+CONCERN = Concern(
+    group="cluster-events",
+    topics=("cluster",),
+    handlers={
+        SpotInterruption: on_spot_interruption,
+        OOMKilled: on_oom_killed,
+        NodeNotReady: on_node_not_ready,
+        PodPending: on_pod_pending,
+    },
+    concurrency=10,
+    retry=RetryPolicy(max_retries=3, base_s=0.5, cap_s=30.0),
+)

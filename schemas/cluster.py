@@ -1,0 +1,55 @@
+"""Kubernetes / AWS cluster events posted by agents (WORKLOADS.md §1)."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
+
+from streamproc.event import Event
+
+__all__ = ("NodeNotReady", "OOMKilled", "PodPending", "SpotInterruption")
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+
+
+class ClusterEvent(Event, frozen=True, kw_only=True):
+    topic: ClassVar[str] = "cluster"
+    cluster_id: Name
+
+
+class SpotInterruption(ClusterEvent, frozen=True, kw_only=True, tag="cluster.spot_interruption"):
+    """AWS will reclaim a spot instance (two-minute warning)."""
+
+    instance_id: Name
+    instance_type: Name
+    availability_zone: Name
+    node_name: str = ""
+    action: Literal["terminate", "stop", "hibernate"] = "terminate"
+
+
+class OOMKilled(ClusterEvent, frozen=True, kw_only=True, tag="cluster.oom_killed"):
+    """A container was killed for exceeding its memory limit."""
+
+    namespace: Name
+    pod: Name
+    container: Name
+    workload: str = ""
+    memory_limit_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    #: Peak usage seen before the kill, when the agent knows it.
+    memory_peak_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+    restart_count: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class NodeNotReady(ClusterEvent, frozen=True, kw_only=True, tag="cluster.node_not_ready"):
+    node_name: Name
+    instance_id: str = ""
+    reason: str = ""
+
+
+class PodPending(ClusterEvent, frozen=True, kw_only=True, tag="cluster.pod_pending"):
+    namespace: Name
+    pod: Name
+    #: The scheduler's message, e.g. "0/5 nodes are available: 3 Insufficient cpu."
+    message: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    pending_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0

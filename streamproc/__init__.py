@@ -1,0 +1,53 @@
+"""streamproc: typed events on Redis Streams, consumer groups per concern, measured guarantees."""
+
+from __future__ import annotations
+
+from streamproc.codec import Codec, Registry
+from streamproc.concern import Concern, Context, Handler
+from streamproc.connection import ServerInfo, check_server, connect
+from streamproc.consumer import Consumer, ConsumerStats
+from streamproc.errors import (
+    BackpressureError,
+    ConfigError,
+    DecodeError,
+    Permanent,
+    PublishError,
+    RedisUnavailable,
+    Retry,
+    ServerTooOld,
+    StreamprocError,
+)
+from streamproc.event import Event, new_event_id
+from streamproc.keys import Keys
+from streamproc.producer import Producer
+from streamproc.settings import ConsumerSettings, ProducerSettings, RedisSettings, RetryPolicy
+
+__all__ = (
+    "BackpressureError",
+    "Codec",
+    "Concern",
+    "ConfigError",
+    "Consumer",
+    "ConsumerSettings",
+    "ConsumerStats",
+    "Context",
+    "DecodeError",
+    "Event",
+    "Handler",
+    "Keys",
+    "Permanent",
+    "Producer",
+    "ProducerSettings",
+    "PublishError",
+    "RedisSettings",
+    "RedisUnavailable",
+    "Registry",
+    "Retry",
+    "RetryPolicy",
+    "ServerInfo",
+    "ServerTooOld",
+    "StreamprocError",
+    "check_server",
+    "connect",
+    "new_event_id",
+)

@@ -1,0 +1,393 @@
+"""The ``streamproc`` command: every role and operator tool is a subcommand.
+
+Exit codes: 0 done, 1 failure at run time, 2 bad arguments / configuration, 3 Redis
+unreachable or too old.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import orjson
+import redis.asyncio as aioredis
+import structlog
+
+from streamproc import dlq
+from streamproc._backoff import Backoff
+from streamproc.codec import Codec, Registry
+from streamproc.concern import Concern
+from streamproc.config import Config, load_config
+from streamproc.connection import REDIS_DOWN, ServerInfo, check_server, connect
+from streamproc.consumer import Consumer
+from streamproc.embedded import EmbeddedRedis
+from streamproc.errors import ConfigError, RedisUnavailable, ServerTooOld, StreamprocError
+from streamproc.keys import Keys
+from streamproc.logs import configure_logging
+from streamproc.producer import Producer
+
+__all__ = ("App", "load_app", "main", "run_async")
+
+log = structlog.get_logger("streamproc.cli")
+
+#: Modules that add subcommands: each has ``register(subparsers)``, and may have ``UP_ROLE``,
+#: the argument list of the child process ``streamproc up`` starts for that role.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+class App:
+    """What the application provides: its event registry and its concerns."""
+
+    def __init__(self, registry: Registry[Any], concerns: dict[str, Concern]) -> None:
+        self.registry, self.concerns = registry, concerns
+        self.codec: Codec[Any] = Codec(registry)
+
+
+def load_app() -> App:
+    from consumers import CONCERNS
+    from schemas import REGISTRY
+
+    return App(REGISTRY, CONCERNS)
+
+
+def run_async(main: Coroutine[Any, Any, int]) -> int:
+    """Run the role's coroutine on uvloop (chosen here, at the entry point, only)."""
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported OS
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+async def open_redis(cfg: Config, *, wait_s: float = 30.0) -> tuple[aioredis.Redis, ServerInfo]:
+    """Connect and check the server, waiting up to ``wait_s`` for Redis to come up."""
+    client = connect(cfg.redis)
+    backoff = Backoff(cap_s=2.0)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            info = await check_server(client)
+            break
+        except RedisUnavailable as e:
+            if time.monotonic() >= deadline:
+                await client.aclose()
+                raise
+            if backoff.attempt == 0:
+                log.warning("waiting_for_redis", url=_safe_url(cfg.redis.url), error=str(e))
+            await backoff.sleep()
+    log.info(
+        "redis_server",
+        version=info.version_text,
+        acked_trim=info.has_acked_trim,
+        readgroup_claim=info.has_readgroup_claim,
+        idempotent_xadd=info.has_idempotent_xadd,
+    )
+    return client, info
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+def install_stop_handlers(stop: Callable[[], None]) -> None:
+    """First SIGTERM/SIGINT: ``stop()`` (graceful). Second: exit at once."""
+    loop = asyncio.get_running_loop()
+    count = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal count
+        count += 1
+        if count == 1:
+            log.info("stopping", signal=signame)
+            stop()
+        else:
+            log.warning("stopping_now", signal=signame)
+            os._exit(130)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+
+# ---------------------------------------------------------------------- consume
+
+
+async def consume(cfg: Config, app: App, groups: Sequence[str]) -> int:
+    client, _ = await open_redis(cfg)
+    keys = Keys(cfg.redis.key_prefix)
+    producer = Producer(client, app.codec, keys, cfg.producer)
+    consumers = [
+        Consumer(
+            app.concerns[g],
+            client=client,
+            codec=app.codec,
+            keys=keys,
+            producer=producer,
+            settings=cfg.consumer,
+        )
+        for g in groups
+    ]
+
+    def stop_all() -> None:
+        for c in consumers:
+            c.stop()
+
+    install_stop_handlers(stop_all)
+    try:
+        await asyncio.gather(*(c.run() for c in consumers))
+    finally:
+        await client.aclose()
+    return 0
+
+
+def _cmd_consume(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    groups = sorted(app.concerns) if args.all else args.groups
+    unknown = [g for g in groups if g not in app.concerns]
+    if unknown or not groups:
+        raise ConfigError(
+            f"unknown group(s) {', '.join(unknown) or '(none given)'}; "
+            f"known: {', '.join(sorted(app.concerns))}"
+        )
+    return run_async(consume(cfg, app, groups))
+
+
+# ---------------------------------------------------------------------- publish
+
+
+def parse_event(app: App, type_name: str, body: bytes) -> Any:
+    """Decode a JSON body as the event type ``type_name``; errors name the field path."""
+    cls = app.registry.get(type_name) if type_name in app.registry else None
+    if cls is None:
+        raise ConfigError(
+            f"unknown event type {type_name!r}; known: {', '.join(app.registry.names())}"
+        )
+    try:
+        event = msgspec.json.decode(body, type=cls)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid {type_name}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"malformed JSON: {e}") from None
+    return event
+
+
+def _cmd_publish(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    event = parse_event(app, args.type, args.json.encode())
+    if not event.source:
+        event = msgspec.structs.replace(event, source="cli")
+
+    async def go() -> int:
+        client, _ = await open_redis(cfg, wait_s=5)
+        try:
+            producer = Producer(client, app.codec, Keys(cfg.redis.key_prefix), cfg.producer)
+            entry_id = await producer.publish(event)
+        finally:
+            await client.aclose()
+        print(
+            orjson.dumps(
+                {
+                    "topic": event.topic,
+                    "entry_id": entry_id,
+                    "id": event.id,
+                    "duplicate": producer.duplicates > 0,
+                }
+            ).decode()
+        )
+        return 0
+
+    return run_async(go())
+
+
+# ---------------------------------------------------------------------- dlq
+
+
+def _cmd_dlq(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    concern = app.concerns.get(args.group)
+    if concern is None:
+        raise ConfigError(f"unknown group {args.group!r}; known: {', '.join(sorted(app.concerns))}")
+    if args.action == "purge" and not args.yes:
+        raise ConfigError("dlq purge deletes every dead letter of the group: add --yes")
+    if args.action == "show" and not args.id:
+        raise ConfigError("dlq show needs --id")
+    keys = Keys(cfg.redis.key_prefix)
+
+    async def go() -> int:
+        client, _ = await open_redis(cfg, wait_s=5)
+        try:
+            if args.action == "purge":
+                print(f"purged {await dlq.purge(client, keys, concern)} dead letters")
+                return 0
+            letters = await dlq.dead_letters(
+                client, keys, concern, count=args.count, types=args.type or (), ids=args.id or ()
+            )
+            if args.action == "replay":
+                new_ids = await dlq.replay(client, keys, concern, letters, to_topic=args.to_topic)
+                print(f"replayed {len(new_ids)} dead letters")
+                return 0
+            if args.action == "show" or args.json:
+                for d in letters:
+                    print(
+                        orjson.dumps(
+                            d.as_dict(), option=orjson.OPT_INDENT_2 if args.action == "show" else 0
+                        ).decode()
+                    )
+                return 0 if letters or args.action == "list" else 1
+            print(f"{'dlq id':<17} {'topic':<10} {'type':<28} {'reason':<18} error")
+            for d in letters:
+                print(
+                    f"{d.dlq_id:<17} {d.topic:<10} {d.get('type')[:28]:<28} "
+                    f"{d.get('dlq_reason')[:18]:<18} {d.get('dlq_error')[:60]}"
+                )
+            print(f"{len(letters)} dead letter(s)")
+            return 0
+        finally:
+            await client.aclose()
+
+    return run_async(go())
+
+
+# ---------------------------------------------------------------------- up
+
+
+def _up_roles(args: argparse.Namespace) -> list[list[str]]:
+    roles = [["consume", "--all"]]
+    for name in COMMAND_MODULES:
+        role = getattr(importlib.import_module(name), "UP_ROLE", None)
+        if role and role[0] not in args.without:
+            roles.append(list(role))
+    return roles
+
+
+def _cmd_up(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    """Run every role as a child process; an embedded Redis when REDIS_URL is unset."""
+    server: EmbeddedRedis | None = None
+    env = dict(os.environ)
+    if not cfg.redis_url_given:
+        server = EmbeddedRedis(Path(args.data_dir), port=args.redis_port).start()
+        env["REDIS_URL"] = server.url
+        print(
+            f"embedded Redis on {server.url} (data in {args.data_dir}/)\n"
+            f"inspect it with:  redis-cli -p {server.port}   "
+            f"e.g. redis-cli -p {server.port} --scan --pattern '{cfg.redis.key_prefix}:*'",
+            flush=True,
+        )
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGKILL if stopping else signal.SIGTERM)
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        for role in _up_roles(args):
+            children.append(subprocess.Popen([sys.executable, "-m", "streamproc", *role], env=env))
+            print(f"started: streamproc {' '.join(role)} (pid {children[-1].pid})", flush=True)
+        # Any child ending stops the others: a half-running system is not "up".
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.2)
+        if not stopping:
+            stop(signal.SIGTERM, None)
+        codes = [c.wait() for c in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        if server is not None:
+            server.stop()
+    return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+
+
+# ---------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamproc", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run everything (embedded Redis unless REDIS_URL is set)")
+    up.add_argument("--data-dir", default=".redis", help="embedded Redis data folder")
+    up.add_argument("--redis-port", type=int, default=0, help="embedded Redis port (0 = free)")
+    up.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="ROLE",
+        help="leave a role out (ingest, ticker)",
+    )
+    up.set_defaults(func=_cmd_up)
+
+    c = sub.add_parser("consume", help="run consumer groups")
+    c.add_argument("groups", nargs="*", metavar="GROUP")
+    c.add_argument("--all", action="store_true", help="every group the application defines")
+    c.set_defaults(func=_cmd_consume)
+
+    pub = sub.add_parser("publish", help="publish one event, for trying things out")
+    pub.add_argument("type", help="event type, e.g. cluster.spot_interruption")
+    pub.add_argument("json", help="the event's fields as a JSON object")
+    pub.set_defaults(func=_cmd_publish)
+
+    d = sub.add_parser("dlq", help="list, show, replay or purge a group's dead letters")
+    d.add_argument("action", choices=("list", "show", "replay", "purge"))
+    d.add_argument("group")
+    d.add_argument("--type", action="append", help="only this event type (repeatable)")
+    d.add_argument("--id", action="append", help="only this event/entry id (repeatable)")
+    d.add_argument("--count", type=int, default=100)
+    d.add_argument(
+        "--to-topic",
+        action="store_true",
+        help="replay to the topic stream (every group) instead of the group's own",
+    )
+    d.add_argument("--json", action="store_true", help="JSON lines")
+    d.add_argument("--yes", action="store_true", help="confirm purge")
+    d.set_defaults(func=_cmd_dlq)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config()
+        configure_logging(cfg.log_level, json=cfg.log_json)
+        func: Callable[[argparse.Namespace, Config, App], int] = args.func
+        return func(args, cfg, load_app())
+    except ConfigError as e:
+        print(f"streamproc: error: {e}", file=sys.stderr)
+        return 2
+    except (RedisUnavailable, ServerTooOld) as e:
+        print(f"streamproc: error: {e}", file=sys.stderr)
+        return 3
+    except StreamprocError as e:
+        print(f"streamproc: error: {e}", file=sys.stderr)
+        return 1
+    except REDIS_DOWN as e:
+        print(f"streamproc: error: Redis connection lost: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Reading the environment: done here, at the entry point, and nowhere else.
+
+| variable | meaning | form |
+|---|---|---|
+| ``REDIS_URL`` | Redis to use; unset: ``up`` starts one | ``redis://host:port/db`` |
+| ``STREAMPROC_PREFIX`` | key prefix | name, default ``sp`` |
+| ``STREAMPROC_CONSUMER`` | consumer name, stable across restarts | default: host name |
+| ``STREAMPROC_LOG_LEVEL`` | debug, info, warning, error | default ``info`` |
+| ``STREAMPROC_LOG_JSON`` | force JSON logs (1) or console logs (0) | default: JSON unless a TTY |
+| ``STREAMPROC_<SETTING>`` | any ConsumerSettings / ProducerSettings field, upper-case | its type |
+
+A bad value fails at start with a message naming the variable and the expected form.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from streamproc.errors import ConfigError
+from streamproc.keys import NAME_RE
+from streamproc.settings import ConsumerSettings, ProducerSettings, RedisSettings
+
+__all__ = ("Config", "load_config")
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    redis: RedisSettings
+    consumer: ConsumerSettings
+    producer: ProducerSettings
+    log_level: str
+    log_json: bool | None
+    #: False when REDIS_URL was not set (``up`` then starts an embedded Redis).
+    redis_url_given: bool
+
+
+def _default_consumer_name() -> str:
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in socket.gethostname())
+    return (name.strip("-_.") or "c")[:40]
+
+
+def _from_env(env: Mapping[str, str], cls: type[Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``STREAMPROC_<FIELD>`` values for the fields of ``cls``, converted to their types."""
+    out: dict[str, Any] = {}
+    for name in cls.__struct_fields__:
+        var = f"STREAMPROC_{name.upper()}"
+        if name in skip or var not in env:
+            continue
+        raw = env[var]
+        field_type = cls.__annotations__[name]
+        try:
+            out[name] = msgspec.convert(
+                raw, {"int": int, "float": float}.get(field_type, str), strict=False
+            )
+        except msgspec.ValidationError:
+            raise ConfigError(f"{var}={raw!r}: expected {field_type}") from None
+    return out
+
+
+def _build(cls: type[Any], values: dict[str, Any], **fixed: Any) -> Any:
+    """Construct ``cls``; on a bad value, name the variable that carried it."""
+    try:
+        return cls(**fixed, **values)
+    except ConfigError:
+        for name, value in values.items():
+            try:
+                cls(**fixed, **{name: value})
+            except ConfigError as e:
+                raise ConfigError(f"STREAMPROC_{name.upper()}={value!r}: {e}") from None
+        raise
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    url = env.get("REDIS_URL", "")
+    prefix = env.get("STREAMPROC_PREFIX", "sp")
+    if not NAME_RE.match(prefix):
+        raise ConfigError(f"STREAMPROC_PREFIX={prefix!r}: expected a name of letters, digits, _.-")
+    level = env.get("STREAMPROC_LOG_LEVEL", "info").lower()
+    if level not in _LEVELS:
+        raise ConfigError(f"STREAMPROC_LOG_LEVEL={level!r}: expected one of {', '.join(_LEVELS)}")
+    json_raw = env.get("STREAMPROC_LOG_JSON")
+    if json_raw not in (None, "", "0", "1"):
+        raise ConfigError(f"STREAMPROC_LOG_JSON={json_raw!r}: expected 0 or 1")
+    try:
+        redis = RedisSettings(url=url or "redis://127.0.0.1:6379/0", key_prefix=prefix)
+    except ConfigError as e:
+        raise ConfigError(f"REDIS_URL: {e}") from None
+    consumer_name = env.get("STREAMPROC_CONSUMER") or _default_consumer_name()
+    if not NAME_RE.match(consumer_name):
+        raise ConfigError(
+            f"STREAMPROC_CONSUMER={consumer_name!r}: expected a name of letters, "
+            "digits, _.- (at most 63)"
+        )
+    consumer = _build(
+        ConsumerSettings,
+        _from_env(env, ConsumerSettings, skip=("consumer",)),
+        consumer=consumer_name,
+    )
+    producer = _build(ProducerSettings, _from_env(env, ProducerSettings))
+    return Config(
+        redis=redis,
+        consumer=consumer,
+        producer=producer,
+        log_level=level,
+        log_json=None if json_raw in (None, "") else json_raw == "1",
+        redis_url_given=bool(url),
+    )

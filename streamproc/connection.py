@@ -1,0 +1,92 @@
+"""Redis clients and the start-up server check.
+
+redis-py 8 retries every command on connection errors by default, XADD included, which can
+add an entry twice; streamproc's clients never retry by themselves: the producer, consumer and
+ticker retry where it is safe, with their own capped backoff.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from streamproc.errors import RedisUnavailable, ServerTooOld
+from streamproc.settings import RedisSettings
+
+__all__ = ("REDIS_DOWN", "ServerInfo", "check_server", "connect")
+
+#: Exceptions that mean "Redis is not reachable right now".
+REDIS_DOWN: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+MIN_VERSION = (7, 0, 0)
+
+
+class ServerInfo(msgspec.Struct, frozen=True):
+    version: tuple[int, int, int]
+    #: XADD/XTRIM ... ACKED and XACKDEL (8.2).
+    has_acked_trim: bool
+    #: XREADGROUP ... CLAIM (8.4).
+    has_readgroup_claim: bool
+    #: XINFO CONSUMERS reports ``inactive`` (7.2).
+    has_consumer_inactive: bool
+    #: XADD ... IDMP idempotent producer (8.6).
+    has_idempotent_xadd: bool
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+def connect(settings: RedisSettings, *, for_reading: bool = False) -> aioredis.Redis:
+    """A client with a bounded pool that waits for a free connection instead of failing.
+
+    ``for_reading`` clients hold a connection per blocked XREADGROUP; give each reader its own.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.url,
+        max_connections=settings.max_connections,
+        timeout=settings.socket_timeout_s,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.connect_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in text.split(".")[:3]]
+    while len(parts) < 3:
+        parts.append(0)
+    return parts[0], parts[1], parts[2]
+
+
+async def check_server(client: aioredis.Redis) -> ServerInfo:
+    """Read the server version; refuse anything older than Redis 7.0."""
+    try:
+        info: dict[str, Any] = await client.info("server")
+    except REDIS_DOWN as e:
+        raise RedisUnavailable(f"cannot reach Redis: {e}") from e
+    raw = info.get("valkey_version") or info.get("redis_version") or "0"
+    version = parse_version(str(raw))
+    if "valkey_version" in info:
+        # Valkey 7.2/8.x report redis_version 7.2.4 for compatibility; treat as Redis 7.2.
+        version = max(min(version, (7, 2, 4)), parse_version(str(info.get("redis_version", "0"))))
+    if version < MIN_VERSION:
+        raise ServerTooOld(
+            f"Redis {'.'.join(map(str, version))} is too old: streamproc needs Redis >= 7.0 "
+            "(XAUTOCLAIM's deleted-ids reply and XINFO GROUPS lag)"
+        )
+    return ServerInfo(
+        version=version,
+        has_acked_trim=version >= (8, 2, 0),
+        has_readgroup_claim=version >= (8, 4, 0),
+        has_consumer_inactive=version >= (7, 2, 0),
+        has_idempotent_xadd=version >= (8, 6, 0),
+    )

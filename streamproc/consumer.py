@@ -1,0 +1,718 @@
+"""The consumer runtime: one consumer of one group (one concern) in this process.
+
+Data path (one task each, in one task group)::
+
+    reader ──▶ work queue ──▶ N workers (handlers) ──▶ settle queue ──▶ settler (Lua, batched)
+      ▲  XREADGROUP (own pending first, then '>')                          │ XACK + dedup mark
+      └──────────── in-flight slots (bounded) ◀────────────────────────────┘ | retry | DLQ
+
+Beside it: a heartbeat that renews the idle time of every entry this consumer holds (so a slow
+handler is never reclaimed), a reclaimer that XAUTOCLAIMs entries whose owner stopped renewing,
+a retry pump that moves due retries to the group's retry stream, and the safe trimmer.
+``process_once()`` runs one read → handle → settle step, for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ResponseError
+
+from streamproc import _scripts
+from streamproc._backoff import Backoff, backoff_delay_s
+from streamproc.codec import Codec
+from streamproc.concern import Concern, Context, Handler
+from streamproc.connection import REDIS_DOWN
+from streamproc.errors import DecodeError, Permanent, Retry
+from streamproc.keys import Keys
+from streamproc.producer import Producer
+from streamproc.settings import ConsumerSettings
+from streamproc.trim import trim_stream
+
+__all__ = ("Consumer", "ConsumerStats")
+
+log = structlog.get_logger("streamproc.consumer")
+
+_ACK, _DUP, _EMPTY, _SKIP, _RETRY, _DLQ = "ack", "duplicate", "empty", "skip", "retry", "dlq"
+
+
+class ConsumerStats:
+    """Counters since start (exported as metrics, asserted on in tests)."""
+
+    __slots__ = (
+        "acked",
+        "dead_lettered",
+        "duplicates",
+        "empty",
+        "read",
+        "reclaimed",
+        "retried",
+        "skipped",
+    )
+
+    def __init__(self) -> None:
+        self.read = self.acked = self.duplicates = self.retried = self.dead_lettered = 0
+        self.reclaimed = self.empty = self.skipped = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class _Entry:
+    __slots__ = ("attempt", "deliveries", "entry_id", "fields", "origin", "stream", "topic")
+
+    def __init__(
+        self, stream: str, topic: str, entry_id: bytes, fields: Mapping[bytes, bytes] | None
+    ) -> None:
+        self.stream, self.topic, self.entry_id = stream, topic, entry_id
+        self.fields: Mapping[bytes, bytes] = fields or {}
+        self.deliveries = 1
+        attempt = self.fields.get(b"attempt")
+        self.attempt = int(attempt) if attempt and attempt.isdigit() else 0
+        self.origin = self.fields.get(b"origin", entry_id)
+
+
+class _Outcome:
+    __slots__ = (
+        "detail",
+        "due_ms",
+        "effects",
+        "entry",
+        "error_type",
+        "event_id",
+        "kind",
+        "reason",
+    )
+
+    def __init__(
+        self,
+        entry: _Entry,
+        kind: str,
+        *,
+        event_id: bytes = b"",
+        effects: list[tuple[Any, ...]] | None = None,
+        due_ms: int = 0,
+        reason: str = "",
+        error_type: str = "",
+        detail: str = "",
+    ) -> None:
+        self.entry, self.kind, self.event_id, self.reason = entry, kind, event_id, reason
+        self.effects = effects or []
+        self.due_ms, self.error_type, self.detail = due_ms, error_type, detail
+
+
+class Consumer:
+    """Runs one concern's handlers as one named consumer of its group."""
+
+    def __init__(
+        self,
+        concern: Concern,
+        *,
+        client: aioredis.Redis,
+        codec: Codec[Any],
+        keys: Keys,
+        producer: Producer,
+        settings: ConsumerSettings | None = None,
+    ) -> None:
+        base = settings or ConsumerSettings()
+        self.settings = s = (
+            ConsumerSettings.from_mapping({**msgspec.structs.asdict(base), **concern.settings})
+            if concern.settings
+            else base
+        )
+        self.concern, self.client, self.codec, self.keys = concern, client, codec, keys
+        self.producer = producer
+        self.group, self.name = concern.group, s.consumer
+        self.stats = ConsumerStats()
+        self.ready = False  # Redis reachable and groups exist
+        self._handlers: dict[bytes, Handler] = {
+            t.type_name().encode(): h for t, h in concern.handlers.items()
+        }
+        self._unhandled = {
+            n.encode() for n in codec.registry.names() if n.encode() not in self._handlers
+        }
+        # stream key -> topic; topic streams first, then this group's retry streams
+        self._streams: dict[str, str] = {keys.stream(t): t for t in concern.topics}
+        self._streams.update({keys.retry_stream(t, self.group): t for t in concern.topics})
+        self._recovering = dict.fromkeys(self._streams, b"0")  # own pending, read first
+        self._slots = asyncio.Semaphore(s.max_in_flight)
+        self._held: dict[str, set[bytes]] = {k: set() for k in self._streams}  # in flight
+        self._in_flight = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._stopping = asyncio.Event()
+        self._retry_wakeup = asyncio.Event()
+        self._next_local_due_ms = 0
+        self._work: asyncio.Queue[_Entry] = asyncio.Queue()
+        self._settle_q: asyncio.Queue[_Outcome] = asyncio.Queue()
+        self._succeed = client.register_script(_scripts.SUCCEED)
+        self._fail = client.register_script(_scripts.FAIL)
+        self._pump = client.register_script(_scripts.PUMP)
+        self._reading = False
+        self._groups_ok = False
+        self._down_since: float | None = None
+
+    # ------------------------------------------------------------------ groups
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every stream it reads (MKSTREAM); BUSYGROUP is success."""
+        for stream in self._streams:
+            try:
+                await self.client.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        self._groups_ok = True
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read(self, count: int, block_ms: int | None) -> list[_Entry]:
+        """Own pending entries first (after a restart), then new ones."""
+        if not self._groups_ok:
+            await self.ensure_groups()
+        while self._recovering:
+            stream, cursor = next(iter(self._recovering.items()))
+            reply: Any = await self.client.xreadgroup(
+                self.group, self.name, {stream: cursor}, count=count
+            )
+            got: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1] if reply else []
+            if not got:
+                del self._recovering[stream]
+                continue
+            self._recovering[stream] = got[-1][0]
+            held = self._held[stream]  # already being worked on here: not twice
+            entries = [_Entry(stream, self._streams[stream], i, f) for i, f in got if i not in held]
+            if entries:
+                await self._load_deliveries(stream, entries)
+                return entries
+        self._reading = True
+        try:
+            reply = await self.client.xreadgroup(
+                self.group,
+                self.name,
+                dict.fromkeys(self._streams, ">"),
+                count=count,
+                block=block_ms,
+            )
+        finally:
+            self._reading = False
+        out: list[_Entry] = []
+        for stream_name, entries_read in reply or ():
+            key = stream_name.decode()
+            out += [_Entry(key, self._streams[key], i, f) for i, f in entries_read]
+        return out
+
+    async def _load_deliveries(self, stream: str, entries: list[_Entry]) -> None:
+        """Delivery counts of entries that were delivered before (recovered or claimed)."""
+        if not entries:
+            return
+        rows = await self.client.xpending_range(
+            stream,
+            self.group,
+            min=entries[0].entry_id,
+            max=entries[-1].entry_id,
+            count=len(entries) + 10,
+            consumername=self.name,
+        )
+        counts = {r["message_id"]: int(r["times_delivered"]) for r in rows}
+        for e in entries:
+            e.deliveries = counts.get(e.entry_id, e.deliveries)
+
+    def _triage(self, entries: list[_Entry], seen: list[bool]) -> list[_Entry | _Outcome]:
+        """Decide what needs no handler: trimmed payloads, poison, duplicates, other types."""
+        out: list[_Entry | _Outcome] = []
+        for entry, was_seen in zip(entries, seen, strict=True):
+            if not entry.fields:
+                out.append(_Outcome(entry, _EMPTY))
+            elif entry.deliveries > self.settings.max_deliveries:
+                out.append(
+                    _Outcome(
+                        entry,
+                        _DLQ,
+                        reason="poison",
+                        error_type="Poison",
+                        detail=f"delivered {entry.deliveries} times, over "
+                        f"max_deliveries={self.settings.max_deliveries}",
+                    )
+                )
+            elif was_seen:
+                out.append(_Outcome(entry, _DUP))
+            elif entry.fields.get(b"type") in self._unhandled:
+                out.append(_Outcome(entry, _SKIP))
+            else:
+                out.append(entry)
+        return out
+
+    async def _seen(self, entries: list[_Entry]) -> list[bool]:
+        """Which entries' event ids this group already applied (one MGET per topic)."""
+        if not self.settings.dedup_window_ms:
+            return [False] * len(entries)
+        flags = [False] * len(entries)
+        by_topic: dict[str, list[int]] = {}
+        for i, e in enumerate(entries):
+            if e.fields.get(b"id"):
+                by_topic.setdefault(e.topic, []).append(i)
+        for topic, idx in by_topic.items():
+            prefix = self.keys.seen_prefix(topic, self.group).encode()
+            marks = await self.client.mget([prefix + entries[i].fields[b"id"] for i in idx])
+            for i, mark in zip(idx, marks, strict=True):
+                flags[i] = mark is not None
+        return flags
+
+    async def _take_slots(self, want: int, *, wait: bool) -> int:
+        """Reserve up to ``want`` in-flight slots; at least one if ``wait``."""
+        got = 0
+        if wait:
+            await self._slots.acquire()
+            got = 1
+        while got < want and not self._slots.locked():
+            await self._slots.acquire()
+            got += 1
+        return got
+
+    def _release(self, n: int) -> None:
+        for _ in range(n):
+            self._slots.release()
+
+    def _hold(self, entries: list[_Entry]) -> None:
+        for e in entries:
+            self._held[e.stream].add(e.entry_id)
+        self._in_flight += len(entries)
+        if self._in_flight:
+            self._drained.clear()
+
+    def _unhold(self, entries: list[_Entry]) -> None:
+        for e in entries:
+            self._held[e.stream].discard(e.entry_id)
+        self._in_flight -= len(entries)
+        self._release(len(entries))
+        if self._in_flight == 0:
+            self._drained.set()
+
+    async def _fetch(self, want: int, block_ms: int | None) -> list[_Entry | _Outcome]:
+        """Read up to ``want`` entries (slots already taken) and triage them."""
+        if not want:
+            return []
+        try:
+            entries = await self._read(want, block_ms)
+        except BaseException:
+            self._release(want)
+            raise
+        self._release(want - len(entries))
+        if not entries:
+            return []
+        self._hold(entries)
+        self.stats.read += len(entries)
+        try:
+            seen = await self._seen(entries)
+        except BaseException:
+            # They stay pending in Redis: forget them here and re-read our pending list.
+            self._unhold(entries)
+            self._recovering = dict.fromkeys(self._streams, b"0")
+            raise
+        return self._triage(entries, seen)
+
+    # ------------------------------------------------------------------ handling
+
+    async def _handle(self, entry: _Entry) -> _Outcome:
+        try:
+            event = self.codec.decode(entry.fields)
+        except DecodeError as e:
+            log.error(
+                "undecodable_entry",
+                topic=entry.topic,
+                entry_id=entry.entry_id.decode(),
+                reason=e.reason,
+                detail=e.detail[:500],
+            )
+            return _Outcome(entry, _DLQ, reason=e.reason, error_type="DecodeError", detail=e.detail)
+        handler = self._handlers[entry.fields[b"type"]]
+        ctx = Context(
+            topic=entry.topic,
+            group=self.group,
+            consumer=self.name,
+            entry_id=entry.entry_id.decode(),
+            attempt=entry.attempt,
+            deliveries=entry.deliveries,
+            redis=self.client,
+            producer=self.producer,
+            keys=self.keys,
+        )
+        with structlog.contextvars.bound_contextvars(
+            topic=entry.topic,
+            group=self.group,
+            entry_id=ctx.entry_id,
+            event_id=event.id,
+            deliveries=entry.deliveries,
+            attempt=entry.attempt,
+        ):
+            try:
+                await handler(event, ctx)
+            except Permanent as e:
+                return self._dead(entry, "permanent", e)
+            except Retry as e:
+                return self._retry(entry, e, e.delay_s)
+            except Exception as e:
+                if isinstance(e, self.concern.permanent_errors):
+                    return self._dead(entry, "permanent", e)
+                return self._retry(entry, e, None)
+        return _Outcome(entry, _ACK, event_id=event.id.encode(), effects=ctx._effects)
+
+    def _dead(self, entry: _Entry, reason: str, exc: BaseException) -> _Outcome:
+        log.error("dead_lettered", reason=reason, error_type=type(exc).__name__, error=str(exc))
+        return _Outcome(
+            entry, _DLQ, reason=reason, error_type=type(exc).__name__, detail=str(exc)[:2000]
+        )
+
+    def _retry(self, entry: _Entry, exc: BaseException, delay_s: float | None) -> _Outcome:
+        policy = self.concern.retry
+        attempt = entry.attempt + 1
+        if attempt > policy.max_retries:
+            return self._dead(entry, "retries_exhausted", exc)
+        if delay_s is None:
+            delay_s = backoff_delay_s(attempt, policy.base_s, policy.cap_s)
+        due_ms = int((time.time() + max(delay_s, 0.0)) * 1000)
+        log.warning(
+            "retry_scheduled",
+            attempt=attempt,
+            delay_s=round(delay_s, 3),
+            error_type=type(exc).__name__,
+            error=str(exc)[:500],
+        )
+        return _Outcome(
+            entry, _RETRY, due_ms=due_ms, error_type=type(exc).__name__, detail=str(exc)[:2000]
+        )
+
+    # ------------------------------------------------------------------ settling
+
+    async def _settle(self, outcomes: list[_Outcome]) -> None:
+        """Apply outcomes to Redis: one SUCCEED script per stream, one FAIL per failure."""
+        ok: dict[str, list[Any]] = {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for o in outcomes:
+                e = o.entry
+                if o.kind in (_ACK, _DUP, _EMPTY, _SKIP):
+                    args = ok.setdefault(e.stream, [self.group, self.settings.dedup_window_ms])
+                    seen = b""
+                    if o.kind == _ACK and self.settings.dedup_window_ms and o.event_id:
+                        seen = self.keys.seen_prefix(e.topic, self.group).encode() + o.event_id
+                    args += (e.entry_id, seen, len(o.effects))
+                    for cmd in o.effects:
+                        args += (len(cmd), *cmd)
+                elif o.kind == _RETRY:
+                    member = self._retry_member(o)
+                    await self._fail(
+                        keys=[e.stream, self.keys.delayed(e.topic, self.group)],
+                        args=[self.group, e.entry_id, "retry", o.due_ms, member],
+                        client=pipe,
+                    )
+                else:
+                    await self._fail(
+                        keys=[e.stream, self.keys.dlq(e.topic, self.group)],
+                        args=[self.group, e.entry_id, "dlq", *self._dead_fields(o)],
+                        client=pipe,
+                    )
+            for stream, args in ok.items():
+                await self._succeed(keys=[stream], args=args, client=pipe)
+            await pipe.execute()
+        st = self.stats
+        for o in outcomes:
+            if o.kind == _ACK:
+                st.acked += 1
+            elif o.kind == _DUP:
+                st.duplicates += 1
+            elif o.kind == _EMPTY:
+                st.empty += 1
+            elif o.kind == _SKIP:
+                st.skipped += 1
+            elif o.kind == _RETRY:
+                st.retried += 1
+                self._note_local_due(o.due_ms)
+            else:
+                st.dead_lettered += 1
+        self._unhold([o.entry for o in outcomes])
+
+    def _retry_member(self, o: _Outcome) -> bytes:
+        e = o.entry
+        flat: list[str] = []
+        for k, v in e.fields.items():
+            if k not in (b"attempt", b"origin"):
+                flat += (k.decode(), v.decode())
+        flat += ("attempt", str(e.attempt + 1), "origin", e.origin.decode())
+        return orjson.dumps(flat)
+
+    def _dead_fields(self, o: _Outcome) -> list[Any]:
+        e = o.entry
+        meta: list[Any] = [
+            "dlq_reason",
+            o.reason,
+            "dlq_error_type",
+            o.error_type,
+            "dlq_error",
+            o.detail,
+            "dlq_attempts",
+            e.attempt + 1,
+            "dlq_deliveries",
+            e.deliveries,
+            "dlq_consumer",
+            self.name,
+            "dlq_group",
+            self.group,
+            "dlq_topic",
+            e.topic,
+            "dlq_entry_id",
+            e.entry_id,
+            "dlq_origin_id",
+            e.origin,
+            "dlq_at",
+            datetime.now(UTC).isoformat(timespec="milliseconds"),
+        ]
+        for k, v in e.fields.items():
+            if not k.startswith(b"dlq_"):
+                meta += (k, v)
+        return meta
+
+    # ------------------------------------------------------------------ single step
+
+    async def process_once(self, *, block_ms: int | None = None) -> int:
+        """Pump due retries, read one batch, handle it, settle it. Returns entries read."""
+        await self.pump_retries()
+        items = await self._fetch(await self._take_slots(self.settings.batch, wait=False), block_ms)
+        sem = asyncio.Semaphore(self.concern.concurrency)
+
+        async def run(item: _Entry | _Outcome) -> _Outcome:
+            if isinstance(item, _Outcome):
+                return item
+            async with sem:
+                return await self._handle(item)
+
+        outcomes = list(await asyncio.gather(*(run(i) for i in items)))
+        if outcomes:
+            await self._settle(outcomes)
+        return len(items)
+
+    # ------------------------------------------------------------------ maintenance
+
+    def _note_local_due(self, due_ms: int) -> None:
+        if not self._next_local_due_ms or due_ms < self._next_local_due_ms:
+            self._next_local_due_ms = due_ms
+            self._retry_wakeup.set()
+
+    async def pump_retries(self) -> int:
+        """Move due retries into this group's retry streams; returns how many moved."""
+        moved = 0
+        now_ms = int(time.time() * 1000)
+        for topic in self.concern.topics:
+            moved += int(
+                await self._pump(
+                    keys=[
+                        self.keys.delayed(topic, self.group),
+                        self.keys.retry_stream(topic, self.group),
+                    ],
+                    args=[now_ms, 1000],
+                )
+            )
+        if self._next_local_due_ms and self._next_local_due_ms <= now_ms:
+            self._next_local_due_ms = 0
+        return moved
+
+    async def renew(self) -> int:
+        """Reset the idle time of every entry this consumer holds (XCLAIM JUSTID, no count)."""
+        renewed = 0
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, ids in self._held.items():
+                if ids:
+                    pipe.xclaim(stream, self.group, self.name, 0, list(ids), justid=True)
+                    renewed += len(ids)
+            if renewed:
+                await pipe.execute()
+        return renewed
+
+    async def reclaim(self) -> list[_Entry | _Outcome]:
+        """XAUTOCLAIM entries idle longer than min_idle_ms (their owner stopped renewing)."""
+        out: list[_Entry | _Outcome] = []
+        for stream, topic in self._streams.items():
+            want = await self._take_slots(self.settings.batch, wait=False)
+            if not want:
+                break
+            reply: Any = await self.client.xautoclaim(
+                stream, self.group, self.name, self.settings.min_idle_ms, "0-0", count=want
+            )
+            claimed = [_Entry(stream, topic, i, f) for i, f in reply[1]]
+            self._release(want - len(claimed))
+            if not claimed:
+                continue
+            await self._load_deliveries(stream, claimed)
+            self._hold(claimed)
+            self.stats.read += len(claimed)
+            self.stats.reclaimed += len(claimed)
+            log.warning("reclaimed", stream=stream, count=len(claimed))
+            out += self._triage(claimed, await self._seen(claimed))
+        return out
+
+    async def expire_consumers(self) -> list[str]:
+        """Remove consumers that own nothing and were idle longer than consumer_expiry_ms."""
+        removed = []
+        for stream in self._streams:
+            for c in await self.client.xinfo_consumers(stream, self.group):
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                if (
+                    name != self.name
+                    and int(c["pending"]) == 0
+                    and int(c["idle"]) > self.settings.consumer_expiry_ms
+                ):
+                    await self.client.xgroup_delconsumer(stream, self.group, name)
+                    removed.append(name)
+        if removed:
+            log.info("consumers_expired", consumers=sorted(set(removed)))
+        return removed
+
+    # ------------------------------------------------------------------ run loop
+
+    async def run(self, *, started: asyncio.Event | None = None) -> None:
+        """Run until ``stop()``; then drain in-flight work within grace_s and return."""
+        await self._until_up(self.ensure_groups)
+        self.ready = True
+        log.info(
+            "consumer_started", group=self.group, consumer=self.name, streams=list(self._streams)
+        )
+        if started is not None:
+            started.set()
+        workers = [asyncio.create_task(self._worker()) for _ in range(self.concern.concurrency)]
+        side = [
+            asyncio.create_task(self._settler()),
+            asyncio.create_task(self._keepalive()),
+            asyncio.create_task(self._retry_loop()),
+            asyncio.create_task(self._trim_loop()),
+        ]
+        reader = asyncio.create_task(self._reader())
+        try:
+            await self._stopping.wait()
+            if not self._reading:
+                reader.cancel()  # waiting for slots or backing off: nothing to lose
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.settings.grace_s)
+            except TimeoutError:
+                log.warning("grace_expired", in_flight=self._in_flight)
+        finally:
+            for t in (reader, *workers, *side):
+                t.cancel()
+            await asyncio.gather(reader, *workers, *side, return_exceptions=True)
+            log.info(
+                "consumer_stopped", group=self.group, consumer=self.name, **self.stats.as_dict()
+            )
+
+    def stop(self) -> None:
+        """Stop reading; ``run`` then drains in-flight work and returns."""
+        self._stopping.set()
+
+    async def _until_up(self, step: Any) -> Any:
+        """Run ``step`` until Redis answers; log once per state change."""
+        backoff = Backoff()
+        while True:
+            try:
+                result = await step()
+            except REDIS_DOWN as e:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    self.ready = False
+                    log.error("redis_unavailable", group=self.group, error=str(e))
+                await backoff.sleep()
+                continue
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                log.error("group_missing_recreating", group=self.group, error=str(e))
+                self._groups_ok = False
+                self._recovering = dict.fromkeys(self._streams, b"0")
+                await backoff.sleep()
+                continue
+            if self._down_since is not None:
+                log.info(
+                    "redis_available",
+                    group=self.group,
+                    down_s=round(time.monotonic() - self._down_since, 3),
+                )
+                self._down_since = None
+                self.ready = True
+            return result
+
+    async def _reader(self) -> None:
+        while not self._stopping.is_set():
+            want = await self._take_slots(self.settings.batch, wait=True)
+            try:
+                items = await self._until_up(
+                    lambda: self._fetch(want, self.settings.block_ms)  # noqa: B023
+                )
+            except BaseException:
+                self._release(want)
+                raise
+            self._dispatch(items)
+
+    def _dispatch(self, items: list[_Entry | _Outcome]) -> None:
+        for item in items:
+            if isinstance(item, _Outcome):
+                self._settle_q.put_nowait(item)
+            else:
+                self._work.put_nowait(item)
+
+    async def _worker(self) -> None:
+        while True:
+            entry = await self._work.get()
+            self._settle_q.put_nowait(await self._handle(entry))
+
+    async def _settler(self) -> None:
+        while True:
+            batch = [await self._settle_q.get()]
+            while not self._settle_q.empty() and len(batch) < 1000:
+                batch.append(self._settle_q.get_nowait())
+            # Settling is idempotent: after a dropped connection the same batch is sent again.
+            await asyncio.shield(self._until_up(lambda: self._settle(batch)))  # noqa: B023
+
+    async def _keepalive(self) -> None:
+        """Heartbeat (renew held entries) every min_idle/3; reclaim and expire less often."""
+        period_s = self.settings.min_idle_ms / 3000
+        rounds = 0
+        while True:
+            await asyncio.sleep(period_s * random.uniform(0.9, 1.0))
+            await self._until_up(self.renew)
+            rounds += 1
+            if not self._stopping.is_set():
+                self._dispatch(await self._until_up(self.reclaim))
+            if rounds % 30 == 0:
+                await self._until_up(self.expire_consumers)
+
+    async def _retry_loop(self) -> None:
+        """Pump due retries: at the earliest local due time, and at least every second."""
+        while True:
+            timeout_s = 1.0
+            if self._next_local_due_ms:
+                timeout_s = min(timeout_s, max(0.0, self._next_local_due_ms / 1000 - time.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_wakeup.wait(), timeout_s)
+            self._retry_wakeup.clear()
+            await self._until_up(self.pump_retries)
+
+    async def _trim_loop(self) -> None:
+        if not self.settings.trim_interval_ms:
+            return
+        while True:
+            await asyncio.sleep(self.settings.trim_interval_ms / 1000 * random.uniform(0.8, 1.2))
+            for stream in self._streams:
+                await self._until_up(
+                    lambda s=stream: trim_stream(
+                        self.client, s, hard_maxlen=self.settings.hard_maxlen
+                    )
+                )

@@ -1,0 +1,67 @@
+"""streamproc's exceptions: one base class, and the decisions handlers can signal."""
+
+from __future__ import annotations
+
+__all__ = (
+    "BackpressureError",
+    "ConfigError",
+    "DecodeError",
+    "Permanent",
+    "PublishError",
+    "RedisUnavailable",
+    "Retry",
+    "ServerTooOld",
+    "StreamprocError",
+)
+
+
+class StreamprocError(Exception):
+    """Base class of every error streamproc raises on purpose."""
+
+
+class ConfigError(StreamprocError, ValueError):
+    """A setting, environment variable or CLI argument has a bad value."""
+
+
+class ServerTooOld(StreamprocError):
+    """The Redis server is older than the oldest version streamproc supports."""
+
+
+class RedisUnavailable(StreamprocError):
+    """Redis could not be reached (connection refused, reset or timed out)."""
+
+
+class PublishError(StreamprocError):
+    """An event could not be published."""
+
+
+class BackpressureError(PublishError):
+    """A group reading the topic is too far behind; publish waited and gave up."""
+
+    def __init__(self, topic: str, group: str, lag: int, watermark: int, waited_s: float) -> None:
+        self.topic, self.group, self.lag, self.watermark = topic, group, lag, watermark
+        self.waited_s = waited_s
+        super().__init__(
+            f"backpressure on topic {topic!r}: group {group!r} has {lag} entries waiting "
+            f"(lag + pending), above the high watermark {watermark}; waited {waited_s:.2f}s"
+        )
+
+
+class DecodeError(StreamprocError):
+    """A stream entry is not a valid event. ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class Retry(StreamprocError):
+    """Raised by a handler: try this event again later (after ``delay_s`` if given)."""
+
+    def __init__(self, reason: str = "retry requested", *, delay_s: float | None = None) -> None:
+        self.delay_s = delay_s
+        super().__init__(reason)
+
+
+class Permanent(StreamprocError):
+    """Raised by a handler: this event can never succeed; dead-letter it now."""

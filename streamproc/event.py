@@ -1,0 +1,67 @@
+"""The event envelope every typed event inherits.
+
+Concrete events live in ``schemas/``: a subclass names its wire type with ``tag=`` and its
+topic with a ``topic`` class variable::
+
+    class SpotInterruption(Event, tag="cluster.spot_interruption"):
+        topic: ClassVar[str] = "cluster"
+        instance_id: str
+        ...
+
+Every field added to an existing event must have a default, so entries written by an older
+version still decode (new fields) and newer entries decode in older code (unknown fields are
+ignored).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar
+
+import msgspec
+import uuid_utils
+
+__all__ = ("Event", "new_event_id", "utcnow")
+
+
+def new_event_id() -> str:
+    """A UUIDv7 as text: unique and ordered by creation time."""
+    return str(uuid_utils.uuid7())
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(
+    msgspec.Struct,
+    kw_only=True,
+    frozen=True,
+    tag_field="type",
+    gc=False,
+    forbid_unknown_fields=False,
+):
+    """Common envelope: identity, time, origin and ordering key."""
+
+    #: Time-ordered event id (UUIDv7). The same event published twice keeps its id.
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = msgspec.field(
+        default_factory=new_event_id
+    )
+    #: When it happened, timezone-aware (UTC on the wire).
+    occurred_at: Annotated[datetime, msgspec.Meta(tz=True)] = msgspec.field(default_factory=utcnow)
+    #: Who reported it (ingest sets the authenticated agent's name).
+    source: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    #: Ordering / partition key (e.g. the cluster id).
+    key: Annotated[str, msgspec.Meta(max_length=256)] = ""
+
+    #: The stream this event type is published to.
+    topic: ClassVar[str] = "events"
+    #: Schema version, written as ``v``; raise it when the meaning of a field changes.
+    version: ClassVar[int] = 1
+
+    @classmethod
+    def type_name(cls) -> str:
+        tag = cls.__struct_config__.tag
+        if not isinstance(tag, str):
+            raise TypeError(f"{cls.__name__} has no tag: declare it with class X(Event, tag=...)")
+        return tag

@@ -1,0 +1,159 @@
+"""Producer: appends typed events to their topic streams.
+
+``publish`` goes through one Lua script that checks the producer-side dedup marker, XADDs and
+sets the marker, atomically: publishing an event id (or idempotency key) twice within the window
+returns the first entry id and adds nothing. Before writing, the producer looks at the lag of
+the groups reading the topic (cached briefly) and waits, then raises BackpressureError, while a
+group is above the high watermark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ResponseError
+
+from streamproc._backoff import Backoff
+from streamproc.codec import Codec
+from streamproc.connection import REDIS_DOWN
+from streamproc.errors import BackpressureError, PublishError
+from streamproc.event import Event
+from streamproc.keys import Keys
+from streamproc.settings import ProducerSettings
+
+__all__ = ("Producer",)
+
+log = structlog.get_logger("streamproc.producer")
+
+# KEYS: stream, dedup marker. ARGV: window_ms, field, value, ...
+# Returns {1, id} when added, {0, first id} when the marker already existed.
+_PUBLISH_LUA = """
+local first = redis.call('GET', KEYS[2])
+if first then return {0, first} end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
+return {1, id}
+"""
+
+
+class Producer:
+    """Publishes events; safe to share between tasks of one event loop."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        codec: Codec[Any],
+        keys: Keys,
+        settings: ProducerSettings | None = None,
+        *,
+        retry_timeout_s: float = 10.0,
+    ) -> None:
+        self.client, self.codec, self.keys = client, codec, keys
+        self.settings = settings or ProducerSettings()
+        self.retry_timeout_s = retry_timeout_s
+        self._script = client.register_script(_PUBLISH_LUA)
+        self._lag_cache: dict[str, tuple[float, str, int]] = {}
+        self.duplicates = 0
+
+    async def publish(self, event: Event, *, idempotency_key: str | None = None) -> str:
+        """Append one event; return its entry id (the first one's, for a duplicate)."""
+        [entry_id] = await self.publish_many([event], idempotency_keys=[idempotency_key])
+        return entry_id
+
+    async def publish_many(
+        self,
+        events: Sequence[Event],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[str]:
+        """Append events in one pipeline; return their entry ids in order."""
+        if not events:
+            return []
+        if idempotency_keys is not None and len(idempotency_keys) != len(events):
+            raise ValueError("idempotency_keys must match events one to one")
+        for topic in {e.topic for e in events}:
+            await self.wait_for_capacity(topic)
+        backoff = Backoff(cap_s=1.0)
+        deadline = time.monotonic() + self.retry_timeout_s
+        while True:
+            try:
+                return await self._write(events, idempotency_keys)
+            except REDIS_DOWN as e:
+                # Safe to send again: the dedup marker makes a repeated XADD a no-op, and with
+                # producer dedup off consumers still drop the copy by event id.
+                if time.monotonic() >= deadline:
+                    raise PublishError(f"Redis unavailable for {self.retry_timeout_s}s: {e}") from e
+                if backoff.attempt == 0:
+                    log.warning("publish_retrying", error=str(e))
+                await backoff.sleep()
+
+    async def _write(
+        self, events: Sequence[Event], idempotency_keys: Sequence[str | None] | None
+    ) -> list[str]:
+        s = self.settings
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i, event in enumerate(events):
+                fields = self.codec.encode(event)
+                stream = self.keys.stream(event.topic)
+                if s.dedup_window_ms:
+                    dedup_id = (idempotency_keys[i] if idempotency_keys else None) or event.id
+                    marker = self.keys.published_prefix(event.topic) + dedup_id
+                    args: list[Any] = [s.dedup_window_ms]
+                    for k, v in fields.items():
+                        args += (k, v)
+                    await self._script(keys=[stream, marker], args=args, client=pipe)
+                else:
+                    pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            try:
+                replies = await pipe.execute()
+            except ResponseError as e:
+                raise PublishError(f"Redis refused the write: {e}") from e
+        if not s.dedup_window_ms:
+            return [r.decode() for r in replies]
+        out = []
+        for added, entry_id in replies:
+            if not added:
+                self.duplicates += 1
+            out.append(entry_id.decode())
+        return out
+
+    async def group_backlog(self, topic: str) -> tuple[str, int]:
+        """The group with the most entries waiting on ``topic`` (lag + pending), cached."""
+        now = time.monotonic()
+        cached = self._lag_cache.get(topic)
+        if cached and cached[0] > now:
+            return cached[1], cached[2]
+        worst = ("", 0)
+        try:
+            groups = await self.client.xinfo_groups(self.keys.stream(topic))
+        except ResponseError:  # no such key: nobody reads it yet
+            groups = []
+        for g in groups:
+            backlog = int(g.get("lag") or 0) + int(g.get("pending") or 0)
+            if backlog > worst[1]:
+                worst = (g["name"].decode() if isinstance(g["name"], bytes) else g["name"], backlog)
+        self._lag_cache[topic] = (now + self.settings.lag_cache_ms / 1000, *worst)
+        return worst
+
+    async def wait_for_capacity(self, topic: str) -> None:
+        """Return when every group on ``topic`` is under the watermark; else BackpressureError."""
+        s = self.settings
+        group, backlog = await self.group_backlog(topic)
+        if backlog <= s.high_watermark:
+            return
+        started = time.monotonic()
+        log.warning("backpressure_engaged", topic=topic, group=group, backlog=backlog)
+        while True:
+            waited = time.monotonic() - started
+            if waited >= s.backpressure_timeout_s:
+                raise BackpressureError(topic, group, backlog, s.high_watermark, waited)
+            await asyncio.sleep(max(s.lag_cache_ms, 10) / 1000)
+            group, backlog = await self.group_backlog(topic)
+            if backlog <= s.high_watermark:
+                log.info("backpressure_released", topic=topic, waited_s=round(waited, 3))
+                return

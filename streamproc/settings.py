@@ -1,0 +1,116 @@
+"""Settings objects: frozen, keyword-only, validated at construction.
+
+The engine takes these plain objects; only the entry point (``streamproc.config``) reads the
+environment. Units are in the names (``_ms``, ``_s``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from streamproc.errors import ConfigError
+
+__all__ = ("ConsumerSettings", "ProducerSettings", "RedisSettings", "RetryPolicy")
+
+
+class _Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    def _positive(self, *names: str, allow_zero: bool = False) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value < 0 or (value == 0 and not allow_zero):
+                bound = ">= 0" if allow_zero else "> 0"
+                raise ConfigError(f"{type(self).__name__}.{name} must be {bound}, got {value!r}")
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> Any:
+        """Build from a plain mapping; unknown keys and wrong types are ConfigErrors."""
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+class RedisSettings(_Settings, frozen=True, kw_only=True):
+    url: str = "redis://127.0.0.1:6379/0"
+    #: Socket timeout for ordinary commands. Readers use ``block_ms`` well under it.
+    socket_timeout_s: float = 5.0
+    connect_timeout_s: float = 2.0
+    max_connections: int = 64
+    #: Prefix of every key (see ``streamproc.keys``).
+    key_prefix: str = "sp"
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"Redis URL {self.url!r} must start with redis://, rediss:// or unix://"
+            )
+        self._positive("socket_timeout_s", "connect_timeout_s", "max_connections")
+
+
+class RetryPolicy(_Settings, frozen=True, kw_only=True):
+    """Exponential backoff with jitter: ``min(cap, base * 2**(attempt-1))`` x U(0.5, 1)."""
+
+    max_retries: int = 3
+    base_s: float = 1.0
+    cap_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        self._positive("max_retries", allow_zero=True)
+        self._positive("base_s", "cap_s")
+        if self.cap_s < self.base_s:
+            raise ConfigError(f"RetryPolicy.cap_s ({self.cap_s}) is below base_s ({self.base_s})")
+
+
+class ProducerSettings(_Settings, frozen=True, kw_only=True):
+    #: Producer-side dedup window by event id / idempotency key; 0 = off.
+    dedup_window_ms: int = 24 * 3600 * 1000
+    #: Backpressure: a group whose lag + pending exceeds this blocks publishing to the topic.
+    high_watermark: int = 100_000
+    #: How long ``publish`` waits for the lag to fall before raising BackpressureError.
+    backpressure_timeout_s: float = 5.0
+    #: How long the groups' lag read with XINFO GROUPS is reused.
+    lag_cache_ms: int = 250
+
+    def __post_init__(self) -> None:
+        self._positive("dedup_window_ms", "lag_cache_ms", allow_zero=True)
+        self._positive("high_watermark", "backpressure_timeout_s")
+
+
+class ConsumerSettings(_Settings, frozen=True, kw_only=True):
+    #: This consumer's name in the group; stable across restarts of the same replica.
+    consumer: str = "c1"
+    #: Events read but not yet settled, at most (the in-flight bound).
+    max_in_flight: int = 256
+    #: Entries asked for per XREADGROUP.
+    batch: int = 100
+    #: XREADGROUP BLOCK; keep well under RedisSettings.socket_timeout_s.
+    block_ms: int = 1000
+    #: Entries idle this long, whose owner stopped renewing them, are reclaimed.
+    min_idle_ms: int = 30_000
+    #: An entry delivered more often than this is poison and goes to the DLQ.
+    max_deliveries: int = 5
+    #: Consumer-side dedup window by event id; 0 = off.
+    dedup_window_ms: int = 24 * 3600 * 1000
+    #: Finish in-flight work within this time on shutdown, then cancel it.
+    grace_s: float = 10.0
+    #: Consumers that own nothing and were idle this long are removed from the group.
+    consumer_expiry_ms: int = 3_600_000
+    #: Safe trimming of the group's topics every this often; 0 = off.
+    trim_interval_ms: int = 30_000
+    #: Hard length cap per stream applied by the trimmer; 0 = none. It may cut entries a
+    #: group has not acked, and then says so (error log + metric).
+    hard_maxlen: int = 0
+
+    def __post_init__(self) -> None:
+        from streamproc.keys import check_name
+
+        check_name("consumer", self.consumer)
+        self._positive("max_in_flight", "batch", "block_ms", "min_idle_ms", "grace_s")
+        self._positive("max_deliveries", "consumer_expiry_ms")
+        self._positive("dedup_window_ms", "trim_interval_ms", "hard_maxlen", allow_zero=True)
+        if self.min_idle_ms < 3 * 100:
+            raise ConfigError(
+                "ConsumerSettings.min_idle_ms must be >= 300 (heartbeats renew at 1/3)"
+            )

@@ -1,0 +1,108 @@
+"""Fixtures: a real Redis for the whole session, a unique key prefix per test.
+
+Redis comes from testcontainers when a Docker engine answers, otherwise from a ``redis-server``
+process started on a free 127.0.0.1 port. Neither → the session fails with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from schemas import REGISTRY
+from streamproc import Codec, Keys, Producer, ProducerSettings, RedisSettings, connect
+from streamproc.embedded import EmbeddedRedis
+
+
+def _docker_redis() -> Iterator[str] | None:
+    if os.environ.get("STREAMPROC_TEST_NO_DOCKER"):
+        return None
+    if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
+        return None
+    import gc
+    import warnings
+
+    try:
+        from docker import DockerClient
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            engine = DockerClient.from_env(timeout=2)
+            try:
+                engine.ping()
+            finally:
+                engine.close()
+    except Exception:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()  # the failed client's socket, closed here rather than in a test
+        return None
+    from testcontainers.redis import RedisContainer
+
+    def gen() -> Iterator[str]:
+        with RedisContainer("redis:7.0") as c:
+            yield f"redis://{c.get_container_host_ip()}:{c.get_exposed_port(6379)}/0"
+
+    return gen()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real Redis server shared by the session."""
+    if url := os.environ.get("STREAMPROC_TEST_REDIS_URL"):
+        yield url
+        return
+    container = _docker_redis()
+    if container is not None:
+        yield from container
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), appendonly=False)
+    try:
+        server.start()
+    except Exception as e:
+        pytest.exit(f"no Redis for the tests: no Docker engine and {e}", returncode=3)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def keys() -> Keys:
+    """A key prefix of this test's own: tests never FLUSHALL and never see each other."""
+    return Keys(f"t{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def redis_settings(redis_url: str, keys: Keys) -> RedisSettings:
+    return RedisSettings(url=redis_url, key_prefix=keys.prefix)
+
+
+@pytest.fixture
+async def client(redis_settings: RedisSettings, keys: Keys) -> AsyncIterator[aioredis.Redis]:
+    c = connect(redis_settings)
+    yield c
+    async for k in c.scan_iter(match=f"{keys.prefix}:*", count=1000):
+        await c.delete(k)
+    await c.aclose()
+
+
+@pytest.fixture
+def codec() -> Codec[Any]:
+    return Codec(REGISTRY)
+
+
+@pytest.fixture
+def producer(client: aioredis.Redis, codec: Codec[Any], keys: Keys) -> Producer:
+    return Producer(client, codec, keys, ProducerSettings())
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
