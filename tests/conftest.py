@@ -29,7 +29,7 @@ def _docker_redis() -> Iterator[str] | None:
     import warnings
 
     try:
-        from docker import DockerClient
+        from docker import DockerClient  # type: ignore[attr-defined]
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
