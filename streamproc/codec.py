@@ -14,6 +14,7 @@ is authoritative; an entry whose ``id`` disagrees with its ``data`` is rejected.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC
 from typing import Any, Generic, TypeVar
@@ -28,6 +29,7 @@ __all__ = ("WIRE_FIELDS", "Codec", "Registry")
 
 E = TypeVar("E", bound=Event)
 
+TYPE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 WIRE_FIELDS = (b"type", b"id", b"ts", b"key", b"v", b"data")
 #: Bodies larger than this are refused by ``Codec.decode`` (protects consumers from huge entries).
 MAX_DATA_BYTES = 1 << 20
@@ -40,6 +42,11 @@ class Registry(Generic[E]):
         self.by_name: dict[str, type[E]] = {}
         for t in types:
             name = t.type_name()
+            if not TYPE_NAME_RE.match(name):
+                raise ConfigError(
+                    f"{t.__name__}: event type {name!r} must be a lower-case dotted name such as "
+                    "'cluster.spot_interruption' (declare it with tag=...)"
+                )
             if name in self.by_name:
                 raise ConfigError(f"event type {name!r} is registered twice")
             check_name("topic", t.topic)

@@ -564,7 +564,11 @@ class Consumer:
         """Remove consumers that own nothing and were idle longer than consumer_expiry_ms."""
         removed = []
         for stream in self._streams:
-            for c in await self.client.xinfo_consumers(stream, self.group):
+            try:
+                consumers: Any = await self.client.xinfo_consumers(stream, self.group)
+            except ResponseError:  # stream or group gone: the reader recreates them
+                continue
+            for c in consumers:
                 name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
                 if (
                     name != self.name
@@ -596,8 +600,15 @@ class Consumer:
             asyncio.create_task(self._trim_loop()),
         ]
         reader = asyncio.create_task(self._reader())
+        stop_wait = asyncio.create_task(self._stopping.wait())
         try:
-            await self._stopping.wait()
+            done, _ = await asyncio.wait(
+                [stop_wait, reader, *workers, *side], return_when=asyncio.FIRST_COMPLETED
+            )
+            if stop_wait not in done:  # a task failed: that is a bug, not a way to stop
+                failed = done.pop()
+                log.error("consumer_task_failed", group=self.group, task=failed.get_coro())
+                failed.result()
             if not self._reading:
                 reader.cancel()  # waiting for slots or backing off: nothing to lose
             with contextlib.suppress(asyncio.CancelledError):
@@ -607,9 +618,9 @@ class Consumer:
             except TimeoutError:
                 log.warning("grace_expired", in_flight=self._in_flight)
         finally:
-            for t in (reader, *workers, *side):
+            for t in (stop_wait, reader, *workers, *side):
                 t.cancel()
-            await asyncio.gather(reader, *workers, *side, return_exceptions=True)
+            await asyncio.gather(stop_wait, reader, *workers, *side, return_exceptions=True)
             log.info(
                 "consumer_stopped", group=self.group, consumer=self.name, **self.stats.as_dict()
             )
@@ -632,7 +643,9 @@ class Consumer:
                 await backoff.sleep()
                 continue
             except ResponseError as e:
-                if "NOGROUP" not in str(e):
+                # NOGROUP: the group or stream is gone (FLUSHALL, restart without persistence,
+                # a deleted key); UNBLOCKED: the key was deleted under a blocked read.
+                if not str(e).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
                 log.error("group_missing_recreating", group=self.group, error=str(e))
                 self._groups_ok = False

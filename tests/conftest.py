@@ -16,7 +16,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from schemas import REGISTRY
-from streamproc import Codec, Keys, Producer, ProducerSettings, RedisSettings, connect
+from streamproc import (
+    Codec,
+    Concern,
+    Consumer,
+    ConsumerSettings,
+    Keys,
+    Producer,
+    ProducerSettings,
+    RedisSettings,
+    connect,
+)
 from streamproc.embedded import EmbeddedRedis
 
 
@@ -106,3 +116,38 @@ def producer(client: aioredis.Redis, codec: Codec[Any], keys: Keys) -> Producer:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def make_consumer(client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer) -> Any:
+    """Build a Consumer of topic ``cluster`` (group ``g`` unless told) with these handlers.
+
+    Keyword arguments go to ConsumerSettings, except ``concern={...}`` (Concern fields).
+    """
+
+    def make(
+        handlers: dict[Any, Any],
+        *,
+        name: str = "c1",
+        group: str = "g",
+        concurrency: int = 4,
+        concern: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> Consumer:
+        declared = Concern(
+            group=group,
+            topics=("cluster",),
+            handlers=handlers,
+            concurrency=concurrency,
+            **(concern or {}),
+        )
+        return Consumer(
+            declared,
+            client=client,
+            codec=codec,
+            keys=keys,
+            producer=producer,
+            settings=ConsumerSettings(consumer=name, **settings),
+        )
+
+    return make

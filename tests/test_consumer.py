@@ -1,0 +1,224 @@
+"""The consumer runtime against a real Redis: delivery, order, restart, shutdown, bad entries."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from schemas import NodeNotReady, SpotInterruption
+from streamproc import (
+    Context,
+    Keys,
+    Producer,
+)
+from tests.helpers import MakeConsumer, entries, pending, spot
+
+
+async def test_published_events_are_handled_in_order_and_acked(
+    make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    seen: list[str] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        seen.append(event.id)
+
+    consumer = make_consumer({SpotInterruption: handle}, concurrency=1)
+    await consumer.ensure_groups()
+    events = [spot(i) for i in range(250)]
+    await producer.publish_many(events)
+    while await consumer.process_once():
+        pass
+    assert seen == [e.id for e in events]
+    assert await pending(client, keys) == 0
+    assert consumer.stats.acked == 250
+
+
+async def test_types_without_a_handler_are_acked_unread(
+    make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        pass
+
+    consumer = make_consumer({SpotInterruption: handle})
+    await consumer.ensure_groups()
+    await producer.publish(NodeNotReady(cluster_id="c1", node_name="n1"))
+    await consumer.process_once()
+    assert consumer.stats.skipped == 1
+    assert await pending(client, keys) == 0
+
+
+async def test_after_a_restart_own_pending_entries_are_delivered_first(
+    make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    """A consumer that died after reading leaves entries pending; its successor (same name)
+    re-reads them before anything new, with the delivery count raised."""
+    await client.xgroup_create(keys.stream("cluster"), "g", id="0", mkstream=True)
+    old = [spot(i) for i in range(3)]
+    await producer.publish_many(old)
+    await client.xreadgroup("g", "c1", {keys.stream("cluster"): ">"}, count=10)  # then "dies"
+    new = [spot(i) for i in range(3, 5)]
+    await producer.publish_many(new)
+
+    seen: list[tuple[str, int]] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        seen.append((event.id, ctx.deliveries))
+
+    consumer = make_consumer({SpotInterruption: handle}, concurrency=1)
+    while await consumer.process_once():
+        pass
+    assert [s[0] for s in seen] == [e.id for e in old + new]
+    assert [s[1] for s in seen] == [2, 2, 2, 1, 1]
+    assert await pending(client, keys) == 0
+
+
+async def test_graceful_stop_finishes_in_flight_work_and_acks_it(
+    make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    done: list[str] = []
+
+    async def slow(event: SpotInterruption, ctx: Context) -> None:
+        started.set()
+        await release.wait()
+        done.append(event.id)
+
+    consumer = make_consumer({SpotInterruption: slow}, concurrency=8, block_ms=100)
+    running = asyncio.create_task(consumer.run())
+    await producer.publish_many([spot(i) for i in range(8)])
+    await started.wait()
+    consumer.stop()
+    await asyncio.sleep(0.05)
+    release.set()
+    await running
+    assert len(done) == 8
+    assert await pending(client, keys) == 0
+
+
+async def test_work_cut_off_by_the_grace_period_stays_pending_not_failed(
+    make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    """Cancellation at shutdown is neither a failure nor a retry: the entry stays pending."""
+    started = asyncio.Event()
+
+    async def stuck(event: SpotInterruption, ctx: Context) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    consumer = make_consumer({SpotInterruption: stuck}, grace_s=0.2, block_ms=100)
+    running = asyncio.create_task(consumer.run())
+    await producer.publish(spot(1))
+    await started.wait()
+    consumer.stop()
+    await running
+    assert consumer.stats.retried == consumer.stats.dead_lettered == 0
+    assert await pending(client, keys) == 1
+    assert await client.zcard(keys.delayed("cluster", "g")) == 0
+
+
+async def test_in_flight_is_bounded(make_consumer: MakeConsumer, producer: Producer) -> None:
+    gate = asyncio.Event()
+    running_now: list[int] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        running_now.append(1)
+        await gate.wait()
+
+    consumer = make_consumer(
+        {SpotInterruption: handle}, concurrency=50, max_in_flight=7, block_ms=50
+    )
+    task = asyncio.create_task(consumer.run())
+    await producer.publish_many([spot(i) for i in range(40)])
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if len(running_now) >= 7:
+            break
+    await asyncio.sleep(0.2)
+    assert len(running_now) == 7  # never more than max_in_flight read and unsettled
+    gate.set()
+    for _ in range(300):
+        if consumer.stats.acked == 40:
+            break
+        await asyncio.sleep(0.01)
+    consumer.stop()
+    await task
+    assert consumer.stats.acked == 40
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"type": "cluster.spot_interruption"}, "missing_field"),
+        ({"type": "cluster.spot_interruption", "data": "{oops"}, "bad_json"),
+        ({"type": "cluster.spot_interruption", "data": '{"cluster_id": 1}'}, "invalid"),
+        ({"type": "cluster.no_such_thing", "data": "{}"}, "unknown_type"),
+        ({"garbage": "\x00\xff"}, "missing_field"),
+    ],
+)
+async def test_broken_entries_written_by_hand_are_dead_lettered_and_do_not_block(
+    make_consumer: MakeConsumer,
+    producer: Producer,
+    client: aioredis.Redis,
+    keys: Keys,
+    fields: dict[str, str],
+    reason: str,
+) -> None:
+    handled: list[str] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        handled.append(event.id)
+
+    consumer = make_consumer({SpotInterruption: handle})
+    await consumer.ensure_groups()
+    await client.xadd(keys.stream("cluster"), fields)  # type: ignore[arg-type]
+    good = spot(1)
+    await producer.publish(good)
+    while await consumer.process_once():
+        pass
+    assert handled == [good.id]
+    dead = await entries(client, keys.dlq("cluster", "g"))
+    assert len(dead) == 1
+    assert dead[0][1][b"dlq_reason"] == reason.encode()
+    for k, v in fields.items():  # the original fields are kept verbatim
+        assert dead[0][1][k.encode()] == v.encode()
+    assert await pending(client, keys) == 0
+
+
+async def test_group_that_vanished_is_recreated(
+    make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    """FLUSHALL or a restart without persistence: reads answer NOGROUP; recreate and go on."""
+    seen: list[str] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        seen.append(event.id)
+
+    consumer = make_consumer({SpotInterruption: handle}, block_ms=50)
+    task = asyncio.create_task(consumer.run())
+    await producer.publish(spot(1))
+    for _ in range(200):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    await client.delete(keys.stream("cluster"), keys.retry_stream("cluster", "g"))
+    for _ in range(500):  # the consumer recreates stream and group (MKSTREAM)
+        groups = (
+            await client.xinfo_groups(keys.stream("cluster"))
+            if await client.exists(keys.stream("cluster"))
+            else []
+        )
+        if groups:
+            break
+        await asyncio.sleep(0.01)
+    later = spot(2)
+    await producer.publish(later)
+    for _ in range(500):
+        if later.id in seen:
+            break
+        await asyncio.sleep(0.01)
+    consumer.stop()
+    await task
+    assert seen[-1] == later.id
+    assert consumer.ready
