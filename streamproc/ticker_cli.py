@@ -1,0 +1,93 @@
+"""``streamproc ticker``: the ticker role (one leader fires, the others stand by).
+
+    streamproc ticker                                  # the table in producers/schedules.py
+    streamproc ticker --list                           # each schedule's next fire times
+    streamproc ticker --schedules mymod:SCHEDULES --lease-ttl-ms 3000
+
+SIGTERM/SIGINT: finish the current step, release the lease (a standby takes over at once),
+exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import socket
+from datetime import UTC, datetime
+from typing import Any
+
+from streamproc._schedule import Schedule
+from streamproc.cli import App, install_stop_handlers, open_redis, run_async
+from streamproc.config import Config
+from streamproc.errors import ConfigError
+from streamproc.keys import Keys, check_name
+from streamproc.producer import Producer
+from streamproc.ticker import Ticker, TickerSettings
+
+__all__ = ("UP_ROLE", "register")
+
+UP_ROLE = ["ticker"]
+
+
+def load_schedules(spec: str) -> tuple[Schedule, ...]:
+    """``module:ATTRIBUTE`` naming a sequence of Schedules."""
+    module, _, attr = spec.partition(":")
+    try:
+        table = getattr(importlib.import_module(module), attr or "SCHEDULES")
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--schedules {spec!r}: {e}") from None
+    if not table or not all(isinstance(s, Schedule) for s in table):
+        raise ConfigError(f"--schedules {spec!r} is not a non-empty sequence of Schedule")
+    return tuple(table)
+
+
+def default_node() -> str:
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())
+    return f"{host.strip('-_.')[:40] or 'ticker'}-{os.getpid()}"
+
+
+def _cmd_ticker(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    schedules = load_schedules(args.schedules)
+    if args.list:
+        now = datetime.now(UTC)
+        for s in schedules:
+            t, times = now, []
+            for _ in range(3):
+                t = s.trigger.next_after(t)
+                times.append(t.isoformat(timespec="seconds"))
+            print(f"{s.name:<18} {s.trigger!s:<28} {s.event.type_name():<24} {s.missed:<8} "
+                  f"next: {', '.join(times)}")  # fmt: skip
+        return 0
+    settings = TickerSettings(
+        node=check_name("ticker node", args.node or default_node()),
+        lease_ttl_ms=args.lease_ttl_ms,
+    )
+
+    async def go() -> int:
+        client, _ = await open_redis(cfg)
+        keys = Keys(cfg.redis.key_prefix)
+        producer = Producer(client, app.codec, keys, cfg.producer)
+        ticker = Ticker(schedules, client=client, producer=producer, keys=keys, settings=settings)
+        install_stop_handlers(ticker.stop)
+        try:
+            await ticker.run()
+        finally:
+            await client.aclose()
+        return 0
+
+    return run_async(go())
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("ticker", help="run the ticker (periodic events, one leader)")
+    p.add_argument(
+        "--schedules",
+        default="producers.schedules:SCHEDULES",
+        metavar="MODULE:ATTR",
+        help="the schedule table (default producers.schedules:SCHEDULES)",
+    )
+    p.add_argument("--node", default="", help="this replica's name (default host-pid)")
+    p.add_argument("--lease-ttl-ms", type=int, default=10_000, help="leader lease TTL")
+    p.add_argument("--list", action="store_true", help="print the schedules and exit")
+    p.set_defaults(func=_cmd_ticker)
