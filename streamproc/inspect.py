@@ -1,0 +1,359 @@
+"""What an operator asks first: how much is waiting, how old is it, what failed.
+
+``collect(client, keys)`` reads, with read-only commands only (SCAN, XINFO, XPENDING summary,
+XLEN, ZCARD, MEMORY USAGE, TIME, GET/HGETALL/PTTL on ticker keys), a ``Report`` of
+
+- every topic: the streams ``<prefix>:{*}:stream`` with length, age of the first and last
+  entry (from the entry ids, against the server's clock), memory;
+- every group on each topic: consumers, pending, lag, backlog (= lag + pending: what is not
+  yet done), oldest pending age, retries waiting, DLQ size; the group's retry stream counts;
+- the ticker's keys (``<prefix>:ticker:*``), read tolerantly: whatever exists is shown.
+
+``breaches(report, thresholds)`` names the groups over their SLO; ``render_table`` prints it.
+Ages are seconds, sizes are entries, memory is bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from streamproc.keys import Keys
+
+__all__ = (
+    "GroupStatus",
+    "Report",
+    "Thresholds",
+    "TickerKey",
+    "TickerStatus",
+    "TopicStatus",
+    "breaches",
+    "collect",
+    "group_status",
+    "render_table",
+    "topics",
+)
+
+
+class Thresholds(msgspec.Struct, frozen=True, kw_only=True):
+    """A group breaches when its backlog or its oldest pending entry's age is over these.
+
+    Defaults from WORKLOADS.md §1: alert when a queue is deeper than 100, or processing
+    latency exceeds 1 s.
+    """
+
+    max_lag: int = 100
+    max_pending_age_s: float = 1.0
+
+
+class GroupStatus(msgspec.Struct, kw_only=True):
+    topic: str
+    group: str
+    consumers: int
+    pending: int
+    #: Entries not yet delivered to the group; None when Redis cannot tell (after trims/SETID).
+    lag: int | None
+    #: lag + pending: entries the group has not finished.
+    backlog: int | None
+    #: Age of the oldest entry delivered but not acked (from its entry id), None when none.
+    oldest_pending_age_s: float | None
+    #: Retries waiting for their time (delayed zset) and due ones not yet read (retry stream).
+    retries_waiting: int
+    dlq: int
+    last_delivered_id: str
+
+
+class TopicStatus(msgspec.Struct, kw_only=True):
+    topic: str
+    stream: str
+    length: int
+    first_id: str | None
+    last_id: str | None
+    first_age_s: float | None
+    last_age_s: float | None
+    memory_bytes: int | None
+    groups: list[GroupStatus]
+
+
+class TickerKey(msgspec.Struct, kw_only=True):
+    key: str
+    type: str
+    ttl_ms: int | None
+    value: Any
+
+
+class TickerStatus(msgspec.Struct, kw_only=True):
+    #: The value of a lease/leader key, when one exists.
+    leader: str | None
+    leader_ttl_ms: int | None
+    #: schedule name -> fields (e.g. last, next) found in the ticker's hashes.
+    schedules: dict[str, dict[str, str]]
+    keys: list[TickerKey]
+
+
+class Report(msgspec.Struct, kw_only=True):
+    prefix: str
+    server_time_ms: int
+    topics: list[TopicStatus]
+    ticker: TickerStatus | None
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _id_ms(entry_id: Any) -> int:
+    return int(_text(entry_id).partition("-")[0])
+
+
+def _age_s(now_ms: int, entry_id: Any) -> float:
+    return round(max(0, now_ms - _id_ms(entry_id)) / 1000, 3)
+
+
+async def server_time_ms(client: aioredis.Redis) -> int:
+    """The server's clock: entry ids are stamped with it, so ages are measured against it."""
+    secs, micros = await client.time()
+    return int(secs) * 1000 + int(micros) // 1000
+
+
+async def topics(client: aioredis.Redis, keys: Keys) -> list[str]:
+    """Every topic that has a stream under the prefix, sorted."""
+    found = set()
+    async for key in client.scan_iter(match=keys.stream("*"), count=1000, _type="stream"):
+        found.add(keys.topic_of(_text(key)))
+    return sorted(found)
+
+
+async def group_status(
+    client: aioredis.Redis,
+    keys: Keys,
+    topic: str,
+    info: dict[str, Any],
+    now_ms: int,
+) -> GroupStatus:
+    """One group on one topic, from its XINFO GROUPS row plus its retry stream and DLQ."""
+    group = _text(info["name"])
+    stream = keys.stream(topic)
+    pending = int(info.get("pending") or 0)
+    oldest: float | None = None
+    if pending:
+        oldest = _age_s(now_ms, (await client.xpending(stream, group))["min"])
+    lag_raw = info.get("lag")
+    lag = None if lag_raw is None else int(lag_raw)
+    retry_key = keys.retry_stream(topic, group)
+    retries = int(await client.zcard(keys.delayed(topic, group)))
+    try:
+        for row in await client.xinfo_groups(retry_key):
+            if _text(row["name"]) == group:
+                retry_pending = int(row.get("pending") or 0)
+                if retry_pending:
+                    first = (await client.xpending(retry_key, group))["min"]
+                    age = _age_s(now_ms, first)
+                    oldest = age if oldest is None else max(oldest, age)
+                pending += retry_pending
+                retries += int(row.get("lag") or 0)
+    except ResponseError:
+        pass  # no retry stream yet
+    return GroupStatus(
+        topic=topic,
+        group=group,
+        consumers=int(info.get("consumers") or 0),
+        pending=pending,
+        lag=lag,
+        backlog=None if lag is None else lag + pending,
+        oldest_pending_age_s=oldest,
+        retries_waiting=retries,
+        dlq=int(await client.xlen(keys.dlq(topic, group))),
+        last_delivered_id=_text(info.get("last-delivered-id", b"0-0")),
+    )
+
+
+async def topic_status(
+    client: aioredis.Redis, keys: Keys, topic: str, now_ms: int, *, memory: bool = True
+) -> TopicStatus | None:
+    stream = keys.stream(topic)
+    try:
+        info: dict[str, Any] = await client.xinfo_stream(stream)
+        groups: list[dict[str, Any]] = await client.xinfo_groups(stream)
+    except ResponseError:
+        return None  # deleted between SCAN and now
+    first, last = info.get("first-entry"), info.get("last-entry")
+    mem = await client.memory_usage(stream) if memory else None
+    return TopicStatus(
+        topic=topic,
+        stream=stream,
+        length=int(info["length"]),
+        first_id=_text(first[0]) if first else None,
+        last_id=_text(last[0]) if last else None,
+        first_age_s=_age_s(now_ms, first[0]) if first else None,
+        last_age_s=_age_s(now_ms, last[0]) if last else None,
+        memory_bytes=None if mem is None else int(mem),
+        groups=[
+            await group_status(client, keys, topic, g, now_ms)
+            for g in sorted(groups, key=lambda g: _text(g["name"]))
+        ],
+    )
+
+
+async def ticker_status(client: aioredis.Redis, keys: Keys) -> TickerStatus | None:
+    """Whatever the ticker keeps under ``<prefix>:ticker:*``; None when nothing is there.
+
+    Read tolerantly (the ticker owns the layout): a string key whose name holds ``lease`` or
+    ``leader`` is the leader; a hash's fields are schedules (field = schedule name) unless the
+    key names one schedule (``…:<name>`` with fields such as last/next).
+    """
+    names = sorted([_text(k) async for k in client.scan_iter(match=keys.ticker("*"), count=1000)])
+    if not names:
+        return None
+    status = TickerStatus(leader=None, leader_ttl_ms=None, schedules={}, keys=[])
+    base = keys.ticker("")
+    for name in names:
+        kind = _text(await client.type(name))
+        ttl = int(await client.pttl(name))
+        value: Any = None
+        if kind == "string":
+            value = _text(await client.get(name))
+            if any(w in name[len(base) :] for w in ("lease", "leader")) and "fenc" not in name:
+                status.leader, status.leader_ttl_ms = value, ttl if ttl >= 0 else None
+        elif kind == "hash":
+            fields = {_text(k): _text(v) for k, v in (await client.hgetall(name)).items()}
+            value = fields
+            rest = name[len(base) :]
+            if any(w in rest for w in ("last", "next", "fired", "schedules")):
+                for sched, when in fields.items():
+                    what = "next" if "next" in rest else "last"
+                    status.schedules.setdefault(sched, {})[what] = when
+            elif {"last", "next"} & fields.keys() or "schedule" in rest:
+                status.schedules[rest.rpartition(":")[2]] = fields
+        status.keys.append(
+            TickerKey(key=name, type=kind, ttl_ms=ttl if ttl >= 0 else None, value=value)
+        )
+    return status
+
+
+async def collect(client: aioredis.Redis, keys: Keys, *, memory: bool = True) -> Report:
+    """A snapshot of every topic, group and the ticker under ``keys.prefix``."""
+    now_ms = await server_time_ms(client)
+    found = []
+    for topic in await topics(client, keys):
+        status = await topic_status(client, keys, topic, now_ms, memory=memory)
+        if status is not None:
+            found.append(status)
+    return Report(
+        prefix=keys.prefix,
+        server_time_ms=now_ms,
+        topics=found,
+        ticker=await ticker_status(client, keys),
+    )
+
+
+def breaches(report: Report, thresholds: Thresholds) -> list[str]:
+    """One line per group over a threshold (empty: every group is within its SLO)."""
+    out = []
+    for t in report.topics:
+        for g in t.groups:
+            if g.backlog is not None and g.backlog > thresholds.max_lag:
+                out.append(
+                    f"{g.group} on {t.topic}: backlog {g.backlog} > max_lag {thresholds.max_lag}"
+                )
+            age = g.oldest_pending_age_s
+            if age is not None and age > thresholds.max_pending_age_s:
+                out.append(
+                    f"{g.group} on {t.topic}: oldest pending {age:.3f}s > "
+                    f"max_pending_age_s {thresholds.max_pending_age_s}"
+                )
+    return out
+
+
+def _n(value: float | int | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}{unit}"
+    return f"{value}{unit}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{n}B" if unit == "B" else f"{size:.1f}{unit}"
+
+
+def _table(header: Iterable[str], rows: list[list[str]]) -> list[str]:
+    head = list(header)
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*head), *(fmt.format(*r) for r in rows)]
+
+
+_GROUP_COLUMNS = (
+    *("GROUP", "TOPIC", "CONSUMERS", "LAG", "PENDING", "BACKLOG"),
+    *("OLDEST PENDING", "RETRYING", "DLQ"),
+)
+
+
+def render_table(report: Report, problems: list[str] | None = None) -> str:
+    """The report as terminal tables: topics, groups, ticker, then any breaches."""
+    lines = [f"prefix {report.prefix}: {len(report.topics)} topic(s)", ""]
+    lines += _table(
+        ("TOPIC", "LENGTH", "FIRST AGE", "LAST AGE", "MEMORY"),
+        [
+            [
+                t.topic,
+                str(t.length),
+                _n(t.first_age_s, "s"),
+                _n(t.last_age_s, "s"),
+                _bytes(t.memory_bytes),
+            ]
+            for t in report.topics
+        ],
+    )
+    groups = [g for t in report.topics for g in t.groups]
+    lines.append("")
+    if groups:
+        lines += _table(
+            _GROUP_COLUMNS,
+            [
+                [
+                    g.group,
+                    g.topic,
+                    str(g.consumers),
+                    _n(g.lag),
+                    str(g.pending),
+                    _n(g.backlog),
+                    _n(g.oldest_pending_age_s, "s"),
+                    str(g.retries_waiting),
+                    str(g.dlq),
+                ]
+                for g in groups
+            ],
+        )
+    else:
+        lines.append("no consumer groups")
+    if report.ticker is not None:
+        tk = report.ticker
+        leader = tk.leader or "-"
+        ttl = f" (lease {tk.leader_ttl_ms} ms left)" if tk.leader_ttl_ms is not None else ""
+        lines += ["", f"ticker leader: {leader}{ttl}"]
+        if tk.schedules:
+            lines += _table(
+                ("SCHEDULE", "LAST", "NEXT"),
+                [
+                    [name, f.get("last", "-"), f.get("next", "-")]
+                    for name, f in sorted(tk.schedules.items())
+                ],
+            )
+        else:
+            lines += [f"ticker keys: {', '.join(k.key for k in tk.keys)}"]
+    if problems:
+        lines += ["", "SLO BREACHED:", *(f"  {p}" for p in problems)]
+    return "\n".join(lines)

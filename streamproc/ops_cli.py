@@ -1,0 +1,205 @@
+"""Operator subcommands: ``inspect``, ``tail`` and ``check``.
+
+Exit codes (besides the CLI's 2 for bad arguments and 3 for Redis unreachable):
+``inspect`` 1 when a group breaches its SLO; ``check`` 1 when a group is missing or the
+process's own ``/readyz`` does not answer 200; ``tail`` 0 when stopped or done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import msgspec
+import orjson
+
+from streamproc import inspect as _inspect
+from streamproc import tail as _tail
+from streamproc.cli import App, install_stop_handlers, open_redis, run_async
+from streamproc.config import Config
+from streamproc.errors import ConfigError
+from streamproc.keys import Keys, check_name
+
+__all__ = ("register",)
+
+
+def register(sub: Any) -> None:
+    i = sub.add_parser("inspect", help="topics, groups, DLQs and the ticker at a glance")
+    i.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    i.add_argument(
+        "--max-lag",
+        type=int,
+        default=_inspect.Thresholds().max_lag,
+        help="a group whose backlog (lag + pending) is over this breaches (default %(default)s)",
+    )
+    i.add_argument(
+        "--max-pending-age-s",
+        type=float,
+        default=_inspect.Thresholds().max_pending_age_s,
+        help="a group whose oldest pending entry is older breaches (default %(default)s)",
+    )
+    i.add_argument("--no-memory", action="store_true", help="skip MEMORY USAGE")
+    i.set_defaults(func=_cmd_inspect)
+
+    t = sub.add_parser("tail", help="follow a topic's events live (no group, nothing acked)")
+    t.add_argument("topic")
+    t.add_argument("--type", action="append", default=[], help="only this type (repeatable)")
+    t.add_argument(
+        "--from",
+        dest="start",
+        default="$",
+        metavar="ID",
+        help="start after this entry id: $ = new events only (default), 0 = from the start",
+    )
+    t.add_argument("--count", type=int, default=0, help="stop after this many events (0: never)")
+    fmt = t.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON lines (default when piped)")
+    fmt.add_argument("--pretty", action="store_true", help="pretty (default in a terminal)")
+    t.set_defaults(func=_cmd_tail)
+
+    c = sub.add_parser("check", help="health check: Redis reachable, groups exist (exit code)")
+    c.add_argument("groups", nargs="*", metavar="GROUP", help="groups that must exist")
+    c.add_argument("--all", action="store_true", help="every group the application defines")
+    c.add_argument(
+        "--http-port", type=int, default=0, help="also require 200 from 127.0.0.1:PORT/readyz"
+    )
+    c.add_argument("--timeout-s", type=float, default=3.0, help="how long to wait for Redis")
+    c.set_defaults(func=_cmd_check)
+
+
+# ---------------------------------------------------------------------- inspect
+
+
+def _cmd_inspect(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    if args.max_lag < 0 or args.max_pending_age_s < 0:
+        raise ConfigError("--max-lag and --max-pending-age-s must be >= 0")
+    thresholds = _inspect.Thresholds(max_lag=args.max_lag, max_pending_age_s=args.max_pending_age_s)
+
+    async def go() -> int:
+        client, _ = await open_redis(cfg, wait_s=5)
+        try:
+            report = await _inspect.collect(
+                client, Keys(cfg.redis.key_prefix), memory=not args.no_memory
+            )
+        finally:
+            await client.aclose()
+        problems = _inspect.breaches(report, thresholds)
+        if args.json:
+            doc = {**msgspec.to_builtins(report), "breaches": problems}
+            print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        else:
+            print(_inspect.render_table(report, problems))
+        return 1 if problems else 0
+
+    return run_async(go())
+
+
+# ---------------------------------------------------------------------- tail
+
+
+def _cmd_tail(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    check_name("topic", args.topic)
+    if args.count < 0:
+        raise ConfigError("--count must be >= 0")
+    unknown = [t for t in args.type if t not in app.registry]
+    if unknown:
+        raise ConfigError(
+            f"unknown event type(s) {', '.join(unknown)}; known: {', '.join(app.registry.names())}"
+        )
+    pretty = args.pretty or (not args.json and sys.stdout.isatty())
+    color = pretty and sys.stdout.isatty()
+    keys = Keys(cfg.redis.key_prefix)
+    # Under the socket timeout, so a quiet stream never looks like a dead connection.
+    block_ms = max(100, min(1000, int(cfg.redis.socket_timeout_s * 500)))
+
+    async def go() -> int:
+        client, _ = await open_redis(cfg, wait_s=5)
+        stop = asyncio.Event()
+        install_stop_handlers(stop.set)
+        seen = 0
+        try:
+            start = await _tail.start_id(client, keys.stream(args.topic), args.start)
+            print(f"following {keys.stream(args.topic)} after {start}", file=sys.stderr, flush=True)
+            async for entry in _tail.follow(
+                client,
+                keys,
+                app.codec,
+                args.topic,
+                start=start,
+                types=args.type,
+                block_ms=block_ms,
+                stop=stop,
+            ):
+                line = (
+                    _tail.format_pretty(entry, color=color) if pretty else _tail.format_json(entry)
+                )
+                print(line, flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+        except BrokenPipeError:  # piped into head: the reader is gone, that is fine
+            sys.stderr.close()
+        finally:
+            await client.aclose()
+        return 0
+
+    return run_async(go())
+
+
+# ---------------------------------------------------------------------- check
+
+
+def _readyz(port: int, timeout_s: float) -> str | None:
+    """None when 127.0.0.1:port/readyz answers 200, else what went wrong."""
+    url = f"http://127.0.0.1:{port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return None if r.status == 200 else f"{url} answered {r.status}"
+    except urllib.error.HTTPError as e:
+        return f"{url} answered {e.code}"
+    except OSError as e:
+        return f"{url}: {e}"
+
+
+def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    groups = sorted(app.concerns) if args.all else list(args.groups)
+    unknown = [g for g in groups if g not in app.concerns]
+    if unknown:
+        raise ConfigError(
+            f"unknown group(s) {', '.join(unknown)}; known: {', '.join(sorted(app.concerns))}"
+        )
+    keys = Keys(cfg.redis.key_prefix)
+
+    async def go() -> int:
+        client, info = await open_redis(cfg, wait_s=args.timeout_s)
+        problems: list[str] = []
+        try:
+            for g in groups:
+                for topic in app.concerns[g].topics:
+                    stream = keys.stream(topic)
+                    names = set()
+                    if await client.exists(stream):
+                        names = {_name(r["name"]) for r in await client.xinfo_groups(stream)}
+                    if g not in names:
+                        problems.append(f"group {g} does not exist on {stream}")
+        finally:
+            await client.aclose()
+        if args.http_port:
+            why = await asyncio.to_thread(_readyz, args.http_port, args.timeout_s)
+            if why:
+                problems.append(f"not ready: {why}")
+        for p in problems:
+            print(f"streamproc check: {p}", file=sys.stderr)
+        if not problems:
+            print(f"ok: Redis {info.version_text}, {len(groups)} group(s)")
+        return 1 if problems else 0
+
+    return run_async(go())
+
+
+def _name(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,109 @@
+"""Follow a topic's events live, as an observer: XREAD, no consumer group, nothing acked.
+
+``follow`` yields decoded entries from a start id (``$`` = only what arrives from now on,
+resolved once to the stream's last id so nothing between two reads is missed). Entries that
+do not decode are yielded too, with the reason, so ``tail`` shows what consumers would
+dead-letter. ``format_pretty`` / ``format_json`` turn one into a line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Collection
+from typing import Any
+
+import msgspec
+import orjson
+import redis.asyncio as aioredis
+
+from streamproc.codec import Codec
+from streamproc.errors import DecodeError
+from streamproc.keys import Keys
+
+__all__ = ("TailEntry", "follow", "format_json", "format_pretty", "start_id")
+
+
+class TailEntry(msgspec.Struct, frozen=True, kw_only=True):
+    entry_id: str
+    type: str
+    id: str
+    ts: str
+    key: str
+    #: The decoded event's fields (as JSON values); the raw fields when it did not decode.
+    data: dict[str, Any]
+    #: Why it did not decode (a DecodeError reason), "" when it did.
+    error: str = ""
+
+
+def _text(value: bytes | None) -> str:
+    return (value or b"").decode(errors="replace")
+
+
+async def start_id(client: aioredis.Redis, stream: str, start: str) -> str:
+    """``$`` resolved to the stream's current last entry id (``0-0`` when empty or missing)."""
+    if start != "$":
+        return start
+    last: Any = await client.xrevrange(stream, count=1)
+    return _text(last[0][0]) if last else "0-0"
+
+
+def _decode(codec: Codec[Any], entry_id: bytes, fields: dict[bytes, bytes]) -> TailEntry:
+    common = {
+        "entry_id": _text(entry_id),
+        "type": _text(fields.get(b"type")),
+        "id": _text(fields.get(b"id")),
+        "ts": _text(fields.get(b"ts")),
+        "key": _text(fields.get(b"key")),
+    }
+    try:
+        event = codec.decode(fields)
+    except DecodeError as e:
+        raw = {_text(k): _text(v) for k, v in fields.items()}
+        return TailEntry(**common, data=raw, error=e.reason)
+    data = msgspec.to_builtins(event)
+    data.pop("type", None)
+    return TailEntry(**common, data=data)
+
+
+async def follow(
+    client: aioredis.Redis,
+    keys: Keys,
+    codec: Codec[Any],
+    topic: str,
+    *,
+    start: str = "$",
+    types: Collection[str] = (),
+    block_ms: int = 1000,
+    stop: asyncio.Event | None = None,
+) -> AsyncGenerator[TailEntry, None]:
+    """Entries of ``topic`` after ``start``, forever (or until ``stop`` is set)."""
+    stream = keys.stream(topic)
+    cursor = await start_id(client, stream, start)
+    wanted = {t.encode() for t in types}
+    while stop is None or not stop.is_set():
+        reply: Any = await client.xread({stream: cursor}, count=100, block=block_ms)
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                cursor = _text(entry_id)
+                if wanted and fields.get(b"type") not in wanted:
+                    continue
+                yield _decode(codec, entry_id, fields)
+
+
+def format_json(entry: TailEntry) -> str:
+    """One JSON object per line (for ``jq``)."""
+    return orjson.dumps(msgspec.to_builtins(entry)).decode()
+
+
+def format_pretty(entry: TailEntry, *, color: bool = False) -> str:
+    """``time  type  key  id`` then the event's fields, compact."""
+    bold, dim, red, reset = ("\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[0m") if color else ("",) * 4
+    when = entry.ts[11:23] if len(entry.ts) >= 23 else entry.ts
+    skip = {"id", "occurred_at", "key", "source"}
+    body = " ".join(
+        f"{k}={orjson.dumps(v).decode()}" for k, v in entry.data.items() if k not in skip
+    )
+    head = f"{dim}{when}{reset} {bold}{entry.type}{reset} key={entry.key} {dim}{entry.id}{reset}"
+    if entry.error:
+        head += f" {red}UNDECODABLE ({entry.error}){reset}"
+    return f"{head}\n    {body}" if body else head
