@@ -162,6 +162,11 @@ class Consumer:
         self._groups_ok = False
         self._down_since: float | None = None
 
+    @property
+    def in_flight(self) -> int:
+        """Entries read and not yet settled (at most ``max_in_flight``)."""
+        return self._in_flight
+
     # ------------------------------------------------------------------ groups
 
     async def ensure_groups(self) -> None:

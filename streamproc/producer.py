@@ -76,12 +76,13 @@ class Producer:
             return []
         if idempotency_keys is not None and len(idempotency_keys) != len(events):
             raise ValueError("idempotency_keys must match events one to one")
-        for topic in {e.topic for e in events}:
-            await self.wait_for_capacity(topic)
+        topics = {e.topic for e in events}
         backoff = Backoff(cap_s=1.0)
         deadline = time.monotonic() + self.retry_timeout_s
         while True:
             try:
+                for topic in topics:
+                    await self.wait_for_capacity(topic)
                 return await self._write(events, idempotency_keys)
             except REDIS_DOWN as e:
                 # Safe to send again: the dedup marker makes a repeated XADD a no-op, and with
