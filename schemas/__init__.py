@@ -6,7 +6,9 @@ from typing import Any
 
 from schemas.cluster import NodeNotReady, OOMKilled, PodPending, SpotInterruption
 from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation
-from schemas.ticks import Tick
+from schemas.renders import RenderDone, RenderProgress, RenderRequested, ReportReady
+from schemas.tasks import TASK_EVENTS
+from schemas.ticks import TICK_TYPES, Tick
 from streamproc.codec import Registry
 
 __all__ = (
@@ -31,5 +33,8 @@ REGISTRY: Registry[Any] = Registry(
         RightSizingRecommendation,
         PodPendingClassified,
         Tick,
+        *TICK_TYPES,
+        *(RenderRequested, RenderProgress, RenderDone, ReportReady),
+        *TASK_EVENTS,
     ]
 )

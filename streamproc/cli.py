@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import orjson
@@ -41,9 +41,15 @@ __all__ = ("App", "load_app", "main", "run_async")
 
 log = structlog.get_logger("streamproc.cli")
 
+T = TypeVar("T")
+
 #: Modules that add subcommands: each has ``register(subparsers)``, and may have ``UP_ROLE``,
 #: the argument list of the child process ``streamproc up`` starts for that role.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "streamproc.ops_cli",
+    "streamproc.ticker_cli",
+    "streamproc.ingest.cli",
+)
 
 
 class App:
@@ -61,7 +67,7 @@ def load_app() -> App:
     return App(REGISTRY, CONCERNS)
 
 
-def run_async(main: Coroutine[Any, Any, int]) -> int:
+def run_async(main: Coroutine[Any, Any, T]) -> T:
     """Run the role's coroutine on uvloop (chosen here, at the entry point, only)."""
     try:
         import uvloop
@@ -129,7 +135,9 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
 # ---------------------------------------------------------------------- consume
 
 
-async def consume(cfg: Config, app: App, groups: Sequence[str]) -> int:
+async def consume(
+    cfg: Config, app: App, groups: Sequence[str], *, http_port: int = -1, http_host: str = ""
+) -> int:
     client, _ = await open_redis(cfg)
     keys = Keys(cfg.redis.key_prefix)
     producer = Producer(client, app.codec, keys, cfg.producer)
@@ -150,9 +158,18 @@ async def consume(cfg: Config, app: App, groups: Sequence[str]) -> int:
             c.stop()
 
     install_stop_handlers(stop_all)
+    http = None
+    if http_port >= 0:  # /metrics, /healthz, /readyz (streamproc.health)
+        from streamproc.health import start_consumer_http
+
+        http = await start_consumer_http(
+            consumers, client, keys, port=http_port, host=http_host or "127.0.0.1"
+        )
     try:
         await asyncio.gather(*(c.run() for c in consumers))
     finally:
+        if http is not None:
+            await http.close()
         await client.aclose()
     return 0
 
@@ -165,7 +182,7 @@ def _cmd_consume(args: argparse.Namespace, cfg: Config, app: App) -> int:
             f"unknown group(s) {', '.join(unknown) or '(none given)'}; "
             f"known: {', '.join(sorted(app.concerns))}"
         )
-    return run_async(consume(cfg, app, groups))
+    return run_async(consume(cfg, app, groups, http_port=args.http_port, http_host=args.http_host))
 
 
 # ---------------------------------------------------------------------- publish
@@ -341,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("consume", help="run consumer groups")
     c.add_argument("groups", nargs="*", metavar="GROUP")
     c.add_argument("--all", action="store_true", help="every group the application defines")
+    c.add_argument(
+        "--http-port", type=int, default=-1, help="serve /metrics /healthz /readyz (0: any port)"
+    )
+    c.add_argument("--http-host", default="127.0.0.1", help="address for --http-port")
     c.set_defaults(func=_cmd_consume)
 
     pub = sub.add_parser("publish", help="publish one event, for trying things out")

@@ -53,6 +53,8 @@ class Event(
     source: Annotated[str, msgspec.Meta(max_length=256)] = ""
     #: Ordering / partition key (e.g. the cluster id).
     key: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    #: When the ingest service accepted it (set by the server; None when not from ingest).
+    received_at: datetime | None = None
 
     #: The stream this event type is published to.
     topic: ClassVar[str] = "events"

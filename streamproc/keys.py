@@ -13,8 +13,13 @@ markers) share the hash tag ``{<topic>}`` so the same scripts run on Redis Clust
 | ``<p>:{<topic>}:seen:<group>:<event id>`` | string, PX | consumer-side dedup marker |
 | ``<p>:{<topic>}:pub:<event id or idem. key>`` | string, PX | producer dedup: first entry id |
 | ``<p>:state:<name>…`` | any | state kept by handlers (e.g. risky spot pools) |
-| ``<p>:ticker:*`` | string/hash | ticker lease, fencing counter, last fire times |
-| ``<p>:agents`` | hash | ingest agents: name → token hash and scopes |
+| ``<p>:ticker:{ticker}:lease`` | string, PX | ticker leader: ``<node>/<fence>`` |
+| ``<p>:ticker:{ticker}:fence`` | string | fencing counter (INCR per lease acquired) |
+| ``<p>:ticker:{ticker}:last`` | hash | schedule → last fired scheduled time (epoch ms) |
+| ``<p>:agents`` | hash | ingest agents: name → JSON (sha256 of token, scopes); sha256 → name |
+| ``<p>:ratelimit:<agent>`` | hash | ingest: the agent's token bucket (tokens, ms) |
+| ``<p>:{task:<id>}:state`` | hash, 24 h | a task's status, progress, result, timestamps |
+| ``<p>:{task:<id>}:cancel`` | list | a running task's cancel signal (BLPOP by its runner) |
 """
 
 from __future__ import annotations
@@ -73,8 +78,33 @@ class Keys:
     def ticker(self, *parts: str) -> str:
         return ":".join((self.prefix, "ticker", *parts))
 
+    def ticker_lease(self) -> str:
+        """The ticker leader's lease: ``<node>/<fence>``, PX = lease TTL."""
+        return self.ticker("{ticker}", "lease")
+
+    def ticker_fence(self) -> str:
+        """Fencing counter: INCR on every lease acquisition."""
+        return self.ticker("{ticker}", "fence")
+
+    def ticker_last(self) -> str:
+        """Hash: schedule name -> last fired scheduled time (epoch ms)."""
+        return self.ticker("{ticker}", "last")
+
+    def render_artefact(self, *parts: str) -> str:
+        """Object-store key (not a Redis key) of a render's artefact: ``renders/<parts>``."""
+        return "/".join(("renders", *parts))
+
     def agents(self) -> str:
         return f"{self.prefix}:agents"
+
+    def rate_limit(self, agent: str) -> str:
+        return f"{self.prefix}:ratelimit:{agent}"
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}:{{task:{task_id}}}:state"
+
+    def task_cancel(self, task_id: str) -> str:
+        return f"{self.prefix}:{{task:{task_id}}}:cancel"
 
     def topic_of(self, stream_key: str) -> str:
         """The topic of a key built here (the text inside the hash tag)."""

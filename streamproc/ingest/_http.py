@@ -1,0 +1,73 @@
+"""JSON error answers: every refusal is ``{"error": code, "detail": ..., "path": ...}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+__all__ = ("Problem", "idempotency_key", "json_response", "redis_unavailable")
+
+
+def json_response(
+    body: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class Problem(Exception):
+    """A request that is refused: raised anywhere in a handler, answered by the middleware.
+
+    ``error`` is a short machine-readable code (also the ``reason`` label of the rejection
+    metric); ``detail`` says why, for a person; ``path`` is the JSON path of the bad value.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        detail: Any,
+        *,
+        path: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(f"{status} {error}: {detail}")
+        self.status, self.error, self.detail, self.path = status, error, detail, path
+        self.headers, self.extra = headers, extra
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"error": self.error, "detail": self.detail}
+        if self.path is not None:
+            body["path"] = self.path
+        body.update(self.extra)
+        return json_response(body, status=self.status, headers=self.headers)
+
+
+def redis_unavailable(retry_after_s: int, e: BaseException) -> Problem:
+    return Problem(
+        503,
+        "redis_unavailable",
+        f"the event store is unavailable: {e}",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The ``Idempotency-Key`` header: 1-200 printable ASCII characters, no spaces."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 200 or not key.isascii() or not key.isprintable() or " " in key:
+        raise Problem(
+            400,
+            "bad_idempotency_key",
+            "Idempotency-Key must be 1-200 printable ASCII characters without spaces",
+        )
+    return key

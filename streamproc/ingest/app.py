@@ -1,0 +1,369 @@
+"""The ingest service: agents POST events, operators submit tasks (aiohttp).
+
+Each request: authenticate (bearer token) → check the Content-Type → read the body within
+the size limit → decode and validate every item (all-or-nothing) → check the agent's scopes →
+take from the agent's rate bucket → stamp ``source`` and ``received_at`` → publish in one
+pipeline → 202 with the event ids and entry ids. A 202 is sent only after Redis answered the
+XADDs. Every refusal is a JSON body ``{"error", "detail", "path"?}`` with a precise status; an
+unexpected exception is logged and answered 500 without stopping the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError, ResponseError
+
+from schemas.tasks import TaskRequested
+from streamproc.codec import Registry
+from streamproc.connection import REDIS_DOWN
+from streamproc.errors import BackpressureError, PublishError
+from streamproc.event import Event
+from streamproc.ingest import metrics
+from streamproc.ingest._http import Problem, idempotency_key, json_response, redis_unavailable
+from streamproc.ingest.auth import Agent, AgentStore
+from streamproc.ingest.decode import CONTENT_TYPES, EventDecoder, ItemError, Prepare
+from streamproc.ingest.openapi import build_spec
+from streamproc.ingest.ratelimit import RateLimiter
+from streamproc.ingest.settings import IngestSettings
+from streamproc.ingest.taskrun import TASK_GROUP, TaskType
+from streamproc.ingest.tasks import TaskApi
+from streamproc.keys import Keys
+from streamproc.producer import Producer
+
+__all__ = ("INGEST", "Ingest", "create_app")
+
+log = structlog.get_logger("streamproc.ingest")
+
+#: Namespace of event ids derived from an Idempotency-Key.
+_IDEM_NS = uuid.UUID("0b7f4d2e-5c1a-4e8b-9f3d-6a2c8e1b7d40")
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+_REDIS_FAILED: tuple[type[BaseException], ...] = (*REDIS_DOWN, RedisError)
+
+
+class Ingest:
+    """The request handlers and what they share (one per process)."""
+
+    def __init__(
+        self,
+        *,
+        client: aioredis.Redis,
+        registry: Registry[Any],
+        keys: Keys,
+        producer: Producer,
+        settings: IngestSettings | None = None,
+        task_types: Mapping[str, TaskType] | None = None,
+        groups: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self.client, self.keys, self.producer = client, keys, producer
+        self.settings = s = settings or IngestSettings()
+        #: Agents post every registered type except task requests (those enter by /v1/tasks).
+        self.event_types: list[type[Event]] = [
+            t for t in registry.by_name.values() if not issubclass(t, TaskRequested)
+        ]
+        self.decoder = EventDecoder(self.event_types, max_batch=s.max_batch)
+        self.agents = AgentStore(client, keys, cache_s=s.auth_cache_s)
+        self.limiter = RateLimiter(client, keys, rate_per_s=s.rate_events_per_s, burst=s.rate_burst)
+        #: topic → the groups that must exist for /readyz.
+        self.groups = dict(groups or {})
+        self.tasks = TaskApi(self, task_types or {}, group=TASK_GROUP)
+        self._scopes: dict[tuple[str, ...], dict[str, bool]] = {}
+        #: Requests being handled; ``drain`` waits for none.
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.spec = msgspec.json.encode(
+            build_spec(self.event_types, task_types or {}, max_batch=s.max_batch)
+        )
+
+    async def drain(self, timeout_s: float) -> bool:
+        """After the listener closed: let in-flight requests finish; True if all did.
+
+        aiohttp's own shutdown drops the rest of a body still arriving, so this waits first,
+        with connections open; answers given meanwhile close their connection.
+        """
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("drain_timeout", in_flight=self.in_flight)
+            return False
+        return True
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    # ------------------------------------------------------------------ shared steps
+
+    async def authenticate(self, request: web.Request, *, operator: bool = False) -> Agent:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        challenge = {"WWW-Authenticate": 'Bearer realm="streamproc"'}
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Problem(401, "unauthorized", "missing bearer token", headers=challenge)
+        try:
+            agent = await self.agents.authenticate(token.strip())
+        except _REDIS_FAILED as e:
+            raise redis_unavailable(self.settings.retry_after_s, e) from e
+        if agent is None:
+            raise Problem(401, "unauthorized", "unknown or revoked token", headers=challenge)
+        if operator and not agent.operator:
+            raise Problem(403, "forbidden", f"agent {agent.name!r} is not an operator")
+        return agent
+
+    def body_format(self, request: web.Request, allowed: Sequence[str] | None = None) -> str:
+        """The body's format from its Content-Type (absent = JSON); else 415."""
+        if "Content-Type" not in request.headers:
+            return "json"
+        fmt = CONTENT_TYPES.get(request.content_type)
+        if fmt is None or (allowed is not None and fmt not in allowed):
+            accepted = [t for t, f in CONTENT_TYPES.items() if allowed is None or f in allowed]
+            raise Problem(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {request.content_type!r} is not accepted; use one of "
+                + ", ".join(accepted),
+                accepted=accepted,
+            )
+        return fmt
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The body, refused with 413 past max_body_bytes (declared or streamed)."""
+        limit = self.settings.max_body_bytes
+        too_large = Problem(
+            413, "body_too_large", f"the body is over the limit of {limit} bytes", limit=limit
+        )
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.content.iter_chunked(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        except HttpProcessingError as e:
+            raise Problem(400, "bad_body", f"the body could not be read: {e.message}") from None
+        return b"".join(chunks)
+
+    def _allowed(self, agent: Agent) -> dict[str, bool]:
+        allowed = self._scopes.get(agent.types)
+        if allowed is None:
+            allowed = {t.type_name(): agent.may_post(t.type_name()) for t in self.event_types}
+            if len(self._scopes) > 1000:
+                self._scopes.clear()
+            self._scopes[agent.types] = allowed
+        return allowed
+
+    async def publish(
+        self, events: Sequence[Event], idempotency_keys: Sequence[str | None] | None
+    ) -> list[str]:
+        """Publish, mapping failures to 503 with Retry-After."""
+        try:
+            return await self.producer.publish_many(events, idempotency_keys=idempotency_keys)
+        except BackpressureError as e:
+            retry = max(self.settings.retry_after_s, int(e.waited_s) or 1)
+            raise Problem(
+                503,
+                "backpressure",
+                str(e),
+                headers={"Retry-After": str(retry)},
+                topic=e.topic,
+                group=e.group,
+            ) from e
+        except PublishError as e:
+            raise redis_unavailable(self.settings.retry_after_s, e) from e
+        except _REDIS_FAILED as e:
+            raise redis_unavailable(self.settings.retry_after_s, e) from e
+
+    # ------------------------------------------------------------------ events
+
+    async def post_events(self, request: web.Request) -> web.Response:
+        return await self._events(request, None)
+
+    async def post_cluster_events(self, request: web.Request) -> web.Response:
+        return await self._events(request, request.match_info["cluster_id"])
+
+    async def _events(self, request: web.Request, cluster_id: str | None) -> web.Response:
+        agent = await self.authenticate(request)
+        fmt = self.body_format(request)
+        idem = idempotency_key(request)
+        body = await self.read_body(request)
+        prepare: Prepare | None = None
+        if cluster_id is not None or idem is not None:
+            prepare = _preparer(cluster_id, agent.name, idem)
+        events, batch = self.decoder.decode(body, fmt, prepare=prepare)
+        allowed = self._allowed(agent)
+        denied = [(i, e.type_name()) for i, e in enumerate(events) if not allowed[e.type_name()]]
+        if denied:
+            i = denied[0][0]
+            raise Problem(
+                403,
+                "forbidden_type",
+                f"agent {agent.name!r} may not post {', '.join(sorted({n for _, n in denied}))}",
+                path=f"$[{i}].type" if batch else "$.type",
+                allowed=list(agent.types),
+            )
+        try:
+            wait_s = await self.limiter.take(agent.name, len(events))
+        except _REDIS_FAILED as e:
+            raise redis_unavailable(self.settings.retry_after_s, e) from e
+        if wait_s:
+            raise Problem(
+                429,
+                "rate_limited",
+                f"agent {agent.name!r} is over its rate of {self.settings.rate_events_per_s:g} "
+                f"events/s (burst {self.settings.rate_burst}); retry in {wait_s}s",
+                headers={"Retry-After": str(wait_s)},
+            )
+        now = datetime.now(UTC)
+        events = [msgspec.structs.replace(e, source=agent.name, received_at=now) for e in events]
+        idem_keys: list[str | None] | None = None
+        if idem is not None:
+            base = f"{agent.name}:{idem}"
+            idem_keys = [f"{base}:{i}" if batch else base for i in range(len(events))]
+        entry_ids = await self.publish(events, idem_keys)
+        for type_name, n in Counter(e.type_name() for e in events).items():
+            metrics.EVENTS.labels(type_name).inc(n)
+        return json_response(
+            {
+                "accepted": len(events),
+                "received_at": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "events": [
+                    {"id": e.id, "entry_id": entry_id}
+                    for e, entry_id in zip(events, entry_ids, strict=True)
+                ],
+            },
+            status=202,
+        )
+
+    # ------------------------------------------------------------------ probes
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        missing: list[str] = []
+        try:
+            await self.client.ping()
+            for topic, wanted in sorted(self.groups.items()):
+                try:
+                    rows = await self.client.xinfo_groups(self.keys.stream(topic))
+                except ResponseError:  # no stream yet
+                    rows = []
+                have = {
+                    r["name"].decode() if isinstance(r["name"], bytes) else r["name"] for r in rows
+                }
+                missing += [f"{topic}/{g}" for g in wanted if g not in have]
+        except _REDIS_FAILED as e:
+            return json_response(
+                {"ready": False, "redis": False, "detail": str(e)},
+                status=503,
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        ready = not missing
+        return json_response(
+            {"ready": ready, "redis": True, "missing_groups": missing}, status=200 if ready else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.spec, content_type="application/json")
+
+
+def _preparer(cluster_id: str | None, agent: str, idem: str | None) -> Prepare:
+    def prepare(index: int, obj: dict[str, Any]) -> None:
+        if cluster_id is not None:
+            have = obj.get("cluster_id")
+            if have is not None and have != cluster_id:
+                raise ItemError(
+                    f"cluster_id {have!r} differs from the path's {cluster_id!r}",
+                    ".cluster_id",
+                    "cluster_mismatch",
+                )
+            obj["cluster_id"] = cluster_id
+            if not obj.get("key"):
+                obj["key"] = cluster_id
+        if idem is not None and "id" not in obj:
+            obj["id"] = str(uuid.uuid5(_IDEM_NS, f"{agent}:{idem}:{index}"))
+
+    return prepare
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    response: web.StreamResponse
+    ingest = request.app[INGEST]
+    ingest._enter()
+    try:
+        response = await handler(request)
+    except Problem as p:
+        metrics.REJECTIONS.labels(p.error).inc()
+        response = p.response()
+    except web.HTTPException as e:
+        code = (e.reason or "error").lower().replace(" ", "_")
+        metrics.REJECTIONS.labels(code).inc()
+        headers = {
+            k: v for k, v in e.headers.items() if k not in ("Content-Type", "Content-Length")
+        }
+        response = json_response(
+            {"error": code, "detail": e.text}, status=e.status, headers=headers
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal_error", path=request.path, method=request.method)
+        metrics.REJECTIONS.labels("internal").inc()
+        response = json_response({"error": "internal", "detail": "internal error"}, status=500)
+    finally:
+        ingest._leave()
+    if ingest.draining:
+        response.force_close()
+    method = request.method if request.method in _METHODS else "other"
+    metrics.REQUESTS.labels(route, method, str(response.status)).inc()
+    metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+INGEST: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
+
+
+def create_app(ingest: Ingest) -> web.Application:
+    """The aiohttp application (the caller owns the Redis client and closes it)."""
+    app = web.Application(middlewares=[_errors_and_metrics])
+    app[INGEST] = ingest
+    app.router.add_post("/v1/events", ingest.post_events)
+    app.router.add_post("/clusters/{cluster_id}/events", ingest.post_cluster_events)
+    ingest.tasks.add_routes(app.router)
+    app.router.add_get("/healthz", ingest.healthz)
+    app.router.add_get("/readyz", ingest.readyz)
+    app.router.add_get("/metrics", ingest.metrics)
+    app.router.add_get("/openapi.json", ingest.openapi)
+    return app

@@ -1,0 +1,228 @@
+"""``streamproc ingest`` (the HTTP service) and ``streamproc agents add|list|revoke``.
+
+Ingest settings come from ``STREAMPROC_INGEST_<FIELD>`` (e.g. ``STREAMPROC_INGEST_MAX_BATCH``),
+read here, at the entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fnmatch
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+import orjson
+import structlog
+from aiohttp import web
+
+from streamproc.cli import App, install_stop_handlers, open_redis, run_async
+from streamproc.config import Config
+from streamproc.errors import ConfigError
+from streamproc.ingest.app import Ingest, create_app
+from streamproc.ingest.auth import AgentStore, parse_types
+from streamproc.ingest.settings import IngestSettings
+from streamproc.ingest.taskrun import TaskType
+from streamproc.keys import Keys
+from streamproc.producer import Producer
+
+__all__ = ("UP_ROLE", "ingest_settings_from_env", "register")
+
+log = structlog.get_logger("streamproc.ingest")
+
+#: ``streamproc up`` starts this role.
+UP_ROLE = ["ingest"]
+
+_FIRST_TOKEN_HINT = (
+    "no ingest agents yet: create one with  {env}streamproc agents add NAME --types 'cluster.*'"
+    "  (and an operator for the task API:  {env}streamproc agents add admin --operator)"
+)
+
+
+def ingest_settings_from_env(env: Mapping[str, str] | None = None) -> IngestSettings:
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name in IngestSettings.__struct_fields__:
+        var = f"STREAMPROC_INGEST_{name.upper()}"
+        if var in env:
+            values[name] = env[var]
+    try:
+        return msgspec.convert(values, IngestSettings, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"STREAMPROC_INGEST_*: {e}") from None
+
+
+def _task_types() -> dict[str, TaskType]:
+    try:
+        from consumers.tasks import TASK_TYPES
+    except ImportError:  # an application without a task runner
+        return {}
+    return TASK_TYPES
+
+
+async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool) -> int:
+    settings = ingest_settings_from_env()
+    client, _ = await open_redis(cfg)
+    keys = Keys(cfg.redis.key_prefix)
+    producer = Producer(
+        client, app.codec, keys, cfg.producer, retry_timeout_s=settings.publish_timeout_s
+    )
+    groups: dict[str, list[str]] = {}
+    for concern in app.concerns.values():
+        for topic in concern.topics:
+            groups.setdefault(topic, []).append(concern.group)
+    ingest = Ingest(
+        client=client,
+        registry=app.registry,
+        keys=keys,
+        producer=producer,
+        settings=settings,
+        task_types=_task_types(),
+        groups=groups,
+    )
+    runner = web.AppRunner(create_app(ingest), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
+        await site.start()
+        stop = asyncio.Event()
+        install_stop_handlers(stop.set)
+        log.info("ingest_listening", host=host, port=port, pid=os.getpid())
+        if not await ingest.agents.list():
+            url = cfg.redis.url if "@" not in cfg.redis.url else "redis://…"
+            env = f"REDIS_URL={url} " if cfg.redis_url_given else ""
+            if cfg.redis.key_prefix != "sp":
+                env += f"STREAMPROC_PREFIX={cfg.redis.key_prefix} "
+            hint = _FIRST_TOKEN_HINT.format(env=env)
+            log.warning("no_agents", hint=hint)
+            print(f"streamproc ingest: {hint}", file=sys.stderr, flush=True)
+        await stop.wait()
+        # Stop listening, let in-flight requests finish (shutdown_grace_s), then close.
+        await site.stop()
+        await ingest.drain(settings.shutdown_grace_s)
+    finally:
+        await runner.cleanup()
+        await client.aclose()
+        log.info("ingest_stopped", pid=os.getpid())
+    return 0
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """``--workers N``: N processes sharing the port with SO_REUSEPORT."""
+    argv = [sys.executable, "-m", "streamproc", "ingest", "--host", args.host]
+    argv += ["--port", str(args.port), "--workers", "1", "--reuse-port"]
+    children = [subprocess.Popen(argv) for _ in range(args.workers)]
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGKILL if stopping else signal.SIGTERM)
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping and all(c.poll() is None for c in children):
+        time.sleep(0.2)
+    if not stopping:
+        stop(signal.SIGTERM, None)
+    codes = [c.wait() for c in children]
+    return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+
+
+def _cmd_ingest(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    if args.workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    if not 0 < args.port < 65536:
+        raise ConfigError("--port must be 1-65535")
+    if args.workers > 1:
+        return _supervise(args)
+    return run_async(serve(cfg, app, args.host, args.port, reuse_port=args.reuse_port))
+
+
+def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    async def go() -> int:
+        client, _ = await open_redis(cfg, wait_s=5)
+        try:
+            store = AgentStore(client, Keys(cfg.redis.key_prefix))
+            if args.action == "add":
+                types = parse_types(args.types)
+                names = app.registry.names()
+                unknown = [p for p in types if not fnmatch.filter(names, p)]
+                if unknown:
+                    raise ConfigError(
+                        f"--types {', '.join(unknown)} match no event type; known: "
+                        + ", ".join(app.registry.names())
+                    )
+                agent, token = await store.add(args.name, types=types, operator=args.operator)
+                print(token)
+                print(
+                    f"agent {agent.name!r} added (types: {', '.join(agent.types) or 'none'}"
+                    f"{', operator' if agent.operator else ''}). The token is shown only now; "
+                    "Redis keeps its SHA-256.",
+                    file=sys.stderr,
+                )
+                return 0
+            if args.action == "revoke":
+                if not await store.revoke(args.name):
+                    print(f"streamproc: no agent {args.name!r}", file=sys.stderr)
+                    return 1
+                print(f"agent {args.name!r} revoked (ingest caches refuse it within a few s)")
+                return 0
+            agents = await store.list()
+            if args.json:
+                for a in agents:
+                    rec = msgspec.structs.asdict(a)
+                    del rec["token_sha256"]
+                    print(orjson.dumps(rec).decode())
+                return 0
+            print(f"{'name':<24} {'operator':<9} {'created':<26} types")
+            for a in agents:
+                print(
+                    f"{a.name:<24} {'yes' if a.operator else 'no':<9} {a.created_at:<26} "
+                    f"{', '.join(a.types)}"
+                )
+            print(f"{len(agents)} agent(s)")
+            return 0
+        finally:
+            await client.aclose()
+
+    return run_async(go())
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("ingest", help="run the HTTP ingest service (events and tasks)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    p.add_argument(
+        "--reuse-port", action="store_true", help="SO_REUSEPORT (other processes may share it)"
+    )
+    p.set_defaults(func=_cmd_ingest)
+
+    a = sub.add_parser("agents", help="add, list or revoke ingest agents and their tokens")
+    asub = a.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = asub.add_parser("add", help="create an agent; prints its token once")
+    add.add_argument("name")
+    add.add_argument(
+        "--types",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="T",
+        help="event types it may post (fnmatch patterns, e.g. 'cluster.*')",
+    )
+    add.add_argument("--operator", action="store_true", help="may use the task API")
+    lst = asub.add_parser("list", help="list agents (never tokens)")
+    lst.add_argument("--json", action="store_true")
+    rev = asub.add_parser("revoke", help="delete an agent and its token")
+    rev.add_argument("name")
+    a.set_defaults(func=_cmd_agents)

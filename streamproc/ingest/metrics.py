@@ -1,0 +1,41 @@
+"""Prometheus metrics of the ingest service and the task runner."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+__all__ = (
+    "EVENTS",
+    "REJECTIONS",
+    "REQUESTS",
+    "REQUEST_SECONDS",
+    "TASKS_FINISHED",
+    "TASKS_SUBMITTED",
+    "TASK_SECONDS",
+)
+
+REQUESTS = Counter(
+    "streamproc_ingest_requests", "HTTP requests answered", ["route", "method", "status"]
+)
+EVENTS = Counter("streamproc_ingest_events", "Events accepted (202) by type", ["type"])
+REJECTIONS = Counter(
+    "streamproc_ingest_rejections", "Requests refused, by reason (the error code)", ["reason"]
+)
+REQUEST_SECONDS = Histogram(
+    "streamproc_ingest_request_duration_seconds",
+    "Time from request start to response, by route",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TASKS_SUBMITTED = Counter(
+    "streamproc_tasks_submitted", "Tasks submitted through the API", ["type", "priority"]
+)
+TASKS_FINISHED = Counter(
+    "streamproc_tasks_finished", "Tasks that reached an end state", ["type", "status"]
+)
+TASK_SECONDS = Histogram(
+    "streamproc_task_duration_seconds",
+    "Run time of tasks (one attempt)",
+    ["type"],
+    buckets=(0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600),
+)

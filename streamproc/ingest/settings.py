@@ -1,0 +1,39 @@
+"""Settings of the ingest service: frozen, keyword-only, validated at construction."""
+
+from __future__ import annotations
+
+from streamproc.errors import ConfigError
+from streamproc.settings import _Settings
+
+__all__ = ("IngestSettings",)
+
+
+class IngestSettings(_Settings, frozen=True, kw_only=True):
+    #: Largest request body accepted (after any Content-Encoding is undone), in bytes.
+    max_body_bytes: int = 4 << 20
+    #: Most events in one request (JSON array, NDJSON lines or msgpack array).
+    max_batch: int = 1000
+    #: Per-agent token bucket: events per second refilled; 0 turns rate limiting off.
+    rate_events_per_s: float = 5000.0
+    #: Per-agent token bucket size (the largest burst); at least ``max_batch``.
+    rate_burst: int = 10_000
+    #: How long a token lookup is reused in memory: the bound on how late a revocation acts.
+    auth_cache_s: float = 5.0
+    #: How long a publish may retry while Redis is unreachable before the request gets 503.
+    publish_timeout_s: float = 2.0
+    #: Retry-After (seconds) sent with 503 answers.
+    retry_after_s: int = 1
+    #: On shutdown, in-flight requests get this long to finish.
+    shutdown_grace_s: float = 10.0
+    #: How long a task's status hash is kept after its last change.
+    task_ttl_s: int = 24 * 3600
+
+    def __post_init__(self) -> None:
+        self._positive("max_body_bytes", "max_batch", "rate_burst", "publish_timeout_s")
+        self._positive("retry_after_s", "shutdown_grace_s", "task_ttl_s")
+        self._positive("rate_events_per_s", "auth_cache_s", allow_zero=True)
+        if self.rate_events_per_s and self.rate_burst < self.max_batch:
+            raise ConfigError(
+                f"IngestSettings.rate_burst ({self.rate_burst}) must be >= max_batch "
+                f"({self.max_batch}), or a full batch could never pass the rate limit"
+            )

@@ -1,0 +1,262 @@
+"""The task runner: a concern reading one stream per priority, most urgent first.
+
+``task_concern(types)`` builds the consumer group. Delivery, acks, reclaim of a crashed
+runner's tasks and retries are the engine's; this module adds what tasks need on top:
+
+- **priority**: the group reads the ``tasks.critical`` stream first, then high, normal, low;
+  tasks read together wait at their type's gate, which hands free slots to the most urgent
+  (then the oldest) waiter. Order is strict among the tasks one runner process holds.
+- **per-type concurrency**: each task type has its own gate (``TaskType.concurrency``, per
+  runner process).
+- **status and progress** in the task's hash (``TaskStore``), kept 24 h.
+- **cooperative cancel**: ``DELETE /v1/tasks/{id}`` pushes to the task's cancel list; the
+  runner waits on it (BLPOP) beside the task and cancels the task's asyncio task, which ends
+  ``cancelled``. A queued task is skipped when it comes up.
+- **failures**: a task function's exception is retried with backoff up to the type's
+  ``max_retries`` (status goes back to ``queued`` with the error); ``Permanent``, the type's
+  ``permanent_errors``, a timeout or the last retry end it ``failed``. Failed tasks are acked,
+  not dead-lettered: their hash says what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+
+from schemas.tasks import PRIORITIES, TASK_EVENTS, TaskRequested
+from streamproc._backoff import backoff_delay_s
+from streamproc.concern import Concern, Context
+from streamproc.errors import ConfigError, Permanent, Retry
+from streamproc.ingest.metrics import TASK_SECONDS, TASKS_FINISHED
+from streamproc.ingest.taskstore import TaskStore
+from streamproc.keys import Keys
+from streamproc.producer import Producer
+from streamproc.settings import RetryPolicy
+
+__all__ = ("TASK_GROUP", "PriorityGate", "TaskContext", "TaskType", "task_concern")
+
+log = structlog.get_logger("streamproc.tasks")
+
+TASK_GROUP = "tasks"
+#: How long one BLPOP on a running task's cancel list waits (under the socket timeout).
+CANCEL_POLL_S = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskType:
+    """A kind of task: the function that runs it, its payload type and its limits."""
+
+    name: str
+    #: ``async fn(payload, ctx) -> result`` (the result must encode as JSON).
+    run: Callable[[Any, TaskContext], Awaitable[Any]]
+    #: msgspec type the payload is validated against, at submission and again at run time.
+    payload_type: Any = dict
+    #: Tasks of this type running at once in one runner process.
+    concurrency: int = 1
+    max_retries: int = 3
+    retry_base_s: float = 1.0
+    retry_cap_s: float = 60.0
+    #: Hard time limit of one attempt; None = none. A timeout fails the task (no retry).
+    timeout_s: float | None = None
+    permanent_errors: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.max_retries < 0:
+            raise ConfigError(f"task type {self.name!r}: concurrency >= 1, max_retries >= 0")
+
+
+class TaskContext:
+    """What a task function gets: its id, Redis, the producer, and ``progress``."""
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        task_type: str,
+        attempt: int,
+        store: TaskStore,
+        redis: aioredis.Redis,
+        keys: Keys,
+        producer: Producer,
+    ) -> None:
+        self.task_id, self.task_type, self.attempt = task_id, task_type, attempt
+        self.store, self.redis, self.keys, self.producer = store, redis, keys, producer
+        self.log = log.bind(task_id=task_id, task_type=task_type)
+        #: Set when the task was cancelled on request (not by a shutdown).
+        self.cancel_requested = False
+
+    async def progress(self, fraction: float, **detail: Any) -> None:
+        """Record progress (0..1) and details; the client sees them on ``GET``."""
+        flag = await self.store.progress(self.task_id, fraction, detail)
+        if flag == 1:
+            self.cancel_requested = True
+
+
+class PriorityGate:
+    """A semaphore whose free slots go to the most urgent (lowest rank), then oldest, waiter."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._waiters: list[tuple[int, str, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, rank: int, seq: str) -> AsyncIterator[None]:
+        await self._acquire(rank, seq)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, rank: int, seq: str) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (rank, seq, next(self._order), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()  # it was handed a slot as it was cancelled: pass it on
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = heapq.heappop(self._waiters)[3]
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
+async def _watch_cancel(ctx: TaskContext, job: asyncio.Task[Any]) -> None:
+    """Wait on the task's cancel list; on a signal, cancel the task."""
+    key = ctx.keys.task_cancel(ctx.task_id)
+    while not job.done():
+        try:
+            got = await ctx.redis.blpop([key], timeout=CANCEL_POLL_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # Redis down: the task goes on; try again shortly
+            ctx.log.warning("cancel_watch_failed", error=str(e))
+            await asyncio.sleep(CANCEL_POLL_S)
+            continue
+        if got:
+            ctx.cancel_requested = True
+            job.cancel()
+            return
+
+
+def task_concern(
+    types: Mapping[str, TaskType],
+    *,
+    group: str = TASK_GROUP,
+    ttl_s: int = 24 * 3600,
+    settings: Mapping[str, Any] | None = None,
+) -> Concern:
+    """The consumer group that runs ``types``."""
+    if not types:
+        raise ConfigError("task_concern needs at least one task type")
+    gates = {name: PriorityGate(t.concurrency) for name, t in types.items()}
+    stores: dict[tuple[int, str], TaskStore] = {}
+
+    def store_for(ctx: Context) -> TaskStore:
+        k = (id(ctx.redis), ctx.keys.prefix)
+        if k not in stores:
+            stores[k] = TaskStore(ctx.redis, ctx.keys, ttl_s=ttl_s)
+        return stores[k]
+
+    async def handle(event: TaskRequested, ctx: Context) -> None:
+        store = store_for(ctx)
+        tt = types.get(event.task_type)
+        if tt is None:
+            if await store.start(event.id) == "run":
+                await store.finish(event.id, "failed", error=f"unknown task type {event.task_type}")
+            return
+        rank = PRIORITIES.index(event.priority) if event.priority in PRIORITIES else 2
+        async with gates[tt.name].slot(rank, event.id):
+            verdict = await store.start(event.id)
+            if verdict != "run":
+                log.info("task_skipped", task_id=event.id, verdict=verdict)
+                if verdict == "skip":
+                    TASKS_FINISHED.labels(tt.name, "skipped").inc()
+                return
+            await _run(tt, event, ctx, store)
+
+    concurrency = max(8, 2 * sum(t.concurrency for t in types.values()))
+    return Concern(
+        group=group,
+        topics=tuple(c.topic for c in TASK_EVENTS),
+        handlers=dict.fromkeys(TASK_EVENTS, handle),
+        concurrency=concurrency,
+        # Retries are decided per task type in _run; the group's limit only needs to allow them.
+        retry=RetryPolicy(max_retries=max(t.max_retries for t in types.values())),
+        settings={"batch": 10, "min_idle_ms": 60_000, **(settings or {})},
+    )
+
+
+async def _run(tt: TaskType, event: TaskRequested, ctx: Context, store: TaskStore) -> None:
+    task_id = event.id
+    try:
+        payload = msgspec.convert(event.payload, tt.payload_type)
+    except msgspec.ValidationError as e:
+        await store.finish(task_id, "failed", error=f"invalid payload: {e}")
+        TASKS_FINISHED.labels(tt.name, "failed").inc()
+        return
+    tctx = TaskContext(
+        task_id=task_id,
+        task_type=tt.name,
+        attempt=ctx.attempt,
+        store=store,
+        redis=ctx.redis,
+        keys=ctx.keys,
+        producer=ctx.producer,
+    )
+
+    async def call() -> Any:
+        async with asyncio.timeout(tt.timeout_s):
+            return await tt.run(payload, tctx)
+
+    job = asyncio.create_task(call())
+    watcher = asyncio.create_task(_watch_cancel(tctx, job))
+    started = time.monotonic()
+    try:
+        result = await job
+        encoded = msgspec.json.encode(result)
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if tctx.cancel_requested and not (me and me.cancelling()):
+            await store.finish(task_id, "cancelled", error="cancelled on request")
+            TASKS_FINISHED.labels(tt.name, "cancelled").inc()
+            tctx.log.info("task_cancelled")
+            return
+        raise  # shutdown: the entry stays pending and the task runs again elsewhere
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"[:2000]
+        final = isinstance(e, (Permanent, TimeoutError, TypeError, *tt.permanent_errors))
+        if final or ctx.attempt >= tt.max_retries:
+            await store.finish(task_id, "failed", error=error)
+            TASKS_FINISHED.labels(tt.name, "failed").inc()
+            tctx.log.error("task_failed", error=error, attempt=ctx.attempt)
+            return
+        await store.finish(task_id, "queued", error=f"attempt {ctx.attempt + 1}: {error}")
+        delay_s = backoff_delay_s(ctx.attempt + 1, tt.retry_base_s, tt.retry_cap_s)
+        raise Retry(error, delay_s=delay_s) from e
+    finally:
+        TASK_SECONDS.labels(tt.name).observe(time.monotonic() - started)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    await store.finish(task_id, "completed", result=encoded, progress="1")
+    TASKS_FINISHED.labels(tt.name, "completed").inc()

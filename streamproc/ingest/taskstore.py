@@ -1,0 +1,195 @@
+"""Task status in Redis: one hash per task, kept ``ttl_s`` (24 h) after its last change.
+
+Every state change is one Lua script, so the API and the runner never race:
+
+    queued ──start──▶ running ──finish──▶ completed | failed | cancelled
+       │                 │ └──finish(queued)──▶ queued (a retry is scheduled)
+       └─cancel─▶ cancelled        └─cancel─▶ cancel_requested=1 + a signal on the cancel list
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+import orjson
+import redis.asyncio as aioredis
+
+from streamproc.keys import Keys
+
+__all__ = ("TaskStatus", "TaskStore", "TaskView", "now_iso")
+
+TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+# KEYS: hash, cancel list. ARGV: now, ttl_s.
+_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancel_requested', '1',
+             'finished_at', ARGV[1], 'updated_at', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 'cancelled'
+end
+if st == 'running' then
+  if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
+    redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[1])
+    redis.call('RPUSH', KEYS[2], '1')
+    redis.call('EXPIRE', KEYS[2], ARGV[2])
+  end
+  return 'cancelling'
+end
+return st
+"""
+# KEYS: hash. ARGV: now, ttl_s. 'run', 'skip' or 'missing'.
+_START = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st ~= 'queued' and st ~= 'running' then return 'skip' end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'updated_at', ARGV[1])
+  return 'skip'
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'updated_at', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 'run'
+"""
+# KEYS: hash. ARGV: progress, detail JSON, now, ttl_s. -1 not running, else cancel flag.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+redis.call('HSET', KEYS[1], 'progress', ARGV[1], 'detail', ARGV[2], 'updated_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested') or '0')
+"""
+# KEYS: hash, cancel list. ARGV: status, now, ttl_s, field, value... 0 if it was not running.
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2], unpack(ARGV, 4))
+if ARGV[1] ~= 'queued' then redis.call('HSET', KEYS[1], 'finished_at', ARGV[2]) end
+redis.call('DEL', KEYS[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class TaskView(msgspec.Struct, kw_only=True):
+    """What ``GET /v1/tasks/{id}`` answers."""
+
+    id: str
+    type: str
+    priority: Literal["low", "normal", "high", "critical"]
+    status: TaskStatus
+    #: 0.0 … 1.0, as last reported by the task.
+    progress: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    #: The task's own progress details (e.g. pages crawled, bugs found).
+    detail: dict[str, Any] | None = None
+    result: Any = None
+    error: str | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    submitted_by: str = ""
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    updated_at: str
+
+
+def _json_or_none(raw: str | None) -> Any:
+    return orjson.loads(raw) if raw else None
+
+
+class TaskStore:
+    """Reads and changes task hashes (``Keys.task``)."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, ttl_s: int = 24 * 3600) -> None:
+        self.client, self.keys, self.ttl_s = client, keys, ttl_s
+        self._create = client.register_script(_CREATE)
+        self._cancel = client.register_script(_CANCEL)
+        self._start = client.register_script(_START)
+        self._progress = client.register_script(_PROGRESS)
+        self._finish = client.register_script(_FINISH)
+
+    async def create(self, task_id: str, *, type: str, priority: str, submitted_by: str) -> bool:
+        """Create a queued task; False if it exists (an idempotent retry)."""
+        now = now_iso()
+        fields = {
+            "id": task_id,
+            "type": type,
+            "priority": priority,
+            "status": "queued",
+            "progress": "0",
+            "attempts": "0",
+            "cancel_requested": "0",
+            "submitted_by": submitted_by,
+            "created_at": now,
+            "updated_at": now,
+        }
+        args: list[Any] = [self.ttl_s]
+        for k, v in fields.items():
+            args += (k, v)
+        return bool(await self._create(keys=[self.keys.task(task_id)], args=args))
+
+    async def discard(self, task_id: str) -> None:
+        await self.client.delete(self.keys.task(task_id))
+
+    async def get(self, task_id: str) -> TaskView | None:
+        raw: Any = await self.client.hgetall(self.keys.task(task_id))
+        if not raw:
+            return None
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        return TaskView(
+            id=f["id"],
+            type=f["type"],
+            priority=f["priority"],
+            status=f["status"],
+            progress=float(f.get("progress") or 0),
+            detail=_json_or_none(f.get("detail")),
+            result=_json_or_none(f.get("result")),
+            error=f.get("error") or None,
+            attempts=int(f.get("attempts") or 0),
+            cancel_requested=f.get("cancel_requested") == "1",
+            submitted_by=f.get("submitted_by", ""),
+            created_at=f["created_at"],
+            started_at=f.get("started_at"),
+            finished_at=f.get("finished_at"),
+            updated_at=f["updated_at"],
+        )
+
+    async def cancel(self, task_id: str) -> str:
+        """'cancelled' (was queued), 'cancelling' (running), 'missing', or the end status."""
+        keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
+        reply = await self._cancel(keys=keys, args=[now_iso(), self.ttl_s])
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    async def start(self, task_id: str) -> str:
+        reply = await self._start(keys=[self.keys.task(task_id)], args=[now_iso(), self.ttl_s])
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    async def progress(self, task_id: str, fraction: float, detail: dict[str, Any]) -> int:
+        """-1 when the task is not running any more, else its cancel flag (0/1)."""
+        fraction = min(1.0, max(0.0, fraction))
+        return int(
+            await self._progress(
+                keys=[self.keys.task(task_id)],
+                args=[repr(fraction), orjson.dumps(detail), now_iso(), self.ttl_s],
+            )
+        )
+
+    async def finish(self, task_id: str, status: str, **fields: str | bytes) -> bool:
+        args: list[Any] = [status, now_iso(), self.ttl_s]
+        for k, v in fields.items():
+            args += (k, v)
+        keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
+        return bool(await self._finish(keys=keys, args=args))
