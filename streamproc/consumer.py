@@ -28,8 +28,11 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
-from streamproc import _scripts
 from streamproc._backoff import Backoff, backoff_delay_s
+from streamproc._lua import with_scripts
+from streamproc._scripts import FAIL as _FAIL
+from streamproc._scripts import PUMP as _PUMP
+from streamproc._scripts import SUCCEED as _SUCCEED
 from streamproc.codec import Codec
 from streamproc.concern import Concern, Context, Handler
 from streamproc.connection import REDIS_DOWN
@@ -43,6 +46,8 @@ from streamproc.trim import trim_stream
 __all__ = ("Consumer", "ConsumerStats")
 
 log = structlog.get_logger("streamproc.consumer")
+
+_SETTLE_SCRIPTS = (_SUCCEED, _FAIL)
 
 _ACK, _DUP, _EMPTY, _SKIP, _RETRY, _DLQ = "ack", "duplicate", "empty", "skip", "retry", "dlq"
 
@@ -146,7 +151,9 @@ class Consumer:
         self._streams: dict[str, str] = {keys.stream(t): t for t in concern.topics}
         self._streams.update({keys.retry_stream(t, self.group): t for t in concern.topics})
         self._recovering = dict.fromkeys(self._streams, b"0")  # own pending, read first
-        self._slots = asyncio.Semaphore(s.max_in_flight)
+        self._reserved = 0  # in-flight room promised to a read under way
+        self._room = asyncio.Event()  # set while in-flight room is left
+        self._room.set()
         self._held: dict[str, set[bytes]] = {k: set() for k in self._streams}  # in flight
         self._in_flight = 0
         self._drained = asyncio.Event()
@@ -156,9 +163,6 @@ class Consumer:
         self._next_local_due_ms = 0
         self._work: asyncio.Queue[_Entry] = asyncio.Queue()
         self._settle_q: asyncio.Queue[_Outcome] = asyncio.Queue()
-        self._succeed = client.register_script(_scripts.SUCCEED)
-        self._fail = client.register_script(_scripts.FAIL)
-        self._pump = client.register_script(_scripts.PUMP)
         self._reading = False
         self._groups_ok = False
         self._down_since: float | None = None
@@ -275,20 +279,19 @@ class Consumer:
                 flags[i] = mark is not None
         return flags
 
-    async def _take_slots(self, want: int, *, wait: bool) -> int:
-        """Reserve up to ``want`` in-flight slots; at least one if ``wait``."""
-        got = 0
-        if wait:
-            await self._slots.acquire()
-            got = 1
-        while got < want and not self._slots.locked():
-            await self._slots.acquire()
-            got += 1
-        return got
+    def _per_stream(self, streams: int) -> int:
+        """Entries to ask each stream for so one read stays within ``max_in_flight``."""
+        free = self.settings.max_in_flight - self._in_flight - self._reserved
+        if free <= 0:
+            return 0
+        # XREADGROUP's COUNT is per stream. When nearly full, reading one entry from each
+        # stream can pass the bound by at most ``streams - 1`` entries.
+        return min(self.settings.batch, max(1, free // streams))
 
-    def _release(self, n: int) -> None:
-        for _ in range(n):
-            self._slots.release()
+    async def _wait_for_room(self) -> None:
+        while self.settings.max_in_flight - self._in_flight - self._reserved <= 0:
+            self._room.clear()
+            await self._room.wait()
 
     def _hold(self, entries: list[_Entry]) -> None:
         for e in entries:
@@ -301,20 +304,21 @@ class Consumer:
         for e in entries:
             self._held[e.stream].discard(e.entry_id)
         self._in_flight -= len(entries)
-        self._release(len(entries))
+        self._room.set()
         if self._in_flight == 0:
             self._drained.set()
 
-    async def _fetch(self, want: int, block_ms: int | None) -> list[_Entry | _Outcome]:
-        """Read up to ``want`` entries (slots already taken) and triage them."""
-        if not want:
+    async def _fetch(self, block_ms: int | None) -> list[_Entry | _Outcome]:
+        """Read what the in-flight bound allows and triage it."""
+        per = self._per_stream(len(self._streams))
+        if not per:
             return []
+        promised = per * len(self._streams)
+        self._reserved += promised
         try:
-            entries = await self._read(want, block_ms)
-        except BaseException:
-            self._release(want)
-            raise
-        self._release(want - len(entries))
+            entries = await self._read(per, block_ms)
+        finally:
+            self._reserved -= promised
         if not entries:
             return []
         self._hold(entries)
@@ -402,34 +406,45 @@ class Consumer:
 
     async def _settle(self, outcomes: list[_Outcome]) -> None:
         """Apply outcomes to Redis: one SUCCEED script per stream, one FAIL per failure."""
-        ok: dict[str, list[Any]] = {}
+        await with_scripts(self.client, _SETTLE_SCRIPTS, lambda: self._send_settle(outcomes))
+        self._count(outcomes)
+        self._unhold([o.entry for o in outcomes])
+
+    async def _send_settle(self, outcomes: list[_Outcome]) -> None:
+        ok: dict[str, tuple[list[Any], list[Any]]] = {}  # stream -> (keys, args)
         async with self.client.pipeline(transaction=False) as pipe:
             for o in outcomes:
                 e = o.entry
                 if o.kind in (_ACK, _DUP, _EMPTY, _SKIP):
-                    args = ok.setdefault(e.stream, [self.group, self.settings.dedup_window_ms])
-                    seen = b""
+                    keys, args = ok.setdefault(
+                        e.stream, ([e.stream], [self.group, self.settings.dedup_window_ms])
+                    )
+                    seen = 0
                     if o.kind == _ACK and self.settings.dedup_window_ms and o.event_id:
-                        seen = self.keys.seen_prefix(e.topic, self.group).encode() + o.event_id
+                        keys.append(
+                            self.keys.seen_prefix(e.topic, self.group).encode() + o.event_id
+                        )
+                        seen = len(keys)
                     args += (e.entry_id, seen, len(o.effects))
                     for cmd in o.effects:
                         args += (len(cmd), *cmd)
                 elif o.kind == _RETRY:
-                    member = self._retry_member(o)
-                    await self._fail(
-                        keys=[e.stream, self.keys.delayed(e.topic, self.group)],
-                        args=[self.group, e.entry_id, "retry", o.due_ms, member],
-                        client=pipe,
+                    _FAIL.queue(
+                        pipe,
+                        [e.stream, self.keys.delayed(e.topic, self.group)],
+                        [self.group, e.entry_id, "retry", o.due_ms, self._retry_member(o)],
                     )
                 else:
-                    await self._fail(
-                        keys=[e.stream, self.keys.dlq(e.topic, self.group)],
-                        args=[self.group, e.entry_id, "dlq", *self._dead_fields(o)],
-                        client=pipe,
+                    _FAIL.queue(
+                        pipe,
+                        [e.stream, self.keys.dlq(e.topic, self.group)],
+                        [self.group, e.entry_id, "dlq", *self._dead_fields(o)],
                     )
-            for stream, args in ok.items():
-                await self._succeed(keys=[stream], args=args, client=pipe)
+            for keys, args in ok.values():
+                _SUCCEED.queue(pipe, keys, args)
             await pipe.execute()
+
+    def _count(self, outcomes: list[_Outcome]) -> None:
         st = self.stats
         for o in outcomes:
             if o.kind == _ACK:
@@ -445,7 +460,6 @@ class Consumer:
                 self._note_local_due(o.due_ms)
             else:
                 st.dead_lettered += 1
-        self._unhold([o.entry for o in outcomes])
 
     def _retry_member(self, o: _Outcome) -> bytes:
         e = o.entry
@@ -492,7 +506,7 @@ class Consumer:
     async def process_once(self, *, block_ms: int | None = None) -> int:
         """Pump due retries, read one batch, handle it, settle it. Returns entries read."""
         await self.pump_retries()
-        items = await self._fetch(await self._take_slots(self.settings.batch, wait=False), block_ms)
+        items = await self._fetch(block_ms)
         sem = asyncio.Semaphore(self.concern.concurrency)
 
         async def run(item: _Entry | _Outcome) -> _Outcome:
@@ -519,12 +533,13 @@ class Consumer:
         now_ms = int(time.time() * 1000)
         for topic in self.concern.topics:
             moved += int(
-                await self._pump(
-                    keys=[
+                await _PUMP(
+                    self.client,
+                    [
                         self.keys.delayed(topic, self.group),
                         self.keys.retry_stream(topic, self.group),
                     ],
-                    args=[now_ms, 1000],
+                    [now_ms, 1000],
                 )
             )
         if self._next_local_due_ms and self._next_local_due_ms <= now_ms:
@@ -547,14 +562,17 @@ class Consumer:
         """XAUTOCLAIM entries idle longer than min_idle_ms (their owner stopped renewing)."""
         out: list[_Entry | _Outcome] = []
         for stream, topic in self._streams.items():
-            want = await self._take_slots(self.settings.batch, wait=False)
+            want = self._per_stream(1)
             if not want:
                 break
-            reply: Any = await self.client.xautoclaim(
-                stream, self.group, self.name, self.settings.min_idle_ms, "0-0", count=want
-            )
+            self._reserved += want
+            try:
+                reply: Any = await self.client.xautoclaim(
+                    stream, self.group, self.name, self.settings.min_idle_ms, "0-0", count=want
+                )
+            finally:
+                self._reserved -= want
             claimed = [_Entry(stream, topic, i, f) for i, f in reply[1]]
-            self._release(want - len(claimed))
             if not claimed:
                 continue
             await self._load_deliveries(stream, claimed)
@@ -671,15 +689,8 @@ class Consumer:
 
     async def _reader(self) -> None:
         while not self._stopping.is_set():
-            want = await self._take_slots(self.settings.batch, wait=True)
-            try:
-                items = await self._until_up(
-                    lambda: self._fetch(want, self.settings.block_ms)  # noqa: B023
-                )
-            except BaseException:
-                self._release(want)
-                raise
-            self._dispatch(items)
+            await self._wait_for_room()
+            self._dispatch(await self._until_up(lambda: self._fetch(self.settings.block_ms)))
 
     def _dispatch(self, items: list[_Entry | _Outcome]) -> None:
         for item in items:

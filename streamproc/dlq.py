@@ -82,7 +82,6 @@ async def replay(
     to_topic: bool = False,
 ) -> list[str]:
     """Replay dead letters; returns the new entry ids (a letter already gone is skipped)."""
-    script = client.register_script(_scripts.DLQ_REPLAY)
     out = []
     for d in letters:
         target = keys.stream(d.topic) if to_topic else keys.retry_stream(d.topic, concern.group)
@@ -90,7 +89,7 @@ async def replay(
         for k, v in d.original().items():
             if k not in (b"attempt", b"origin"):
                 args += (k, v)
-        new_id = await script(keys=[keys.dlq(d.topic, concern.group), target], args=args)
+        new_id = await _scripts.DLQ_REPLAY(client, [keys.dlq(d.topic, concern.group), target], args)
         if new_id:
             out.append(new_id.decode())
     return out

@@ -19,7 +19,8 @@ import structlog
 from redis.exceptions import ResponseError
 
 from streamproc._backoff import Backoff
-from streamproc.codec import Codec
+from streamproc._lua import Lua, with_scripts
+from streamproc.codec import WIRE_FIELDS, Codec
 from streamproc.connection import REDIS_DOWN
 from streamproc.errors import BackpressureError, PublishError
 from streamproc.event import Event
@@ -30,15 +31,27 @@ __all__ = ("Producer",)
 
 log = structlog.get_logger("streamproc.producer")
 
-# KEYS: stream, dedup marker. ARGV: window_ms, field, value, ...
-# Returns {1, id} when added, {0, first id} when the marker already existed.
-_PUBLISH_LUA = """
-local first = redis.call('GET', KEYS[2])
-if first then return {0, first} end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
-redis.call('SET', KEYS[2], id, 'PX', ARGV[1])
-return {1, id}
-"""
+# One call per batch and topic. KEYS: stream, then one dedup marker per event.
+# ARGV: window_ms, fields per event (n), then n field/value pairs per event, in KEYS order.
+# Returns {added, id, added, id, ...}: added = 0 when the marker already held the first id.
+_PUBLISH = Lua("""
+local window, n = ARGV[1], tonumber(ARGV[2])
+local out, a = {}, 3
+for k = 2, #KEYS do
+  local first = redis.call('GET', KEYS[k])
+  if first then
+    out[#out + 1] = 0
+    out[#out + 1] = first
+  else
+    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a, a + 2 * n - 1))
+    redis.call('SET', KEYS[k], id, 'PX', window)
+    out[#out + 1] = 1
+    out[#out + 1] = id
+  end
+  a = a + 2 * n
+end
+return out
+""")
 
 
 class Producer:
@@ -56,7 +69,6 @@ class Producer:
         self.client, self.codec, self.keys = client, codec, keys
         self.settings = settings or ProducerSettings()
         self.retry_timeout_s = retry_timeout_s
-        self._script = client.register_script(_PUBLISH_LUA)
         self._lag_cache: dict[str, tuple[float, str, int]] = {}
         self.duplicates = 0
 
@@ -96,31 +108,47 @@ class Producer:
     async def _write(
         self, events: Sequence[Event], idempotency_keys: Sequence[str | None] | None
     ) -> list[str]:
+        try:
+            return await with_scripts(
+                self.client, [_PUBLISH], lambda: self._send(events, idempotency_keys)
+            )
+        except ResponseError as e:
+            raise PublishError(f"Redis refused the write: {e}") from e
+
+    async def _send(
+        self, events: Sequence[Event], idempotency_keys: Sequence[str | None] | None
+    ) -> list[str]:
         s = self.settings
-        async with self.client.pipeline(transaction=False) as pipe:
-            for i, event in enumerate(events):
-                fields = self.codec.encode(event)
-                stream = self.keys.stream(event.topic)
-                if s.dedup_window_ms:
-                    dedup_id = (idempotency_keys[i] if idempotency_keys else None) or event.id
-                    marker = self.keys.published_prefix(event.topic) + dedup_id
-                    args: list[Any] = [s.dedup_window_ms]
-                    for k, v in fields.items():
-                        args += (k, v)
-                    await self._script(keys=[stream, marker], args=args, client=pipe)
-                else:
-                    pipe.xadd(stream, fields)  # type: ignore[arg-type]
-            try:
-                replies = await pipe.execute()
-            except ResponseError as e:
-                raise PublishError(f"Redis refused the write: {e}") from e
+        encode = self.codec.encode
         if not s.dedup_window_ms:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for event in events:
+                    pipe.xadd(self.keys.stream(event.topic), encode(event))  # type: ignore[arg-type]
+                replies = await pipe.execute()
             return [r.decode() for r in replies]
-        out = []
-        for added, entry_id in replies:
-            if not added:
-                self.duplicates += 1
-            out.append(entry_id.decode())
+        # one script call per topic, in publish order within each topic
+        by_topic: dict[str, list[int]] = {}
+        for i, event in enumerate(events):
+            by_topic.setdefault(event.topic, []).append(i)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for topic, idx in by_topic.items():
+                marker = self.keys.published_prefix(topic)
+                keys: list[Any] = [self.keys.stream(topic)]
+                args: list[Any] = [s.dedup_window_ms, len(WIRE_FIELDS)]
+                for i in idx:
+                    event = events[i]
+                    dedup_id = (idempotency_keys[i] if idempotency_keys else None) or event.id
+                    keys.append(marker + dedup_id)
+                    for pair in encode(event).items():
+                        args += pair
+                _PUBLISH.queue(pipe, keys, args)
+            replies = await pipe.execute()
+        out: list[str] = [""] * len(events)
+        for idx, reply in zip(by_topic.values(), replies, strict=True):
+            for j, i in enumerate(idx):
+                if not reply[2 * j]:
+                    self.duplicates += 1
+                out[i] = reply[2 * j + 1].decode()
         return out
 
     async def group_backlog(self, topic: str) -> tuple[str, int]:

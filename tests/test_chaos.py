@@ -33,7 +33,7 @@ from streamproc import (
     connect,
 )
 from streamproc.embedded import EmbeddedRedis
-from tests.helpers import spot
+from tests.helpers import entries, spot
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -141,7 +141,7 @@ async def test_redis_killed_and_restarted_with_aof(
             if await client.hlen(keys.state("effects")) >= total:
                 break
             await asyncio.sleep(0.05)
-        present = {i.decode() for i, _ in await client.xrange(keys.stream("cluster"))}
+        present = {i.decode() for i, _ in await entries(client, keys.stream("cluster"))}
         lost = [r for r in returned if r not in present]
         counts = await client.hgetall(keys.state("effects"))
         print(f"\nappendfsync {appendfsync}: {len(returned)} publishes returned, "
