@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh Debian machine (root, Python >= 3.11):
+#   make run   - the whole system (ingest, consumer groups, ticker) on an embedded Redis
+#   make test  - the test suite (a redis-server process on 127.0.0.1, no Docker needed)
+# Each installs what is missing first: uv, the locked virtual environment, redis-server,
+# and for the browser test Chromium.
+
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+APT_PACKAGES_RUN := redis-server redis-tools
+APT_PACKAGES_TEST := $(APT_PACKAGES_RUN) chromium
+PYTEST_ARGS ?=
+
+.PHONY: run test lint bench setup-run setup-test venv clean
+
+run: setup-run
+	$(VENV)/bin/streamproc up
+
+test: setup-test
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+bench: setup-run
+	$(VENV)/bin/python benchmarks/throughput.py
+
+setup-run: venv
+	@scripts/ensure-system-packages $(APT_PACKAGES_RUN)
+
+setup-test: venv
+	@scripts/ensure-system-packages $(APT_PACKAGES_TEST)
+
+venv: $(VENV)/.synced
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || [ -x "$(UV)" ] || $(PY) -m pip install --quiet uv
+	$$(command -v uv || echo $(UV)) sync --frozen --all-extras
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,245 @@
+"""The streamproc command: bad arguments and configuration fail clearly; `up` runs it all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from schemas import SpotInterruption
+from streamproc import Codec, Keys, Producer
+from streamproc.embedded import free_port
+from tests.helpers import entries
+
+ROOT = Path(__file__).resolve().parent.parent
+SPOT = {
+    "cluster_id": "c1",
+    "instance_id": "i-1",
+    "instance_type": "m5.large",
+    "availability_zone": "eu-west-1a",
+}
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamproc", *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def env(redis_url: str, keys: Keys) -> dict[str, str]:
+    return {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+
+
+async def test_publish_adds_a_validated_event(
+    env: dict[str, str], client: aioredis.Redis, keys: Keys
+) -> None:
+    r = cli("publish", "cluster.spot_interruption", json.dumps(SPOT), env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    [(entry_id, fields)] = await entries(client, keys.stream("cluster"))
+    assert entry_id.decode() == out["entry_id"]
+    assert fields[b"id"].decode() == out["id"]
+    assert json.loads(fields[b"data"])["source"] == "cli"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["cluster.spot_interruption", "{oops"], r"malformed JSON"),
+        (
+            ["cluster.spot_interruption", json.dumps({**SPOT, "instance_id": 5})],
+            r"Expected `str`, got `int` - at `\$\.instance_id`",
+        ),
+        (
+            ["cluster.spot_interruption", json.dumps({"cluster_id": "c"})],
+            r"missing required field `instance_id`",
+        ),
+        (
+            ["cluster.spot_interruption", json.dumps({**SPOT, "instance_type": "x" * 100_000})],
+            r"length <= 253 - at `\$\.instance_type`",
+        ),
+        (["cluster.spot_interruption", "[" * 100_000], r"invalid cluster\.spot_interruption"),
+        (["cluster.nope", "{}"], r"unknown event type 'cluster\.nope'; known: .*cluster\.oom"),
+        (
+            ["cluster.spot_interruption", json.dumps({**SPOT, "occurred_at": "yesterday"})],
+            r"occurred_at",
+        ),
+    ],
+)
+def test_publish_refuses_bad_input_with_the_reason(
+    env: dict[str, str], args: list[str], message: str
+) -> None:
+    r = cli("publish", *args, env=env)
+    assert r.returncode == 2
+    assert re.search(message, r.stderr), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"STREAMPROC_BATCH": "lots"}, "STREAMPROC_BATCH='lots': expected int"),
+        ({"STREAMPROC_BATCH": "0"}, "STREAMPROC_BATCH=0: ConsumerSettings.batch must be > 0"),
+        ({"STREAMPROC_MIN_IDLE_MS": "-5"}, "STREAMPROC_MIN_IDLE_MS=-5: "),
+        ({"REDIS_URL": "http://127.0.0.1:1"}, "REDIS_URL: Redis URL 'http://127.0.0.1:1' must"),
+        ({"STREAMPROC_PREFIX": "a b"}, "STREAMPROC_PREFIX='a b'"),
+        ({"STREAMPROC_LOG_LEVEL": "loud"}, "STREAMPROC_LOG_LEVEL='loud': expected one of"),
+        ({"STREAMPROC_CONSUMER": "x" * 500}, "STREAMPROC_CONSUMER="),
+    ],
+)
+def test_bad_configuration_fails_at_start_naming_the_variable(
+    env: dict[str, str], extra: dict[str, str], message: str
+) -> None:
+    r = cli("consume", "--all", env={**env, **extra})
+    assert r.returncode == 2
+    assert message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["consume", "no-such-group"], "unknown group(s) no-such-group; known: cluster-events"),
+        (["consume"], "(none given)"),
+        (["dlq", "purge", "cluster-events"], "add --yes"),
+        (["dlq", "list", "nope"], "unknown group 'nope'"),
+        (["dlq", "show", "cluster-events"], "needs --id"),
+    ],
+)
+def test_bad_arguments_fail_with_exit_2(env: dict[str, str], args: list[str], message: str) -> None:
+    r = cli(*args, env=env)
+    assert r.returncode == 2
+    assert message in r.stderr
+
+
+def test_unreachable_redis_is_exit_3(env: dict[str, str]) -> None:
+    r = cli(
+        "dlq",
+        "list",
+        "cluster-events",
+        env={**env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+    )
+    assert r.returncode == 3
+    assert "cannot reach Redis" in r.stderr
+
+
+async def test_entries_read_as_text_in_redis_cli(
+    redis_url: str, producer: Producer, keys: Keys
+) -> None:
+    """An operator with redis-cli alone sees the type, id, time, key and JSON body."""
+    event = SpotInterruption(**SPOT, key="c1")  # type: ignore[arg-type]
+    await producer.publish(event)
+    proc = await asyncio.create_subprocess_exec(
+        "redis-cli",
+        "-u",
+        redis_url,
+        "XRANGE",
+        keys.stream("cluster"),
+        "-",
+        "+",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await proc.communicate()
+    lines = stdout.decode().splitlines()
+    pairs = dict(zip(lines[1::2], lines[2::2], strict=False))
+    assert pairs["type"] == "cluster.spot_interruption"
+    assert pairs["id"] == event.id
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", pairs["ts"])
+    assert pairs["key"] == "c1"
+    assert pairs["v"] == "1"
+    assert json.loads(pairs["data"])["instance_type"] == "m5.large"
+
+
+async def test_dlq_cli_lists_and_replays(
+    env: dict[str, str], client: aioredis.Redis, keys: Keys, codec: Codec[Any]
+) -> None:
+    fields: Any = {"type": "cluster.unknown_yet", "id": "e-1", "data": "{}"}
+    await client.xadd(
+        keys.dlq("cluster", "cluster-events"), {**fields, "dlq_reason": "unknown_type"}
+    )
+    listed = cli("dlq", "list", "cluster-events", env=env)
+    assert listed.returncode == 0
+    assert "cluster.unknown_yet" in listed.stdout
+    assert "unknown_type" in listed.stdout
+    shown = cli("dlq", "list", "cluster-events", "--json", env=env)
+    assert json.loads(shown.stdout.splitlines()[0])["fields"]["id"] == "e-1"
+    replayed = cli("dlq", "replay", "cluster-events", "--id", "e-1", env=env)
+    assert "replayed 1" in replayed.stdout
+    [(_, back)] = await entries(client, keys.retry_stream("cluster", "cluster-events"))
+    assert back == {k.encode(): v.encode() for k, v in fields.items()}
+
+
+@pytest.mark.slow
+def test_up_runs_everything_on_an_embedded_redis(tmp_path: Path) -> None:
+    """`streamproc up` without REDIS_URL: embedded Redis, every role; a published spot
+    interruption flags its pool; SIGTERM stops it all, Redis included."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env |= {"STREAMPROC_LOG_JSON": "1", "STREAMPROC_INGEST_PORT": str(free_port())}
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamproc",
+            "up",
+            "--data-dir",
+            str(tmp_path / "redis"),
+            "--redis-port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 60
+        published = False
+        while time.monotonic() < deadline:
+            if not published:
+                r = cli(
+                    "publish", "cluster.spot_interruption", json.dumps(SPOT), env={"REDIS_URL": url}
+                )
+                published = r.returncode == 0
+            got = subprocess.run(
+                ["redis-cli", "-p", str(port), "GET", "sp:state:risky-pool:m5.large:eu-west-1a"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+            if got:
+                break
+            time.sleep(0.3)
+        assert got, "the spot interruption was not handled"
+        assert (tmp_path / "redis" / "appendonlydir").exists()  # data and AOF in the folder
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"redis-cli -p {port}" in out
+    assert shutil.which("redis-server")
+    ping = subprocess.run(
+        ["redis-cli", "-p", str(port), "PING"], capture_output=True, text=True, check=False
+    )
+    assert "PONG" not in ping.stdout  # the embedded Redis stopped with it

@@ -1,0 +1,168 @@
+"""The cluster-event processor (WORKLOADS.md §1) on a real Redis, through the real runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from consumers import cluster_events
+from consumers.cluster_events import classify_pending, derived_id, recommend_memory_limit
+from schemas import (
+    NodeNotReady,
+    Notification,
+    OOMKilled,
+    PodPending,
+    PodPendingClassified,
+    RightSizingRecommendation,
+)
+from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
+from tests.helpers import entries, spot
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def processor(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer
+) -> Consumer:
+    return Consumer(
+        cluster_events.CONCERN,
+        client=client,
+        codec=codec,
+        keys=keys,
+        producer=producer,
+        settings=ConsumerSettings(consumer="t"),
+    )
+
+
+async def run_all(consumer: Consumer) -> None:
+    await consumer.ensure_groups()
+    while await consumer.process_once():
+        pass
+
+
+async def emitted(client: aioredis.Redis, keys: Keys, codec: Codec[Any]) -> list[Any]:
+    return [codec.decode(f) for _, f in await entries(client, keys.stream("notify"))]
+
+
+async def test_spot_interruption_flags_the_pool_and_notifies_once(
+    processor: Consumer,
+    producer: Producer,
+    client: aioredis.Redis,
+    keys: Keys,
+    codec: Codec[Any],
+) -> None:
+    event = spot(1, node_name="ip-10-0-0-1")
+    await producer.publish(event)
+    await run_all(processor)
+    pool = keys.state("risky-pool", "m5.large", "eu-west-1a")
+    assert await client.get(pool) == event.id.encode()
+    assert 0 < await client.ttl(pool) <= cluster_events.RISKY_POOL_TTL_S
+    [note] = await emitted(client, keys, codec)
+    assert isinstance(note, Notification)
+    assert note.id == derived_id(event.id, "notify")
+    assert note.cause_id == event.id
+    assert note.severity == "warning"
+    # the same interruption reported again (agent retry): no second notification
+    await client.xadd(keys.stream("cluster"), codec.encode(event))  # type: ignore[arg-type]
+    await run_all(processor)
+    assert len(await emitted(client, keys, codec)) == 1
+
+
+async def test_node_not_ready_after_an_interruption_is_explained_by_it(
+    processor: Consumer,
+    producer: Producer,
+    client: aioredis.Redis,
+    keys: Keys,
+    codec: Codec[Any],
+) -> None:
+    await producer.publish(spot(1, node_name="n-1"))
+    await run_all(processor)  # the mark exists once the interruption is settled
+    await producer.publish(NodeNotReady(cluster_id="c1", node_name="n-1"))
+    await producer.publish(NodeNotReady(cluster_id="c1", node_name="n-2", reason="kubelet"))
+    await run_all(processor)
+    classes = await client.hgetall(keys.state("node-not-ready", "c1"))
+    assert classes == {b"n-1": b"interruption", b"n-2": b"unexpected"}
+    notes = await emitted(client, keys, codec)
+    critical = [n for n in notes if n.severity == "critical"]
+    assert [n.title for n in critical] == ["Node n-2 not ready"]
+
+
+async def test_oom_killed_emits_a_right_sizing_recommendation(
+    processor: Consumer,
+    producer: Producer,
+    client: aioredis.Redis,
+    keys: Keys,
+    codec: Codec[Any],
+) -> None:
+    event = OOMKilled(
+        cluster_id="c1",
+        namespace="shop",
+        pod="api-7d9",
+        container="api",
+        workload="api",
+        memory_limit_bytes=512 * MIB,
+        memory_peak_bytes=600 * MIB,
+    )
+    await producer.publish(event)
+    await run_all(processor)
+    [rec] = await emitted(client, keys, codec)
+    assert isinstance(rec, RightSizingRecommendation)
+    assert rec.recommended_limit_bytes == 900 * MIB
+    assert rec.workload == "api"
+
+
+async def test_pod_pending_is_classified(
+    processor: Consumer,
+    producer: Producer,
+    client: aioredis.Redis,
+    keys: Keys,
+    codec: Codec[Any],
+) -> None:
+    await producer.publish(
+        PodPending(
+            cluster_id="c1",
+            namespace="ml",
+            pod="train-0",
+            message="0/5 nodes are available: 5 Insufficient nvidia.com/gpu.",
+        )
+    )
+    await run_all(processor)
+    [out] = await emitted(client, keys, codec)
+    assert isinstance(out, PodPendingClassified)
+    assert out.category == "insufficient_gpu"
+
+
+@pytest.mark.parametrize(
+    ("limit", "peak", "restarts", "expected"),
+    [
+        (512 * MIB, 0, 0, 768 * MIB),  # 1.5x
+        (100 * MIB, 0, 0, 164 * MIB),  # at least +64 MiB
+        (512 * MIB, 600 * MIB, 0, 900 * MIB),  # from the observed peak
+        (512 * MIB, 0, 3, 1024 * MIB),  # 2x once it keeps dying
+        (1000, 0, 0, 65 * MIB),  # rounded up to a whole MiB
+    ],
+)
+def test_recommended_memory_limit(limit: int, peak: int, restarts: int, expected: int) -> None:
+    assert recommend_memory_limit(limit, peak, restarts) == expected
+
+
+@pytest.mark.parametrize(
+    ("message", "category"),
+    [
+        ("0/3 nodes are available: 3 Insufficient cpu.", "insufficient_cpu"),
+        ("0/3 nodes are available: 1 Insufficient memory, 2 Insufficient cpu.", "insufficient_cpu"),
+        ("0/3 nodes are available: 3 Insufficient memory.", "insufficient_memory"),
+        ("0/2 nodes are available: 2 node(s) had untolerated taint {gpu: true}.", "taints"),
+        (
+            "0/4 nodes are available: 4 node(s) didn't match Pod's node affinity/selector.",
+            "node_selector",
+        ),
+        ('persistentvolumeclaim "data" not found', "volume"),
+        ("", "unknown"),
+    ],
+)
+def test_pending_reasons(message: str, category: str) -> None:
+    assert classify_pending(message) == category
