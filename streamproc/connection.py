@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from streamproc.errors import RedisUnavailable, ServerTooOld
 from streamproc.settings import RedisSettings
 
-__all__ = ("REDIS_DOWN", "ServerInfo", "check_server", "connect")
+__all__ = ("REDIS_DOWN", "ServerInfo", "check_server", "connect", "server_info")
 
 #: Exceptions that mean "Redis is not reachable right now".
 REDIS_DOWN: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -73,11 +73,16 @@ async def check_server(client: aioredis.Redis) -> ServerInfo:
         info: dict[str, Any] = await client.info("server")
     except REDIS_DOWN as e:
         raise RedisUnavailable(f"cannot reach Redis: {e}") from e
+    return server_info(info)
+
+
+def server_info(info: dict[str, Any]) -> ServerInfo:
+    """What ``INFO server`` says about the stream features; ServerTooOld below Redis 7.0."""
     raw = info.get("valkey_version") or info.get("redis_version") or "0"
     version = parse_version(str(raw))
     if "valkey_version" in info:
-        # Valkey 7.2/8.x report redis_version 7.2.4 for compatibility; treat as Redis 7.2.
-        version = max(min(version, (7, 2, 4)), parse_version(str(info.get("redis_version", "0"))))
+        # Valkey reports redis_version 7.2.4 for compatibility; it behaves like Redis 7.2.
+        version = parse_version(str(info.get("redis_version", "7.2.4")))
     if version < MIN_VERSION:
         raise ServerTooOld(
             f"Redis {'.'.join(map(str, version))} is too old: streamproc needs Redis >= 7.0 "
