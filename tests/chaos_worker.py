@@ -35,12 +35,18 @@ async def main(name: str) -> int:
     keys = Keys(os.environ["STREAMPROC_PREFIX"])
     client = connect(RedisSettings(url=os.environ["REDIS_URL"], key_prefix=keys.prefix))
     codec = Codec(REGISTRY)
-    concern = Concern(group="chaos", topics=("cluster",), handlers={SpotInterruption: record},
-                      concurrency=8)
+    concern = Concern(
+        group="chaos", topics=("cluster",), handlers={SpotInterruption: record}, concurrency=8
+    )
     consumer = Consumer(
-        concern, client=client, codec=codec, keys=keys, producer=Producer(client, codec, keys),
-        settings=ConsumerSettings(consumer=name, min_idle_ms=1000, block_ms=200,
-                                  max_deliveries=10, grace_s=2),
+        concern,
+        client=client,
+        codec=codec,
+        keys=keys,
+        producer=Producer(client, codec, keys),
+        settings=ConsumerSettings(
+            consumer=name, min_idle_ms=1000, block_ms=200, max_deliveries=10, grace_s=2
+        ),
     )
     install_stop_handlers(consumer.stop)
     await consumer.run()

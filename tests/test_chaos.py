@@ -44,8 +44,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def start_worker(name: str, redis_url: str, keys: Keys) -> subprocess.Popen[bytes]:
     env = {**os.environ, "REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.chaos_worker", name], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "tests.chaos_worker", name],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -95,9 +98,11 @@ async def test_consumers_killed_at_random_apply_every_effect_exactly_once(
     twice = {k: v for k, v in counts.items() if v != b"1"}
     pending: Any = await client.xpending(keys.stream("cluster"), "chaos")
     dead = await client.xlen(keys.dlq("cluster", "chaos"))
-    print(f"\nchaos: {total} events, 3 consumers, {kills} SIGKILLs, {elapsed:.1f}s "
-          f"({total / elapsed:.0f} events/s through the kills); effects applied: {len(counts)}, "
-          f"more than once: {len(twice)}, pending: {pending['pending']}, dead letters: {dead}")
+    print(
+        f"\nchaos: {total} events, 3 consumers, {kills} SIGKILLs, {elapsed:.1f}s "
+        f"({total / elapsed:.0f} events/s through the kills); effects applied: {len(counts)}, "
+        f"more than once: {len(twice)}, pending: {pending['pending']}, dead letters: {dead}"
+    )
     assert kills >= 5
     assert len(counts) == total
     assert twice == {}
@@ -112,8 +117,9 @@ async def test_redis_killed_and_restarted_with_aof(
     """Publishing and consuming go on across a SIGKILLed Redis. With appendfsync always no
     publish that returned is lost; with everysec the loss window is measured and printed."""
     server = EmbeddedRedis(tmp_path / "redis", appendfsync=appendfsync).start()
-    settings = RedisSettings(url=server.url, key_prefix=keys.prefix, socket_timeout_s=1,
-                             connect_timeout_s=0.5)
+    settings = RedisSettings(
+        url=server.url, key_prefix=keys.prefix, socket_timeout_s=1, connect_timeout_s=0.5
+    )
     client = connect(settings)
     producer = Producer(client, codec, keys, ProducerSettings(), retry_timeout_s=20)
 
@@ -122,7 +128,10 @@ async def test_redis_killed_and_restarted_with_aof(
 
     consumer = Consumer(
         Concern(group="g", topics=("cluster",), handlers={SpotInterruption: record}),
-        client=connect(settings), codec=codec, keys=keys, producer=producer,
+        client=connect(settings),
+        codec=codec,
+        keys=keys,
+        producer=producer,
         settings=ConsumerSettings(consumer="c1", block_ms=200, min_idle_ms=1000),
     )
     running = asyncio.create_task(consumer.run())
@@ -144,9 +153,11 @@ async def test_redis_killed_and_restarted_with_aof(
         present = {i.decode() for i, _ in await entries(client, keys.stream("cluster"))}
         lost = [r for r in returned if r not in present]
         counts = await client.hgetall(keys.state("effects"))
-        print(f"\nappendfsync {appendfsync}: {len(returned)} publishes returned, "
-              f"{len(lost)} lost by the crash; effects applied {len(counts)}, "
-              f"twice {sum(v != b'1' for v in counts.values())}")
+        print(
+            f"\nappendfsync {appendfsync}: {len(returned)} publishes returned, "
+            f"{len(lost)} lost by the crash; effects applied {len(counts)}, "
+            f"twice {sum(v != b'1' for v in counts.values())}"
+        )
         if appendfsync == "always":
             assert lost == []
             assert len(counts) == total
