@@ -40,11 +40,11 @@ async def safe_point(client: aioredis.Redis, stream: str) -> bytes | None:
         return None
     points = []
     for g in groups:
+        oldest = None
         if int(g["pending"]):
-            summary = await client.xpending(stream, g["name"])
-            points.append(summary["min"])
-        else:
-            points.append(_succ(g["last-delivered-id"]))
+            # may have been acked since XINFO: then the summary has no min
+            oldest = (await client.xpending(stream, g["name"]))["min"]
+        points.append(oldest or _succ(g["last-delivered-id"]))
     return min(points, key=_key) if points else None
 
 

@@ -497,3 +497,26 @@ async def test_backpressure_engages_above_the_watermark_and_releases(
     await producer.publish(spot(101))  # waits, then goes through once the group caught up
     await drainer
     assert await client.xlen(keys.stream("cluster")) == 61
+
+
+async def test_safe_point_when_pending_entries_are_acked_in_between(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """XINFO said 'pending', the XPENDING summary says none: the last-delivered id rules."""
+    from streamproc.trim import _succ
+
+    stream = keys.stream("cluster")
+    await client.xgroup_create(stream, "g", id="0", mkstream=True)
+    ids = await producer.publish_many([spot(i) for i in range(3)])
+    await client.xreadgroup("g", "c", {stream: ">"})
+    original = client.xpending
+
+    async def acked_meanwhile(name: str, groupname: str) -> Any:
+        await client.xack(stream, "g", *ids)
+        return await original(name, groupname)
+
+    client.xpending = acked_meanwhile  # type: ignore[method-assign,assignment]
+    try:
+        assert await safe_point(client, stream) == _succ(ids[-1].encode())
+    finally:
+        del client.xpending
