@@ -49,6 +49,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streamproc.ops_cli",
     "streamproc.ticker_cli",
     "streamproc.ingest.cli",
+    "streamproc.bench.cli",
 )
 
 

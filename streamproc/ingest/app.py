@@ -366,4 +366,13 @@ def create_app(ingest: Ingest) -> web.Application:
     app.router.add_get("/readyz", ingest.readyz)
     app.router.add_get("/metrics", ingest.metrics)
     app.router.add_get("/openapi.json", ingest.openapi)
+    from streamproc.dashboard import add_dashboard  # here: the dashboard imports ingest modules
+
+    add_dashboard(
+        app,
+        client=ingest.client,
+        keys=ingest.keys,
+        agents=ingest.agents,
+        draining=lambda: ingest.draining,
+    )
     return app

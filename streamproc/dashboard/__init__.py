@@ -1,0 +1,24 @@
+"""The live dashboard served by the ingest app: ``add_dashboard(app, ...)`` mounts it.
+
+Modules: ``session`` (operator token → HttpOnly session cookie, CSRF), ``snapshot`` (the
+figures, built from Redis with ``streamproc.inspect``), ``routes`` (page, SSE, DLQ view and
+replay). The page (``static/``) is plain HTML, CSS and JS with inline SVG charts: nothing is
+loaded from another site. See docs/dashboard.md.
+"""
+
+from streamproc.dashboard.routes import DASHBOARD, Dashboard, DashboardSettings, add_dashboard
+from streamproc.dashboard.session import COOKIE, Session, SessionStore
+from streamproc.dashboard.snapshot import Sampler, Snapshot, build_snapshot
+
+__all__ = (
+    "COOKIE",
+    "DASHBOARD",
+    "Dashboard",
+    "DashboardSettings",
+    "Sampler",
+    "Session",
+    "SessionStore",
+    "Snapshot",
+    "add_dashboard",
+    "build_snapshot",
+)

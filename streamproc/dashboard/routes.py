@@ -1,0 +1,376 @@
+"""The dashboard's HTTP routes, mounted on the ingest app by ``add_dashboard``.
+
+| route | who | what |
+|---|---|---|
+| ``GET /dashboard`` | session | the page (the login form without a session) |
+| ``POST /dashboard/login`` | operator token (form ``token``) | cookie, 303 to the page |
+| ``POST /dashboard/logout`` | session + CSRF | ends the session |
+| ``GET /dashboard/events`` | session | SSE: ``event: snapshot`` every ``interval_s`` |
+| ``GET /dashboard/api/snapshot`` | session | one snapshot (JSON) |
+| ``GET /dashboard/api/dlq?topic=&group=`` | session | the group's oldest dead letters |
+| ``POST /dashboard/api/dlq/replay`` | session + CSRF | ``{topic, group, ids}`` → retry stream |
+| ``GET /dashboard/static/{name}`` | — | the page's JS and CSS (package data; no data in them) |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import importlib.resources
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from streamproc import dlq
+from streamproc._schedule import Schedule
+from streamproc.concern import Concern
+from streamproc.connection import REDIS_DOWN
+from streamproc.dashboard.session import COOKIE, Session, SessionStore, csrf_ok
+from streamproc.dashboard.snapshot import Sampler
+from streamproc.errors import ConfigError
+from streamproc.ingest._http import Problem, json_response, redis_unavailable
+from streamproc.ingest.auth import AgentStore
+from streamproc.keys import Keys, check_name
+from streamproc.settings import _Settings
+
+__all__ = ("DASHBOARD", "Dashboard", "DashboardSettings", "add_dashboard")
+
+log = structlog.get_logger("streamproc.dashboard")
+
+_REDIS_FAILED: tuple[type[BaseException], ...] = (*REDIS_DOWN, RedisError)
+_STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+class DashboardSettings(_Settings, frozen=True, kw_only=True):
+    #: How often the page gets a snapshot (and the most often Redis is read for it).
+    interval_s: float = 1.0
+    #: A session ends this long after login.
+    session_ttl_s: int = 8 * 3600
+    #: Cookie ``Secure`` flag; None = set it when the request came over HTTPS.
+    secure_cookie: bool | None = None
+    #: Topics whose groups are shown as the render pool.
+    render_topics: tuple[str, ...] = ("renders",)
+    #: Dead letters listed per group.
+    dlq_page: int = 50
+
+    def __post_init__(self) -> None:
+        self._positive("interval_s", "session_ttl_s", "dlq_page")
+
+
+class _Replay(msgspec.Struct, forbid_unknown_fields=True):
+    topic: str
+    group: str
+    ids: list[str]
+
+
+def _asset(name: str) -> bytes:
+    return importlib.resources.files("streamproc.dashboard").joinpath("static", name).read_bytes()
+
+
+class Dashboard:
+    """The dashboard's handlers and what they share (one per app)."""
+
+    def __init__(
+        self,
+        *,
+        client: aioredis.Redis,
+        keys: Keys,
+        agents: AgentStore,
+        settings: DashboardSettings | None = None,
+        schedules: Sequence[Schedule] = (),
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.client, self.keys = client, keys
+        self.settings = s = settings or DashboardSettings()
+        self.sessions = SessionStore(client, keys, agents, ttl_s=s.session_ttl_s)
+        self.sampler = Sampler(
+            client,
+            keys,
+            interval_s=s.interval_s,
+            schedules=schedules,
+            render_topics=s.render_topics,
+        )
+        self.draining = draining
+        self._page = _asset("index.html").decode()
+        self._login = _asset("login.html").decode()
+        self._replay_decoder = msgspec.json.Decoder(_Replay)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/dashboard", self.page)
+        router.add_post("/dashboard/login", self.login)
+        router.add_post("/dashboard/logout", self.logout)
+        router.add_get("/dashboard/events", self.events)
+        router.add_get("/dashboard/api/snapshot", self.snapshot)
+        router.add_get("/dashboard/api/dlq", self.dead_letters)
+        router.add_post("/dashboard/api/dlq/replay", self.replay)
+        router.add_get("/dashboard/static/{name}", self.static)
+
+    # ------------------------------------------------------------------ auth
+
+    async def _session(self, request: web.Request) -> Session | None:
+        try:
+            return await self.sessions.check(request.cookies.get(COOKIE))
+        except _REDIS_FAILED as e:
+            raise redis_unavailable(1, e) from e
+
+    async def _require(self, request: web.Request, *, change: bool = False) -> Session:
+        """The request's session; for state changes also same origin and the CSRF header."""
+        if change:
+            _same_origin(request)
+        session = await self._session(request)
+        if session is None:
+            raise Problem(401, "unauthorized", "no dashboard session: log in at /dashboard")
+        if change and not csrf_ok(session, request.headers.get("X-CSRF-Token")):
+            raise Problem(403, "csrf", "missing or wrong X-CSRF-Token")
+        return session
+
+    def _html(self, body: str, *, status: int = 200) -> web.Response:
+        return web.Response(
+            text=body, status=status, content_type="text/html", headers=_SECURITY_HEADERS
+        )
+
+    def _login_page(self, message: str = "", *, status: int = 200) -> web.Response:
+        note = f'<p class="error" role="alert">{html.escape(message)}</p>' if message else ""
+        return self._html(self._login.replace("{{message}}", note), status=status)
+
+    async def page(self, request: web.Request) -> web.Response:
+        session = await self._session(request)
+        if session is None:
+            return self._login_page()
+        body = self._page.replace("{{csrf}}", html.escape(session.csrf, quote=True))
+        return self._html(body.replace("{{agent}}", html.escape(session.agent)))
+
+    async def login(self, request: web.Request) -> web.Response:
+        _same_origin(request)
+        form = await request.post()
+        token = form.get("token")
+        if not isinstance(token, str) or not token.strip():
+            return self._login_page("Enter an operator token.", status=400)
+        try:
+            made = await self.sessions.login(token.strip())
+        except _REDIS_FAILED as e:
+            raise redis_unavailable(1, e) from e
+        if made is None:
+            log.warning("dashboard_login_refused", remote=request.remote)
+            return self._login_page("Unknown, revoked or non-operator token.", status=401)
+        sid, session = made
+        log.info("dashboard_login", agent=session.agent, remote=request.remote)
+        response = web.Response(status=303, headers={"Location": "/dashboard", **_SECURITY_HEADERS})
+        secure = self.settings.secure_cookie
+        response.set_cookie(
+            COOKIE,
+            sid,
+            path="/dashboard",
+            max_age=self.settings.session_ttl_s,
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure if secure is None else secure,
+        )
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        session = await self._require(request, change=True)
+        await self.sessions.logout(request.cookies.get(COOKIE))
+        log.info("dashboard_logout", agent=session.agent)
+        response = json_response({"logged_out": True}, headers=_SECURITY_HEADERS)
+        response.del_cookie(COOKIE, path="/dashboard")
+        return response
+
+    # ------------------------------------------------------------------ data
+
+    async def _encoded(self) -> bytes:
+        try:
+            return await self.sampler.encoded()
+        except _REDIS_FAILED as e:
+            raise redis_unavailable(1, e) from e
+
+    async def snapshot(self, request: web.Request) -> web.Response:
+        await self._require(request)
+        return web.Response(
+            body=await self._encoded(), content_type="application/json", headers=_SECURITY_HEADERS
+        )
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: a snapshot now, then one every ``interval_s``.
+
+        The session is checked before every message, so a logout or a revoked agent ends
+        the stream within one interval; so does the ingest's shutdown (drain).
+        """
+        await self._require(request)
+        sid = request.cookies.get(COOKIE)
+        response = web.StreamResponse(
+            headers={
+                **_SECURITY_HEADERS,
+                "Content-Type": "text/event-stream",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        try:
+            await response.write(b"retry: 2000\n\n")
+            while not self.draining():
+                try:
+                    if await self.sessions.check(sid) is None:
+                        await response.write(b"event: logout\ndata: {}\n\n")
+                        break
+                    data = await self.sampler.encoded()
+                    await response.write(b"event: snapshot\ndata: " + data + b"\n\n")
+                except _REDIS_FAILED as e:
+                    message = msgspec.json.encode({"error": "redis_unavailable", "detail": str(e)})
+                    await response.write(b"event: problem\ndata: " + message + b"\n\n")
+                await asyncio.sleep(self.settings.interval_s)
+        except (ConnectionResetError, ConnectionError):
+            pass  # the page went away
+        return response
+
+    async def dead_letters(self, request: web.Request) -> web.Response:
+        await self._require(request)
+        concern = _concern(request.query.get("topic", ""), request.query.get("group", ""))
+        try:
+            letters = await dlq.dead_letters(
+                self.client, self.keys, concern, count=self.settings.dlq_page
+            )
+            total = int(await self.client.xlen(self.keys.dlq(concern.topics[0], concern.group)))
+        except _REDIS_FAILED as e:
+            raise redis_unavailable(1, e) from e
+        return json_response(
+            {
+                "topic": concern.topics[0],
+                "group": concern.group,
+                "total": total,
+                "entries": [_letter(d) for d in letters],
+            },
+            headers=_SECURITY_HEADERS,
+        )
+
+    async def replay(self, request: web.Request) -> web.Response:
+        """Replay dead letters into the group's own retry stream (only that group sees them)."""
+        session = await self._require(request, change=True)
+        if request.content_type != "application/json":
+            raise Problem(415, "unsupported_media_type", "send application/json")
+        try:
+            body = self._replay_decoder.decode(await request.read())
+        except msgspec.DecodeError as e:
+            raise Problem(400, "invalid", str(e)) from None
+        concern = _concern(body.topic, body.group)
+        if not body.ids or len(body.ids) > 1000:
+            raise Problem(400, "invalid", "ids: 1 to 1000 dead-letter entry ids")
+        try:
+            letters = []
+            for dlq_id in dict.fromkeys(body.ids):
+                rows: Any = await self.client.xrange(
+                    self.keys.dlq(body.topic, body.group), min=dlq_id, max=dlq_id
+                )
+                letters += [dlq.DeadLetter(body.topic, i.decode(), f) for i, f in rows]
+            new_ids = await dlq.replay(self.client, self.keys, concern, letters)
+        except _REDIS_FAILED as e:
+            if "Invalid stream ID" in str(e):
+                raise Problem(400, "invalid", f"not a stream entry id: {e}") from None
+            raise redis_unavailable(1, e) from e
+        log.info(
+            "dashboard_replay",
+            agent=session.agent,
+            topic=body.topic,
+            group=body.group,
+            asked=len(body.ids),
+            replayed=len(new_ids),
+        )
+        return json_response(
+            {"replayed": len(new_ids), "entry_ids": new_ids}, headers=_SECURITY_HEADERS
+        )
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in _STATIC:
+            raise Problem(404, "not_found", f"no asset {name!r}")
+        return web.Response(
+            body=_asset(name),
+            content_type=_STATIC[name],
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"},
+        )
+
+
+def _same_origin(request: web.Request) -> None:
+    """Refuse a cross-site state change: ``Origin`` (when sent) must name this host."""
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        raise Problem(403, "cross_origin", "cross-site requests are refused")
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != request.host:
+        raise Problem(403, "cross_origin", f"Origin {origin!r} is not this site")
+
+
+def _concern(topic: str, group: str) -> Concern:
+    try:
+        return Concern(group=check_name("group", group), topics=(topic,), handlers={})
+    except ConfigError as e:
+        raise Problem(400, "invalid", str(e)) from None
+
+
+def _letter(d: dlq.DeadLetter) -> dict[str, Any]:
+    return {
+        "dlq_id": d.dlq_id,
+        "id": d.get("id"),
+        "type": d.get("type"),
+        "reason": d.get("dlq_reason"),
+        "error_type": d.get("dlq_error_type"),
+        "error": d.get("dlq_error")[:500],
+        "attempts": d.get("dlq_attempts"),
+        "deliveries": d.get("dlq_deliveries"),
+        "consumer": d.get("dlq_consumer"),
+        "entry_id": d.get("dlq_entry_id"),
+        "at": d.get("dlq_at"),
+    }
+
+
+DASHBOARD: web.AppKey[Dashboard] = web.AppKey("dashboard", Dashboard)
+
+
+def add_dashboard(
+    app: web.Application,
+    *,
+    client: aioredis.Redis,
+    keys: Keys,
+    agents: AgentStore,
+    settings: DashboardSettings | None = None,
+    schedules: Sequence[Schedule] | None = None,
+    draining: Callable[[], bool] = lambda: False,
+) -> Dashboard:
+    """Add the dashboard's routes to ``app`` (the ingest app); returns the Dashboard.
+
+    ``schedules`` (the ticker's table, for next fire times) default to
+    ``producers.schedules.SCHEDULES`` when the application has one.
+    """
+    dashboard = Dashboard(
+        client=client,
+        keys=keys,
+        agents=agents,
+        settings=settings,
+        schedules=_default_schedules() if schedules is None else schedules,
+        draining=draining,
+    )
+    app[DASHBOARD] = dashboard
+    dashboard.add_routes(app.router)
+    return dashboard
+
+
+def _default_schedules() -> Sequence[Schedule]:
+    try:
+        from producers.schedules import SCHEDULES
+    except ImportError:  # an application without a ticker table
+        return ()
+    return tuple(SCHEDULES)

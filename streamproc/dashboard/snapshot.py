@@ -1,0 +1,329 @@
+"""The dashboard's data: one ``Snapshot`` of the prefix, built from Redis about every second.
+
+The figures come from ``streamproc.inspect.collect`` (topics, groups, DLQ sizes, ticker keys),
+plus what a single report cannot give and a series of them can:
+
+- **throughput** per group: events finished on the topic stream per second, from the change
+  of XINFO GROUPS ``entries-read - pending`` between two samples (server clock), so it counts
+  acks, dead letters and hand-offs to the retry stream alike;
+- **pending age p50/p99**: ages of the group's delivered-not-acked entries (XPENDING, first
+  ``pending_sample`` of them), from their entry ids;
+- **processing latency p50/p99** is *not available*: the engine keeps no per-event timing in
+  Redis (counters live in each consumer process), so the snapshot says ``None`` and the page
+  says why, rather than guess;
+- **render pool use**: the groups reading the render topics — consumers, in flight (pending),
+  waiting (lag), done/s. Slot occupancy lives inside the render process (its
+  ``streamproc_offload_*`` metrics), out of this process's reach.
+
+``Sampler.snapshot()`` is shared by every open page: at most one Redis read per
+``interval_s``, whatever the number of viewers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import UTC
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from streamproc._schedule import Schedule, from_ms
+from streamproc.inspect import GroupStatus, Report, collect
+from streamproc.keys import Keys
+
+__all__ = (
+    "LATENCY_NOTE",
+    "GroupView",
+    "RenderView",
+    "Sampler",
+    "ScheduleView",
+    "Snapshot",
+    "TickerView",
+    "TopicView",
+    "build_snapshot",
+    "percentile",
+)
+
+LATENCY_NOTE = (
+    "not available: the engine records no per-event processing time in Redis; "
+    "pending age shows how long unfinished events have waited"
+)
+
+
+class TopicView(msgspec.Struct, kw_only=True):
+    topic: str
+    length: int
+    last_age_s: float | None
+    #: Entries appended per second since the previous sample (None on the first).
+    added_per_s: float | None
+
+
+class GroupView(msgspec.Struct, kw_only=True):
+    topic: str
+    group: str
+    consumers: int
+    lag: int | None
+    pending: int
+    backlog: int | None
+    oldest_pending_age_s: float | None
+    retries_waiting: int
+    dlq: int
+    #: Entries finished (acked, dead-lettered or sent to retry) per second; None at first.
+    done_per_s: float | None
+    #: Counter behind ``done_per_s`` (entries-read - pending), None before Redis 7.
+    done_total: int | None
+    pending_age_p50_s: float | None
+    pending_age_p99_s: float | None
+    #: Processing latency: not recorded by the engine (see ``Snapshot.latency_note``).
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+
+
+class ScheduleView(msgspec.Struct, kw_only=True):
+    name: str
+    trigger: str | None
+    last: str | None
+    next: str | None
+
+
+class TickerView(msgspec.Struct, kw_only=True):
+    leader: str | None
+    leader_ttl_ms: int | None
+    schedules: list[ScheduleView]
+
+
+class RenderView(msgspec.Struct, kw_only=True):
+    topic: str
+    group: str
+    consumers: int
+    in_flight: int
+    waiting: int | None
+    done_per_s: float | None
+    dlq: int
+
+
+class Snapshot(msgspec.Struct, kw_only=True):
+    prefix: str
+    server_time_ms: int
+    interval_s: float
+    topics: list[TopicView]
+    groups: list[GroupView]
+    dlq_total: int
+    ticker: TickerView | None
+    renders: list[RenderView]
+    latency_note: str = LATENCY_NOTE
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), -(-len(ordered) * q // 100)))
+    return ordered[int(rank) - 1]
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _iso(ms: int) -> str:
+    return from_ms(ms).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class _Counts(msgspec.Struct, kw_only=True):
+    """Raw counters of one sample: what rates are computed from."""
+
+    at_ms: int
+    added: dict[str, int]
+    done: dict[tuple[str, str], int]
+
+
+async def _counts(
+    client: aioredis.Redis, keys: Keys, report: Report
+) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    added: dict[str, int] = {}
+    done: dict[tuple[str, str], int] = {}
+    for t in report.topics:
+        stream = keys.stream(t.topic)
+        try:
+            info: dict[str, Any] = await client.xinfo_stream(stream)
+            rows: list[dict[str, Any]] = await client.xinfo_groups(stream)
+        except ResponseError:
+            continue  # deleted since collect()
+        if info.get("entries-added") is not None:
+            added[t.topic] = int(info["entries-added"])
+        for row in rows:
+            read, lag = row.get("entries-read"), row.get("lag")
+            if read is None and lag is not None and t.topic in added:
+                read = added[t.topic] - int(lag)  # a group that has not read yet
+            if read is not None:
+                done[(t.topic, _text(row["name"]))] = int(read) - int(row.get("pending") or 0)
+    return added, done
+
+
+async def _pending_ages(
+    client: aioredis.Redis, keys: Keys, g: GroupStatus, now_ms: int, count: int
+) -> list[float]:
+    if not g.pending or count <= 0:
+        return []
+    rows: list[dict[str, Any]] = await client.xpending_range(
+        keys.stream(g.topic), g.group, min="-", max="+", count=count
+    )
+    return [max(0, now_ms - int(_text(r["message_id"]).partition("-")[0])) / 1000 for r in rows]
+
+
+def _rate(now: int | None, before: int | None, dt_ms: int) -> float | None:
+    if now is None or before is None or dt_ms <= 0:
+        return None
+    return round(max(0, now - before) * 1000 / dt_ms, 2)
+
+
+def _ticker(report: Report, schedules: Sequence[Schedule], now_ms: int) -> TickerView | None:
+    known = {s.name: s for s in schedules}
+    if report.ticker is None and not known:
+        return None
+    seen = report.ticker.schedules if report.ticker is not None else {}
+    now = from_ms(now_ms)
+    views = []
+    for name in sorted(seen.keys() | known.keys()):
+        fields, sched = seen.get(name, {}), known.get(name)
+        last_raw = fields.get("last")
+        last = _iso(int(last_raw)) if last_raw and last_raw.isdigit() else last_raw
+        nxt = fields.get("next")
+        if sched is not None:
+            nxt = sched.trigger.next_after(now).astimezone(UTC).isoformat(timespec="seconds")
+            nxt = nxt.replace("+00:00", "Z")
+        views.append(
+            ScheduleView(
+                name=name,
+                trigger=None if sched is None else str(sched.trigger),
+                last=last,
+                next=nxt,
+            )
+        )
+    leader = report.ticker.leader if report.ticker is not None else None
+    ttl = report.ticker.leader_ttl_ms if report.ticker is not None else None
+    return TickerView(leader=leader, leader_ttl_ms=ttl, schedules=views)
+
+
+async def build_snapshot(
+    client: aioredis.Redis,
+    keys: Keys,
+    *,
+    previous: _Counts | None = None,
+    schedules: Sequence[Schedule] = (),
+    render_topics: Sequence[str] = ("renders",),
+    pending_sample: int = 200,
+    interval_s: float = 1.0,
+) -> tuple[Snapshot, _Counts]:
+    """One snapshot, and the counters the next one computes its rates against."""
+    report = await collect(client, keys, memory=False)
+    now_ms = report.server_time_ms
+    added, done = await _counts(client, keys, report)
+    counts = _Counts(at_ms=now_ms, added=added, done=done)
+    dt_ms = now_ms - previous.at_ms if previous is not None else 0
+    before_added = previous.added if previous is not None else {}
+    before_done = previous.done if previous is not None else {}
+    topics, groups, renders = [], [], []
+    for t in report.topics:
+        topics.append(
+            TopicView(
+                topic=t.topic,
+                length=t.length,
+                last_age_s=t.last_age_s,
+                added_per_s=_rate(added.get(t.topic), before_added.get(t.topic), dt_ms),
+            )
+        )
+        for g in t.groups:
+            key = (t.topic, g.group)
+            ages = await _pending_ages(client, keys, g, now_ms, pending_sample)
+            p50, p99 = percentile(ages, 50), percentile(ages, 99)
+            view = GroupView(
+                topic=t.topic,
+                group=g.group,
+                consumers=g.consumers,
+                lag=g.lag,
+                pending=g.pending,
+                backlog=g.backlog,
+                oldest_pending_age_s=g.oldest_pending_age_s,
+                retries_waiting=g.retries_waiting,
+                dlq=g.dlq,
+                done_per_s=_rate(done.get(key), before_done.get(key), dt_ms),
+                done_total=done.get(key),
+                pending_age_p50_s=None if p50 is None else round(p50, 3),
+                pending_age_p99_s=None if p99 is None else round(p99, 3),
+            )
+            groups.append(view)
+            if t.topic in render_topics:
+                renders.append(
+                    RenderView(
+                        topic=t.topic,
+                        group=g.group,
+                        consumers=g.consumers,
+                        in_flight=g.pending,
+                        waiting=g.lag,
+                        done_per_s=view.done_per_s,
+                        dlq=g.dlq,
+                    )
+                )
+    snapshot = Snapshot(
+        prefix=keys.prefix,
+        server_time_ms=now_ms,
+        interval_s=interval_s,
+        topics=topics,
+        groups=groups,
+        dlq_total=sum(g.dlq for g in groups),
+        ticker=_ticker(report, schedules, now_ms),
+        renders=renders,
+    )
+    return snapshot, counts
+
+
+class Sampler:
+    """Builds snapshots at most once per ``interval_s`` and keeps the counters between them."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        *,
+        interval_s: float = 1.0,
+        schedules: Sequence[Schedule] = (),
+        render_topics: Sequence[str] = ("renders",),
+    ) -> None:
+        self.client, self.keys, self.interval_s = client, keys, interval_s
+        self.schedules, self.render_topics = tuple(schedules), tuple(render_topics)
+        self._counts: _Counts | None = None
+        self._last: Snapshot | None = None
+        self._encoded = b""
+        self._at = 0.0  # monotonic time of the last build
+        self._lock = asyncio.Lock()
+
+    async def snapshot(self) -> Snapshot:
+        """The latest snapshot, rebuilt when older than ~``interval_s``."""
+        return (await self._refresh())[0]
+
+    async def encoded(self) -> bytes:
+        """The latest snapshot as JSON (encoded once for every viewer)."""
+        return (await self._refresh())[1]
+
+    async def _refresh(self) -> tuple[Snapshot, bytes]:
+        async with self._lock:
+            last = self._last
+            if last is None or time.monotonic() - self._at >= self.interval_s * 0.9:
+                last, self._counts = await build_snapshot(
+                    self.client,
+                    self.keys,
+                    previous=self._counts,
+                    schedules=self.schedules,
+                    render_topics=self.render_topics,
+                    interval_s=self.interval_s,
+                )
+                self._last, self._encoded = last, msgspec.json.encode(last)
+                self._at = time.monotonic()
+            return last, self._encoded

@@ -1,0 +1,77 @@
+"""`streamproc bench` on the CI SLO file: real Redis, real processes, no timing asserts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamproc.bench.slo import Burst, Steady, load_slo
+from streamproc.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+def _bench(repo_root: Path, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "REDIS_URL": redis_url, "STREAMPROC_LOG_LEVEL": "warning"}
+    return subprocess.run(
+        [sys.executable, "-m", "streamproc", "bench", *args],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+
+
+def test_ci_slo_file_runs_accounts_for_every_event_and_writes_json_and_plots(
+    repo_root: Path, redis_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    r = _bench(repo_root, redis_url, "--slo", "benchmarks/slo-ci.toml", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| steady-ci | producer |" in r.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert {s["name"] for s in results["scenarios"]} == {"steady-ci", "http-ci", "burst-ci"}
+    for sc in results["scenarios"]:
+        assert sc["verdict"] == "pass"
+        for run in sc["runs"]:
+            assert run["lost"] == 0
+            assert run["acked"] == run["offered"] == run["latency_start"]["count"] > 0
+            assert run["latency_ack"]["count"] == run["offered"]
+            assert run["cpu_s"]["consumer0"] > 0
+    assert results["baselines"]["bare"]["drain_per_s"] > 0
+    assert (out / "latency-percentiles.png").stat().st_size > 0
+    assert (out / "rate.png").stat().st_size > 0
+
+
+def test_an_impossible_slo_makes_the_exit_code_non_zero(
+    repo_root: Path, redis_url: str, tmp_path: Path
+) -> None:
+    slo = tmp_path / "impossible.toml"
+    slo.write_text(
+        'baseline_events = 0\n[[scenario]]\nname = "impossible"\nkind = "steady"\n'
+        "rate_per_s = 200\nduration_s = 0.5\nwarmup_s = 0\nslo = { p99_ms = 0.0001 }\n"
+    )
+    r = _bench(repo_root, redis_url, "--slo", str(slo), "--out", str(tmp_path), "--no-plots")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "SLO breached: impossible" in r.stdout
+
+
+def test_the_slo_files_parse_and_unknown_keys_are_refused(repo_root: Path, tmp_path: Path) -> None:
+    full = load_slo(repo_root / "benchmarks/slo.toml")
+    steady = {s.name: s for s in full.scenario if isinstance(s, Steady)}
+    assert any(s.slo.p99_ms == 2.0 and s.rate_per_s == 1000 for s in steady.values())
+    assert any(isinstance(s, Burst) and s.events == 100_000 for s in full.scenario)
+    load_slo(repo_root / "benchmarks/slo-ci.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[[scenario]]\nname = "x"\nkind = "steady"\nrate_per_s = 1\nduration_s = 1\nrte = 2\n'
+    )
+    with pytest.raises(ConfigError, match="rte"):
+        load_slo(bad)

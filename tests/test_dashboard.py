@@ -1,0 +1,260 @@
+"""The dashboard's snapshot, sessions and routes, over the real ingest app and a real Redis."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from schemas import SpotInterruption
+from streamproc import Keys, Permanent, Producer
+from streamproc.dashboard import COOKIE, build_snapshot
+from streamproc.dashboard.session import session_key
+from streamproc.dashboard.snapshot import LATENCY_NOTE, percentile
+from tests.helpers import MakeConsumer, entries, spot
+from tests.test_ingest_support import Server, running_ingest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def srv(client: aioredis.Redis, keys: Keys, producer: Producer) -> AsyncIterator[Server]:
+    async with running_ingest(client, keys, producer) as s:
+        yield s
+
+
+@pytest.fixture
+async def browser(srv: Server) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that keeps cookies for 127.0.0.1 (aiohttp's default jar ignores IP hosts)."""
+    async with aiohttp.ClientSession(
+        base_url=srv.url, cookie_jar=aiohttp.CookieJar(unsafe=True)
+    ) as s:
+        yield s
+
+
+async def login(browser: aiohttp.ClientSession, token: str) -> aiohttp.ClientResponse:
+    async with browser.post("/dashboard/login", data={"token": token}, allow_redirects=False) as r:
+        await r.read()
+        return r
+
+
+async def csrf_of(browser: aiohttp.ClientSession) -> str:
+    async with browser.get("/dashboard") as r:
+        page = await r.text()
+    marker = '<meta name="csrf-token" content="'
+    return page.split(marker, 1)[1].split('"', 1)[0]
+
+
+# ---------------------------------------------------------------------- snapshot
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+
+
+async def test_snapshot_has_groups_rates_pending_ages_dlq_and_ticker(
+    client: aioredis.Redis, keys: Keys, producer: Producer, make_consumer: MakeConsumer
+) -> None:
+    """Rates come from two samples; latency is reported as not available, with the reason."""
+
+    async def handle(event: SpotInterruption, ctx: Any) -> None:
+        if event.instance_id == "i-99":
+            raise Permanent("bad instance")
+
+    consumer = make_consumer({SpotInterruption: handle})
+    await consumer.ensure_groups()
+    await client.set(keys.ticker_lease(), "node-a/7", px=5000)
+    await client.hset(keys.ticker_last(), "discovery", "1795000000000")
+    await producer.publish_many([spot(i) for i in range(5)])
+    first, counts = await build_snapshot(client, keys)
+    [g] = first.groups
+    assert (g.topic, g.group, g.lag, g.pending, g.done_per_s, g.done_total) == (
+        "cluster",
+        "g",
+        5,
+        0,
+        None,
+        0,
+    )
+    await producer.publish_many([spot(99)])
+    while await consumer.process_once():
+        pass
+    second, _ = await build_snapshot(client, keys, previous=counts)
+    [g] = second.groups
+    assert (g.lag, g.pending, g.done_total, g.dlq) == (0, 0, 6, 1)
+    assert g.done_per_s is not None
+    assert g.done_per_s > 0
+    assert (g.latency_p50_ms, g.latency_p99_ms) == (None, None)
+    assert second.latency_note == LATENCY_NOTE
+    assert second.dlq_total == 1
+    [t] = second.topics
+    assert t.length == 6
+    assert t.added_per_s is not None
+    assert second.ticker is not None
+    assert second.ticker.leader == "node-a/7"
+    [sched] = second.ticker.schedules
+    assert (sched.name, sched.last) == ("discovery", "2026-11-18T11:06:40Z")
+
+
+async def test_pending_ages_come_from_unacked_entries(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    await client.xgroup_create(keys.stream("cluster"), "slow", id="0", mkstream=True)
+    await producer.publish_many([spot(i) for i in range(3)])
+    await client.xreadgroup("slow", "c1", {keys.stream("cluster"): ">"}, count=3)
+    snap, _ = await build_snapshot(client, keys)
+    [g] = snap.groups
+    assert g.pending == 3
+    assert g.pending_age_p50_s is not None
+    assert g.pending_age_p99_s is not None
+    assert 0 <= g.pending_age_p50_s <= g.pending_age_p99_s
+
+
+async def test_render_groups_are_shown_as_the_render_pool(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    await client.xgroup_create(keys.stream("renders"), "renders", id="0", mkstream=True)
+    snap, _ = await build_snapshot(client, keys)
+    [r] = snap.renders
+    assert (r.topic, r.group, r.in_flight, r.waiting) == ("renders", "renders", 0, 0)
+
+
+# ---------------------------------------------------------------------- sessions
+
+
+async def test_page_without_a_session_is_the_login_form(
+    srv: Server, browser: aiohttp.ClientSession
+) -> None:
+    async with browser.get("/dashboard") as r:
+        body = await r.text()
+        assert r.status == 200
+        assert r.headers["Cache-Control"] == "no-store"
+        assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+    assert 'action="/dashboard/login"' in body
+    assert "csrf-token" not in body
+    async with browser.get("/dashboard/api/snapshot") as r:
+        assert r.status == 401
+    async with browser.get("/dashboard/events") as r:
+        assert r.status == 401
+
+
+async def test_only_operator_tokens_log_in(srv: Server, browser: aiohttp.ClientSession) -> None:
+    agent = await srv.token("agent-1", ["cluster.*"])
+    r = await login(browser, agent)
+    assert r.status == 401
+    r = await login(browser, "spk_not-a-token")
+    assert r.status == 401
+    assert not [c for c in browser.cookie_jar if c.key == COOKIE]
+
+
+async def test_login_sets_an_httponly_strict_cookie_stored_hashed(
+    srv: Server, browser: aiohttp.ClientSession, client: aioredis.Redis, keys: Keys
+) -> None:
+    token = await srv.token("admin", (), operator=True)
+    r = await login(browser, token)
+    assert r.status == 303
+    assert r.headers["Location"] == "/dashboard"
+    cookie = r.cookies[COOKIE]
+    assert cookie["httponly"]
+    assert cookie["samesite"] == "Strict"
+    assert cookie["path"] == "/dashboard"
+    sid = cookie.value
+    stored: dict[bytes, bytes] = await client.hgetall(  # type: ignore[assignment]
+        session_key(keys, hashlib.sha256(sid.encode()).hexdigest())
+    )
+    assert stored[b"agent"] == b"admin"
+    assert sid.encode() not in b"".join([*stored.keys(), *stored.values()])
+    assert await client.pttl(session_key(keys, hashlib.sha256(sid.encode()).hexdigest())) > 0
+    async with browser.get("/dashboard") as page:
+        assert 'name="csrf-token"' in await page.text()
+    async with browser.get("/dashboard/api/snapshot") as snap:
+        assert snap.status == 200
+        assert (await snap.json())["prefix"] == keys.prefix
+
+
+async def test_revoking_the_agent_ends_its_sessions_at_once(
+    srv: Server, browser: aiohttp.ClientSession
+) -> None:
+    token = await srv.token("admin", (), operator=True)
+    await login(browser, token)
+    await srv.agents.revoke("admin")
+    async with browser.get("/dashboard/api/snapshot") as r:
+        assert r.status == 401
+
+
+async def test_sse_pushes_snapshots(srv: Server, browser: aiohttp.ClientSession) -> None:
+    await login(browser, await srv.token("admin", (), operator=True))
+    async with browser.get("/dashboard/events") as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        lines: list[bytes] = []
+        async for line in r.content:
+            lines.append(line)
+            if line.startswith(b"data: {"):
+                break
+    assert b"event: snapshot\n" in lines
+    snap = msgspec.json.decode(lines[-1][len(b"data: ") :])
+    assert {"groups", "topics", "dlq_total", "ticker", "renders"} <= snap.keys()
+
+
+async def test_replay_needs_csrf_header_and_same_origin(
+    srv: Server,
+    browser: aiohttp.ClientSession,
+    client: aioredis.Redis,
+    keys: Keys,
+) -> None:
+    await login(browser, await srv.token("admin", (), operator=True))
+    dlq_id: bytes = await client.xadd(  # type: ignore[assignment]
+        keys.dlq("cluster", "g"), {"type": "x.y", "id": "e1", "dlq_reason": "unknown_type"}
+    )
+    body = {"topic": "cluster", "group": "g", "ids": [dlq_id.decode()]}
+    async with browser.post("/dashboard/api/dlq/replay", json=body) as r:
+        assert r.status == 403
+        assert (await r.json())["error"] == "csrf"
+    csrf = await csrf_of(browser)
+    async with browser.post(
+        "/dashboard/api/dlq/replay",
+        json=body,
+        headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"},
+    ) as r:
+        assert r.status == 403
+        assert (await r.json())["error"] == "cross_origin"
+    async with browser.get("/dashboard/api/dlq", params={"topic": "cluster", "group": "g"}) as r:
+        listed = await r.json()
+    assert listed["total"] == 1
+    assert listed["entries"][0]["reason"] == "unknown_type"
+    async with browser.post(
+        "/dashboard/api/dlq/replay", json=body, headers={"X-CSRF-Token": csrf}
+    ) as r:
+        assert r.status == 200
+        assert (await r.json())["replayed"] == 1
+    assert await client.xlen(keys.dlq("cluster", "g")) == 0
+    [(_, fields)] = await entries(client, keys.retry_stream("cluster", "g"))
+    assert fields[b"type"] == b"x.y"
+    async with browser.post(
+        "/dashboard/api/dlq/replay",
+        json={"topic": "cluster", "group": "bad name", "ids": ["1-0"]},
+        headers={"X-CSRF-Token": csrf},
+    ) as r:
+        assert r.status == 400
+
+
+async def test_logout_deletes_the_session(
+    srv: Server, browser: aiohttp.ClientSession, client: aioredis.Redis, keys: Keys
+) -> None:
+    await login(browser, await srv.token("admin", (), operator=True))
+    csrf = await csrf_of(browser)
+    async with browser.post("/dashboard/logout") as r:
+        assert r.status == 403  # no CSRF header
+    async with browser.post("/dashboard/logout", headers={"X-CSRF-Token": csrf}) as r:
+        assert r.status == 200
+    assert [k async for k in client.scan_iter(match=f"{keys.prefix}:dashboard:*")] == []
