@@ -15,6 +15,7 @@ a retry pump that moves due retries to the group's retry stream, and the safe tr
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import random
 import time
@@ -52,14 +53,42 @@ _SETTLE_SCRIPTS = (_SUCCEED, _FAIL)
 _ACK, _DUP, _EMPTY, _SKIP, _RETRY, _DLQ = "ack", "duplicate", "empty", "skip", "retry", "dlq"
 
 
+#: Upper bounds (seconds) of the ack-latency histogram buckets; the last bucket is +Inf.
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_LATENCY_BOUNDS_MS = tuple(b * 1000 for b in LATENCY_BUCKETS_S)
+
+
 class ConsumerStats:
-    """Counters since start (exported as metrics, asserted on in tests)."""
+    """Counters since start (exported as metrics, asserted on in tests).
+
+    ``latency_counts[i]`` counts acked events whose time from XADD (the entry id's
+    milliseconds, Redis' clock) to their ack was at most ``LATENCY_BUCKETS_S[i]`` and above
+    the bucket before; the last slot is above every bound. ``latency_sum_s`` is their sum.
+    """
 
     __slots__ = (
         "acked",
         "dead_lettered",
         "duplicates",
         "empty",
+        "latency_counts",
+        "latency_sum_s",
         "read",
         "reclaimed",
         "retried",
@@ -69,9 +98,21 @@ class ConsumerStats:
     def __init__(self) -> None:
         self.read = self.acked = self.duplicates = self.retried = self.dead_lettered = 0
         self.reclaimed = self.empty = self.skipped = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.latency_sum_s = 0.0
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {
+            name: getattr(self, name)
+            for name in self.__slots__
+            if name not in ("latency_counts", "latency_sum_s")
+        }
+
+    def observe_ack(self, entry_id: bytes, now_ms: float) -> None:
+        """Record publish-to-ack latency from the entry id's time (no clock of our own)."""
+        latency_ms = max(0.0, now_ms - int(entry_id[: entry_id.index(b"-")]))
+        self.latency_counts[bisect.bisect_left(_LATENCY_BOUNDS_MS, latency_ms)] += 1
+        self.latency_sum_s += latency_ms / 1000
 
 
 class _Entry:
@@ -446,9 +487,11 @@ class Consumer:
 
     def _count(self, outcomes: list[_Outcome]) -> None:
         st = self.stats
+        now_ms = time.time() * 1000
         for o in outcomes:
             if o.kind == _ACK:
                 st.acked += 1
+                st.observe_ack(o.entry.entry_id, now_ms)
             elif o.kind == _DUP:
                 st.duplicates += 1
             elif o.kind == _EMPTY:

@@ -18,6 +18,7 @@ process, started by the HTTP server).
 | ``streamproc_events_skipped_total`` | counter | group, consumer (no handler for the type) |
 | ``streamproc_events_empty_total`` | counter | group, consumer (payload trimmed) |
 | ``streamproc_consumer_in_flight`` | gauge | group, consumer |
+| ``streamproc_event_ack_latency_seconds`` | histogram | group, consumer (XADD to ack) |
 | ``streamproc_consumer_ready`` | gauge | group, consumer (1: Redis reachable, groups exist) |
 | ``streamproc_group_lag`` | gauge | topic, group (entries not yet delivered) |
 | ``streamproc_group_pending`` | gauge | topic, group (delivered, not acked) |
@@ -39,10 +40,16 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from redis.exceptions import ResponseError
 
 from streamproc.connection import REDIS_DOWN
+from streamproc.consumer import LATENCY_BUCKETS_S
 from streamproc.keys import Keys
 
 if TYPE_CHECKING:
@@ -152,6 +159,20 @@ class ConsumerCollector:
             ready.add_metric([c.group, c.name], 1.0 if c.ready else 0.0)
         yield in_flight
         yield ready
+        latency = HistogramMetricFamily(
+            "streamproc_event_ack_latency_seconds",
+            "Time from XADD (the entry id's time) to the ack, for acked events",
+            labels=labels,
+        )
+        for c in self.consumers:
+            cumulative, buckets = 0, []
+            for bound, count in zip(
+                (*(str(b) for b in LATENCY_BUCKETS_S), "+Inf"), c.stats.latency_counts, strict=True
+            ):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric([c.group, c.name], buckets, c.stats.latency_sum_s)
+        yield latency
         for field, name, doc in _GROUP_GAUGES:
             gauge = GaugeMetricFamily(name, doc, labels=["topic", "group"])
             for g in self._groups:

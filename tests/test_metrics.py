@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest
 
 from consumers import CONCERNS
 from schemas.cluster import SpotInterruption
-from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
+from streamproc import Codec, Consumer, ConsumerSettings, ConsumerStats, Keys, Producer
 from streamproc.metrics import ConsumerCollector
 
 
@@ -62,6 +63,10 @@ async def test_collector_exports_consumer_counters_and_group_figures(
     assert sample(after, "streamproc_group_lag", topic="cluster", group="cluster-events") == 0
     assert sample(after, "streamproc_group_pending", topic="cluster", group="cluster-events") == 0
     assert "# TYPE streamproc_events_acked_total counter" in after
+    assert "# TYPE streamproc_event_ack_latency_seconds histogram" in after
+    assert sample(after, "streamproc_event_ack_latency_seconds_count", **labels) == 2
+    inf = {**labels, "le": "+Inf"}
+    assert sample(after, "streamproc_event_ack_latency_seconds_bucket", **inf) == 2
 
 
 async def test_group_figures_are_cached_between_scrapes(
@@ -79,3 +84,23 @@ async def test_group_figures_are_cached_between_scrapes(
     registry.register(collector)
     text = generate_latest(registry).decode()
     assert sample(text, "streamproc_group_lag", topic="cluster", group="cluster-events") == 0
+
+
+@pytest.mark.parametrize(
+    ("entry_id", "now_ms", "bucket"),
+    [
+        (b"1000-0", 1000.0, 0),  # <= 1 ms
+        (b"1000-7", 1003.0, 2),  # <= 5 ms
+        (b"1000-0", 1000.0 + 59_000, 14),  # <= 60 s
+        (b"1000-0", 1000.0 + 3_600_000, 15),  # +Inf
+        (b"5000-0", 1000.0, 0),  # a clock behind Redis' counts as 0, never negative
+    ],
+)
+def test_ack_latency_is_taken_from_the_entry_id(
+    entry_id: bytes, now_ms: float, bucket: int
+) -> None:
+    stats = ConsumerStats()
+    stats.observe_ack(entry_id, now_ms)
+    assert stats.latency_counts.index(1) == bucket
+    assert sum(stats.latency_counts) == 1
+    assert stats.latency_sum_s >= 0
