@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -26,6 +24,7 @@ import structlog
 
 from streamproc import dlq
 from streamproc._backoff import Backoff
+from streamproc._supervise import supervise
 from streamproc.codec import Codec, Registry
 from streamproc.concern import Concern
 from streamproc.config import Config, load_config
@@ -305,36 +304,13 @@ def _cmd_up(args: argparse.Namespace, cfg: Config, app: App) -> int:
             f"e.g. redis-cli -p {server.port} --scan --pattern '{cfg.redis.key_prefix}:*'",
             flush=True,
         )
-    children: list[subprocess.Popen[bytes]] = []
-    stopping = False
-
-    def stop(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGKILL if stopping else signal.SIGTERM)
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
-        for role in _up_roles(args):
-            children.append(subprocess.Popen([sys.executable, "-m", "streamproc", *role], env=env))
-            print(f"started: streamproc {' '.join(role)} (pid {children[-1].pid})", flush=True)
-        # Any child ending stops the others: a half-running system is not "up".
-        while not stopping and all(c.poll() is None for c in children):
-            time.sleep(0.2)
-        if not stopping:
-            stop(signal.SIGTERM, None)
-        codes = [c.wait() for c in children]
+        return supervise(
+            [[sys.executable, "-m", "streamproc", *role] for role in _up_roles(args)], env
+        )
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
         if server is not None:
             server.stop()
-    return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
 
 
 # ---------------------------------------------------------------------- main

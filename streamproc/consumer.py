@@ -49,6 +49,7 @@ __all__ = ("Consumer", "ConsumerStats")
 log = structlog.get_logger("streamproc.consumer")
 
 _SETTLE_SCRIPTS = (_SUCCEED, _FAIL)
+_NO_DEFAULT: Any = object()
 
 _ACK, _DUP, _EMPTY, _SKIP, _RETRY, _DLQ = "ack", "duplicate", "empty", "skip", "retry", "dlq"
 
@@ -679,8 +680,7 @@ class Consumer:
                 raise RuntimeError(f"consumer task {failed.get_coro()} ended on its own")
             if not self._reading:
                 reader.cancel()  # waiting for slots or backing off: nothing to lose
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await asyncio.wait([reader])  # its cancellation is not ours: don't suppress ours
             try:
                 await asyncio.wait_for(self._drained.wait(), self.settings.grace_s)
             except TimeoutError:
@@ -697,8 +697,12 @@ class Consumer:
         """Stop reading; ``run`` then drains in-flight work and returns."""
         self._stopping.set()
 
-    async def _until_up(self, step: Any) -> Any:
-        """Run ``step`` until Redis answers; log once per state change."""
+    async def _until_up(self, step: Any, *, default_when_stopping: Any = _NO_DEFAULT) -> Any:
+        """Run ``step`` until Redis answers; log once per state change.
+
+        With ``default_when_stopping``, give up and return it once ``stop()`` was called
+        (the reader must not keep a stopping consumer alive while Redis is down).
+        """
         backoff = Backoff()
         while True:
             try:
@@ -708,6 +712,8 @@ class Consumer:
                     self._down_since = time.monotonic()
                     self.ready = False
                     log.error("redis_unavailable", group=self.group, error=str(e))
+                if default_when_stopping is not _NO_DEFAULT and self._stopping.is_set():
+                    return default_when_stopping
                 await backoff.sleep()
                 continue
             except ResponseError as e:
@@ -733,7 +739,11 @@ class Consumer:
     async def _reader(self) -> None:
         while not self._stopping.is_set():
             await self._wait_for_room()
-            self._dispatch(await self._until_up(lambda: self._fetch(self.settings.block_ms)))
+            self._dispatch(
+                await self._until_up(
+                    lambda: self._fetch(self.settings.block_ms), default_when_stopping=[]
+                )
+            )
 
     def _dispatch(self, items: list[_Entry | _Outcome]) -> None:
         for item in items:
@@ -761,7 +771,8 @@ class Consumer:
         rounds = 0
         while True:
             await asyncio.sleep(period_s * random.uniform(0.9, 1.0))
-            await self._until_up(self.renew)
+            if self._in_flight:  # renew() with nothing held would not prove Redis is up
+                await self._until_up(self.renew)
             rounds += 1
             if not self._stopping.is_set():
                 self._dispatch(await self._until_up(self.reclaim))

@@ -78,7 +78,9 @@ class EmbeddedRedis:
             "--logfile",
             str((self.data_dir / "redis.log").resolve()),
         ]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # Own process group: a Ctrl-C in the terminal must not stop Redis before the roles
+        # using it have drained; whoever started it stops it (stop()).
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, process_group=0)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

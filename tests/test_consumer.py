@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from schemas import NodeNotReady, SpotInterruption
 from streamproc import (
+    Codec,
+    Concern,
+    Consumer,
+    ConsumerSettings,
     Context,
     Keys,
     Producer,
@@ -222,3 +228,36 @@ async def test_group_that_vanished_is_recreated(
     await task
     assert seen[-1] == later.id
     assert consumer.ready
+
+
+async def test_stop_while_redis_is_down_returns_after_the_grace_period(
+    tmp_path: Path, keys: Keys, codec: Codec[Any]
+) -> None:
+    """A reader retrying a vanished Redis must not keep a stopping consumer alive."""
+    from streamproc import RedisSettings, connect
+    from streamproc.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=False).start()
+    client = connect(RedisSettings(url=server.url, socket_timeout_s=5, connect_timeout_s=0.5))
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        pass
+
+    consumer = Consumer(
+        Concern(group="g", topics=("cluster",), handlers={SpotInterruption: handle}),
+        client=client,
+        codec=codec,
+        keys=keys,
+        producer=Producer(client, codec, keys),
+        settings=ConsumerSettings(consumer="c1", block_ms=3000, grace_s=0.5),
+    )
+    started = asyncio.Event()
+    running = asyncio.create_task(consumer.run(started=started))
+    await started.wait()
+    await asyncio.sleep(0.3)  # the reader is blocked in XREADGROUP now
+    consumer.stop()  # stop is waiting for that read to return...
+    await asyncio.sleep(0.1)
+    server.stop(kill=True)  # ...which fails: Redis is gone
+    await asyncio.wait_for(running, 30)  # returns instead of retrying forever
+    assert not consumer.ready
+    await client.aclose()

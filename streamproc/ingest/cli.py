@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import fnmatch
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +19,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from streamproc._supervise import supervise
 from streamproc.cli import App, install_stop_handlers, open_redis, run_async
 from streamproc.config import Config
 from streamproc.errors import ConfigError
@@ -118,24 +115,7 @@ def _supervise(args: argparse.Namespace) -> int:
     """``--workers N``: N processes sharing the port with SO_REUSEPORT."""
     argv = [sys.executable, "-m", "streamproc", "ingest", "--host", args.host]
     argv += ["--port", str(args.port), "--workers", "1", "--reuse-port"]
-    children = [subprocess.Popen(argv) for _ in range(args.workers)]
-    stopping = False
-
-    def stop(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGKILL if stopping else signal.SIGTERM)
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while not stopping and all(c.poll() is None for c in children):
-        time.sleep(0.2)
-    if not stopping:
-        stop(signal.SIGTERM, None)
-    codes = [c.wait() for c in children]
-    return 0 if all(c in (0, -signal.SIGTERM) for c in codes) else 1
+    return supervise([argv] * args.workers)
 
 
 def _cmd_ingest(args: argparse.Namespace, cfg: Config, app: App) -> int:
