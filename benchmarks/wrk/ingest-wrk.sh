@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Ingest under wrk (Debian package wrk): single events (64 connections) and batches of 100
 # (16 connections), one ingest process, an embedded Redis; rate limit off.
+set -euo pipefail
 cd "$(dirname "$0")/../.."
 PORT=$(.venv/bin/python -c "from streamproc.embedded import free_port; print(free_port())")
 IPORT=$(.venv/bin/python -c "from streamproc.embedded import free_port; print(free_port())")
