@@ -26,6 +26,8 @@ __all__ = ("Concern", "Context", "Handler")
 
 Handler = Callable[[Any, "Context"], Awaitable[None]]
 
+_HANDLER_LOG = structlog.get_logger("streamproc.handler")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Concern:
@@ -92,7 +94,9 @@ class Context:
         self.topic, self.group, self.consumer = topic, group, consumer
         self.entry_id, self.attempt, self.deliveries = entry_id, attempt, deliveries
         self.redis, self.producer, self.keys = redis, producer, keys
-        self.log = structlog.get_logger("streamproc.handler")
+        # One shared logger: the event's topic, group, entry id and event id are added to
+        # every line by streamproc.logs.merge_event_context while the handler runs.
+        self.log = _HANDLER_LOG
         self._effects: list[tuple[str | bytes | int | float, ...]] = []
 
     def effect(self, *command: str | bytes | int | float) -> None:
