@@ -213,7 +213,7 @@ def _cmd_publish(args: argparse.Namespace, cfg: Config, app: App) -> int:
         client, _ = await open_redis(cfg, wait_s=5)
         try:
             producer = Producer(client, app.codec, Keys(cfg.redis.key_prefix), cfg.producer)
-            entry_id = await producer.publish(event)
+            [(entry_id, duplicate)] = await producer.append([event])
         finally:
             await client.aclose()
         print(
@@ -222,7 +222,7 @@ def _cmd_publish(args: argparse.Namespace, cfg: Config, app: App) -> int:
                     "topic": event.topic,
                     "entry_id": entry_id,
                     "id": event.id,
-                    "duplicate": producer.duplicates > 0,
+                    "duplicate": duplicate,
                 }
             ).decode()
         )

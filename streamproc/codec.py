@@ -31,6 +31,10 @@ E = TypeVar("E", bound=Event)
 
 TYPE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 WIRE_FIELDS = (b"type", b"id", b"ts", b"key", b"v", b"data")
+_RESP = (
+    b"$4\r\ntype\r\n$%d\r\n%b\r\n$2\r\nid\r\n$%d\r\n%b\r\n$2\r\nts\r\n$24\r\n%b\r\n"
+    b"$3\r\nkey\r\n$%d\r\n%b\r\n$1\r\nv\r\n$%d\r\n%b\r\n$4\r\ndata\r\n$%d\r\n%b\r\n"
+)
 #: Bodies larger than this are refused by ``Codec.decode`` (protects consumers from huge entries).
 MAX_DATA_BYTES = 1 << 20
 
@@ -85,21 +89,43 @@ class Codec(Generic[E]):
     def __init__(self, registry: Registry[E]) -> None:
         self.registry = registry
         self._encoder = msgspec.json.Encoder()
+        self._type_names: dict[type[Event], bytes] = {}
         self._decoders = {
             name.encode(): msgspec.json.Decoder(t) for name, t in registry.by_name.items()
         }
 
     def encode(self, event: Event) -> dict[bytes, bytes]:
-        occurred = event.occurred_at.astimezone(UTC)
-        return {
-            b"type": event.type_name().encode(),
-            b"id": event.id.encode(),
-            b"ts": occurred.strftime("%Y-%m-%dT%H:%M:%S.").encode()
-            + b"%03dZ" % (occurred.microsecond // 1000),
-            b"key": event.key.encode(),
-            b"v": b"%d" % event.version,
-            b"data": self._encoder.encode(event),
-        }
+        """The entry's fields (as XADD takes them)."""
+        return dict(zip(WIRE_FIELDS, self._values(event), strict=True))
+
+    def encode_resp(self, event: Event) -> bytes:
+        """The same fields as ``encode``, packed as the RESP arguments field, value, ...
+
+        One formatting step for the 12 arguments: the producer's hot path (``_resp``).
+        """
+        t, i, ts, k, v, d = self._values(event)
+        return _RESP % (len(t), t, len(i), i, ts, len(k), k, len(v), v, len(d), d)
+
+    def _values(self, event: Event) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
+        cls = type(event)
+        type_name = self._type_names.get(cls)
+        if type_name is None:
+            type_name = self._type_names[cls] = cls.type_name().encode()
+        occurred = event.occurred_at
+        if occurred.tzinfo is not UTC:
+            occurred = occurred.astimezone(UTC)
+        # msgspec writes a UTC datetime as "YYYY-MM-DDTHH:MM:SS[.ffffff]Z" 10x faster than
+        # strftime; cut it to milliseconds.
+        iso = self._encoder.encode(occurred)
+        ts = iso[1:24] + b"Z" if len(iso) == 29 else iso[1:20] + b".000Z"
+        return (
+            type_name,
+            event.id.encode(),
+            ts,
+            event.key.encode(),
+            b"%d" % event.version,
+            self._encoder.encode(event),
+        )
 
     def decode(self, fields: Mapping[bytes, bytes]) -> E:
         """Decode entry fields; raises DecodeError with a reason code on any problem."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import hiredis
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -43,6 +45,49 @@ class ServerInfo(msgspec.Struct, frozen=True):
         return ".".join(map(str, self.version))
 
 
+class _HiredisPack:
+    """Packs commands with hiredis (C) instead of redis-py's pure-Python asyncio packer.
+
+    redis-py's asyncio ``pack_command`` re-joins its output buffer once per argument: for a
+    100-event EVALSHA (about 1,400 arguments) that was a third of the ingest's CPU. Arguments
+    hiredis does not take (and non-UTF-8 client encodings) go to redis-py's packer, so errors
+    read the same.
+    """
+
+    def pack_command(self: Any, *args: Any) -> list[bytes]:
+        if self.encoder.encoding.lower().replace("-", "") != "utf8" or not args:
+            return AbstractConnection.pack_command(self, *args)
+        first = args[0]
+        if isinstance(first, str):
+            if " " in first:
+                args = (*first.encode().split(), *args[1:])
+        elif isinstance(first, bytes) and b" " in first:
+            args = (*first.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            return AbstractConnection.pack_command(self, *args)
+
+
+class _Connection(_HiredisPack, aioredis.Connection):
+    pass
+
+
+class _SSLConnection(_HiredisPack, aioredis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_HiredisPack, aioredis.UnixDomainSocketConnection):
+    pass
+
+
+_FAST_PACK: dict[type[Any], type[Any]] = {
+    aioredis.Connection: _Connection,
+    aioredis.SSLConnection: _SSLConnection,
+    aioredis.UnixDomainSocketConnection: _UnixConnection,
+}
+
+
 def connect(settings: RedisSettings, *, for_reading: bool = False) -> aioredis.Redis:
     """A client with a bounded pool that waits for a free connection instead of failing.
 
@@ -57,6 +102,7 @@ def connect(settings: RedisSettings, *, for_reading: bool = False) -> aioredis.R
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
+    pool.connection_class = _FAST_PACK.get(pool.connection_class, pool.connection_class)
     return aioredis.Redis.from_pool(pool)
 
 

@@ -5,14 +5,22 @@ sets the marker, atomically: publishing an event id (or idempotency key) twice w
 returns the first entry id and adds nothing. Before writing, the producer looks at the lag of
 the groups reading the topic (cached briefly) and waits, then raises BackpressureError, while a
 group is above the high watermark.
+
+Group commit: calls made while a write is in flight wait for it and then go out together, one
+script call per topic for all of them (up to ``coalesce_max_events``). A lone caller writes at
+once; under load, many concurrent callers (the ingest's requests) share one round trip instead
+of paying redis-py's per-command cost each. Each caller's events keep their order, and each
+caller gets its own result or exception; a caller cancelled before its write went out writes
+nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 import structlog
@@ -20,6 +28,7 @@ from redis.exceptions import ResponseError
 
 from streamproc._backoff import Backoff
 from streamproc._lua import Lua, with_scripts
+from streamproc._resp import Command, bulk, execute
 from streamproc.codec import WIRE_FIELDS, Codec
 from streamproc.connection import REDIS_DOWN
 from streamproc.errors import BackpressureError, PublishError
@@ -27,31 +36,73 @@ from streamproc.event import Event
 from streamproc.keys import Keys
 from streamproc.settings import ProducerSettings
 
-__all__ = ("Producer",)
+__all__ = ("Produced", "Producer")
 
 log = structlog.get_logger("streamproc.producer")
 
-# One call per batch and topic. KEYS: stream, then one dedup marker per event.
-# ARGV: window_ms, fields per event (n), then n field/value pairs per event, in KEYS order.
-# Returns {added, id, added, id, ...}: added = 0 when the marker already held the first id.
-_PUBLISH = Lua("""
-local window, n = ARGV[1], tonumber(ARGV[2])
-local out, a = {}, 3
-for k = 2, #KEYS do
-  local first = redis.call('GET', KEYS[k])
+# One call per topic per write. KEYS: the stream, then the dedup markers in event order.
+# ARGV[1]: window ms; then per event: 1 if it has a marker (the next one in KEYS) else 0, and
+# its field, value pairs (FIELDS of them). Returns {added, id, added, id, ...} in event order:
+# added = 0 when the marker already held the first entry's id (and nothing was added).
+_FIELDS = 2 * len(WIRE_FIELDS)
+_PUBLISH = Lua(f"""
+local window, out, k, a = ARGV[1], {{}}, 2, 2
+while a <= #ARGV do
+  local first = false
+  local marked = ARGV[a] == '1'
+  if marked then first = redis.call('GET', KEYS[k]) end
   if first then
     out[#out + 1] = 0
     out[#out + 1] = first
   else
-    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a, a + 2 * n - 1))
-    redis.call('SET', KEYS[k], id, 'PX', window)
+    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 1, a + {_FIELDS}))
+    if marked then redis.call('SET', KEYS[k], id, 'PX', window) end
     out[#out + 1] = 1
     out[#out + 1] = id
   end
-  a = a + 2 * n
+  if marked then k = k + 1 end
+  a = a + {_FIELDS + 1}
 end
 return out
 """)
+
+
+class Produced(NamedTuple):
+    """Where one published event went."""
+
+    entry_id: str
+    #: The event id (or idempotency key) was already published within the dedup window;
+    #: ``entry_id`` is the first entry's and nothing was added.
+    duplicate: bool
+
+
+_MARKED, _UNMARKED = bulk(b"1"), bulk(b"0")
+_ARGS_PER_EVENT = 1 + _FIELDS
+#: Builds a Produced without NamedTuple's generated __new__ (a Python frame per event).
+_new = tuple.__new__
+
+
+class _Part:
+    """One caller's events of one topic, encoded."""
+
+    __slots__ = ("args", "markers", "size")
+
+    def __init__(self) -> None:
+        self.markers: list[str] = []
+        #: Per event, packed: 1 (it has the next marker) or 0, then its field, value pairs.
+        self.args: list[bytes] = []
+        self.size = 0
+
+
+class _Write:
+    """One caller's events, encoded before queuing (so encoding overlaps Redis' work)."""
+
+    __slots__ = ("future", "order", "parts")
+
+    def __init__(self, parts: dict[str, _Part], order: list[tuple[str, int]]) -> None:
+        self.parts, self.order = parts, order
+        #: Set by the flusher with this caller's results, in its order.
+        self.future: asyncio.Future[list[Produced]] = asyncio.get_running_loop().create_future()
 
 
 class Producer:
@@ -70,7 +121,10 @@ class Producer:
         self.settings = settings or ProducerSettings()
         self.retry_timeout_s = retry_timeout_s
         self._lag_cache: dict[str, tuple[float, str, int]] = {}
+        #: Every duplicate this producer saw (a running total across callers).
         self.duplicates = 0
+        self._waiting: deque[_Write] = deque()
+        self._flusher: asyncio.Task[None] | None = None
 
     async def publish(self, event: Event, *, idempotency_key: str | None = None) -> str:
         """Append one event; return its entry id (the first one's, for a duplicate)."""
@@ -83,11 +137,30 @@ class Producer:
         *,
         idempotency_keys: Sequence[str | None] | None = None,
     ) -> list[str]:
-        """Append events in one pipeline; return their entry ids in order."""
+        """Append events; return their entry ids in order."""
+        return [p.entry_id for p in await self.append(events, idempotency_keys=idempotency_keys)]
+
+    async def append(
+        self,
+        events: Sequence[Event],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+        dedup: Sequence[bool] | None = None,
+    ) -> list[Produced]:
+        """Append events; say for each where it went and whether it was a duplicate.
+
+        ``idempotency_keys``: per event, the key its dedup marker uses instead of its id.
+        ``dedup``: per event, False skips the marker: for an id minted moments ago that no
+        caller can send again (the ingest's events posted without an id), where the marker
+        would cost Redis a GET and a SET and about 100 bytes for the window. A copy written
+        by this producer's own retry is then dropped by the consumers' dedup, not here.
+        """
         if not events:
             return []
         if idempotency_keys is not None and len(idempotency_keys) != len(events):
             raise ValueError("idempotency_keys must match events one to one")
+        if dedup is not None and len(dedup) != len(events):
+            raise ValueError("dedup must match events one to one")
         topics = {e.topic for e in events}
         backoff = Backoff(cap_s=1.0)
         deadline = time.monotonic() + self.retry_timeout_s
@@ -95,7 +168,7 @@ class Producer:
             try:
                 for topic in topics:
                     await self.wait_for_capacity(topic)
-                return await self._write(events, idempotency_keys)
+                return await self._queue(events, idempotency_keys, dedup)
             except REDIS_DOWN as e:
                 # Safe to send again: the dedup marker makes a repeated XADD a no-op, and with
                 # producer dedup off consumers still drop the copy by event id.
@@ -105,51 +178,112 @@ class Producer:
                     log.warning("publish_retrying", error=str(e))
                 await backoff.sleep()
 
-    async def _write(
-        self, events: Sequence[Event], idempotency_keys: Sequence[str | None] | None
-    ) -> list[str]:
+    def _encode(
+        self,
+        events: Sequence[Event],
+        idempotency_keys: Sequence[str | None] | None,
+        dedup: Sequence[bool] | None,
+    ) -> _Write:
+        window = bool(self.settings.dedup_window_ms)
+        encode = self.codec.encode_resp
+        parts: dict[str, _Part] = {}
+        order: list[tuple[str, int]] = []
+        for i, event in enumerate(events):
+            topic = event.topic
+            part = parts.get(topic)
+            if part is None:
+                part = parts[topic] = _Part()
+            order.append((topic, part.size))
+            part.size += 1
+            if window and (dedup is None or dedup[i]):
+                key = idempotency_keys[i] if idempotency_keys is not None else None
+                part.markers.append(self.keys.published_prefix(topic) + (key or event.id))
+                part.args.append(_MARKED)
+            else:
+                part.args.append(_UNMARKED)
+            part.args.append(encode(event))
+        return _Write(parts, order)
+
+    def _queue(
+        self,
+        events: Sequence[Event],
+        idempotency_keys: Sequence[str | None] | None,
+        dedup: Sequence[bool] | None,
+    ) -> asyncio.Future[list[Produced]]:
+        write = self._encode(events, idempotency_keys, dedup)
+        self._waiting.append(write)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="streamproc-producer-flush")
+        return write.future
+
+    async def _flush(self) -> None:
+        """Write what callers queued, one group at a time, until nothing waits."""
+        group: list[_Write] = []
         try:
-            return await with_scripts(
-                self.client, [_PUBLISH], lambda: self._send(events, idempotency_keys)
-            )
+            while self._waiting:
+                group, size = [], 0
+                limit = self.settings.coalesce_max_events
+                while self._waiting and (not group or size + len(self._waiting[0].order) <= limit):
+                    write = self._waiting.popleft()
+                    if not write.future.done():  # a cancelled caller writes nothing
+                        group.append(write)
+                        size += len(write.order)
+                if not group:
+                    continue
+                try:
+                    results = await self._write(group)
+                except Exception as e:  # each caller decides: retry (Redis down) or give up
+                    for write in group:
+                        if not write.future.done():
+                            write.future.set_exception(e)
+                    continue
+                start = dict.fromkeys(results, 0)  # where each caller's results begin
+                for write in group:
+                    if not write.future.done():
+                        write.future.set_result(
+                            [results[t][start[t] + at] for t, at in write.order]
+                        )
+                    for topic, part in write.parts.items():
+                        start[topic] += part.size
+                group = []
+        finally:
+            self._flusher = None
+            if group or self._waiting:  # cancelled (shutdown): nobody will write these
+                for write in [*group, *self._waiting]:
+                    write.future.cancel()
+                self._waiting.clear()
+
+    async def _write(self, group: list[_Write]) -> dict[str, list[Produced]]:
+        """One script call per topic for the whole group; each topic's results in order."""
+        by_topic: dict[str, list[_Part]] = {}
+        for write in group:
+            for topic, part in write.parts.items():
+                by_topic.setdefault(topic, []).append(part)
+        window = b"%d" % self.settings.dedup_window_ms
+        calls: list[Command] = []
+        for topic, parts in by_topic.items():
+            keys = [self.keys.stream(topic).encode()]
+            keys += [m.encode() for part in parts for m in part.markers]
+            call = Command(b"EVALSHA", _PUBLISH.sha.encode(), b"%d" % len(keys), *keys, window)
+            for part in parts:
+                call.add_packed(b"".join(part.args), part.size * _ARGS_PER_EVENT)
+            calls.append(call)
+
+        async def send() -> list[Any]:
+            return await execute(self.client, calls)
+
+        try:
+            replies = await with_scripts(self.client, [_PUBLISH], send)
         except ResponseError as e:
             raise PublishError(f"Redis refused the write: {e}") from e
-
-    async def _send(
-        self, events: Sequence[Event], idempotency_keys: Sequence[str | None] | None
-    ) -> list[str]:
-        s = self.settings
-        encode = self.codec.encode
-        if not s.dedup_window_ms:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for event in events:
-                    pipe.xadd(self.keys.stream(event.topic), encode(event))  # type: ignore[arg-type]
-                replies = await pipe.execute()
-            return [r.decode() for r in replies]
-        # one script call per topic, in publish order within each topic
-        by_topic: dict[str, list[int]] = {}
-        for i, event in enumerate(events):
-            by_topic.setdefault(event.topic, []).append(i)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for topic, idx in by_topic.items():
-                marker = self.keys.published_prefix(topic)
-                keys: list[Any] = [self.keys.stream(topic)]
-                args: list[Any] = [s.dedup_window_ms, len(WIRE_FIELDS)]
-                for i in idx:
-                    event = events[i]
-                    dedup_id = (idempotency_keys[i] if idempotency_keys else None) or event.id
-                    keys.append(marker + dedup_id)
-                    for pair in encode(event).items():
-                        args += pair
-                _PUBLISH.queue(pipe, keys, args)
-            replies = await pipe.execute()
-        out: list[str] = [""] * len(events)
-        for idx, reply in zip(by_topic.values(), replies, strict=True):
-            for j, i in enumerate(idx):
-                if not reply[2 * j]:
+        results: dict[str, list[Produced]] = {}
+        for topic, reply in zip(by_topic, replies, strict=True):
+            out = results[topic] = []
+            for j in range(0, len(reply), 2):
+                if not reply[j]:
                     self.duplicates += 1
-                out[i] = reply[2 * j + 1].decode()
-        return out
+                out.append(_new(Produced, (reply[j + 1].decode(), not reply[j])))
+        return results
 
     async def group_backlog(self, topic: str) -> tuple[str, int]:
         """The group with the most entries waiting on ``topic`` (lag + pending), cached."""

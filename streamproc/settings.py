@@ -72,10 +72,13 @@ class ProducerSettings(_Settings, frozen=True, kw_only=True):
     backpressure_timeout_s: float = 5.0
     #: How long the groups' lag read with XINFO GROUPS is reused.
     lag_cache_ms: int = 250
+    #: Group commit: callers that publish while a write is in flight go out together in the
+    #: next write, up to this many events (a larger single call still goes alone).
+    coalesce_max_events: int = 2_000
 
     def __post_init__(self) -> None:
         self._positive("dedup_window_ms", "lag_cache_ms", allow_zero=True)
-        self._positive("high_watermark", "backpressure_timeout_s")
+        self._positive("high_watermark", "backpressure_timeout_s", "coalesce_max_events")
 
 
 class ConsumerSettings(_Settings, frozen=True, kw_only=True):

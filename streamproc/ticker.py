@@ -271,10 +271,9 @@ class Ticker:
             return []
         if not self.lease.held():  # the lease may have run out while we computed
             return []
-        before = self.producer.duplicates
-        await self.producer.publish_many(events)
+        produced = await self.producer.append(events)
         published_at = time.time()
-        dups = self.producer.duplicates - before
+        dups = sum(p.duplicate for p in produced)
         self.stats.fired += len(events) - dups
         self.stats.duplicates += dups
         for e in events:

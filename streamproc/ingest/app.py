@@ -175,11 +175,17 @@ class Ingest:
         return allowed
 
     async def publish(
-        self, events: Sequence[Event], idempotency_keys: Sequence[str | None] | None
+        self,
+        events: Sequence[Event],
+        idempotency_keys: Sequence[str | None] | None,
+        dedup: Sequence[bool] | None = None,
     ) -> list[str]:
         """Publish, mapping failures to 503 with Retry-After."""
         try:
-            return await self.producer.publish_many(events, idempotency_keys=idempotency_keys)
+            produced = await self.producer.append(
+                events, idempotency_keys=idempotency_keys, dedup=dedup
+            )
+            return [p.entry_id for p in produced]
         except BackpressureError as e:
             retry = max(self.settings.retry_after_s, int(e.waited_s) or 1)
             raise Problem(
@@ -238,10 +244,13 @@ class Ingest:
         now = datetime.now(UTC)
         events = [msgspec.structs.replace(e, source=agent.name, received_at=now) for e in events]
         idem_keys: list[str | None] | None = None
+        dedup: list[bool] | None = None
         if idem is not None:
             base = f"{agent.name}:{idem}"
             idem_keys = [f"{base}:{i}" if batch else base for i in range(len(events))]
-        entry_ids = await self.publish(events, idem_keys)
+        else:  # ids minted here cannot come again: no dedup marker for them
+            dedup = self.decoder.ids_given(body, fmt, len(events))
+        entry_ids = await self.publish(events, idem_keys, dedup)
         for type_name, n in Counter(e.type_name() for e in events).items():
             metrics.EVENTS.labels(type_name).inc(n)
         return json_response(

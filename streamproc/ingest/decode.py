@@ -45,6 +45,12 @@ _MP_ARRAY = {0xDC, 0xDD, *range(0x90, 0xA0)}
 Prepare = Callable[[int, dict[str, Any]], None]
 
 
+class _IdProbe(msgspec.Struct):
+    """Only whether an item carries ``id`` (every other field is skipped)."""
+
+    id: Any = msgspec.UNSET
+
+
 class ItemError(Exception):
     """One invalid item: raised by ``Prepare`` callbacks too."""
 
@@ -94,6 +100,8 @@ class EventDecoder:
         self._mp_many = msgspec.msgpack.Decoder(list[union])
         self._mp_raws = msgspec.msgpack.Decoder(list[msgspec.Raw])
         self._mp_any = msgspec.msgpack.Decoder()
+        self._probe_json = msgspec.json.Decoder(_IdProbe | list[_IdProbe])
+        self._probe_mp = msgspec.msgpack.Decoder(_IdProbe | list[_IdProbe])
 
     # ------------------------------------------------------------------ entry point
 
@@ -115,6 +123,25 @@ class EventDecoder:
             ) from None
         except RecursionError:
             raise Problem(400, "too_deep", "the body is nested too deeply") from None
+
+    def ids_given(self, body: bytes, fmt: str, count: int) -> list[bool]:
+        """Per item of a body ``decode`` accepted: did the sender give its ``id``?
+
+        An event posted without one gets an id minted here, which no retry can repeat, so
+        it needs no producer-side dedup marker. JSON without the text ``"id"`` (and without
+        escapes) has none: that test skips the probe for most bodies.
+        """
+        if fmt == "ndjson":
+            lines = [line for line in body.split(b"\n") if line.strip()]
+            return [self._probe_json.decode(line).id is not msgspec.UNSET for line in lines]
+        if fmt == "json" and b'"id"' not in body and b"\\" not in body:
+            probed: Any = None
+        else:
+            probed = (self._probe_mp if fmt == "msgpack" else self._probe_json).decode(body)
+        if probed is None:
+            return [False] * count
+        items = probed if isinstance(probed, list) else [probed]
+        return [p.id is not msgspec.UNSET for p in items]
 
     # ------------------------------------------------------------------ formats
 

@@ -1,0 +1,59 @@
+"""Commands packed by streamproc and sent on a pooled connection: the publish hot path.
+
+redis-py turns every argument into RESP one at a time (about 170 ns each even with hiredis);
+an event is 12 arguments. The codec packs an event's fields in one formatting step instead
+(``Codec.encode_resp``), and ``execute`` sends such pre-packed commands on a connection taken
+from the client's own pool, reading one reply per command. Error replies raise as they do in
+redis-py (``NoScriptError``, ``ResponseError``); after any error the connection is closed, so
+no unread reply is left on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+__all__ = ("Command", "bulk", "execute")
+
+
+def bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+class Command:
+    """A command assembled from arguments and already packed runs of arguments."""
+
+    __slots__ = ("argc", "chunks")
+
+    def __init__(self, *args: bytes) -> None:
+        self.argc = len(args)
+        self.chunks: list[bytes] = [bulk(a) for a in args]
+
+    def add(self, *args: bytes) -> None:
+        self.argc += len(args)
+        self.chunks += [bulk(a) for a in args]
+
+    def add_packed(self, packed: bytes, argc: int) -> None:
+        """Append ``argc`` arguments that are already RESP bulk strings."""
+        self.argc += argc
+        self.chunks.append(packed)
+
+    def packed(self) -> bytes:
+        return b"*%d\r\n%b" % (self.argc, b"".join(self.chunks))
+
+
+async def execute(client: aioredis.Redis, commands: Sequence[Command]) -> list[Any]:
+    """Send the commands in one write; return their replies in order."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        await conn.send_packed_command([c.packed() for c in commands], check_health=False)
+        return [await conn.read_response() for _ in commands]
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)
