@@ -3,9 +3,9 @@
 redis-py turns every argument into RESP one at a time (about 170 ns each even with hiredis);
 an event is 12 arguments. The codec packs an event's fields in one formatting step instead
 (``Codec.encode_resp``), and ``execute`` sends such pre-packed commands on a connection taken
-from the client's own pool, reading one reply per command. Error replies raise as they do in
-redis-py (``NoScriptError``, ``ResponseError``); after any error the connection is closed, so
-no unread reply is left on it.
+from the client's own pool, reading one reply per command. Error replies come back as
+redis-py's exceptions (``NoScriptError``, ``ResponseError``) in their place; after a
+connection failure the connection is closed, so no unread reply is left on it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 __all__ = ("Command", "bulk", "execute")
 
@@ -46,12 +47,22 @@ class Command:
 
 
 async def execute(client: aioredis.Redis, commands: Sequence[Command]) -> list[Any]:
-    """Send the commands in one write; return their replies in order."""
+    """Send the commands in one write; return their replies in order.
+
+    An error reply comes back in its place as a ``ResponseError`` (the others still count);
+    a connection failure raises, and that connection is closed.
+    """
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
         await conn.send_packed_command([c.packed() for c in commands], check_health=False)
-        return [await conn.read_response() for _ in commands]
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as e:  # read whole: the connection stays in step
+                replies.append(e)
+        return replies
     except BaseException:
         await conn.disconnect(nowait=True)
         raise

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from streamproc._backoff import Backoff
+from streamproc._batch import Batcher
 from streamproc._lua import Lua, with_scripts
 from streamproc._resp import Command, bulk, execute
 from streamproc.codec import WIRE_FIELDS, Codec
@@ -94,15 +95,12 @@ class _Part:
         self.size = 0
 
 
-class _Write:
+class _Write(NamedTuple):
     """One caller's events, encoded before queuing (so encoding overlaps Redis' work)."""
 
-    __slots__ = ("future", "order", "parts")
-
-    def __init__(self, parts: dict[str, _Part], order: list[tuple[str, int]]) -> None:
-        self.parts, self.order = parts, order
-        #: Set by the flusher with this caller's results, in its order.
-        self.future: asyncio.Future[list[Produced]] = asyncio.get_running_loop().create_future()
+    parts: dict[str, _Part]
+    #: Per event: its topic and its index among the caller's events of that topic.
+    order: list[tuple[str, int]]
 
 
 class Producer:
@@ -121,10 +119,15 @@ class Producer:
         self.settings = settings or ProducerSettings()
         self.retry_timeout_s = retry_timeout_s
         self._lag_cache: dict[str, tuple[float, str, int]] = {}
+        self._lag_reads: dict[str, asyncio.Future[tuple[str, int]]] = {}
         #: Every duplicate this producer saw (a running total across callers).
         self.duplicates = 0
-        self._waiting: deque[_Write] = deque()
-        self._flusher: asyncio.Task[None] | None = None
+        self._batcher = Batcher(
+            self._write,
+            max_size=self.settings.coalesce_max_events,
+            size=lambda w: len(w.order),
+            name="streamproc-producer-flush",
+        )
 
     async def publish(self, event: Event, *, idempotency_key: str | None = None) -> str:
         """Append one event; return its entry id (the first one's, for a duplicate)."""
@@ -210,51 +213,13 @@ class Producer:
         idempotency_keys: Sequence[str | None] | None,
         dedup: Sequence[bool] | None,
     ) -> asyncio.Future[list[Produced]]:
-        write = self._encode(events, idempotency_keys, dedup)
-        self._waiting.append(write)
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name="streamproc-producer-flush")
-        return write.future
+        return self._batcher.submit(self._encode(events, idempotency_keys, dedup))
 
-    async def _flush(self) -> None:
-        """Write what callers queued, one group at a time, until nothing waits."""
-        group: list[_Write] = []
-        try:
-            while self._waiting:
-                group, size = [], 0
-                limit = self.settings.coalesce_max_events
-                while self._waiting and (not group or size + len(self._waiting[0].order) <= limit):
-                    write = self._waiting.popleft()
-                    if not write.future.done():  # a cancelled caller writes nothing
-                        group.append(write)
-                        size += len(write.order)
-                if not group:
-                    continue
-                try:
-                    results = await self._write(group)
-                except Exception as e:  # each caller decides: retry (Redis down) or give up
-                    for write in group:
-                        if not write.future.done():
-                            write.future.set_exception(e)
-                    continue
-                start = dict.fromkeys(results, 0)  # where each caller's results begin
-                for write in group:
-                    if not write.future.done():
-                        write.future.set_result(
-                            [results[t][start[t] + at] for t, at in write.order]
-                        )
-                    for topic, part in write.parts.items():
-                        start[topic] += part.size
-                group = []
-        finally:
-            self._flusher = None
-            if group or self._waiting:  # cancelled (shutdown): nobody will write these
-                for write in [*group, *self._waiting]:
-                    write.future.cancel()
-                self._waiting.clear()
+    async def _write(self, group: list[_Write]) -> list[list[Produced] | Exception]:
+        """One script call per topic for the whole group; each caller's results.
 
-    async def _write(self, group: list[_Write]) -> dict[str, list[Produced]]:
-        """One script call per topic for the whole group; each topic's results in order."""
+        A topic whose write Redis refused fails only the callers with events in it.
+        """
         by_topic: dict[str, list[_Part]] = {}
         for write in group:
             for topic, part in write.parts.items():
@@ -270,27 +235,57 @@ class Producer:
             calls.append(call)
 
         async def send() -> list[Any]:
-            return await execute(self.client, calls)
+            replies = await execute(self.client, calls)
+            for reply in replies:
+                if isinstance(reply, NoScriptError):
+                    raise reply  # with_scripts loads the script and sends the group again
+            return replies
 
-        try:
-            replies = await with_scripts(self.client, [_PUBLISH], send)
-        except ResponseError as e:
-            raise PublishError(f"Redis refused the write: {e}") from e
-        results: dict[str, list[Produced]] = {}
+        replies = await with_scripts(self.client, [_PUBLISH], send)
+        results: dict[str, list[Produced] | PublishError] = {}
         for topic, reply in zip(by_topic, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                results[topic] = PublishError(f"Redis refused the write to {topic!r}: {reply}")
+                continue
             out = results[topic] = []
             for j in range(0, len(reply), 2):
                 if not reply[j]:
                     self.duplicates += 1
                 out.append(_new(Produced, (reply[j + 1].decode(), not reply[j])))
-        return results
+        # each caller: its results in its order, or the error of a topic it wrote to
+        start = dict.fromkeys(results, 0)
+        answers: list[list[Produced] | Exception] = []
+        for write in group:
+            failed = [r for t in write.parts if isinstance(r := results[t], PublishError)]
+            if failed:
+                answers.append(failed[0])
+            else:
+                answers.append([results[t][start[t] + at] for t, at in write.order])  # type: ignore[index]
+            for topic, part in write.parts.items():
+                start[topic] += part.size
+        return answers
 
     async def group_backlog(self, topic: str) -> tuple[str, int]:
-        """The group with the most entries waiting on ``topic`` (lag + pending), cached."""
-        now = time.monotonic()
+        """The group with the most entries waiting on ``topic`` (lag + pending), cached.
+
+        One XINFO GROUPS at a time per topic: callers that find the cache stale while it is
+        being read wait for that read (64 concurrent requests used to send 64).
+        """
         cached = self._lag_cache.get(topic)
-        if cached and cached[0] > now:
+        if cached and cached[0] > time.monotonic():
             return cached[1], cached[2]
+        reading = self._lag_reads.get(topic)
+        if reading is None:
+            reading = self._lag_reads[topic] = asyncio.ensure_future(self._read_backlog(topic))
+            reading.add_done_callback(partial(self._read_done, topic))
+        return await asyncio.shield(reading)
+
+    def _read_done(self, topic: str, reading: asyncio.Future[tuple[str, int]]) -> None:
+        self._lag_reads.pop(topic, None)
+        if not reading.cancelled():
+            reading.exception()  # retrieved: a waiter that was cancelled cannot
+
+    async def _read_backlog(self, topic: str) -> tuple[str, int]:
         worst = ("", 0)
         try:
             groups = await self.client.xinfo_groups(self.keys.stream(topic))
@@ -300,7 +295,8 @@ class Producer:
             backlog = int(g.get("lag") or 0) + int(g.get("pending") or 0)
             if backlog > worst[1]:
                 worst = (g["name"].decode() if isinstance(g["name"], bytes) else g["name"], backlog)
-        self._lag_cache[topic] = (now + self.settings.lag_cache_ms / 1000, *worst)
+        expires = time.monotonic() + self.settings.lag_cache_ms / 1000
+        self._lag_cache[topic] = (expires, *worst)
         return worst
 
     async def wait_for_capacity(self, topic: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Histogram
 
 __all__ = (
@@ -12,6 +14,8 @@ __all__ = (
     "TASKS_FINISHED",
     "TASKS_SUBMITTED",
     "TASK_SECONDS",
+    "answered",
+    "events",
 )
 
 REQUESTS = Counter(
@@ -39,3 +43,28 @@ TASK_SECONDS = Histogram(
     ["type"],
     buckets=(0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600),
 )
+
+#: Labelled children, looked up once: ``labels()`` costs microseconds on every request.
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def answered(route: str, method: str, status: int, seconds: float) -> None:
+    """Count one answered request and its duration."""
+    key = (route, method, status)
+    pair = _children.get(key)
+    if pair is None:
+        pair = _children[key] = (
+            REQUESTS.labels(route, method, str(status)),
+            REQUEST_SECONDS.labels(route),
+        )
+    pair[0].inc()
+    pair[1].observe(seconds)
+
+
+def events(type_name: str) -> Any:
+    """The accepted-events counter of one type."""
+    key = ("events", type_name)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = EVENTS.labels(type_name)
+    return child

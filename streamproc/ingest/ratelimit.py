@@ -2,7 +2,9 @@
 
 One Lua script refills the bucket by the time elapsed (Redis ``TIME``, so ingest processes on
 several hosts agree on the clock), takes ``cost`` tokens (one per event) or says how long
-until there would be enough.
+until there would be enough. Requests that arrive while a call is in flight go together in
+the next call (``_batch.Batcher``): one script run for many requests, each against its own
+agent's bucket in arrival order.
 """
 
 from __future__ import annotations
@@ -11,30 +13,39 @@ import math
 
 import redis.asyncio as aioredis
 
+from streamproc._batch import Batcher
+from streamproc._lua import Lua
 from streamproc.keys import Keys
 
 __all__ = ("RateLimiter",)
 
-# KEYS[1] bucket hash. ARGV: rate (tokens/s), burst, cost. Returns {allowed, wait_ms}.
-_BUCKET_LUA = """
+# KEYS: one bucket hash per request (repeated for an agent with several requests).
+# ARGV: rate (tokens/s), burst, then the cost of each request. Returns each request's wait in
+# ms (0 = allowed and taken).
+_BUCKETS = Lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ms')
-local tokens = tonumber(b[1]) or burst
-local last = tonumber(b[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
-local allowed, wait = 0, 0
-if tokens >= cost then
-  tokens = tokens - cost
-  allowed = 1
-else
-  wait = math.ceil((cost - tokens) * 1000 / rate)
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ttl = math.ceil(burst * 1000 / rate) + 1000
+local out = {}
+for i = 1, #KEYS do
+  local cost = tonumber(ARGV[i + 2])
+  local b = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
+  local tokens = tonumber(b[1]) or burst
+  local last = tonumber(b[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
+  local wait = 0
+  if tokens >= cost then
+    tokens = tokens - cost
+  else
+    wait = math.ceil((cost - tokens) * 1000 / rate)
+  end
+  redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ms', tostring(now))
+  redis.call('PEXPIRE', KEYS[i], ttl)
+  out[i] = wait
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ms', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-return {allowed, wait}
-"""
+return out
+""")
 
 
 class RateLimiter:
@@ -43,15 +54,18 @@ class RateLimiter:
     def __init__(
         self, client: aioredis.Redis, keys: Keys, *, rate_per_s: float, burst: int
     ) -> None:
-        self.keys, self.rate_per_s, self.burst = keys, rate_per_s, burst
-        self._script = client.register_script(_BUCKET_LUA)
+        self.client, self.keys, self.rate_per_s, self.burst = client, keys, rate_per_s, burst
+        self._batcher: Batcher[tuple[str, int], int] = Batcher(
+            self._take_many, max_size=500, name="streamproc-rate-limit"
+        )
 
     async def take(self, agent: str, cost: int) -> int:
         if not self.rate_per_s:
             return 0
-        allowed, wait_ms = await self._script(
-            keys=[self.keys.rate_limit(agent)], args=[self.rate_per_s, self.burst, cost]
-        )
-        if allowed:
-            return 0
-        return max(1, math.ceil(int(wait_ms) / 1000))
+        wait_ms = await self._batcher.submit((agent, cost))
+        return max(1, math.ceil(wait_ms / 1000)) if wait_ms else 0
+
+    async def _take_many(self, requests: list[tuple[str, int]]) -> list[int]:
+        keys = [self.keys.rate_limit(agent) for agent, _ in requests]
+        args = [self.rate_per_s, self.burst, *(cost for _, cost in requests)]
+        return [int(w) for w in await _BUCKETS(self.client, keys, args)]
