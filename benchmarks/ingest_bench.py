@@ -1,11 +1,11 @@
 """Ingest throughput and latency: one ingest process, a load generator in this process.
 
     .venv/bin/python benchmarks/ingest_bench.py [--seconds 10] [--single-conns 64]
-        [--batch-conns 16] [--batch 100]
+        [--batch-conns 16] [--batch 100] [--rate-limit]
 
-Starts ``streamproc ingest`` (one process, rate limit off) on a free 127.0.0.1 port and drives
-it over loopback with keep-alive aiohttp connections, closed loop (each connection sends its
-next request when the answer came):
+Starts ``streamproc ingest`` (one process, rate limit off unless ``--rate-limit``) on a free
+127.0.0.1 port and drives it over loopback with keep-alive aiohttp connections, closed loop
+(each connection sends its next request when the answer came):
 
 1. single events: one JSON object per request;
 2. batches: ``--batch`` events per JSON array.
@@ -107,7 +107,8 @@ async def main(args: argparse.Namespace) -> None:
         "REDIS_URL": redis_url,
         "STREAMPROC_PREFIX": keys.prefix,
         "STREAMPROC_LOG_LEVEL": "warning",
-        "STREAMPROC_INGEST_RATE_EVENTS_PER_S": "0",
+        # --rate-limit: the per-agent bucket runs on every request but never refuses
+        "STREAMPROC_INGEST_RATE_EVENTS_PER_S": "1e9" if args.rate_limit else "0",
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "streamproc", "ingest", "--port", str(port), env=env, cwd=ROOT
@@ -124,7 +125,10 @@ async def main(args: argparse.Namespace) -> None:
                     await asyncio.sleep(0.1)
         url = base + "/v1/events"
         await scenario(url, token, seconds=1, conns=8, batch=1)  # warm-up
-        print(f"ingest benchmark: one ingest process (pid {proc.pid}), {os.cpu_count()} cores")
+        print(
+            f"ingest benchmark: one ingest process (pid {proc.pid}), {os.cpu_count()} cores, "
+            f"rate limiter {'on' if args.rate_limit else 'off'}"
+        )
         for name, conns, batch in (
             ("single events", args.single_conns, 1),
             (f"batches of {args.batch}", args.batch_conns, args.batch),
@@ -153,4 +157,9 @@ if __name__ == "__main__":
     p.add_argument("--single-conns", type=int, default=64)
     p.add_argument("--batch-conns", type=int, default=16)
     p.add_argument("--batch", type=int, default=100)
+    p.add_argument(
+        "--rate-limit",
+        action="store_true",
+        help="keep the per-agent rate limiter on (rate 1e9/s: it costs, never refuses)",
+    )
     uvloop.run(main(p.parse_args()))

@@ -4,8 +4,8 @@ Every phase runs in its own process against the same Redis (an embedded one unle
 REDIS_URL is set), on its own stream, with the same batch size (100) and msgspec decoding:
 
 - bare XADD      pipelined XADD of pre-built events, 100 per pipeline
-- publish_many   Producer.publish_many, 100 per call (dedup on: the Lua check-and-XADD;
-                 dedup off: plain pipelined XADD)
+- publish_many   Producer.publish_many, 100 per call, one publish script call (dedup on: a
+                 GET + XADD + SET PX per event in it; dedup off: XADD only)
 - bare drain     XREADGROUP COUNT 100 → msgspec decode → one XACK per batch
 - engine drain   Consumer.run with a no-op handler (dedup on / off, retries idle)
 - end to end     one producer process and one consumer process at once

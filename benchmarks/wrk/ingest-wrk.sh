@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Ingest under wrk (Debian package wrk): single events (64 connections) and batches of 100
-# (16 connections), one ingest process, an embedded Redis; rate limit off.
+# (16 connections), one ingest process, an embedded Redis; rate limit off unless RATE is set
+# (events/s per agent). Then, unless BASELINE=0, the single-event load on bare aiohttp
+# (benchmarks/wrk/bare_server.py: no-op, and one XADD per request) for comparison.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PORT=$(.venv/bin/python -c "from streamproc.embedded import free_port; print(free_port())")
 IPORT=$(.venv/bin/python -c "from streamproc.embedded import free_port; print(free_port())")
 redis-server --port $PORT --save "" --appendonly no --daemonize yes --pidfile ${TMPDIR:-/tmp}/redis.pid >/dev/null
 sleep 0.3
-export REDIS_URL=redis://127.0.0.1:$PORT/0 STREAMPROC_LOG_LEVEL=warning STREAMPROC_INGEST_RATE_EVENTS_PER_S=0
+export REDIS_URL=redis://127.0.0.1:$PORT/0 STREAMPROC_LOG_LEVEL=warning STREAMPROC_INGEST_RATE_EVENTS_PER_S=${RATE:-0}
 TOKEN=$(.venv/bin/streamproc agents add bench --types '*' 2>/dev/null | grep -o 'spk_[A-Za-z0-9_-]*' | head -1)
 .venv/bin/streamproc ingest --port $IPORT > ${TMPDIR:-/tmp}/ingest.log 2>&1 &
 IPID=$!
@@ -34,6 +36,18 @@ print('  for i = 1, 100 do items[i] = \'{"type":"cluster.spot_interruption","clu
 print('  return wrk.format(nil, nil, nil, "[" .. table.concat(items, ",") .. "]")')
 print('end')
 PY
-echo "single:"; wrk -t1 -c64 -d10s --latency -s ${TMPDIR:-/tmp}/single.lua http://127.0.0.1:$IPORT/v1/events | grep -E "Requests/sec|50%|99%|Non-2xx|Socket"
-echo "batch100:"; wrk -t1 -c16 -d10s --latency -s ${TMPDIR:-/tmp}/batch.lua http://127.0.0.1:$IPORT/v1/events | grep -E "Requests/sec|50%|99%|Non-2xx|Socket"
-kill $IPID; sleep 2; kill $(cat ${TMPDIR:-/tmp}/redis.pid)
+run() {  # name, connections, script, port
+  echo "$1:"; wrk -t1 -c$2 -d10s --latency -s ${TMPDIR:-/tmp}/$3 http://127.0.0.1:$4/v1/events | grep -E "Requests/sec|50%|99%|Non-2xx|Socket"
+}
+run "ingest single" 64 single.lua $IPORT
+run "ingest batch100" 16 batch.lua $IPORT
+kill $IPID; wait $IPID || true
+if [ "${BASELINE:-1}" = 1 ]; then  # the same load on bare aiohttp: what HTTP alone costs here
+  for mode in noop xadd; do
+    .venv/bin/python benchmarks/wrk/bare_server.py $IPORT $mode redis://127.0.0.1:$PORT/0 &
+    BPID=$!; sleep 2
+    run "bare aiohttp ($mode) single" 64 single.lua $IPORT
+    kill $BPID; wait $BPID || true
+  done
+fi
+kill $(cat ${TMPDIR:-/tmp}/redis.pid)
