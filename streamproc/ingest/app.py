@@ -131,9 +131,12 @@ class Ingest:
 
     def body_format(self, request: web.Request, allowed: Sequence[str] | None = None) -> str:
         """The body's format from its Content-Type (absent = JSON); else 415."""
-        if "Content-Type" not in request.headers:
+        raw = request.headers.get("Content-Type")
+        if raw is None:
             return "json"
-        fmt = CONTENT_TYPES.get(request.content_type)
+        fmt = CONTENT_TYPES.get(raw)  # the usual bare value: no parsing
+        if fmt is None:
+            fmt = CONTENT_TYPES.get(request.content_type)
         if fmt is None or (allowed is not None and fmt not in allowed):
             accepted = [t for t, f in CONTENT_TYPES.items() if allowed is None or f in allowed]
             raise Problem(
