@@ -75,7 +75,9 @@ class Ingest:
         ]
         self.decoder = EventDecoder(self.event_types, max_batch=s.max_batch)
         self.agents = AgentStore(client, keys, cache_s=s.auth_cache_s)
-        self.limiter = RateLimiter(client, keys, rate_per_s=s.rate_events_per_s, burst=s.rate_burst)
+        self.limiter = RateLimiter(
+            client, keys, rate_per_s=s.rate_events_per_s, burst=s.rate_burst, lease_s=s.rate_lease_s
+        )
         #: topic → the groups that must exist for /readyz.
         self.groups = dict(groups or {})
         self.tasks = TaskApi(self, task_types or {}, group=TASK_GROUP)

@@ -17,6 +17,9 @@ class IngestSettings(_Settings, frozen=True, kw_only=True):
     rate_events_per_s: float = 5000.0
     #: Per-agent token bucket size (the largest burst); at least ``max_batch``.
     rate_burst: int = 10_000
+    #: Each process leases this many seconds' worth of an agent's rate from the shared bucket
+    #: and spends it without asking Redis (held at most 1 s; never over the rate); 0 = off.
+    rate_lease_s: float = 0.05
     #: How long a token lookup is reused in memory: the bound on how late a revocation acts.
     auth_cache_s: float = 5.0
     #: How long a publish may retry while Redis is unreachable before the request gets 503.
@@ -31,7 +34,7 @@ class IngestSettings(_Settings, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         self._positive("max_body_bytes", "max_batch", "rate_burst", "publish_timeout_s")
         self._positive("retry_after_s", "shutdown_grace_s", "task_ttl_s")
-        self._positive("rate_events_per_s", "auth_cache_s", allow_zero=True)
+        self._positive("rate_events_per_s", "auth_cache_s", "rate_lease_s", allow_zero=True)
         if self.rate_events_per_s and self.rate_burst < self.max_batch:
             raise ConfigError(
                 f"IngestSettings.rate_burst ({self.rate_burst}) must be >= max_batch "
