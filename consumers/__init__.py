@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from consumers import cluster_events, renders, tasks
 from streamproc.concern import Concern
+from streamproc.config import settings_from_env
+from streamproc.errors import ConfigError
 
-__all__ = ("CONCERNS",)
+__all__ = ("CONCERNS", "configure_from_env")
 
 CONCERNS: dict[str, Concern] = {
     c.group: c for c in (cluster_events.CONCERN, tasks.CONCERN, renders.CONCERN)
 }
+
+
+def configure_from_env(env: Mapping[str, str]) -> None:
+    """Settings of the concerns that have some: ``STREAMPROC_RENDER_*`` (see consumers.renders)."""
+    settings = settings_from_env(renders.RenderSettings, "STREAMPROC_RENDER_", env)
+    try:
+        renders.use_settings(settings)
+    except ConfigError as e:  # the store could not be built from its location
+        raise ConfigError(f"STREAMPROC_RENDER_STORE={settings.store!r}: {e}") from None

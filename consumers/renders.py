@@ -9,8 +9,11 @@ topic ``render-progress`` (``redis-cli XREAD BLOCK 0 STREAMS <p>:{render-progres
 
 A timeout or crashed worker is a transient error (retried with backoff, then dead-lettered); a
 GPU-only job on a host without GPU, or bad input, is permanent (dead-lettered at once).
-Configure with ``configure(RenderSettings(...))`` before consuming (defaults: local folder
-``artefacts/``, 2 CPU workers, GPUs detected).
+Configure with ``configure(RenderSettings(...))`` before consuming, or from the environment
+(``streamproc consume`` reads ``STREAMPROC_RENDER_<FIELD>``: ``STORE``, ``S3_ENDPOINT_URL``,
+``S3_REGION``, and the pool's ``POOL_CPU_WORKERS``, ``POOL_WORKERS_PER_GPU``, ``POOL_GPUS``
+(``0,1``; empty = none; unset = detect), ``POOL_MAX_QUEUED``, ``POOL_MAX_TASKS_PER_CHILD``).
+Defaults: local folder ``artefacts/``, 2 CPU workers, GPUs detected.
 """
 
 from __future__ import annotations
@@ -198,6 +201,14 @@ def runtime() -> _Runtime:
     if _runtime is None:
         _runtime = _Runtime(RenderSettings())
     return _runtime
+
+
+def use_settings(settings: RenderSettings) -> None:
+    """Set this process's render settings before the pool starts (the CLI, from the env)."""
+    global _runtime
+    if _runtime is not None and _runtime.pool is not None:
+        raise RuntimeError("the render pool is running: use `await configure(...)`")
+    _runtime = _Runtime(settings)
 
 
 async def configure(settings: RenderSettings) -> None:

@@ -23,6 +23,7 @@ if [[ -z $engine ]]; then
   elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then engine=docker
   else skip "neither podman nor a running docker engine"; fi
 fi
+command -v redis-cli >/dev/null || skip "redis-cli missing (Debian redis-tools)"
 work=$(mktemp -d)
 if [[ $engine == podman ]]; then
   # What podman from Debian needs on these machines, without touching /etc: runc, cgroupfs,
@@ -109,7 +110,7 @@ trap down EXIT
 run() { $engine run --rm --network host -e REDIS_URL -e STREAMPROC_PREFIX "$image" "$@"; }
 
 # Roles that exist in this image (ingest and ticker are built by others; run them when there).
-services=(redis cluster-events)
+services=(redis cluster-events tasks renders)
 for role in ticker ingest; do
   if $engine run --rm "$image" "$role" --help >/dev/null 2>&1; then
     [[ $role == ticker ]] && services+=(ticker-a ticker-b)
@@ -150,9 +151,22 @@ done
 run inspect --json --max-pending-age-s 60 >"$work/inspect.json" 2>/dev/null \
   || { cat "$work/inspect.json" >&2; echo "FAIL: inspect reports a breach" >&2; exit 1; }
 
+say "a preview render in the renders container (its process pool, CPU), stored in its volume"
+run publish render.requested '{"kind":"preview","width":16,"height":12,"frames":1}' >/dev/null 2>&1
+done_key="$STREAMPROC_PREFIX:{renders-done}:stream"
+for _ in $(seq 90); do
+  [[ $(redis-cli -p "$redis_port" XLEN "$done_key" 2>/dev/null) -ge 1 ]] && break
+  sleep 1
+done
+location=$(redis-cli -p "$redis_port" XRANGE "$done_key" - + | grep -o 'file:///data/artefacts/[^"]*' | head -1)
+[[ -n $location ]] || { echo "FAIL: no render.done with a file in /data/artefacts" >&2; dc logs renders 2>&1 | tail -40 >&2; exit 1; }
+ctr=$($engine ps --format '{{.Names}}' | grep "$project" | grep renders | head -1)
+$engine exec "$ctr" test -s "${location#file://}" \
+  || { echo "FAIL: $location is not in the renders container" >&2; exit 1; }
+
 if [[ $engine == podman ]]; then
   say "the image's HEALTHCHECK passes in the consumer container"
   ctr=$(podman ps --filter "label=io.podman.compose.project=$project" --format '{{.Names}}' | grep cluster-events | head -1)
   podman healthcheck run "$ctr" >/dev/null
 fi
-echo "PASS: $engine ran redis + ${services[*]:1}; 3 events published, $acked acked"
+echo "PASS: $engine ran redis + ${services[*]:1}; 3 events published, $acked acked; a render stored at $location"

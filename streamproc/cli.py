@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,16 +55,23 @@ COMMAND_MODULES: tuple[str, ...] = (
 class App:
     """What the application provides: its event registry and its concerns."""
 
-    def __init__(self, registry: Registry[Any], concerns: dict[str, Concern]) -> None:
+    def __init__(
+        self,
+        registry: Registry[Any],
+        concerns: dict[str, Concern],
+        configure: Callable[[Mapping[str, str]], None] | None = None,
+    ) -> None:
         self.registry, self.concerns = registry, concerns
         self.codec: Codec[Any] = Codec(registry)
+        #: Reads the concerns' own settings from the environment (before consuming).
+        self.configure = configure
 
 
 def load_app() -> App:
-    from consumers import CONCERNS
+    from consumers import CONCERNS, configure_from_env
     from schemas import REGISTRY
 
-    return App(REGISTRY, CONCERNS)
+    return App(REGISTRY, CONCERNS, configure_from_env)
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
@@ -182,6 +189,8 @@ def _cmd_consume(args: argparse.Namespace, cfg: Config, app: App) -> int:
             f"unknown group(s) {', '.join(unknown) or '(none given)'}; "
             f"known: {', '.join(sorted(app.concerns))}"
         )
+    if app.configure is not None:
+        app.configure(os.environ)
     return run_async(consume(cfg, app, groups, http_port=args.http_port, http_host=args.http_host))
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import socket
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -25,7 +26,7 @@ from streamproc.errors import ConfigError
 from streamproc.keys import NAME_RE
 from streamproc.settings import ConsumerSettings, ProducerSettings, RedisSettings
 
-__all__ = ("Config", "load_config")
+__all__ = ("Config", "load_config", "settings_from_env")
 
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -38,6 +39,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_json: bool | None
     #: False when REDIS_URL was not set (``up`` then starts an embedded Redis).
     redis_url_given: bool
+
+
+S = TypeVar("S")
 
 
 def _default_consumer_name() -> str:
@@ -61,6 +65,49 @@ def _from_env(env: Mapping[str, str], cls: type[Any], skip: tuple[str, ...] = ()
         except msgspec.ValidationError:
             raise ConfigError(f"{var}={raw!r}: expected {field_type}") from None
     return out
+
+
+def settings_from_env(cls: type[S], prefix: str, env: Mapping[str, str]) -> S:
+    """A settings Struct from ``<prefix><FIELD>`` variables; a nested Struct field ``pool``
+    reads ``<prefix>POOL_<FIELD>``; a tuple takes a comma-separated list (empty = none).
+
+    Unset variables keep the defaults. A bad value raises ConfigError naming its variable.
+    """
+    hints = msgspec.structs.fields(cls)  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for f in hints:
+        var = f"{prefix}{f.name.upper()}"
+        nested = _struct_type(f.type)
+        if nested is not None:
+            if any(k.startswith(var + "_") for k in env):
+                values[f.name] = settings_from_env(nested, var + "_", env)
+            continue
+        if var not in env:
+            continue
+        raw = env[var]
+        value: Any = raw
+        if _is_tuple(f.type):
+            value = [p.strip() for p in raw.split(",") if p.strip()]
+        try:
+            msgspec.convert({f.name: value}, cls, strict=False)
+        except msgspec.ValidationError as e:
+            reason = str(e).split(" - at ")[0]
+            raise ConfigError(f"{var}={raw!r}: {reason}") from None
+        except ConfigError as e:  # the Struct's own checks (__post_init__)
+            raise ConfigError(f"{var}={raw!r}: {e}") from None
+        values[f.name] = value
+    try:
+        return msgspec.convert(values, cls, strict=False)
+    except (msgspec.ValidationError, ConfigError) as e:
+        raise ConfigError(f"{prefix}*: {e}") from None
+
+
+def _struct_type(t: Any) -> type[Any] | None:
+    return t if isinstance(t, type) and issubclass(t, msgspec.Struct) else None
+
+
+def _is_tuple(t: Any) -> bool:
+    return any(a is tuple or typing.get_origin(a) is tuple for a in (t, *typing.get_args(t)))
 
 
 def _build(cls: type[Any], values: dict[str, Any], **fixed: Any) -> Any:

@@ -114,10 +114,17 @@ class OffloadSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     max_tasks_per_child: int = 50
 
     def __post_init__(self) -> None:
-        if self.cpu_workers < 1 or self.workers_per_gpu < 1 or self.max_queued < 0:
-            raise ConfigError("OffloadSettings: cpu_workers, workers_per_gpu >= 1, max_queued >= 0")
-        if self.max_tasks_per_child < 0:
-            raise ConfigError("OffloadSettings.max_tasks_per_child must be >= 0")
+        for name, low, high in (
+            ("cpu_workers", 1, 512),
+            ("workers_per_gpu", 1, 64),
+            ("max_queued", 0, 1_000_000),
+            ("max_tasks_per_child", 0, 1_000_000),
+        ):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"OffloadSettings.{name} must be {low}..{high}, got {value}")
+        if self.gpus is not None and any(not 0 <= g < 1024 for g in self.gpus):
+            raise ConfigError(f"OffloadSettings.gpus: GPU indices are 0..1023, got {self.gpus}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,6 @@ import fnmatch
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
 
 import msgspec
 import orjson
@@ -21,7 +20,7 @@ from aiohttp import web
 
 from streamproc._supervise import supervise
 from streamproc.cli import App, install_stop_handlers, open_redis, run_async
-from streamproc.config import Config
+from streamproc.config import Config, settings_from_env
 from streamproc.errors import ConfigError
 from streamproc.ingest.app import Ingest, create_app
 from streamproc.ingest.auth import AgentStore, parse_types
@@ -44,16 +43,9 @@ _FIRST_TOKEN_HINT = (
 
 
 def ingest_settings_from_env(env: Mapping[str, str] | None = None) -> IngestSettings:
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for name in IngestSettings.__struct_fields__:
-        var = f"STREAMPROC_INGEST_{name.upper()}"
-        if var in env:
-            values[name] = env[var]
-    try:
-        return msgspec.convert(values, IngestSettings, strict=False)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"STREAMPROC_INGEST_*: {e}") from None
+    return settings_from_env(
+        IngestSettings, "STREAMPROC_INGEST_", os.environ if env is None else env
+    )
 
 
 def _task_types() -> dict[str, TaskType]:
