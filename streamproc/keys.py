@@ -106,6 +106,10 @@ class Keys:
     def task_cancel(self, task_id: str) -> str:
         return f"{self.prefix}:{{task:{task_id}}}:cancel"
 
+    def task_slots(self, task_type: str) -> str:
+        """Sorted set of the running tasks of a type (member → lease expiry, ms)."""
+        return f"{self.prefix}:taskslots:{task_type}"
+
     def topic_of(self, stream_key: str) -> str:
         """The topic of a key built here (the text inside the hash tag)."""
         start = stream_key.index("{") + 1

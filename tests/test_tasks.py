@@ -31,6 +31,7 @@ class Recorder:
         self.running = asyncio.Event()
         self.release = asyncio.Event()
         self.fail_first: set[str] = set()
+        self.now = self.most = 0
 
     async def block(self, p: Sleep, ctx: TaskContext) -> dict[str, Any]:
         self.started.append(p.label)
@@ -47,8 +48,20 @@ class Recorder:
             raise ConnectionError("network blip")
         return "ok"
 
+    async def count(self, p: Sleep, ctx: TaskContext) -> str:
+        """Counts how many run at once (across every runner of this test)."""
+        self.now += 1
+        self.most = max(self.most, self.now)
+        self.started.append(p.label)
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            self.now -= 1
+        return p.label
+
     def types(self) -> dict[str, TaskType]:
         return {
+            "test.count": TaskType(name="test.count", run=self.count, payload_type=Sleep),
             "test.block": TaskType(name="test.block", run=self.block, payload_type=Sleep),
             "test.flaky": TaskType(
                 name="test.flaky", run=self.flaky, payload_type=Sleep, retry_base_s=0.01
@@ -277,3 +290,42 @@ async def test_transient_failures_retry_and_permanent_ones_fail(
     view = await task(srv, op, flaky["id"])
     assert view["attempts"] == 2
     assert view["result"] == "ok"
+
+
+async def test_a_type_s_concurrency_holds_across_runner_processes(
+    srv: Server,
+    op: str,
+    client: aioredis.Redis,
+    keys: Keys,
+    producer: Producer,
+    codec: Codec[Any],
+    rec: Recorder,
+) -> None:
+    """Two runners (each its own concern and gates, as two processes): test.count has
+    concurrency 1, so its tasks never overlap, whichever runner read them."""
+    runners = [
+        Consumer(
+            task_concern({**TASK_TYPES, **rec.types()}),
+            client=client,
+            codec=codec,
+            keys=keys,
+            producer=producer,
+            # one task at a time each: the six tasks are shared between the two runners
+            settings=ConsumerSettings(
+                consumer=f"runner-{n}", block_ms=50, batch=1, max_in_flight=1
+            ),
+        )
+        for n in (1, 2)
+    ]
+    ids = [
+        (await submit(srv, op, {"type": "test.count", "payload": {"label": str(i)}}))["id"]
+        for i in range(6)
+    ]
+    async with running(runners[0]), running(runners[1]):
+        for task_id in ids:
+            await until_status(srv, op, task_id, "completed")
+    assert sorted(rec.started) == [str(i) for i in range(6)]
+    assert rec.most == 1
+    assert sum(r.stats.read for r in runners) == 6
+    assert all(r.stats.read >= 1 for r in runners)  # both ran some: the limit is global
+    assert await client.zcard(keys.task_slots("test.count")) == 0  # every slot given back

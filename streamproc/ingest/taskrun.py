@@ -6,8 +6,11 @@ runner's tasks and retries are the engine's; this module adds what tasks need on
 - **priority**: the group reads the ``tasks.critical`` stream first, then high, normal, low;
   tasks read together wait at their type's gate, which hands free slots to the most urgent
   (then the oldest) waiter. Order is strict among the tasks one runner process holds.
-- **per-type concurrency**: each task type has its own gate (``TaskType.concurrency``, per
-  runner process).
+- **per-type concurrency**: each task type has its own gate (``TaskType.concurrency``) in each
+  runner process, and the same limit across all runner processes (``GlobalSlots``: a sorted
+  set of leases in Redis, renewed while the task runs, expiring ``SLOT_TTL_S`` after a runner
+  died). A task waits for a slot by polling (50 ms growing to 1 s): across processes the
+  order of waiters is not strict; within one process it is by priority.
 - **status and progress** in the task's hash (``TaskStore``), kept 24 h.
 - **cooperative cancel**: ``DELETE /v1/tasks/{id}`` pushes to the task's cancel list; the
   runner waits on it (BLPOP) beside the task and cancels the task's asyncio task, which ends
@@ -35,6 +38,7 @@ import structlog
 
 from schemas.tasks import PRIORITIES, TASK_EVENTS, TaskRequested
 from streamproc._backoff import backoff_delay_s
+from streamproc._lua import Lua
 from streamproc.concern import Concern, Context
 from streamproc.errors import ConfigError, Permanent, Retry
 from streamproc.ingest.metrics import TASK_SECONDS, TASKS_FINISHED
@@ -43,13 +47,37 @@ from streamproc.keys import Keys
 from streamproc.producer import Producer
 from streamproc.settings import RetryPolicy
 
-__all__ = ("TASK_GROUP", "PriorityGate", "TaskContext", "TaskType", "task_concern")
+__all__ = (
+    "TASK_GROUP",
+    "GlobalSlots",
+    "PriorityGate",
+    "TaskContext",
+    "TaskType",
+    "task_concern",
+)
 
 log = structlog.get_logger("streamproc.tasks")
 
 TASK_GROUP = "tasks"
 #: How long one BLPOP on a running task's cancel list waits (under the socket timeout).
 CANCEL_POLL_S = 1.0
+#: A running task's slot lease: renewed every third of it; a dead runner's slot frees after it.
+SLOT_TTL_S = 30.0
+
+# KEYS[1] slots zset. ARGV: member, limit, ttl ms. Drops expired leases; takes (or renews) the
+# member's lease if it holds one or a slot is free. Returns 1 if held, 0 if all are taken.
+_TAKE_SLOT = Lua("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+  return 1
+end
+return 0
+""")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +89,7 @@ class TaskType:
     run: Callable[[Any, TaskContext], Awaitable[Any]]
     #: msgspec type the payload is validated against, at submission and again at run time.
     payload_type: Any = dict
-    #: Tasks of this type running at once in one runner process.
+    #: Tasks of this type running at once, across all runner processes.
     concurrency: int = 1
     max_retries: int = 3
     retry_base_s: float = 1.0
@@ -140,6 +168,47 @@ class PriorityGate:
         self._free += 1
 
 
+class GlobalSlots:
+    """A task type's concurrency across every runner process: leases in a Redis sorted set."""
+
+    def __init__(
+        self, redis: aioredis.Redis, key: str, limit: int, *, ttl_s: float = SLOT_TTL_S
+    ) -> None:
+        self.redis, self.key, self.limit, self.ttl_ms = redis, key, limit, int(ttl_s * 1000)
+
+    async def take(self, member: str) -> bool:
+        """Take (or renew) ``member``'s slot now; False if every slot is held."""
+        return bool(await _TAKE_SLOT(self.redis, [self.key], [member, self.limit, self.ttl_ms]))
+
+    @contextlib.asynccontextmanager
+    async def hold(self, member: str) -> AsyncIterator[None]:
+        """Wait for a slot, keep it renewed while the body runs, then give it back."""
+        wait_s = 0.05
+        while not await self.take(member):
+            await asyncio.sleep(wait_s)
+            wait_s = min(1.0, wait_s * 1.5)
+        renewer = asyncio.create_task(self._renew(member))
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            try:
+                await self.redis.zrem(self.key, member)
+            except Exception as e:  # Redis down: the lease expires by itself
+                log.warning("task_slot_release_failed", key=self.key, error=str(e))
+
+    async def _renew(self, member: str) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_ms / 3000)
+            try:
+                if not await self.take(member):
+                    log.error("task_slot_lost", key=self.key, member=member)
+            except Exception as e:  # Redis down: try again at the next interval
+                log.warning("task_slot_renew_failed", key=self.key, error=str(e))
+
+
 async def _watch_cancel(ctx: TaskContext, job: asyncio.Task[Any]) -> None:
     """Wait on the task's cancel list; on a signal, cancel the task."""
     key = ctx.keys.task_cancel(ctx.task_id)
@@ -185,7 +254,11 @@ def task_concern(
                 await store.finish(event.id, "failed", error=f"unknown task type {event.task_type}")
             return
         rank = PRIORITIES.index(event.priority) if event.priority in PRIORITIES else 2
-        async with gates[tt.name].slot(rank, event.id):
+        slots = GlobalSlots(ctx.redis, ctx.keys.task_slots(tt.name), tt.concurrency)
+        async with (
+            gates[tt.name].slot(rank, event.id),
+            slots.hold(f"{ctx.consumer}:{event.id}"),
+        ):
             verdict = await store.start(event.id)
             if verdict != "run":
                 log.info("task_skipped", task_id=event.id, verdict=verdict)
