@@ -667,6 +667,8 @@ class Consumer:
         ]
         if self.settings.trim_interval_ms:
             side.append(asyncio.create_task(self._trim_loop()))
+        if self.settings.stats_interval_ms:
+            side.append(asyncio.create_task(self._stats_loop()))
         reader = asyncio.create_task(self._reader())
         stop_wait = asyncio.create_task(self._stopping.wait())
         try:
@@ -778,6 +780,29 @@ class Consumer:
                 self._dispatch(await self._until_up(self.reclaim))
             if rounds % 30 == 0:
                 await self._until_up(self.expire_consumers)
+
+    async def report_stats(self) -> None:
+        """Write this consumer's ack-latency histogram (cumulative) to the group's hash."""
+        body = msgspec.json.encode(
+            {
+                "at": int(time.time() * 1000),
+                "bounds_ms": _LATENCY_BOUNDS_MS,
+                "counts": self.stats.latency_counts,
+            }
+        )
+        key = self.keys.latency(self.group)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, self.name, body)
+            pipe.pexpire(key, 3_600_000)
+            await pipe.execute()
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_interval_ms / 1000)
+            try:
+                await self.report_stats()
+            except Exception as e:  # a figure for the dashboard: never worth stopping for
+                log.debug("stats_report_failed", error=str(e))
 
     async def _retry_loop(self) -> None:
         """Pump due retries: at the earliest local due time, and at least every second."""

@@ -106,6 +106,10 @@ class Keys:
     def task_cancel(self, task_id: str) -> str:
         return f"{self.prefix}:{{task:{task_id}}}:cancel"
 
+    def latency(self, group: str) -> str:
+        """Hash: consumer name → its ack-latency histogram (JSON), for the dashboard."""
+        return f"{self.prefix}:latency:{group}"
+
     def task_slots(self, task_type: str) -> str:
         """Sorted set of the running tasks of a type (member → lease expiry, ms)."""
         return f"{self.prefix}:taskslots:{task_type}"

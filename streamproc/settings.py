@@ -105,6 +105,9 @@ class ConsumerSettings(_Settings, frozen=True, kw_only=True):
     #: Hard length cap per stream applied by the trimmer; 0 = none. It may cut entries a
     #: group has not acked, and then says so (error log + metric).
     hard_maxlen: int = 0
+    #: Every this often the consumer writes its ack-latency histogram to Redis (``Keys.latency``)
+    #: for the dashboard; 0 = never.
+    stats_interval_ms: int = 5_000
 
     def __post_init__(self) -> None:
         from streamproc.keys import check_name
@@ -112,7 +115,13 @@ class ConsumerSettings(_Settings, frozen=True, kw_only=True):
         check_name("consumer", self.consumer)
         self._positive("max_in_flight", "batch", "block_ms", "min_idle_ms", "grace_s")
         self._positive("max_deliveries", "consumer_expiry_ms")
-        self._positive("dedup_window_ms", "trim_interval_ms", "hard_maxlen", allow_zero=True)
+        self._positive(
+            "dedup_window_ms",
+            "trim_interval_ms",
+            "hard_maxlen",
+            "stats_interval_ms",
+            allow_zero=True,
+        )
         if self.min_idle_ms < 3 * 100:
             raise ConfigError(
                 "ConsumerSettings.min_idle_ms must be >= 300 (heartbeats renew at 1/3)"

@@ -13,11 +13,14 @@ import redis.asyncio as aioredis
 
 from schemas import SpotInterruption
 from streamproc import Keys, Permanent, Producer
+from streamproc.consumer import LATENCY_BUCKETS_S
 from streamproc.dashboard import COOKIE, build_snapshot
 from streamproc.dashboard.session import session_key
-from streamproc.dashboard.snapshot import LATENCY_NOTE, percentile
+from streamproc.dashboard.snapshot import LATENCY_NOTE, histogram_percentile, percentile
 from tests.helpers import MakeConsumer, entries, spot
 from tests.test_ingest_support import Server, running_ingest
+
+BOUNDS_MS = [b * 1000 for b in LATENCY_BUCKETS_S]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -53,6 +56,50 @@ async def csrf_of(browser: aiohttp.ClientSession) -> str:
 # ---------------------------------------------------------------------- snapshot
 
 
+def test_histogram_percentile_gives_the_bucket_bound() -> None:
+    bounds = [1.0, 2.0, 5.0]
+    assert histogram_percentile([0, 0, 0, 0], bounds, 50) is None
+    assert histogram_percentile([10, 0, 0, 0], bounds, 99) == 1.0
+    assert histogram_percentile([50, 49, 1, 0], bounds, 50) == 1.0
+    assert histogram_percentile([50, 49, 1, 0], bounds, 99) == 2.0
+    assert histogram_percentile([50, 49, 0, 1], bounds, 100) == 5.0  # above every bound
+
+
+async def test_latency_window_sums_consumers_and_survives_restarts_and_junk(
+    client: aioredis.Redis, keys: Keys, producer: Producer, make_consumer: MakeConsumer
+) -> None:
+    async def handle(event: SpotInterruption, ctx: Any) -> None:
+        return None
+
+    consumer = make_consumer({SpotInterruption: handle})
+    await consumer.ensure_groups()
+    key = keys.latency("g")
+    now = await client.time()
+    at = int(now[0]) * 1000
+
+    def hist(counts: list[int], when: int = at) -> bytes:
+        bounds = BOUNDS_MS
+        full = counts + [0] * (len(bounds) + 1 - len(counts))
+        return msgspec.json.encode({"at": when, "bounds_ms": bounds, "counts": full})
+
+    await client.hset(key, mapping={"a": hist([5]), "b": hist([0, 0, 0, 9])})
+    _, counts = await build_snapshot(client, keys)
+    await client.hset(
+        key,
+        mapping={
+            "a": hist([6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),  # +1 at 1 ms, +1 in the 12th
+            "b": hist([0, 2]),  # restarted: counts from zero again, 2 at 2 ms
+            "c": b"not json",  # someone else's field: ignored
+            "d": hist([0] * 16 + [9], when=at - 120_000),  # silent for 2 min: ignored
+        },
+    )
+    second, _ = await build_snapshot(client, keys, previous=counts)
+    [g] = second.groups
+    # the window: a +1 (1 ms) and +1 (bound 12), b 2 (2 ms): 4 events
+    assert g.latency_p50_ms == 2.0
+    assert g.latency_p99_ms == BOUNDS_MS[12]
+
+
 def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 50) is None
     assert percentile([3.0], 99) == 3.0
@@ -65,7 +112,7 @@ def test_percentile_is_nearest_rank() -> None:
 async def test_snapshot_has_groups_rates_pending_ages_dlq_and_ticker(
     client: aioredis.Redis, keys: Keys, producer: Producer, make_consumer: MakeConsumer
 ) -> None:
-    """Rates come from two samples; latency is reported as not available, with the reason."""
+    """Rates and ack latency come from two samples (latency from the consumer's histogram)."""
 
     async def handle(event: SpotInterruption, ctx: Any) -> None:
         if event.instance_id == "i-99":
@@ -86,16 +133,24 @@ async def test_snapshot_has_groups_rates_pending_ages_dlq_and_ticker(
         None,
         0,
     )
+    await consumer.report_stats()  # nothing acked yet: an empty histogram
     await producer.publish_many([spot(99)])
     while await consumer.process_once():
         pass
+    await consumer.report_stats()
     second, _ = await build_snapshot(client, keys, previous=counts)
     [g] = second.groups
     assert (g.lag, g.pending, g.done_total, g.dlq) == (0, 0, 6, 1)
     assert g.done_per_s is not None
     assert g.done_per_s > 0
-    assert (g.latency_p50_ms, g.latency_p99_ms) == (None, None)
+    # 5 events acked (the 6th was dead-lettered), each within seconds of its XADD: bucket bounds
+    assert consumer.stats.acked == 5
+    assert g.latency_p50_ms is not None
+    assert g.latency_p99_ms is not None
+    assert g.latency_p50_ms in BOUNDS_MS
+    assert 0 < g.latency_p50_ms <= g.latency_p99_ms <= 60_000
     assert second.latency_note == LATENCY_NOTE
+    assert first.groups[0].latency_p50_ms is None  # one sample: no window yet
     assert second.dlq_total == 1
     [t] = second.topics
     assert t.length == 6

@@ -8,9 +8,12 @@ plus what a single report cannot give and a series of them can:
   acks, dead letters and hand-offs to the retry stream alike;
 - **pending age p50/p99**: ages of the group's delivered-not-acked entries (XPENDING, first
   ``pending_sample`` of them), from their entry ids;
-- **processing latency p50/p99** is *not available*: the engine keeps no per-event timing in
-  Redis (counters live in each consumer process), so the snapshot says ``None`` and the page
-  says why, rather than guess;
+- **ack latency p50/p99** per group: time from XADD (the entry id, Redis' clock) to ack of the
+  events acked between two samples. Each consumer writes its cumulative histogram to
+  ``Keys.latency(group)`` every ``stats_interval_ms`` (5 s); the snapshot sums the growth of
+  every consumer's histogram since the previous sample and reports the upper bound of the
+  bucket holding the percentile (1, 2, 5, 10, 25, 50, 100 ms …): a bound, not an exact value.
+  None when nothing was acked in between (or before the second sample);
 - **render pool use**: the groups reading the render topics — consumers, in flight (pending),
   waiting (lag), done/s. Slot occupancy lives inside the render process (its
   ``streamproc_offload_*`` metrics), out of this process's reach.
@@ -45,13 +48,17 @@ __all__ = (
     "TickerView",
     "TopicView",
     "build_snapshot",
+    "histogram_percentile",
     "percentile",
 )
 
 LATENCY_NOTE = (
-    "not available: the engine records no per-event processing time in Redis; "
-    "pending age shows how long unfinished events have waited"
+    "publish to ack of the events acked since the previous sample, from the histograms the "
+    "consumers write every 5 s (upper bound of the bucket: 1, 2, 5, 10, 25, 50 ms ...); "
+    "blank while nothing was acked"
 )
+#: Histograms of consumers silent this long are ignored (stopped or gone).
+STALE_MS = 60_000
 
 
 class TopicView(msgspec.Struct, kw_only=True):
@@ -78,7 +85,8 @@ class GroupView(msgspec.Struct, kw_only=True):
     done_total: int | None
     pending_age_p50_s: float | None
     pending_age_p99_s: float | None
-    #: Processing latency: not recorded by the engine (see ``Snapshot.latency_note``).
+    #: Publish-to-ack latency of the events acked since the last sample, as bucket upper
+    #: bounds (see ``Snapshot.latency_note``); None when none were.
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
 
@@ -141,6 +149,71 @@ class _Counts(msgspec.Struct, kw_only=True):
     at_ms: int
     added: dict[str, int]
     done: dict[tuple[str, str], int]
+    #: group → consumer → cumulative ack-latency bucket counts
+    latency: dict[str, dict[str, list[int]]] = {}
+
+
+class _Histogram(msgspec.Struct):
+    at: int
+    bounds_ms: list[float]
+    counts: list[int]
+
+
+_decode_histogram = msgspec.json.Decoder(_Histogram).decode
+
+
+async def _latency_counts(
+    client: aioredis.Redis, keys: Keys, groups: set[str], now_ms: int
+) -> tuple[dict[str, dict[str, list[int]]], dict[str, list[float]]]:
+    """Per group: each live consumer's cumulative histogram, and the buckets' bounds."""
+    counts: dict[str, dict[str, list[int]]] = {}
+    bounds: dict[str, list[float]] = {}
+    for group in sorted(groups):
+        rows: dict[Any, Any] = await client.hgetall(keys.latency(group))
+        for name, raw in rows.items():
+            try:
+                h = _decode_histogram(raw)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue  # not ours: never break the page over it
+            if now_ms - h.at > STALE_MS or len(h.counts) != len(h.bounds_ms) + 1:
+                continue
+            counts.setdefault(group, {})[_text(name)] = h.counts
+            bounds[group] = h.bounds_ms
+    return counts, bounds
+
+
+def histogram_percentile(counts: Sequence[int], bounds: Sequence[float], q: float) -> float | None:
+    """The upper bound of the bucket holding the ``q``-th percentile (the last bound when it
+    is above every bound); None for an empty histogram."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = -(-total * q // 100)
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        if seen >= rank:
+            return bounds[min(i, len(bounds) - 1)]
+    return bounds[-1]
+
+
+def _latency_window(now: dict[str, list[int]], before: dict[str, list[int]]) -> list[int]:
+    """The events acked between two samples, summed over consumers. A consumer seen for the
+    first time, or whose counters went down (it restarted), counts with its whole histogram."""
+    size = len(next(iter(now.values()), []))
+    window = [0] * size
+    for name, counts in now.items():
+        if len(counts) != size:
+            continue  # another engine version's buckets
+        prev = before.get(name)
+        if (
+            prev is None
+            or len(prev) != size
+            or any(a < b for a, b in zip(counts, prev, strict=True))
+        ):
+            prev = [0] * size
+        window = [w + a - b for w, a, b in zip(window, counts, prev, strict=True)]
+    return window
 
 
 async def _counts(
@@ -225,7 +298,19 @@ async def build_snapshot(
     report = await collect(client, keys, memory=False)
     now_ms = report.server_time_ms
     added, done = await _counts(client, keys, report)
-    counts = _Counts(at_ms=now_ms, added=added, done=done)
+    group_names = {g.group for t in report.topics for g in t.groups}
+    latency, bounds = await _latency_counts(client, keys, group_names, now_ms)
+    counts = _Counts(at_ms=now_ms, added=added, done=done, latency=latency)
+    before_latency = previous.latency if previous is not None else None
+    latency_pcts: dict[str, tuple[float | None, float | None]] = {}
+    for group, per_consumer in latency.items():
+        if before_latency is None:
+            continue
+        window = _latency_window(per_consumer, before_latency.get(group, {}))
+        latency_pcts[group] = (
+            histogram_percentile(window, bounds[group], 50),
+            histogram_percentile(window, bounds[group], 99),
+        )
     dt_ms = now_ms - previous.at_ms if previous is not None else 0
     before_added = previous.added if previous is not None else {}
     before_done = previous.done if previous is not None else {}
@@ -257,6 +342,8 @@ async def build_snapshot(
                 done_total=done.get(key),
                 pending_age_p50_s=None if p50 is None else round(p50, 3),
                 pending_age_p99_s=None if p99 is None else round(p99, 3),
+                latency_p50_ms=latency_pcts.get(g.group, (None, None))[0],
+                latency_p99_ms=latency_pcts.get(g.group, (None, None))[1],
             )
             groups.append(view)
             if t.topic in render_topics:

@@ -117,8 +117,9 @@
       const dlqCell = g.dlq
         ? el("button", { class: "link", type: "button", "data-testid": "dlq-open", onclick: () => select(g.topic, g.group) }, num(g.dlq))
         : "0";
-      const lat = g.latency_p50_ms === null ? el("span", { class: "muted", title: s.latency_note }, "n/a")
-        : num(g.latency_p50_ms, 0) + " / " + num(g.latency_p99_ms, 0) + " ms";
+      const lat = g.latency_p50_ms === null ? el("span", { class: "muted", title: s.latency_note }, "–")
+        : el("span", { "data-field": "latency", title: s.latency_note },
+          "≤ " + num(g.latency_p50_ms, 0) + " / ≤ " + num(g.latency_p99_ms, 0) + " ms");
       return el("tr", { "data-group": g.group, "data-topic": g.topic },
         el("td", {}, swatch, g.group), el("td", {}, g.topic), el("td", { class: "n" }, num(g.consumers)),
         el("td", { class: "n", "data-field": "done_per_s" }, num(g.done_per_s, 1)),
