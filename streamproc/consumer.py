@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import random
 import time
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
+from streamproc._aio import wait_event
 from streamproc._backoff import Backoff, backoff_delay_s
 from streamproc._lua import with_scripts
 from streamproc._scripts import FAIL as _FAIL
@@ -683,17 +683,32 @@ class Consumer:
             if not self._reading:
                 reader.cancel()  # waiting for slots or backing off: nothing to lose
             await asyncio.wait([reader])  # its cancellation is not ours: don't suppress ours
-            try:
-                await asyncio.wait_for(self._drained.wait(), self.settings.grace_s)
-            except TimeoutError:
+            if not await wait_event(self._drained, self.settings.grace_s):
                 log.warning("grace_expired", in_flight=self._in_flight)
         finally:
-            for t in (stop_wait, reader, *workers, *side):
-                t.cancel()
-            await asyncio.gather(stop_wait, reader, *workers, *side, return_exceptions=True)
+            await self._cancel_all([stop_wait, reader, *workers, *side])
             log.info(
                 "consumer_stopped", group=self.group, consumer=self.name, **self.stats.as_dict()
             )
+
+    async def _cancel_all(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Cancel the run's tasks and wait for them, cancelling again any that swallowed it
+        (a handler catching CancelledError): shutdown must end. After 3 rounds the rest are
+        left behind, with an error log."""
+        pending = set(tasks)
+        for _ in range(3):
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+            if not pending:
+                break
+        if pending:
+            log.error(
+                "tasks_ignore_cancel", group=self.group, tasks=sorted(t.get_name() for t in pending)
+            )
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: their failures were handled where they happened
 
     def stop(self) -> None:
         """Stop reading; ``run`` then drains in-flight work and returns."""
@@ -810,8 +825,7 @@ class Consumer:
             timeout_s = 1.0
             if self._next_local_due_ms:
                 timeout_s = min(timeout_s, max(0.0, self._next_local_due_ms / 1000 - time.time()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry_wakeup.wait(), timeout_s)
+            await wait_event(self._retry_wakeup, timeout_s)
             self._retry_wakeup.clear()
             await self._until_up(self.pump_retries)
 

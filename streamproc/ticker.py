@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
+from streamproc._aio import wait_event
 from streamproc._backoff import Backoff, backoff_delay_s
 from streamproc._lease import Lease
 from streamproc._schedule import Schedule, from_ms, plan_fires, tick_id
@@ -170,8 +171,7 @@ class Ticker:
                 await self.lease.release()
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(seconds, 0.0))
+        await wait_event(self._wake, seconds)
         if not self._stop.is_set():
             self._wake.clear()
 

@@ -103,6 +103,32 @@ async def test_graceful_stop_finishes_in_flight_work_and_acks_it(
     assert await pending(client, keys) == 0
 
 
+async def test_a_handler_that_swallows_the_cancellation_does_not_hang_shutdown(
+    make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    """After the grace period the run's tasks are cancelled, and cancelled again if one
+    swallowed it (as asyncio.wait_for did on 3.11 in the retry loop): run() returns."""
+    started = asyncio.Event()
+    swallowed: list[bool] = []
+
+    async def stubborn(event: SpotInterruption, ctx: Context) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.append(True)  # and wait on, as if nothing happened
+            await asyncio.Event().wait()
+
+    consumer = make_consumer({SpotInterruption: stubborn}, block_ms=100, grace_s=0.1)
+    running = asyncio.create_task(consumer.run())
+    await producer.publish(spot(1))
+    await started.wait()
+    consumer.stop()
+    await asyncio.wait_for(running, 30)  # before: waited for the handler forever
+    assert swallowed == [True]
+    assert await pending(client, keys) == 1  # cut off: it stays pending for a redelivery
+
+
 async def test_work_cut_off_by_the_grace_period_stays_pending_not_failed(
     make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
 ) -> None:

@@ -233,7 +233,8 @@ async def run_once(r: Run, client: aioredis.Redis) -> dict[str, Any]:
         while load.returncode is None:
             await sample()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(load.wait(), r.sample_every_s)
+                async with asyncio.timeout(r.sample_every_s):  # not wait_for: see _aio
+                    await load.wait()
         if load.returncode:
             raise BenchError(f"load generator failed (exit {load.returncode})")
         deadline = time.monotonic() + r.drain_timeout_s

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError, ResponseError
 
 from schemas.tasks import TaskRequested
+from streamproc._aio import wait_event
 from streamproc.codec import Registry
 from streamproc.connection import REDIS_DOWN
 from streamproc.errors import BackpressureError, PublishError
@@ -98,9 +99,7 @@ class Ingest:
         with connections open; answers given meanwhile close their connection.
         """
         self.draining = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
+        if not await wait_event(self._idle, timeout_s):
             log.warning("drain_timeout", in_flight=self.in_flight)
             return False
         return True
