@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from schemas.tasks import PRIORITIES, TASK_EVENTS, TaskRequested
-from streamproc._backoff import backoff_delay_s
+from streamproc._backoff import Backoff, backoff_delay_s
 from streamproc._lua import Lua
 from streamproc.concern import Concern, Context
 from streamproc.errors import ConfigError, Permanent, Retry
@@ -183,10 +183,9 @@ class GlobalSlots:
     @contextlib.asynccontextmanager
     async def hold(self, member: str) -> AsyncIterator[None]:
         """Wait for a slot, keep it renewed while the body runs, then give it back."""
-        wait_s = 0.05
+        backoff = Backoff(base_s=0.05, cap_s=1.0)  # jittered: several runners poll
         while not await self.take(member):
-            await asyncio.sleep(wait_s)
-            wait_s = min(1.0, wait_s * 1.5)
+            await backoff.sleep()
         renewer = asyncio.create_task(self._renew(member))
         try:
             yield
