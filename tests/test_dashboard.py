@@ -90,6 +90,8 @@ async def test_latency_window_sums_consumers_and_survives_restarts_and_junk(
             "a": hist([6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),  # +1 at 1 ms, +1 in the 12th
             "b": hist([0, 2]),  # restarted: counts from zero again, 2 at 2 ms
             "c": b"not json",  # someone else's field: ignored
+            "e": hist([-1000, 5]),  # negative counts: ignored
+            "f": msgspec.json.encode({"at": at, "bounds_ms": [1.0] * 5000, "counts": [1] * 5001}),
             "d": hist([0] * 16 + [9], when=at - 120_000),  # silent for 2 min: ignored
         },
     )

@@ -28,7 +28,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from datetime import UTC
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -154,9 +154,11 @@ class _Counts(msgspec.Struct, kw_only=True):
 
 
 class _Histogram(msgspec.Struct):
+    """One consumer's field; anything else in the hash (huge, negative, junk) is skipped."""
+
     at: int
-    bounds_ms: list[float]
-    counts: list[int]
+    bounds_ms: Annotated[list[float], msgspec.Meta(max_length=64)]
+    counts: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=65)]
 
 
 _decode_histogram = msgspec.json.Decoder(_Histogram).decode
