@@ -22,9 +22,35 @@ if TYPE_CHECKING:
 
     from streamproc.producer import Producer
 
-__all__ = ("Concern", "Context", "Handler")
+__all__ = ("Concern", "Context", "DeadLetterInfo", "Handler", "OnDeadLetter")
 
 Handler = Callable[[Any, "Context"], Awaitable[None]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeadLetterInfo:
+    """What the engine tells a concern about an entry it dead-lettered.
+
+    Given to ``Concern.on_dead_letter`` after the dead letter is in the DLQ stream, whatever
+    the reason: a handler's ``Permanent`` or last retry, poison (too many deliveries), an
+    undecodable entry or an effect Redis refused. ``fields`` are the entry's raw fields;
+    ``event_id`` and ``event_type`` are their ``id`` and ``type`` when those are UTF-8.
+    """
+
+    topic: str
+    group: str
+    entry_id: str
+    event_id: str | None
+    event_type: str | None
+    fields: Mapping[bytes, bytes]
+    #: Why: "permanent", "retries_exhausted", "poison", "effect_failed" or a decode reason.
+    reason: str
+    error_type: str
+    detail: str
+
+
+#: Called once per dead letter, after it was written; its errors are logged, never raised.
+OnDeadLetter = Callable[[DeadLetterInfo], Awaitable[None]]
 
 _HANDLER_LOG = structlog.get_logger("streamproc.handler")
 
@@ -44,6 +70,8 @@ class Concern:
     permanent_errors: tuple[type[BaseException], ...] = ()
     #: Overrides of ConsumerSettings for this group (e.g. ``{"min_idle_ms": 60_000}``).
     settings: Mapping[str, Any] = field(default_factory=dict)
+    #: Told about every entry of this group the engine dead-lettered (see DeadLetterInfo).
+    on_dead_letter: OnDeadLetter | None = None
 
     def __post_init__(self) -> None:
         check_name("group", self.group)
