@@ -3,7 +3,10 @@
 A lone request is sent at once (on the next turn of the event loop). Under load, the requests
 that pile up behind a send share one round trip to Redis, so the per-command cost of the client
 library is paid once per group instead of once per request. Each request gets its own result or
-exception; a request whose caller was cancelled before its group went out is dropped unsent.
+exception; a request whose caller was cancelled before its group was taken is dropped unsent.
+A ``send`` that waits before its bytes go out (for a connection, a reconnect, a script load)
+must look again at the last moment, through the futures ``submit`` returned: the producer does
+(``Producer._write``).
 """
 
 from __future__ import annotations

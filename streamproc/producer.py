@@ -11,7 +11,11 @@ script call per topic for all of them (up to ``coalesce_max_events``). A lone ca
 once; under load, many concurrent callers (the ingest's requests) share one round trip instead
 of paying redis-py's per-command cost each. Each caller's events keep their order, and each
 caller gets its own result or exception; a caller cancelled before its write went out writes
-nothing.
+nothing: whether it waited for backpressure, behind a write in flight, for a connection (a full
+pool, a reconnect) or for the script to be loaded again, what a group sends is decided only
+once a connection is in hand. A write that went out is never sent again by the client library
+(``_resp.execute`` bypasses redis-py's retry); the producer's own retry after a connection
+error relies on the dedup marker.
 """
 
 from __future__ import annotations
@@ -95,12 +99,26 @@ class _Part:
         self.size = 0
 
 
-class _Write(NamedTuple):
+class _Write:
     """One caller's events, encoded before queuing (so encoding overlaps Redis' work)."""
 
-    parts: dict[str, _Part]
-    #: Per event: its topic and its index among the caller's events of that topic.
-    order: list[tuple[str, int]]
+    __slots__ = ("caller", "order", "parts")
+
+    def __init__(self, parts: dict[str, _Part], order: list[tuple[str, int]]) -> None:
+        self.parts = parts
+        #: Per event: its topic and its index among the caller's events of that topic.
+        self.order = order
+        #: The future the caller awaits (set when queued). Done before the write goes out =
+        #: the caller was cancelled: the write is left out.
+        self.caller: asyncio.Future[list[Produced]] | None = None
+
+    @property
+    def wanted(self) -> bool:
+        return self.caller is None or not self.caller.done()
+
+
+#: The answer for a write left out (its caller, cancelled, never reads it).
+_LEFT_OUT = PublishError("left out: the caller was cancelled before the write went out")
 
 
 class Producer:
@@ -213,29 +231,42 @@ class Producer:
         idempotency_keys: Sequence[str | None] | None,
         dedup: Sequence[bool] | None,
     ) -> asyncio.Future[list[Produced]]:
-        return self._batcher.submit(self._encode(events, idempotency_keys, dedup))
+        write = self._encode(events, idempotency_keys, dedup)
+        write.caller = self._batcher.submit(write)
+        return write.caller
 
     async def _write(self, group: list[_Write]) -> list[list[Produced] | Exception]:
         """One script call per topic for the whole group; each caller's results.
 
+        What goes out is decided when the connection is in hand (``execute`` calls
+        ``build``): a caller cancelled while the group waited for a connection, for a
+        reconnect or for the script to be loaded again is left out and writes nothing.
         A topic whose write Redis refused fails only the callers with events in it.
         """
-        by_topic: dict[str, list[_Part]] = {}
-        for write in group:
-            for topic, part in write.parts.items():
-                by_topic.setdefault(topic, []).append(part)
+        sent: list[bool] = []  # per write of the group: part of what went out
+        topics: list[str] = []  # one script call each, in this order
         window = b"%d" % self.settings.dedup_window_ms
-        calls: list[Command] = []
-        for topic, parts in by_topic.items():
-            keys = [self.keys.stream(topic).encode()]
-            keys += [m.encode() for part in parts for m in part.markers]
-            call = Command(b"EVALSHA", _PUBLISH.sha.encode(), b"%d" % len(keys), *keys, window)
-            for part in parts:
-                call.add_packed(b"".join(part.args), part.size * _ARGS_PER_EVENT)
-            calls.append(call)
+
+        def build() -> list[Command]:
+            sent[:] = [w.wanted for w in group]
+            by_topic: dict[str, list[_Part]] = {}
+            for write, wanted in zip(group, sent, strict=True):
+                if wanted:
+                    for topic, part in write.parts.items():
+                        by_topic.setdefault(topic, []).append(part)
+            topics[:] = by_topic
+            calls: list[Command] = []
+            for topic, parts in by_topic.items():
+                keys = [self.keys.stream(topic).encode()]
+                keys += [m.encode() for part in parts for m in part.markers]
+                call = Command(b"EVALSHA", _PUBLISH.sha.encode(), b"%d" % len(keys), *keys, window)
+                for part in parts:
+                    call.add_packed(b"".join(part.args), part.size * _ARGS_PER_EVENT)
+                calls.append(call)
+            return calls
 
         async def send() -> list[Any]:
-            replies = await execute(self.client, calls)
+            replies = await execute(self.client, build)
             for reply in replies:
                 if isinstance(reply, NoScriptError):
                     raise reply  # with_scripts loads the script and sends the group again
@@ -243,7 +274,7 @@ class Producer:
 
         replies = await with_scripts(self.client, [_PUBLISH], send)
         results: dict[str, list[Produced] | PublishError] = {}
-        for topic, reply in zip(by_topic, replies, strict=True):
+        for topic, reply in zip(topics, replies, strict=True):
             if isinstance(reply, ResponseError):
                 results[topic] = PublishError(f"Redis refused the write to {topic!r}: {reply}")
                 continue
@@ -255,7 +286,10 @@ class Producer:
         # each caller: its results in its order, or the error of a topic it wrote to
         start = dict.fromkeys(results, 0)
         answers: list[list[Produced] | Exception] = []
-        for write in group:
+        for write, wanted in zip(group, sent, strict=True):
+            if not wanted:
+                answers.append(_LEFT_OUT)
+                continue
             failed = [r for t in write.parts if isinstance(r := results[t], PublishError)]
             if failed:
                 answers.append(failed[0])
