@@ -12,6 +12,9 @@ markers) share the hash tag ``{<topic>}`` so the same scripts run on Redis Clust
 | ``<p>:{<topic>}:dlq:<group>`` | stream | dead letters of that group for that topic |
 | ``<p>:{<topic>}:seen:<group>:<event id>`` | string, PX | consumer-side dedup marker |
 | ``<p>:{<topic>}:pub:<event id or idem. key>`` | string, PX | producer dedup: first entry id |
+| ``<p>:{<topic>}:failed:<group>:<s|r>:<id>`` | string, PX | this failure's retry/DLQ is written |
+| ``<p>:{<topic>}:upkeep:<group>`` | hash | group clock: last renewal ``tick``, ``outage_end`` |
+| ``<p>:consumer:<group>:<name>`` | string, PX | a live consumer's claim on its name |
 | ``<p>:state:<name>…`` | any | state kept by handlers (e.g. risky spot pools) |
 | ``<p>:ticker:{ticker}:lease`` | string, PX | ticker leader: ``<node>/<fence>`` |
 | ``<p>:ticker:{ticker}:fence`` | string | fencing counter (INCR per lease acquired) |
@@ -67,6 +70,20 @@ class Keys:
     def seen_prefix(self, topic: str, group: str) -> str:
         """Dedup markers are ``seen_prefix + event_id``."""
         return f"{self.prefix}:{{{topic}}}:seen:{group}:"
+
+    def failed(self, stream: str, group: str, entry_id: bytes) -> bytes:
+        """Marker of a failed entry whose retry or dead letter is written (one per failure)."""
+        kind = "r" if ":retry:" in stream else "s"
+        topic = self.topic_of(stream)
+        return f"{self.prefix}:{{{topic}}}:failed:{group}:{kind}:".encode() + entry_id
+
+    def upkeep(self, topic: str, group: str) -> str:
+        """Hash: the group's upkeep clock (``tick``, ``outage_end``: Redis' time, ms)."""
+        return f"{self.prefix}:{{{topic}}}:upkeep:{group}"
+
+    def consumer_lease(self, group: str, consumer: str) -> str:
+        """A live consumer's claim on its name in a group: ``<host>/<pid>/<token>``, PX."""
+        return f"{self.prefix}:consumer:{group}:{consumer}"
 
     def published_prefix(self, topic: str) -> str:
         """Producer dedup markers are ``published_prefix + event id or idempotency key``."""

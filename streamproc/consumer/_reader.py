@@ -1,0 +1,280 @@
+"""Reading: new entries, this consumer's own pending entries, and reclaimed ones, all through
+one path (``_admit``) that holds them, reads delivery counts, looks up dedup marks and
+triages — and, if any of that fails, lets go of every entry it took.
+
+An entry taken from Redis is either handed on (held: counted in flight, renewed) or released
+(not held; it stays in this consumer's pending list and the next read re-reads it with ``0``).
+Nothing is ever held by no one: that is what makes "reclaim never strands entries" true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+
+from streamproc.consumer._guard import RedisGuard
+from streamproc.consumer._scripts import RECLAIM
+from streamproc.consumer.outcomes import DeadLettered, Duplicate, Empty, Entry, Outcome, Skipped
+from streamproc.consumer.stats import ConsumerStats
+from streamproc.keys import Keys
+from streamproc.settings import ConsumerSettings
+
+__all__ = ("Item", "Reader")
+
+log = structlog.get_logger("streamproc.consumer")
+
+#: What a read yields: entries to handle, and outcomes decided without a handler.
+Item = Entry | Outcome
+
+
+class Reader:
+    """Holds the in-flight set of one consumer and fills it from Redis."""
+
+    def __init__(
+        self,
+        *,
+        client: aioredis.Redis,
+        keys: Keys,
+        group: str,
+        name: str,
+        settings: ConsumerSettings,
+        streams: Mapping[str, str],
+        unhandled: frozenset[bytes],
+        guard: RedisGuard,
+        stats: ConsumerStats,
+    ) -> None:
+        self.client, self.keys, self.group, self.name = client, keys, group, name
+        self.settings, self.guard, self.stats = settings, guard, stats
+        self.streams = dict(streams)  # stream key -> topic
+        self._unhandled = unhandled
+        self.held: dict[str, dict[bytes, Entry]] = {k: {} for k in self.streams}
+        self.in_flight = 0
+        self.room = asyncio.Event()  # set while in-flight room is left
+        self.room.set()
+        self.drained = asyncio.Event()  # set while nothing is in flight
+        self.drained.set()
+        self._reserved = 0  # room promised to a read under way
+        self._recovering: dict[str, bytes] = dict.fromkeys(self.streams, b"0")
+        self._cursors: dict[str, bytes] = dict.fromkeys(self.streams, b"0-0")
+        #: Deliveries of an entry that ended cleanly (released after a blip): not counted.
+        self._credit: dict[tuple[str, bytes], int] = {}
+        self.groups_ok = False
+
+    # ------------------------------------------------------------------ in flight
+
+    def free(self) -> int:
+        return self.settings.max_in_flight - self.in_flight - self._reserved
+
+    def hold(self, entries: Iterable[Entry]) -> None:
+        n = 0
+        for e in entries:
+            self.held[e.stream][e.entry_id] = e
+            n += 1
+        self.in_flight += n
+        if self.in_flight:
+            self.drained.clear()
+
+    def release(self, entries: Iterable[Entry]) -> None:
+        for e in entries:
+            if self.held[e.stream].pop(e.entry_id, None) is not None:
+                self.in_flight -= 1
+        self.room.set()
+        if self.in_flight == 0:
+            self.drained.set()
+
+    def let_go(self, entries: list[Entry]) -> None:
+        """Release entries that did not run and re-read them later with ``0`` (their next
+        delivery is not counted: this ending was ours, not theirs)."""
+        for e in entries:
+            k = (e.stream, e.entry_id)
+            self._credit[k] = self._credit.get(k, 0) + 1
+            self._recovering[e.stream] = b"0"
+        self.release(entries)
+
+    def recover_all(self) -> None:
+        """After an outage or NOGROUP: re-read own pending entries before new ones (a read
+        the server answered but whose reply was lost left entries in our pending list)."""
+        self._recovering = dict.fromkeys(self.streams, b"0")
+
+    async def wait_for_room(self) -> None:
+        while self.free() <= 0:
+            self.room.clear()
+            await self.room.wait()
+
+    # ------------------------------------------------------------------ reading
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every stream it reads (MKSTREAM); BUSYGROUP is success."""
+        from redis.exceptions import ResponseError
+
+        for stream in self.streams:
+            try:
+                await self.client.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        self.groups_ok = True
+
+    async def read(self, block_ms: int | None) -> list[Item]:
+        """Own pending entries first (after a restart or a blip), then new ones."""
+        if not self.groups_ok:
+            await self.ensure_groups()
+        free = self.free()
+        if free <= 0:
+            return []
+        while self._recovering:
+            stream, cursor = next(iter(self._recovering.items()))
+            count = min(self.settings.batch, free)
+            reply: Any = await self._reserve(
+                count,
+                self.client.xreadgroup(self.group, self.name, {stream: cursor}, count=count),
+            )
+            got: list[tuple[bytes, dict[bytes, bytes] | None]] = reply[0][1] if reply else []
+            if not got:
+                del self._recovering[stream]
+                continue
+            self._recovering[stream] = got[-1][0]
+            held = self.held[stream]  # already being worked on here: not twice
+            fresh = [(i, f) for i, f in got if i not in held]
+            if fresh:
+                return await self._admit(stream, fresh, redelivered=True)
+        # XREADGROUP's COUNT is per stream: ask each for a share of the free room (near the
+        # bound, one each can pass it by at most ``streams - 1``).
+        per = min(self.settings.batch, max(1, free // len(self.streams)))
+        try:
+            reply = await self._reserve(
+                per * len(self.streams),
+                self.client.xreadgroup(
+                    self.group,
+                    self.name,
+                    dict.fromkeys(self.streams, ">"),
+                    count=per,
+                    block=block_ms,
+                ),
+            )
+        except BaseException:
+            self.recover_all()  # the server may have delivered what we never saw
+            raise
+        out: list[Item] = []
+        for stream_name, rows in reply or ():
+            out += await self._admit(stream_name.decode(), rows, redelivered=False)
+        return out
+
+    async def _reserve(self, n: int, call: Any) -> Any:
+        self._reserved += n
+        try:
+            return await call
+        finally:
+            self._reserved -= n
+
+    async def reclaim(self, stream: str) -> list[Item]:
+        """XAUTOCLAIM (through the RECLAIM script's outage gate) entries of ``stream`` idle
+        longer than ``min_idle_ms``, continuing from where the last call stopped."""
+        want = min(self.settings.batch, self.free())
+        if want <= 0:
+            return []
+        s = self.settings
+        reply: Any = await self._reserve(
+            want,
+            RECLAIM(
+                self.client,
+                [stream, self.keys.upkeep(self.streams[stream], self.group)],
+                [
+                    self.group,
+                    self.name,
+                    s.min_idle_ms // 2,
+                    s.min_idle_ms,
+                    self._cursors[stream],
+                    want,
+                    s.min_idle_ms // 2,
+                ],
+            ),
+        )
+        if reply[0] == b"wait":
+            return []
+        self._cursors[stream] = reply[0]  # 0-0 when the scan went round
+        held = self.held[stream]
+        # Through Lua the fields come as a flat list (none for a trimmed payload).
+        rows = [(i, dict(zip(f[::2], f[1::2], strict=True)) if f else None) for i, f in reply[1]]
+        rows = [(i, f) for i, f in rows if i not in held]
+        if not rows:
+            return []
+        self.stats.reclaimed += len(rows)
+        log.warning("reclaimed", stream=stream, count=len(rows))
+        return await self._admit(stream, rows, redelivered=True)
+
+    # ------------------------------------------------------------------ the one path
+
+    async def _admit(
+        self,
+        stream: str,
+        rows: list[tuple[bytes, Any]],
+        *,
+        redelivered: bool,
+    ) -> list[Item]:
+        topic = self.streams[stream]
+        entries = [Entry(stream, topic, i, f if f else None) for i, f in rows]
+        self.hold(entries)
+        self.stats.read += len(entries)
+        try:
+            if redelivered:
+                await self._load_deliveries(stream, entries)
+            seen = await self._seen(entries)
+        except BaseException:
+            self.let_go(entries)
+            raise
+        return self._triage(entries, seen)
+
+    async def _load_deliveries(self, stream: str, entries: list[Entry]) -> None:
+        """Delivery counts, read per entry id (a range would mix in other entries)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for e in entries:
+                pipe.xpending_range(stream, self.group, min=e.entry_id, max=e.entry_id, count=1)
+            rows: list[Any] = await pipe.execute()
+        for e, row in zip(entries, rows, strict=True):
+            if row:
+                e.deliveries = int(row[0]["times_delivered"])
+            credit = self._credit.pop((stream, e.entry_id), 0)
+            e.deliveries = max(1, e.deliveries - credit)
+
+    async def _seen(self, entries: list[Entry]) -> list[bool]:
+        """Which entries' event ids this group already applied (one MGET per topic)."""
+        if not self.settings.dedup_window_ms:
+            return [False] * len(entries)
+        idx = [i for i, e in enumerate(entries) if e.fields.get(b"id")]
+        if not idx:
+            return [False] * len(entries)
+        prefix = self.keys.seen_prefix(entries[0].topic, self.group).encode()
+        marks = await self.client.mget([prefix + entries[i].fields[b"id"] for i in idx])
+        flags = [False] * len(entries)
+        for i, mark in zip(idx, marks, strict=True):
+            flags[i] = mark is not None
+        return flags
+
+    def _triage(self, entries: list[Entry], seen: list[bool]) -> list[Item]:
+        """Decide what needs no handler: trimmed payloads, poison, duplicates, other types."""
+        out: list[Item] = []
+        limit = self.settings.max_deliveries
+        for entry, was_seen in zip(entries, seen, strict=True):
+            if not entry.fields:
+                out.append(Empty(entry))
+            elif entry.deliveries > limit:
+                out.append(
+                    DeadLettered(
+                        entry,
+                        reason="poison",
+                        error_type="Poison",
+                        detail=f"delivered {entry.deliveries} times, over max_deliveries={limit}",
+                    )
+                )
+            elif was_seen:
+                out.append(Duplicate(entry))
+            elif entry.fields.get(b"type") in self._unhandled:
+                out.append(Skipped(entry))
+            else:
+                out.append(entry)
+        return out

@@ -1,0 +1,351 @@
+"""The consumer's Lua scripts: each settle and upkeep step is one atomic call.
+
+Every script touches keys of one topic only (they share the ``{topic}`` hash tag) and is safe
+to send twice: a settle resent after a lost reply changes nothing the first one did. Scripts
+read the time with ``TIME`` (Redis' clock, one for every host), never a host's clock. Each
+returns what it did; the callers check and count it.
+"""
+
+from __future__ import annotations
+
+from streamproc._lua import Lua
+
+__all__ = (
+    "CLAIM_NAME",
+    "EXPIRE_CONSUMERS",
+    "FAIL",
+    "PUMP",
+    "RECLAIM",
+    "RELEASE_NAME",
+    "RENEW",
+    "SUCCEED",
+    "UNCOUNT",
+)
+
+_NOW = """
+local _t = redis.call('TIME')
+local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
+"""
+
+# Effects: a closed set of single-key write commands, each validated against its arguments,
+# the key's type and (for increments) the current value BEFORE the first write, so that an
+# event's effects apply all together or not at all. Spec: family, min args, max args (-1: any),
+# then checks: 'int@N' / 'num@N' (argument N is an integer / a number), 'pairs@N' (from
+# argument N on, pairs), 'curint' / 'curnum' (current string value), 'hcurint@N' / 'hcurnum@N'
+# (current value of hash field N), 'star@N' (argument N is '*'), 'setopts'.
+_EFFECTS = r"""
+local SPEC = {
+  set = {'any', 2, 6, 'setopts'}, append = {'string', 2, 2},
+  incr = {'string', 1, 1, 'curint'}, decr = {'string', 1, 1, 'curint'},
+  incrby = {'string', 2, 2, 'int@2', 'curint'}, decrby = {'string', 2, 2, 'int@2', 'curint'},
+  incrbyfloat = {'string', 2, 2, 'num@2', 'curnum'},
+  del = {'any', 1, 1}, unlink = {'any', 1, 1},
+  expire = {'any', 2, 2, 'int@2'}, pexpire = {'any', 2, 2, 'int@2'},
+  hset = {'hash', 3, -1, 'pairs@2'}, hsetnx = {'hash', 3, 3}, hdel = {'hash', 2, -1},
+  hincrby = {'hash', 3, 3, 'int@3', 'hcurint@2'},
+  hincrbyfloat = {'hash', 3, 3, 'num@3', 'hcurnum@2'},
+  sadd = {'set', 2, -1}, srem = {'set', 2, -1},
+  zadd = {'zset', 3, -1, 'pairs@2', 'zscores'}, zincrby = {'zset', 3, 3, 'num@2'},
+  zrem = {'zset', 2, -1},
+  lpush = {'list', 2, -1}, rpush = {'list', 2, -1}, ltrim = {'list', 3, 3, 'int@2', 'int@3'},
+  xadd = {'stream', 4, -1, 'star@2', 'pairs@3'},
+}
+local function isint(s)
+  return s ~= nil and string.len(s) <= 19 and string.match(s, '^%-?%d+$') ~= nil
+end
+local function isnum(s)
+  local n = tonumber(s)
+  return n ~= nil and n == n and n ~= math.huge and n ~= -math.huge
+end
+-- Returns an error text, or nil when the command will succeed. ``types`` tracks the type
+-- each key has after the event's earlier commands (false = deleted).
+local function check(a, b, types)
+  local name = string.lower(ARGV[a])
+  local spec = SPEC[name]
+  if not spec then return "ERR effect command '" .. name .. "' is not supported" end
+  local n = b - a
+  if n < spec[2] or (spec[3] >= 0 and n > spec[3]) then
+    return "ERR wrong number of arguments for '" .. name .. "' effect"
+  end
+  local key = ARGV[a + 1]
+  local t = types[key]
+  if t == nil then t = redis.call('TYPE', key).ok end
+  if t == false then t = 'none' end
+  if spec[1] ~= 'any' and t ~= 'none' and t ~= spec[1] then
+    return 'WRONGTYPE Operation against a key holding the wrong kind of value ('
+      .. name .. ' on a ' .. t .. ')'
+  end
+  local fresh = types[key] == nil
+  for c = 4, #spec do
+    local chk = spec[c]
+    local what, pos = string.match(chk, '^(%a+)@?(%d*)$')
+    pos = tonumber(pos)
+    if what == 'int' and not isint(ARGV[a + pos]) then
+      return 'ERR value is not an integer or out of range'
+    elseif what == 'num' and not isnum(ARGV[a + pos]) then
+      return 'ERR value is not a valid float'
+    elseif what == 'star' and ARGV[a + pos] ~= '*' then
+      return "ERR xadd effects take '*' as the entry id"
+    elseif what == 'pairs' and (b - (a + pos) + 1) % 2 ~= 0 then
+      return "ERR wrong number of arguments for '" .. name .. "' effect"
+    elseif what == 'zscores' then
+      for i = a + 2, b, 2 do
+        if not isnum(ARGV[i]) then return 'ERR value is not a valid float' end
+      end
+    elseif what == 'setopts' then
+      local i = a + 3
+      while i <= b do
+        local o = string.upper(ARGV[i])
+        if o == 'EX' or o == 'PX' then
+          if not isint(ARGV[i + 1]) or tonumber(ARGV[i + 1]) <= 0 then
+            return 'ERR invalid expire time in set effect'
+          end
+          i = i + 2
+        elseif o == 'NX' or o == 'XX' or o == 'KEEPTTL' then i = i + 1
+        else return 'ERR syntax error in set effect' end
+      end
+    elseif (what == 'curint' or what == 'curnum') and fresh and t == 'string' then
+      local v = redis.call('GET', key)
+      if (what == 'curint' and not isint(v)) or (what == 'curnum' and not isnum(v)) then
+        return 'ERR value is not an integer or out of range'
+      end
+    elseif (what == 'hcurint' or what == 'hcurnum') and fresh and t == 'hash' then
+      local v = redis.call('HGET', key, ARGV[a + pos])
+      if v and ((what == 'hcurint' and not isint(v)) or (what == 'hcurnum' and not isnum(v))) then
+        return 'ERR hash value is not an integer'
+      end
+    end
+  end
+  if name == 'del' or name == 'unlink' then types[key] = false
+  elseif spec[1] == 'any' then types[key] = (name == 'set') and 'string' or t
+  else types[key] = spec[1] end
+  return nil
+end
+-- Apply commands given as {first, last} ARGV ranges; all or none. Returns an error text or
+-- nil. Out-of-memory and read-only replies abort the whole script (nothing was written yet:
+-- Redis refuses only a script's first write), so the caller sends the batch again later.
+local function apply(cmds)
+  local types = {}
+  for _, r in ipairs(cmds) do
+    local err = check(r[1], r[2], types)
+    if err then return err end
+  end
+  for _, r in ipairs(cmds) do
+    local res = redis.pcall(unpack(ARGV, r[1], r[2]))
+    if type(res) == 'table' and res.err then
+      if string.sub(res.err, 1, 3) == 'OOM' or string.sub(res.err, 1, 8) == 'READONLY' then
+        return redis.error_reply(res.err)
+      end
+      return res.err
+    end
+  end
+  return nil
+end
+"""
+
+# Success for a batch of entries of one stream.
+# KEYS[1] stream, KEYS[2..] dedup marks. ARGV: group, window ms, then per entry: id, index of
+# its mark in KEYS (0: no dedup), number of effect commands, and per command: number of
+# arguments, arguments. Per entry the reply holds: 1 acked; 0 not pending any more (with a mark
+# its effects were applied once; without one they were not applied); 2 duplicate (the mark
+# was there: effects not applied again); or the text of the error Redis gave an effect (then
+# nothing of it applied, no mark, not acked).
+SUCCEED = Lua(
+    _EFFECTS
+    + r"""
+local group, window = ARGV[1], ARGV[2]
+local out, i = {}, 3
+while i <= #ARGV do
+  local id, mark, ncmd = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  i = i + 3
+  local cmds = {}
+  for c = 1, ncmd do
+    local n = tonumber(ARGV[i])
+    cmds[c] = {i + 1, i + n}
+    i = i + n + 1
+  end
+  local status
+  local m = mark > 0 and redis.call('GET', KEYS[mark])
+  if m then
+    redis.call('XACK', KEYS[1], group, id)
+    if m == id then status = 1 else status = 2 end  -- 1: our own settle, sent again
+  else
+    -- Without a mark, effects run only for an entry still pending: a resent settle is a no-op.
+    local go = mark > 0 or ncmd == 0 or #redis.call('XPENDING', KEYS[1], group, id, id, 1) == 1
+    local err = nil
+    if go and ncmd > 0 then err = apply(cmds) end
+    if type(err) == 'table' then return err end
+    if err then
+      status = err
+    elseif go then
+      if mark > 0 then redis.call('SET', KEYS[mark], id, 'PX', window) end
+      status = redis.call('XACK', KEYS[1], group, id)
+    else
+      status = 0
+    end
+  end
+  out[#out + 1] = status
+end
+return out
+"""
+)
+
+# Failure of one entry: ack it, and schedule its retry or dead-letter it unless a copy of this
+# settle already did (a marker per failed entry, set first: resends and a second consumer that
+# ran the same entry schedule nothing more). Scheduling does not depend on the entry still
+# being pending: one that left the pending list is never lost.
+# KEYS[1] stream, KEYS[2] failure marker, KEYS[3] delayed zset (retry) or DLQ stream (dlq).
+# ARGV: group, id, marker ms, 'retry'|'dlq', then delay ms, member (retry) | field, value...
+# Returns {acked, scheduled}.
+FAIL = Lua(
+    r"""
+local first = redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3])
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if not first then return {acked, 0} end
+if ARGV[4] == 'retry' then
+  """
+    + _NOW
+    + r"""
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[6])
+else
+  redis.call('XADD', KEYS[3], '*', unpack(ARGV, 5))
+end
+return {acked, 1}
+"""
+)
+
+# Move due retries from the delayed zset to the group's retry stream (members are msgpack
+# lists of field, value; older JSON members are still read). A member that is neither goes to
+# the DLQ with the reason 'bad_retry_record'. KEYS[1] delayed zset, KEYS[2] retry stream,
+# KEYS[3] DLQ. ARGV: limit. Returns {moved, ms until the next one is due or -1}.
+PUMP = Lua(
+    _NOW
+    + r"""
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
+for _, m in ipairs(due) do
+  local ok, f = pcall(cmsgpack.unpack, m)
+  if not ok or type(f) ~= 'table' then ok, f = pcall(cjson.decode, m) end
+  if ok and type(f) == 'table' and #f >= 2 and #f % 2 == 0 then
+    redis.call('XADD', KEYS[2], '*', unpack(f))
+  else
+    redis.call('XADD', KEYS[3], '*', 'dlq_reason', 'bad_retry_record', 'raw', m)
+  end
+  redis.call('ZREM', KEYS[1], m)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait = -1
+if nxt[2] then wait = math.max(0, tonumber(nxt[2]) - now) end
+return {#due, wait}
+"""
+)
+
+# The group's upkeep clock (a hash): 'tick' = when a consumer last renewed (Redis' time),
+# 'outage_end' = when a gap longer than the allowed one ended (Redis was stopped, stalled or
+# unreachable for every consumer). Renewing and reclaiming both look at it.
+_TICK_READ = (
+    _NOW
+    + r"""
+local last = tonumber(redis.call('HGET', KEYS[2], 'tick') or '0')
+local gap = last > 0 and now - last > tonumber(ARGV[3])
+"""
+)
+# Writes come after the step's own command: under maxmemory Redis refuses only a script's
+# first write, and XCLAIM / XAUTOCLAIM are allowed then, so renewing goes on during OOM.
+_TICK_WRITE = r"""
+if gap then redis.call('HSET', KEYS[2], 'outage_end', now) end
+redis.call('HSET', KEYS[2], 'tick', now)
+redis.call('PEXPIRE', KEYS[2], 86400000)
+"""
+
+# Renew the entries this consumer holds and still owns (XCLAIM JUSTID with min-idle 0 resets
+# their idle time without counting a delivery); entries now owned by another consumer (or gone
+# from the pending list) are not taken back. KEYS[1] stream, KEYS[2] upkeep hash.
+# ARGV: group, consumer, allowed gap ms, ids... Returns the ids no longer ours.
+RENEW = Lua(
+    _TICK_READ
+    + r"""
+local keep, lost = {}, {}
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then keep[#keep + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
+end
+for s = 1, #keep, 500 do
+  local last = math.min(s + 499, #keep)
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(keep, s, last), 'JUSTID')
+end
+"""
+    + _TICK_WRITE
+    + "return lost\n"
+)
+
+# Reclaim entries idle longer than min-idle, unless the group's clock shows an outage that
+# ended less than ``quiet`` ago (after an outage every entry looks idle: owners first get a
+# renewal period). KEYS[1] stream, KEYS[2] upkeep hash. ARGV: group, consumer, allowed gap
+# ms, min idle ms, cursor, count, quiet ms. Returns {'wait'} or XAUTOCLAIM's reply.
+RECLAIM = Lua(
+    _TICK_READ
+    + r"""
+local oe = tonumber(redis.call('HGET', KEYS[2], 'outage_end') or '0')
+local reply = {'wait'}
+if not gap and now - oe >= tonumber(ARGV[7]) then
+  reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], ARGV[5], 'COUNT', ARGV[6])
+end
+"""
+    + _TICK_WRITE
+    + "return reply\n"
+)
+
+# Remove consumers that own nothing and were idle longer than the expiry, in one step with the
+# check (a consumer that reads between a separate check and DELCONSUMER would lose entries).
+# KEYS[1] stream. ARGV: group, this consumer, expiry ms. Returns the names removed.
+EXPIRE_CONSUMERS = Lua(
+    r"""
+local out = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local t = {}
+  for i = 1, #c, 2 do t[c[i]] = c[i + 1] end
+  local idle = tonumber(t['idle']) > tonumber(ARGV[3])
+  if t['name'] ~= ARGV[2] and tonumber(t['pending']) == 0 and idle then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], t['name'])
+    out[#out + 1] = t['name']
+  end
+end
+return out
+"""
+)
+
+# Claim (or keep) this consumer's name in the group while alive. KEYS[1] claim key.
+# ARGV: token, ttl ms. Returns 1 when the name is ours now, 0 when another live process has it.
+CLAIM_NAME = Lua(
+    r"""
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+)
+
+# Let go of the name. KEYS[1] claim key. ARGV: token.
+RELEASE_NAME = Lua(
+    r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+)
+
+# At a graceful stop, give back the deliveries of entries cut off by the grace period: they
+# ended cleanly, so their next delivery must not count toward max_deliveries. Only entries
+# still ours. KEYS[1] stream. ARGV: group, consumer, then id, count pairs. Returns how many.
+UNCOUNT = Lua(
+    r"""
+local n = 0
+for i = 3, #ARGV, 2 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+)

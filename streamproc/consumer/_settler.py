@@ -1,0 +1,221 @@
+"""Settling: applying outcomes to Redis in one pipeline, and acting on what each script did.
+
+One SUCCEED script per stream for everything that is acked (handled, duplicate, trimmed,
+skipped), one FAIL script per retry or dead letter. Every reply is checked: an entry counts
+as acked only if XACK removed it, a failure as retried only if this settle wrote the retry,
+and an event whose effects Redis refused turns into a retry or dead letter of its own, settled
+in the same call. A batch is safe to send again after a lost reply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+
+from streamproc._lua import with_scripts
+from streamproc.concern import DeadLetterInfo, OnDeadLetter
+from streamproc.consumer._handle import failure
+from streamproc.consumer._records import dead_letter_fields, retry_record
+from streamproc.consumer._scripts import FAIL, SUCCEED
+from streamproc.consumer.outcomes import (
+    Acked,
+    DeadLettered,
+    Duplicate,
+    Empty,
+    Outcome,
+    RetryLater,
+    Settled,
+    Skipped,
+)
+from streamproc.consumer.stats import ConsumerStats
+from streamproc.keys import Keys
+from streamproc.settings import ConsumerSettings, RetryPolicy
+
+__all__ = ("AfterSettle", "Settler")
+
+log = structlog.get_logger("streamproc.consumer")
+
+#: Called with every settled batch (outcomes carry ``status``); must not block.
+AfterSettle = Callable[[Sequence[Outcome]], None]
+
+_SCRIPTS = (SUCCEED, FAIL)
+_OK_KINDS = (Acked, Duplicate, Empty, Skipped)
+
+
+class Settler:
+    def __init__(
+        self,
+        *,
+        client: aioredis.Redis,
+        keys: Keys,
+        group: str,
+        name: str,
+        settings: ConsumerSettings,
+        policy: RetryPolicy,
+        stats: ConsumerStats,
+        on_dead_letter: OnDeadLetter | None,
+        after_settle: AfterSettle | None,
+        release: Callable[[list[Any]], None],
+    ) -> None:
+        self.client, self.keys, self.group, self.name = client, keys, group, name
+        self.settings, self.policy, self.stats = settings, policy, stats
+        self.on_dead_letter, self.after_settle = on_dead_letter, after_settle
+        self._release = release
+
+    async def settle(self, outcomes: Sequence[Outcome]) -> None:
+        """Settle a batch (and the retries of effects Redis refused), then release it."""
+        todo = list(outcomes)
+        done: list[Outcome] = []
+        while todo:
+            replies = await with_scripts(self.client, _SCRIPTS, lambda: self._send(todo))  # noqa: B023
+            todo = self._apply(replies, done)
+        self._release([o.entry for o in done])
+        if self.after_settle is not None:
+            self.after_settle(done)
+        for o in done:
+            if isinstance(o, DeadLettered) and o.status is Settled.SCHEDULED:
+                await self._tell_dead_letter(o)
+
+    async def _send(self, outcomes: list[Outcome]) -> list[Any]:
+        ok: dict[str, tuple[list[Any], list[Any], list[Outcome]]] = {}
+        order: list[Any] = []  # per pipeline command: the stream (SUCCEED) or the outcome
+        s = self.settings
+        async with self.client.pipeline(transaction=False) as pipe:
+            for o in outcomes:
+                e = o.entry
+                if isinstance(o, _OK_KINDS):
+                    keys, args, members = ok.setdefault(
+                        e.stream, ([e.stream], [self.group, s.dedup_window_ms], [])
+                    )
+                    members.append(o)
+                    mark = 0
+                    effects: list[tuple[Any, ...]] = []
+                    if isinstance(o, Acked):
+                        effects = o.effects
+                        if s.dedup_window_ms and o.event_id:
+                            keys.append(
+                                self.keys.seen_prefix(e.topic, self.group).encode() + o.event_id
+                            )
+                            mark = len(keys)
+                    args += (e.entry_id, mark, len(effects))
+                    for cmd in effects:
+                        args += (len(cmd), *cmd)
+                elif isinstance(o, RetryLater):
+                    FAIL.queue(
+                        pipe,
+                        [
+                            e.stream,
+                            self.keys.failed(e.stream, self.group, e.entry_id),
+                            self.keys.delayed(e.topic, self.group),
+                        ],
+                        [
+                            self.group,
+                            e.entry_id,
+                            s.fail_mark_ms,
+                            "retry",
+                            o.delay_ms,
+                            retry_record(o),
+                        ],
+                    )
+                    order.append(o)
+                else:
+                    FAIL.queue(
+                        pipe,
+                        [
+                            e.stream,
+                            self.keys.failed(e.stream, self.group, e.entry_id),
+                            self.keys.dlq(e.topic, self.group),
+                        ],
+                        [
+                            self.group,
+                            e.entry_id,
+                            s.fail_mark_ms,
+                            "dlq",
+                            *dead_letter_fields(o, self.name, self.group),
+                        ],
+                    )
+                    order.append(o)
+            for keys, args, members in ok.values():
+                SUCCEED.queue(pipe, keys, args)
+                order.append(members)
+            replies: list[Any] = await pipe.execute()
+        return list(zip(order, replies, strict=True))
+
+    def _apply(self, replies: list[Any], done: list[Outcome]) -> list[Outcome]:
+        """Record what each script did; returns the follow-ups (refused effects) to settle."""
+        st = self.stats
+        follow: list[Outcome] = []
+        now_ms = time.time() * 1000
+        for what, reply in replies:
+            if isinstance(what, list):  # SUCCEED: one status per outcome
+                for o, status in zip(what, reply, strict=True):
+                    if isinstance(status, bytes):  # Redis refused an effect: nothing applied
+                        st.effect_errors += 1
+                        log.error(
+                            "effect_failed", entry_id=o.entry.entry_id.decode(), error=status[:300]
+                        )
+                        follow.append(
+                            failure(
+                                o.entry,
+                                self.policy,
+                                "EffectError",
+                                status.decode(errors="replace"),
+                                reason="effect_failed",
+                            )
+                        )
+                        continue
+                    done.append(o)
+                    if status == 1 or isinstance(o, Empty):  # a trimmed entry is gone anyway
+                        o.status = Settled.ACKED
+                        if isinstance(o, Acked):
+                            st.acked += 1
+                            st.observe_ack(o.entry.entry_id, now_ms)
+                        elif isinstance(o, Duplicate):
+                            st.duplicates += 1
+                        elif isinstance(o, Empty):
+                            st.empty += 1
+                        else:
+                            st.skipped += 1
+                    elif status == 2:
+                        o.status = Settled.DUPLICATE
+                        st.duplicates += 1
+                    else:
+                        o.status = Settled.REFUSED
+                        st.refused += 1
+            else:
+                o = what
+                done.append(o)
+                if int(reply[1]):
+                    o.status = Settled.SCHEDULED
+                    if isinstance(o, RetryLater):
+                        st.retried += 1
+                    else:
+                        st.dead_lettered += 1
+                else:
+                    o.status = Settled.ALREADY_SCHEDULED
+                    st.already_scheduled += 1
+        return follow
+
+    async def _tell_dead_letter(self, o: DeadLettered) -> None:
+        if self.on_dead_letter is None:
+            return
+        e = o.entry
+        info = DeadLetterInfo(
+            topic=e.topic,
+            group=self.group,
+            entry_id=e.entry_id.decode(),
+            event_id=e.text(b"id"),
+            event_type=e.text(b"type"),
+            fields=dict(e.fields),
+            reason=o.reason,
+            error_type=o.error_type,
+            detail=o.detail,
+        )
+        try:
+            await self.on_dead_letter(info)
+        except Exception as exc:  # the dead letter is written; the hook is told best-effort
+            log.error("on_dead_letter_failed", error=str(exc)[:300], entry_id=info.entry_id)

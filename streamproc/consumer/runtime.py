@@ -1,0 +1,453 @@
+"""The consumer runtime: one consumer of one group (one concern) in this process.
+
+Data path, one task group::
+
+    reader ──▶ work queue ──▶ N workers (handlers) ──▶ settle queue ──▶ settler (Lua, batched)
+      ▲  own pending (0) · new (>) · reclaimed, one admit path        │ ack · dedup · effects
+      └──────────── in-flight room (bounded) ◀─────────────────────────┘ | retry | DLQ
+
+Beside it, upkeep: renew held entries and the group's clock, keep the consumer name,
+reclaim what owners stopped renewing, expire gone consumers; the retry pump; the safe
+trimmer; the stats writer. Shutdown has two phases: stop reading and drain within
+``grace_s``, then cancel; entries cut off stay pending without counting a delivery.
+``process_once()`` runs one pump → read → reclaim → handle → settle step, for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import anyio
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+
+from streamproc._aio import wait_event
+from streamproc.codec import Codec
+from streamproc.concern import Concern
+from streamproc.consumer._guard import GaveUp, RedisGuard
+from streamproc.consumer._handle import Handlers
+from streamproc.consumer._reader import Item, Reader
+from streamproc.consumer._scripts import (
+    CLAIM_NAME,
+    EXPIRE_CONSUMERS,
+    PUMP,
+    RELEASE_NAME,
+    RENEW,
+    UNCOUNT,
+)
+from streamproc.consumer._settler import AfterSettle, Settler
+from streamproc.consumer.outcomes import Entry, Outcome
+from streamproc.consumer.stats import LATENCY_BOUNDS_MS, ConsumerStats
+from streamproc.errors import ConsumerNameTaken
+from streamproc.keys import Keys
+from streamproc.producer import Producer
+from streamproc.settings import ConsumerSettings
+from streamproc.trim import trim_stream
+
+__all__ = ("Consumer",)
+
+log = structlog.get_logger("streamproc.consumer")
+
+
+class Consumer:
+    """Runs one concern's handlers as one named consumer of its group."""
+
+    def __init__(
+        self,
+        concern: Concern,
+        *,
+        client: aioredis.Redis,
+        codec: Codec[Any],
+        keys: Keys,
+        producer: Producer,
+        settings: ConsumerSettings | None = None,
+        declared_groups: Mapping[str, Collection[str]] | None = None,
+        after_settle: AfterSettle | None = None,
+    ) -> None:
+        base = settings or ConsumerSettings()
+        self.settings = s = (
+            ConsumerSettings.from_mapping({**msgspec.structs.asdict(base), **concern.settings})
+            if concern.settings
+            else base
+        )
+        self.concern, self.client, self.codec, self.keys = concern, client, codec, keys
+        self.producer = producer
+        self.group, self.name = concern.group, s.consumer
+        self.stats = ConsumerStats()
+        self._declared = {t: tuple(g) for t, g in (declared_groups or {}).items()}
+        self._period_s = s.min_idle_ms / 3000  # renewals: three per min_idle
+        self.guard = RedisGuard(
+            group=self.group, consumer=self.name, settle_period_s=self._period_s
+        )
+        self.handlers = Handlers(
+            concern, codec=codec, consumer=self.name, client=client, producer=producer, keys=keys
+        )
+        streams = {keys.stream(t): t for t in concern.topics}
+        streams.update({keys.retry_stream(t, self.group): t for t in concern.topics})
+        self.reader = Reader(
+            client=client,
+            keys=keys,
+            group=self.group,
+            name=self.name,
+            settings=s,
+            streams=streams,
+            unhandled=self.handlers.unhandled,
+            guard=self.guard,
+            stats=self.stats,
+        )
+        self.settler = Settler(
+            client=client,
+            keys=keys,
+            group=self.group,
+            name=self.name,
+            settings=s,
+            policy=concern.retry,
+            stats=self.stats,
+            on_dead_letter=concern.on_dead_letter,
+            after_settle=after_settle,
+            release=self.reader.release,
+        )
+        self.guard.on_nogroup = self._on_nogroup
+        self._token = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._claimed = False
+        self._stopping = asyncio.Event()
+        self._retry_wakeup = asyncio.Event()
+        self._wake_at = 0.0  # monotonic time of the earliest retry this consumer scheduled
+        self._work: asyncio.Queue[Entry] = asyncio.Queue()
+        self._settle_q: asyncio.Queue[Outcome] = asyncio.Queue()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def ready(self) -> bool:
+        """Redis answers every step and the groups exist."""
+        return self.guard.ready
+
+    @property
+    def in_flight(self) -> int:
+        """Entries read and not yet settled (at most ``max_in_flight``)."""
+        return self.reader.in_flight
+
+    def _on_nogroup(self) -> None:
+        self.reader.groups_ok = False
+        self.reader.recover_all()
+
+    def _rename(self, name: str) -> None:
+        self.name = self.reader.name = self.settler.name = self.handlers.consumer = name
+        self.guard.consumer = name
+
+    # ------------------------------------------------------------------ start and stop
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every stream it reads (MKSTREAM); BUSYGROUP is success."""
+        await self.reader.ensure_groups()
+
+    async def claim_name(self) -> None:
+        """Hold this consumer's name in the group while alive: a second live process with
+        the same name would re-read this one's pending entries and run them twice."""
+        ttl = self.settings.min_idle_ms
+        base, n = self.settings.consumer, 1
+        while True:
+            name = base if n == 1 else f"{base}-{n}"
+            key = self.keys.consumer_lease(self.group, name)
+            if int(await CLAIM_NAME(self.client, [key], [self._token, ttl])):
+                break
+            if self.settings.name_taken == "refuse":
+                raise ConsumerNameTaken(
+                    f"consumer name {name!r} of group {self.group!r} is in use by another live "
+                    "process; give each replica its own STREAMPROC_CONSUMER"
+                )
+            n += 1
+        if name != self.name:
+            log.warning("consumer_name_taken_using", group=self.group, wanted=base, name=name)
+            self._rename(name)
+        self._claimed = True
+
+    async def _start(self) -> None:
+        await self.ensure_groups()
+        await self.claim_name()
+
+    def stop(self) -> None:
+        """Stop reading; ``run`` then drains in-flight work and returns."""
+        self._stopping.set()
+
+    async def run(self, *, started: asyncio.Event | None = None) -> None:
+        """Run until ``stop()``; then drain in-flight work within grace_s and return."""
+        try:
+            await self.guard.until_up("start", self._start, give_up=self._stopping.is_set)
+        except GaveUp:
+            return
+        log.info(
+            "consumer_started",
+            group=self.group,
+            consumer=self.name,
+            streams=list(self.reader.streams),
+        )
+        if started is not None:
+            started.set()
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self.concern.concurrency):
+                    tg.start_soon(self._worker)
+                tg.start_soon(self._settler_loop)
+                tg.start_soon(self._upkeep_loop)
+                tg.start_soon(self._retry_loop)
+                if self.settings.trim_interval_ms:
+                    tg.start_soon(self._trim_loop)
+                if self.settings.stats_interval_ms:
+                    tg.start_soon(self._stats_loop)
+                await self._reader_loop()
+                if not await wait_event(self.reader.drained, self.settings.grace_s):
+                    log.warning("grace_expired", in_flight=self.reader.in_flight)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(3):
+                await self._finish()
+            log.info(
+                "consumer_stopped", group=self.group, consumer=self.name, **self.stats.as_dict()
+            )
+
+    async def _finish(self) -> None:
+        """Give back the deliveries of cut-off entries and the name (best effort)."""
+        try:
+            for stream, held in self.reader.held.items():
+                if held:
+                    args: list[Any] = [self.group, self.name]
+                    for e in held.values():
+                        args += (e.entry_id, max(0, e.deliveries - 1))
+                    await UNCOUNT(self.client, [stream], args)
+            if self._claimed:
+                key = self.keys.consumer_lease(self.group, self.name)
+                await RELEASE_NAME(self.client, [key], [self._token])
+                self._claimed = False
+        except Exception as e:  # Redis down at shutdown: the entries are redelivered anyway
+            log.warning("stop_cleanup_failed", group=self.group, error=str(e)[:300])
+
+    # ------------------------------------------------------------------ single step
+
+    async def process_once(self, *, block_ms: int | None = None) -> int:
+        """Pump due retries, read one batch (own pending, new, then reclaimed), handle it
+        and settle it. Returns the entries taken in."""
+        if not self.reader.groups_ok:
+            await self.ensure_groups()
+        self.guard.up("start")
+        await self.pump_retries()
+        items = await self.reader.read(block_ms)
+        for stream in self.reader.streams:
+            items += await self.reader.reclaim(stream)
+        sem = asyncio.Semaphore(self.concern.concurrency)
+
+        async def run(item: Item) -> Outcome:
+            if not isinstance(item, Entry):
+                return item
+            async with sem:
+                return await self.handlers.run(item)
+
+        outcomes = list(await asyncio.gather(*(run(i) for i in items)))
+        if outcomes:
+            await self.settler.settle(outcomes)
+            self._note_retries(outcomes)
+        return len(items)
+
+    # ------------------------------------------------------------------ upkeep steps
+
+    async def renew(self) -> int:
+        """Reset the idle time of the entries this consumer holds and still owns, and tick
+        the group's clock. Returns how many were renewed; entries another consumer took
+        meanwhile are counted in ``stats.lost`` (their settle is still safe)."""
+        renewed = 0
+        for stream, held in self.reader.held.items():
+            ids = list(held)
+            lost: list[bytes] = await RENEW(
+                self.client,
+                [stream, self.keys.upkeep(self.reader.streams[stream], self.group)],
+                [self.group, self.name, self.settings.min_idle_ms // 2, *ids],
+            )
+            renewed += len(ids) - len(lost)
+            if lost:
+                self.stats.lost += len(lost)
+                log.warning("entries_taken_over", stream=stream, count=len(lost))
+        if self._claimed:
+            key = self.keys.consumer_lease(self.group, self.name)
+            if not int(
+                await CLAIM_NAME(self.client, [key], [self._token, self.settings.min_idle_ms])
+            ):
+                log.error("consumer_name_lost", group=self.group, consumer=self.name)
+        return renewed
+
+    async def expire_consumers(self) -> list[str]:
+        """Remove consumers that own nothing and were idle longer than consumer_expiry_ms
+        (check and delete in one script)."""
+        removed: list[str] = []
+        for stream in self.reader.streams:
+            names = await EXPIRE_CONSUMERS(
+                self.client, [stream], [self.group, self.name, self.settings.consumer_expiry_ms]
+            )
+            removed += [n.decode() for n in names]
+        if removed:
+            log.info("consumers_expired", consumers=sorted(set(removed)))
+        return removed
+
+    async def pump_retries(self) -> float:
+        """Move due retries into this group's retry streams. Returns seconds until the next
+        waiting retry is due (Redis' clock), at most 1."""
+        wait_s = 1.0
+        for topic in self.concern.topics:
+            moved, wait_ms = await PUMP(
+                self.client,
+                [
+                    self.keys.delayed(topic, self.group),
+                    self.keys.retry_stream(topic, self.group),
+                    self.keys.dlq(topic, self.group),
+                ],
+                [1000],
+            )
+            if int(moved) >= 1000:
+                wait_ms = 0
+            if int(wait_ms) >= 0:
+                wait_s = min(wait_s, int(wait_ms) / 1000)
+        return wait_s
+
+    def _note_retries(self, outcomes: list[Outcome]) -> None:
+        from streamproc.consumer.outcomes import RetryLater
+
+        for o in outcomes:
+            if isinstance(o, RetryLater):
+                at = time.monotonic() + o.delay_ms / 1000
+                if not self._wake_at or at < self._wake_at:
+                    self._wake_at = at
+                    self._retry_wakeup.set()
+
+    async def report_stats(self) -> None:
+        """Write this consumer's ack-latency histogram (cumulative) to the group's hash."""
+        body = msgspec.json.encode(
+            {
+                "at": int(time.time() * 1000),
+                "bounds_ms": LATENCY_BOUNDS_MS,
+                "counts": self.stats.latency_counts,
+            }
+        )
+        key = self.keys.latency(self.group)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, self.name, body)
+            pipe.pexpire(key, 3_600_000)
+            await pipe.execute()
+
+    # ------------------------------------------------------------------ loops
+
+    def _dispatch(self, items: list[Item]) -> None:
+        for item in items:
+            if isinstance(item, Entry):
+                self._work.put_nowait(item)
+            else:
+                self._settle_q.put_nowait(item)
+
+    async def _reader_loop(self) -> None:
+        """Read until stopping. A blocked read is never cancelled: it ends with its BLOCK."""
+        while not self._stopping.is_set():
+            await self._until_stopping(self.reader.wait_for_room())
+            if self._stopping.is_set():
+                return
+            try:
+                items = await self.guard.until_up(
+                    "read",
+                    lambda: self.reader.read(self.settings.block_ms),
+                    give_up=self._stopping.is_set,
+                )
+            except GaveUp:
+                return
+            self._dispatch(items)
+
+    async def _until_stopping(self, waiting: Any) -> None:
+        task = asyncio.ensure_future(waiting)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, stop):
+                t.cancel()
+
+    async def _worker(self) -> None:
+        while True:
+            entry = await self._work.get()
+            self._settle_q.put_nowait(await self.handlers.run(entry))
+
+    async def _settler_loop(self) -> None:
+        while True:
+            batch = [await self._settle_q.get()]
+            while not self._settle_q.empty() and len(batch) < 1000:
+                batch.append(self._settle_q.get_nowait())
+            # Shielded: a settle under way finishes even when shutdown cancels the rest. If
+            # Redis is down while stopping it gives up: the entries stay pending, and their
+            # redelivery is recognised by dedup.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.guard.until_up(
+                        "settle",
+                        lambda: self.settler.settle(batch),  # noqa: B023
+                        give_up=self._stopping.is_set,
+                    )
+                except GaveUp:
+                    log.warning("settle_abandoned_at_stop", entries=len(batch))
+                    continue
+            self._note_retries(batch)
+
+    async def _upkeep_loop(self) -> None:
+        """Every renewal period: renew and tick; then reclaim; now and then expire."""
+        rounds = 0
+        while True:
+            await anyio.sleep(self._period_s * random.uniform(0.9, 1.0))
+            await self.guard.until_up("renew", self.renew)
+            rounds += 1
+            if not self._stopping.is_set() and self.guard.may_reclaim():
+                for stream in self.reader.streams:
+                    try:  # one try: a failure lets go of what it took (re-read with 0)
+                        items = await self.guard.until_up(
+                            "reclaim",
+                            lambda s=stream: self.reader.reclaim(s),  # type: ignore[misc]
+                            give_up=lambda: True,
+                        )
+                    except GaveUp:
+                        break
+                    self._dispatch(items)
+            if rounds % 30 == 0:
+                await self.guard.until_up("expire", self.expire_consumers)
+
+    async def _retry_loop(self) -> None:
+        """Pump due retries when the next is due (Redis' clock), and at least every second."""
+        while True:
+            wait_s = await self.guard.until_up("pump", self.pump_retries)
+            if self._wake_at:
+                wait_s = min(wait_s, max(0.0, self._wake_at - time.monotonic()))
+            await wait_event(self._retry_wakeup, wait_s)
+            if self._retry_wakeup.is_set() or (self._wake_at and self._wake_at <= time.monotonic()):
+                self._retry_wakeup.clear()
+                self._wake_at = 0.0
+
+    async def _trim_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.trim_interval_ms / 1000 * random.uniform(0.8, 1.2))
+            for stream, topic in self.reader.streams.items():
+                declared = (self.group,) if ":retry:" in stream else self._declared.get(topic, ())
+                await self.guard.until_up(
+                    "trim",
+                    lambda s=stream, d=declared: trim_stream(  # type: ignore[misc]
+                        self.client, s, hard_maxlen=self.settings.hard_maxlen, declared_groups=d
+                    ),
+                )
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.stats_interval_ms / 1000)
+            try:
+                await self.report_stats()
+            except Exception as e:  # a figure for the dashboard: never worth stopping for
+                log.debug("stats_report_failed", error=str(e))
