@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = (
     "BackpressureError",
     "ConfigError",
+    "ConsumerNameTaken",
     "DecodeError",
     "Permanent",
     "PublishError",
@@ -12,6 +13,7 @@ __all__ = (
     "Retry",
     "ServerTooOld",
     "StreamprocError",
+    "UnsafeServerConfig",
 )
 
 
@@ -23,8 +25,19 @@ class ConfigError(StreamprocError, ValueError):
     """A setting, environment variable or CLI argument has a bad value."""
 
 
+class ConsumerNameTaken(ConfigError):
+    """Another live process uses this consumer name in the group (it would re-run its work)."""
+
+
 class ServerTooOld(StreamprocError):
     """The Redis server is older than the oldest version streamproc supports."""
+
+
+class UnsafeServerConfig(StreamprocError):
+    """The Redis server is configured in a way that breaks streamproc's guarantees.
+
+    Today: a ``maxmemory-policy`` other than ``noeviction`` (see ``check_eviction``).
+    """
 
 
 class RedisUnavailable(StreamprocError):
