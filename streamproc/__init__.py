@@ -16,6 +16,7 @@ from streamproc.errors import (
     Retry,
     ServerTooOld,
     StreamprocError,
+    UnsafeServerConfig,
 )
 from streamproc.event import Event, new_event_id
 from streamproc.keys import Keys
@@ -47,6 +48,7 @@ __all__ = (
     "ServerInfo",
     "ServerTooOld",
     "StreamprocError",
+    "UnsafeServerConfig",
     "check_server",
     "connect",
     "new_event_id",

@@ -7,6 +7,7 @@
 | ``STREAMPROC_CONSUMER`` | consumer name, stable across restarts | default: host name |
 | ``STREAMPROC_LOG_LEVEL`` | debug, info, warning, error | default ``info`` |
 | ``STREAMPROC_LOG_JSON`` | force JSON logs (1) or console logs (0) | default: JSON unless a TTY |
+| ``STREAMPROC_ALLOW_EVICTION`` | start on a Redis that may evict keys (1) | default ``0`` |
 | ``STREAMPROC_<SETTING>`` | any ConsumerSettings / ProducerSettings field, upper-case | its type |
 
 A bad value fails at start with a message naming the variable and the expected form.
@@ -135,8 +136,15 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     json_raw = env.get("STREAMPROC_LOG_JSON")
     if json_raw not in (None, "", "0", "1"):
         raise ConfigError(f"STREAMPROC_LOG_JSON={json_raw!r}: expected 0 or 1")
+    eviction_raw = env.get("STREAMPROC_ALLOW_EVICTION", "")
+    if eviction_raw not in ("", "0", "1"):
+        raise ConfigError(f"STREAMPROC_ALLOW_EVICTION={eviction_raw!r}: expected 0 or 1")
     try:
-        redis = RedisSettings(url=url or "redis://127.0.0.1:6379/0", key_prefix=prefix)
+        redis = RedisSettings(
+            url=url or "redis://127.0.0.1:6379/0",
+            key_prefix=prefix,
+            allow_eviction=eviction_raw == "1",
+        )
     except ConfigError as e:
         raise ConfigError(f"REDIS_URL: {e}") from None
     consumer_name = env.get("STREAMPROC_CONSUMER") or _default_consumer_name()

@@ -12,16 +12,26 @@ from typing import Any
 import hiredis
 import msgspec
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streamproc.errors import RedisUnavailable, ServerTooOld
+from streamproc.errors import RedisUnavailable, ServerTooOld, UnsafeServerConfig
 from streamproc.settings import RedisSettings
 
-__all__ = ("REDIS_DOWN", "ServerInfo", "check_server", "connect", "server_info")
+__all__ = (
+    "REDIS_DOWN",
+    "ServerInfo",
+    "check_eviction",
+    "check_server",
+    "connect",
+    "server_info",
+)
+
+log = structlog.get_logger("streamproc.connection")
 
 #: Exceptions that mean "Redis is not reachable right now".
 REDIS_DOWN: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -39,6 +49,8 @@ class ServerInfo(msgspec.Struct, frozen=True):
     has_consumer_inactive: bool
     #: XADD ... IDMP idempotent producer (8.6).
     has_idempotent_xadd: bool
+    #: ``maxmemory_policy`` from ``INFO memory``; None when the server did not say.
+    maxmemory_policy: str | None = None
 
     @property
     def version_text(self) -> str:
@@ -113,22 +125,80 @@ def parse_version(text: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
-async def check_server(client: aioredis.Redis) -> ServerInfo:
-    """Read the server version; refuse anything older than Redis 7.0."""
+async def check_server(client: aioredis.Redis, *, allow_eviction: bool = False) -> ServerInfo:
+    """Read the server's version and eviction policy; refuse what streamproc cannot run on.
+
+    ServerTooOld below Redis 7.0; UnsafeServerConfig when ``maxmemory-policy`` is not
+    ``noeviction`` unless ``allow_eviction`` (``RedisSettings.allow_eviction``). The policy
+    comes from ``INFO memory``: managed services often forbid ``CONFIG GET``.
+    """
     try:
         info: dict[str, Any] = await client.info("server")
+        memory: dict[str, Any] = await client.info("memory")
     except REDIS_DOWN as e:
         raise RedisUnavailable(f"cannot reach Redis: {e}") from e
-    return server_info(info)
+    found = server_info({**info, **memory})
+    check_eviction(found, allow_eviction=allow_eviction)
+    return found
+
+
+#: Why each family of eviction policies breaks streamproc, for the refusal message.
+_EVICTS = {
+    "volatile": (
+        "it evicts keys that have a TTL, and those are exactly the keys that make dedup "
+        "(publish and consume markers), the ticker's lease and task state work: under memory "
+        "pressure events are applied twice, two tickers lead and tasks vanish"
+    ),
+    "allkeys": (
+        "it evicts any key, streams and consumer groups included: events are lost outright, "
+        "besides the dedup markers, leases and task state"
+    ),
+}
+
+
+def check_eviction(info: ServerInfo, *, allow_eviction: bool = False) -> None:
+    """UnsafeServerConfig unless ``maxmemory-policy`` is ``noeviction`` or eviction is allowed.
+
+    Under ``noeviction`` a full Redis refuses writes (OOM), which streamproc treats as an
+    outage; any other policy deletes keys silently. A policy the server did not report is
+    refused too: streamproc cannot tell it is safe.
+    """
+    policy = info.maxmemory_policy
+    if policy == "noeviction":
+        return
+    if allow_eviction:
+        log.warning("eviction_allowed", maxmemory_policy=policy)
+        return
+    override = (
+        "If this Redis can never reach maxmemory, start anyway with STREAMPROC_ALLOW_EVICTION=1 "
+        "(RedisSettings(allow_eviction=True))."
+    )
+    if policy is None:
+        raise UnsafeServerConfig(
+            "Redis did not report its maxmemory-policy (INFO memory has no maxmemory_policy): "
+            "streamproc needs noeviction and cannot tell whether Redis evicts keys. " + override
+        )
+    why = _EVICTS.get(policy.partition("-")[0], "it deletes keys under memory pressure")
+    raise UnsafeServerConfig(
+        f"Redis maxmemory-policy is {policy}: streamproc needs noeviction, because {why}. "
+        "Set it with CONFIG SET maxmemory-policy noeviction (or maxmemory-policy in "
+        "redis.conf / the service's parameter group); a full Redis then refuses writes and "
+        f"streamproc waits it out. {override}"
+    )
 
 
 def server_info(info: dict[str, Any]) -> ServerInfo:
-    """What ``INFO server`` says about the stream features; ServerTooOld below Redis 7.0."""
+    """What ``INFO server`` (and ``INFO memory``) say about the stream features and eviction.
+
+    ServerTooOld below Redis 7.0. Pure: ``check_server`` reads the INFO, ``check_eviction``
+    judges the policy.
+    """
     raw = info.get("valkey_version") or info.get("redis_version") or "0"
     version = parse_version(str(raw))
     if "valkey_version" in info:
         # Valkey reports redis_version 7.2.4 for compatibility; it behaves like Redis 7.2.
         version = parse_version(str(info.get("redis_version", "7.2.4")))
+    policy = info.get("maxmemory_policy")
     if version < MIN_VERSION:
         raise ServerTooOld(
             f"Redis {'.'.join(map(str, version))} is too old: streamproc needs Redis >= 7.0 "
@@ -140,4 +210,5 @@ def server_info(info: dict[str, Any]) -> ServerInfo:
         has_readgroup_claim=version >= (8, 4, 0),
         has_consumer_inactive=version >= (7, 2, 0),
         has_idempotent_xadd=version >= (8, 6, 0),
+        maxmemory_policy=None if policy is None else str(policy),
     )
