@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = (
     "BackpressureError",
     "ConfigError",
+    "ConsumerNameTaken",
     "DecodeError",
     "Permanent",
     "PublishError",
@@ -22,6 +23,10 @@ class StreamprocError(Exception):
 
 class ConfigError(StreamprocError, ValueError):
     """A setting, environment variable or CLI argument has a bad value."""
+
+
+class ConsumerNameTaken(ConfigError):
+    """Another live process uses this consumer name in the group (it would re-run its work)."""
 
 
 class ServerTooOld(StreamprocError):

@@ -6,7 +6,7 @@ environment. Units are in the names (``_ms``, ``_s``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -112,13 +112,19 @@ class ConsumerSettings(_Settings, frozen=True, kw_only=True):
     #: Every this often the consumer writes its ack-latency histogram to Redis (``Keys.latency``)
     #: for the dashboard; 0 = never.
     stats_interval_ms: int = 5_000
+    #: How long a failed entry's marker keeps a resent settle (or a second consumer that ran
+    #: the same entry) from scheduling its retry or dead letter twice.
+    fail_mark_ms: int = 24 * 3600 * 1000
+    #: When another live process holds this consumer name in the group: "refuse" to start
+    #: (ConsumerNameTaken), or take the first free "<name>-2", "<name>-3" … ("suffix").
+    name_taken: Literal["refuse", "suffix"] = "refuse"
 
     def __post_init__(self) -> None:
         from streamproc.keys import check_name
 
         check_name("consumer", self.consumer)
         self._positive("max_in_flight", "batch", "block_ms", "min_idle_ms", "grace_s")
-        self._positive("max_deliveries", "consumer_expiry_ms")
+        self._positive("max_deliveries", "consumer_expiry_ms", "fail_mark_ms")
         self._positive(
             "dedup_window_ms",
             "trim_interval_ms",
