@@ -241,8 +241,12 @@ class Consumer:
         self.guard.up("start")
         await self.pump_retries()
         items = await self.reader.read(block_ms)
-        for stream in self.reader.streams:
-            items += await self.reader.reclaim(stream)
+        try:
+            for stream in self.reader.streams:
+                items += await self.reader.reclaim(stream)
+        except BaseException:  # what was taken before the failure is let go, not stranded
+            self.reader.let_go([i if isinstance(i, Entry) else i.entry for i in items])
+            raise
         sem = asyncio.Semaphore(self.concern.concurrency)
 
         async def run(item: Item) -> Outcome:
