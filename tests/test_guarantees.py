@@ -340,7 +340,7 @@ async def test_a7_reclaim_reaches_entries_behind_a_long_run_of_live_ones(
     late = [spot(10_000 + i) for i in range(3)]
     await producer.publish_many(late)
     await client.xreadgroup("g", "dead", {stream: ">"})
-    busy_ids = [i for i, _ in await entries(client, stream)][:1500]
+    busy_ids: list[Any] = [i for i, _ in await entries(client, stream)][:1500]
     seen: list[str] = []
 
     async def handle(event: SpotInterruption, ctx: Context) -> None:
