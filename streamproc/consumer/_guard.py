@@ -34,7 +34,7 @@ from redis.exceptions import (
 from streamproc._backoff import Backoff
 from streamproc.connection import REDIS_DOWN
 
-__all__ = ("GaveUp", "RedisGuard", "is_not_now")
+__all__ = ("GaveUp", "RedisGuard", "error_text", "is_not_now")
 
 log = structlog.get_logger("streamproc.consumer")
 
@@ -59,6 +59,24 @@ def is_not_now(e: BaseException) -> bool:
         # Errors raised inside a script keep their code; redis-py strips known codes.
         return text.startswith(_NOT_NOW_PREFIXES) or "command not allowed when used memory" in text
     return False
+
+
+_CODES = {
+    OutOfMemoryError: "OOM",
+    ReadOnlyError: "READONLY",
+    BusyLoadingError: "LOADING",
+    MasterDownError: "MASTERDOWN",
+    TryAgainError: "TRYAGAIN",
+}
+
+
+def error_text(e: BaseException) -> str:
+    """The error as Redis said it (redis-py strips the code of the errors it knows)."""
+    code = _CODES.get(type(e), "")
+    text = str(e)[:300]
+    if code and not text.startswith(code):
+        return f"{code} {text}"
+    return text if isinstance(e, ResponseError) else f"{type(e).__name__}: {text}"
 
 
 class GaveUp(Exception):
@@ -109,9 +127,9 @@ class RedisGuard:
     def down(self, step: str, e: BaseException) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
-            log.error("redis_unavailable", group=self.group, step=step, error=str(e)[:300])
+            log.error("redis_unavailable", group=self.group, step=step, error=error_text(e))
         self._failing.add(step)
-        self.reason = f"{step}: {str(e)[:300]}"
+        self.reason = f"{step}: {error_text(e)}"
 
     async def until_up(
         self,

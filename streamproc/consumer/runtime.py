@@ -28,11 +28,12 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ResponseError
 
 from streamproc._aio import wait_event
 from streamproc.codec import Codec
 from streamproc.concern import Concern
-from streamproc.consumer._guard import GaveUp, RedisGuard
+from streamproc.consumer._guard import GaveUp, RedisGuard, error_text, is_not_now
 from streamproc.consumer._handle import Handlers
 from streamproc.consumer._reader import Item, Reader
 from streamproc.consumer._scripts import (
@@ -173,7 +174,14 @@ class Consumer:
 
     async def _start(self) -> None:
         await self.ensure_groups()
-        await self.claim_name()
+        try:
+            await self.claim_name()
+        except ResponseError as e:
+            if not is_not_now(e):
+                raise
+            # Redis refuses writes (OOM, a replica): start anyway, so what Redis still allows
+            # (acks, trims) goes on; the name is claimed on a later renewal.
+            log.warning("consumer_name_claim_deferred", group=self.group, error=error_text(e))
 
     def stop(self) -> None:
         """Stop reading; ``run`` then drains in-flight work and returns."""
@@ -279,12 +287,14 @@ class Consumer:
             if lost:
                 self.stats.lost += len(lost)
                 log.warning("entries_taken_over", stream=stream, count=len(lost))
-        if self._claimed:
-            key = self.keys.consumer_lease(self.group, self.name)
-            if not int(
-                await CLAIM_NAME(self.client, [key], [self._token, self.settings.min_idle_ms])
-            ):
-                log.error("consumer_name_lost", group=self.group, consumer=self.name)
+        key = self.keys.consumer_lease(self.group, self.name)
+        ttl = self.settings.min_idle_ms
+        claimed = bool(int(await CLAIM_NAME(self.client, [key], [self._token, ttl])))
+        if claimed and not self._claimed:
+            log.info("consumer_name_claimed", group=self.group, consumer=self.name)
+        elif not claimed:  # taken while we could not renew (a stall longer than min_idle)
+            log.error("consumer_name_held_by_another", group=self.group, consumer=self.name)
+        self._claimed = claimed
         return renewed
 
     async def expire_consumers(self) -> list[str]:
