@@ -22,6 +22,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from streamproc.groups import GroupInfo, group_info, group_infos
 from streamproc.keys import Keys
 
 __all__ = (
@@ -128,47 +129,48 @@ async def topics(client: aioredis.Redis, keys: Keys) -> list[str]:
     return sorted(found)
 
 
+async def _oldest_pending_age_s(
+    client: aioredis.Redis, stream: str, group: str, now_ms: int
+) -> float | None:
+    # None when the entries were acked since XINFO said they were pending.
+    first = (await client.xpending(stream, group))["min"]
+    return None if first is None else _age_s(now_ms, first)
+
+
 async def group_status(
     client: aioredis.Redis,
     keys: Keys,
     topic: str,
-    info: dict[str, Any],
+    info: GroupInfo,
     now_ms: int,
 ) -> GroupStatus:
     """One group on one topic, from its XINFO GROUPS row plus its retry stream and DLQ."""
-    group = _text(info["name"])
-    stream = keys.stream(topic)
-    pending = int(info.get("pending") or 0)
+    group, stream = info.name, keys.stream(topic)
+    pending, lag = info.pending, info.lag
     oldest: float | None = None
     if pending:
-        oldest = _age_s(now_ms, (await client.xpending(stream, group))["min"])
-    lag_raw = info.get("lag")
-    lag = None if lag_raw is None else int(lag_raw)
+        oldest = await _oldest_pending_age_s(client, stream, group, now_ms)
     retry_key = keys.retry_stream(topic, group)
     retries = int(await client.zcard(keys.delayed(topic, group)))
-    try:
-        for row in await client.xinfo_groups(retry_key):
-            if _text(row["name"]) == group:
-                retry_pending = int(row.get("pending") or 0)
-                if retry_pending:
-                    first = (await client.xpending(retry_key, group))["min"]
-                    age = _age_s(now_ms, first)
-                    oldest = age if oldest is None else max(oldest, age)
-                pending += retry_pending
-                retries += int(row.get("lag") or 0)
-    except ResponseError:
-        pass  # no retry stream yet
+    retry = await group_info(client, retry_key, group)  # None: no retry stream yet
+    if retry is not None:
+        if retry.pending:
+            age = await _oldest_pending_age_s(client, retry_key, group, now_ms)
+            if age is not None:
+                oldest = age if oldest is None else max(oldest, age)
+        pending += retry.pending
+        retries += retry.lag or 0
     return GroupStatus(
         topic=topic,
         group=group,
-        consumers=int(info.get("consumers") or 0),
+        consumers=info.consumers,
         pending=pending,
         lag=lag,
         backlog=None if lag is None else lag + pending,
         oldest_pending_age_s=oldest,
         retries_waiting=retries,
         dlq=int(await client.xlen(keys.dlq(topic, group))),
-        last_delivered_id=_text(info.get("last-delivered-id", b"0-0")),
+        last_delivered_id=info.last_delivered_id,
     )
 
 
@@ -178,9 +180,9 @@ async def topic_status(
     stream = keys.stream(topic)
     try:
         info: dict[str, Any] = await client.xinfo_stream(stream)
-        groups: list[dict[str, Any]] = await client.xinfo_groups(stream)
     except ResponseError:
         return None  # deleted between SCAN and now
+    groups = await group_infos(client, stream)
     first, last = info.get("first-entry"), info.get("last-entry")
     mem = await client.memory_usage(stream) if memory else None
     return TopicStatus(
@@ -194,7 +196,7 @@ async def topic_status(
         memory_bytes=None if mem is None else int(mem),
         groups=[
             await group_status(client, keys, topic, g, now_ms)
-            for g in sorted(groups, key=lambda g: _text(g["name"]))
+            for g in sorted(groups, key=lambda g: g.name)
         ],
     )
 

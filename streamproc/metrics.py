@@ -50,6 +50,7 @@ from redis.exceptions import ResponseError
 
 from streamproc.connection import REDIS_DOWN
 from streamproc.consumer import LATENCY_BUCKETS_S
+from streamproc.groups import group_info
 from streamproc.keys import Keys
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ if TYPE_CHECKING:
 __all__ = ("TRIM_CUT_UNACKED", "ConsumerCollector")
 
 log = structlog.get_logger("streamproc.metrics")
+
+#: Errors that leave the cached group figures in place (their age shows they are stale).
+_REFRESH_FAILED: tuple[type[BaseException], ...] = (*REDIS_DOWN, ResponseError)
 
 TRIM_CUT_UNACKED = Counter(
     "streamproc_trim_cut_unacked_entries",
@@ -119,17 +123,12 @@ class ConsumerCollector:
                 out = []
                 for group, topics in sorted({(c.group, c.concern.topics) for c in self.consumers}):
                     for topic in topics:
-                        try:
-                            rows = await self.client.xinfo_groups(self.keys.stream(topic))
-                        except ResponseError:
-                            continue  # stream not there yet
-                        for row in rows:
-                            name = row["name"]
-                            if (name.decode() if isinstance(name, bytes) else name) == group:
-                                out.append(
-                                    await group_status(self.client, self.keys, topic, row, now_ms)
-                                )
-            except REDIS_DOWN as e:
+                        info = await group_info(self.client, self.keys.stream(topic), group)
+                        if info is not None:  # None: stream or group not there yet
+                            out.append(
+                                await group_status(self.client, self.keys, topic, info, now_ms)
+                            )
+            except _REFRESH_FAILED as e:
                 log.warning("metrics_refresh_failed", error=str(e))
                 return  # keep the last figures; their age shows they are stale
             self._groups, self._read_at = out, time.monotonic()

@@ -22,6 +22,7 @@ from streamproc import tail as _tail
 from streamproc.cli import App, install_stop_handlers, open_redis, run_async
 from streamproc.config import Config
 from streamproc.errors import ConfigError
+from streamproc.groups import group_info
 from streamproc.keys import Keys, check_name
 
 __all__ = ("register",)
@@ -181,10 +182,7 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
             for g in groups:
                 for topic in app.concerns[g].topics:
                     stream = keys.stream(topic)
-                    names = set()
-                    if await client.exists(stream):
-                        names = {_name(r["name"]) for r in await client.xinfo_groups(stream)}
-                    if g not in names:
+                    if await group_info(client, stream, g) is None:
                         problems.append(f"group {g} does not exist on {stream}")
         finally:
             await client.aclose()
@@ -199,7 +197,3 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
         return 1 if problems else 0
 
     return run_async(go())
-
-
-def _name(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

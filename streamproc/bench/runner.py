@@ -27,6 +27,7 @@ from streamproc.bench import _hist, _proc
 from streamproc.bench.loadgen import LoadSpec
 from streamproc.bench.sink import GROUP, SinkSpec
 from streamproc.errors import StreamprocError
+from streamproc.groups import group_info
 from streamproc.keys import Keys
 
 __all__ = ("BenchError", "Run", "run_once")
@@ -133,12 +134,8 @@ async def _start_ingest(
 
 
 async def _backlog(client: aioredis.Redis, stream: str) -> int:
-    groups: Any = await client.xinfo_groups(stream)
-    for g in groups:
-        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-        if name == GROUP:
-            return int(g.get("lag") or 0) + int(g.get("pending") or 0)
-    return 0
+    g = await group_info(client, stream, GROUP)
+    return 0 if g is None else (g.lag or 0) + g.pending
 
 
 async def _cleanup(client: aioredis.Redis, prefix: str) -> None:

@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from streamproc._schedule import Schedule, from_ms
+from streamproc.groups import group_infos
 from streamproc.inspect import GroupStatus, Report, collect
 from streamproc.keys import Keys
 
@@ -227,17 +228,16 @@ async def _counts(
         stream = keys.stream(t.topic)
         try:
             info: dict[str, Any] = await client.xinfo_stream(stream)
-            rows: list[dict[str, Any]] = await client.xinfo_groups(stream)
         except ResponseError:
             continue  # deleted since collect()
         if info.get("entries-added") is not None:
             added[t.topic] = int(info["entries-added"])
-        for row in rows:
-            read, lag = row.get("entries-read"), row.get("lag")
-            if read is None and lag is not None and t.topic in added:
-                read = added[t.topic] - int(lag)  # a group that has not read yet
+        for g in await group_infos(client, stream):
+            read = g.entries_read
+            if read is None and g.lag is not None and t.topic in added:
+                read = added[t.topic] - g.lag  # a group that has not read yet
             if read is not None:
-                done[(t.topic, _text(row["name"]))] = int(read) - int(row.get("pending") or 0)
+                done[(t.topic, g.name)] = read - g.pending
     return added, done
 
 
