@@ -242,16 +242,17 @@ async def steps_until(done: Callable[[], bool]) -> None:
     raise AssertionError("condition not reached")
 
 
-async def test_a3_a_blip_in_the_dedup_lookup_does_not_use_up_a_delivery(
+async def test_a3_a_blip_while_recovering_does_not_use_up_a_delivery(
     client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer
 ) -> None:
-    """max_deliveries=1: a blip after the read, before handling, must not make the entry
-    poison when it is read again."""
+    """max_deliveries=2, an entry delivered once before a crash: the restarted consumer
+    re-reads it (2), a blip makes it let go, it re-reads it again: still 2, not poison."""
     flaky = FlakyRedis(client)
-    c = consumer_on(flaky, codec, keys, producer, count_effect, max_deliveries=1)
+    c = consumer_on(flaky, codec, keys, producer, count_effect, max_deliveries=2)
     await c.ensure_groups()
     await producer.publish(spot(1))
-    flaky.fail_once(command_is("MGET"))
+    await client.xreadgroup("g", "c1", {keys.stream("cluster"): ">"})  # then it crashed
+    flaky.fail_once(command_is("XPENDING"))
     with pytest.raises(RedisConnectionError):
         await c.process_once()
     await steps(c, lambda: c.stats.acked == 1)
@@ -520,3 +521,29 @@ async def test_a16_duplicates_and_refused_settles_are_counted_as_such(
     await client.xadd(keys.stream("cluster"), copy)  # the same event id again
     await c.process_once()
     assert (c.stats.acked, c.stats.duplicates) == (1, 1)
+
+
+async def test_a_redelivered_event_already_applied_does_not_run_its_handler_again(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer
+) -> None:
+    """Redeliveries (own pending re-read, reclaim, retry stream) are checked against the
+    dedup marks before the handler runs: an applied event is acked as a duplicate."""
+    runs: list[str] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        runs.append(event.id)
+        await count_effect(event, ctx)
+
+    c = consumer_on(client, codec, keys, producer, handle)
+    await c.ensure_groups()
+    event = spot(1)
+    await producer.publish(event)
+    await c.process_once()
+    copy: Any = (await entries(client, keys.stream("cluster")))[0][1]
+    await client.xadd(keys.stream("cluster"), copy)
+    await client.xreadgroup("g", "c1", {keys.stream("cluster"): ">"})  # read, then a crash
+    restarted = consumer_on(client, codec, keys, producer, handle)
+    await restarted.process_once()  # re-reads its own pending entry first
+    assert runs == [event.id]
+    assert restarted.stats.duplicates == 1
+    assert await pending(client, keys) == 0

@@ -50,6 +50,7 @@ class Reader:
         self.client, self.keys, self.group, self.name = client, keys, group, name
         self.settings, self.guard, self.stats = settings, guard, stats
         self.streams = dict(streams)  # stream key -> topic
+        self._retry_streams = {s for s, t in streams.items() if s != keys.stream(t)}
         self._unhandled = unhandled
         self.held: dict[str, dict[bytes, Entry]] = {k: {} for k in self.streams}
         self.in_flight = 0
@@ -223,7 +224,11 @@ class Reader:
         try:
             if redelivered:
                 await self._load_deliveries(stream, entries)
-            seen = await self._seen(entries)
+                seen = await self._seen(entries)
+            elif stream in self._retry_streams:
+                seen = await self._seen(entries)
+            else:  # a first delivery: its settle script checks the mark (no round trip here)
+                seen = [False] * len(entries)
         except BaseException:
             self.let_go(entries)
             raise

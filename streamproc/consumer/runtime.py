@@ -123,7 +123,9 @@ class Consumer:
         self._retry_wakeup = asyncio.Event()
         self._wake_at = 0.0  # monotonic time of the earliest retry this consumer scheduled
         self._work: asyncio.Queue[Entry] = asyncio.Queue()
-        self._settle_q: asyncio.Queue[Outcome] = asyncio.Queue()
+        # Outcomes waiting for the settler: a list and a wake-up (cheaper than a Queue per item).
+        self._to_settle: list[Outcome] = []
+        self._settle_wakeup = asyncio.Event()
 
     # ------------------------------------------------------------------ state
 
@@ -362,7 +364,8 @@ class Consumer:
             if isinstance(item, Entry):
                 self._work.put_nowait(item)
             else:
-                self._settle_q.put_nowait(item)
+                self._to_settle.append(item)
+                self._settle_wakeup.set()
 
     async def _reader_loop(self) -> None:
         """Read until stopping. A blocked read is never cancelled: it ends with its BLOCK."""
@@ -392,13 +395,17 @@ class Consumer:
     async def _worker(self) -> None:
         while True:
             entry = await self._work.get()
-            self._settle_q.put_nowait(await self.handlers.run(entry))
+            self._to_settle.append(await self.handlers.run(entry))
+            self._settle_wakeup.set()
 
     async def _settler_loop(self) -> None:
         while True:
-            batch = [await self._settle_q.get()]
-            while not self._settle_q.empty() and len(batch) < 1000:
-                batch.append(self._settle_q.get_nowait())
+            await self._settle_wakeup.wait()
+            batch, self._to_settle = self._to_settle[:1000], self._to_settle[1000:]
+            if not self._to_settle:
+                self._settle_wakeup.clear()
+            if not batch:
+                continue
             # Shielded: a settle under way finishes even when shutdown cancels the rest. If
             # Redis is down while stopping it gives up: the entries stay pending, and their
             # redelivery is recognised by dedup.
