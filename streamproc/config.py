@@ -153,11 +153,12 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             f"STREAMPROC_CONSUMER={consumer_name!r}: expected a name of letters, "
             "digits, _.- (at most 63)"
         )
-    consumer = _build(
-        ConsumerSettings,
-        _from_env(env, ConsumerSettings, skip=("consumer",)),
-        consumer=consumer_name,
-    )
+    consumer_values = _from_env(env, ConsumerSettings, skip=("consumer",))
+    if not env.get("STREAMPROC_CONSUMER"):
+        # The host name is a default, not a promise: a second process on the same host takes
+        # "<host>-2" instead of refusing to start (a name given explicitly refuses).
+        consumer_values.setdefault("name_taken", "suffix")
+    consumer = _build(ConsumerSettings, consumer_values, consumer=consumer_name)
     producer = _build(ProducerSettings, _from_env(env, ProducerSettings))
     return Config(
         redis=redis,

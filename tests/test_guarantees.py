@@ -547,3 +547,11 @@ async def test_a_redelivered_event_already_applied_does_not_run_its_handler_agai
     assert runs == [event.id]
     assert restarted.stats.duplicates == 1
     assert await pending(client, keys) == 0
+
+
+def test_a15_the_host_name_default_takes_a_suffix_an_explicit_name_refuses() -> None:
+    from streamproc.config import load_config
+
+    assert load_config({}).consumer.name_taken == "suffix"
+    assert load_config({"STREAMPROC_CONSUMER": "w1"}).consumer.name_taken == "refuse"
+    assert load_config({"STREAMPROC_NAME_TAKEN": "refuse"}).consumer.name_taken == "refuse"
