@@ -13,7 +13,7 @@ import structlog
 
 from streamproc._backoff import backoff_delay_s
 from streamproc.codec import Codec
-from streamproc.concern import Concern, Context, Handler
+from streamproc.concern import Concern, Context, Handler, Scope
 from streamproc.consumer.outcomes import Acked, DeadLettered, Entry, Outcome, RetryLater
 from streamproc.errors import DecodeError, Permanent, Retry
 from streamproc.keys import Keys
@@ -76,6 +76,7 @@ class Handlers:
         self.by_type: dict[bytes, Handler] = {
             t.type_name().encode(): h for t, h in concern.handlers.items()
         }
+        self._scopes: dict[str, Scope] = {}
         self.unhandled = frozenset(
             n.encode() for n in codec.registry.names() if n.encode() not in self.by_type
         )
@@ -99,17 +100,17 @@ class Handlers:
             return DeadLettered(
                 entry, reason="unknown_type", error_type="DecodeError", detail="no handler"
             )
-        ctx = Context(
-            topic=entry.topic,
-            group=self.concern.group,
-            consumer=self.consumer,
-            entry_id=entry.entry_id.decode(),
-            attempt=entry.attempt,
-            deliveries=entry.deliveries,
-            redis=self.client,
-            producer=self.producer,
-            keys=self.keys,
-        )
+        scope = self._scopes.get(entry.topic)
+        if scope is None or scope.consumer != self.consumer:  # the name may change at start
+            scope = self._scopes[entry.topic] = Scope(
+                entry.topic,
+                self.concern.group,
+                self.consumer,
+                self.client,
+                self.producer,
+                self.keys,
+            )
+        ctx = Context.for_event(scope, entry.entry_id.decode(), entry.attempt, entry.deliveries)
         # One context variable per event (cheaper than binding six structlog contextvars);
         # streamproc.logs merges it into every log line written while the handler runs.
         token = EVENT_CONTEXT.set(

@@ -10,6 +10,7 @@ in the same call. A batch is safe to send again after a lost reply.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from streamproc.consumer.outcomes import (
     Settled,
     Skipped,
 )
-from streamproc.consumer.stats import ConsumerStats
+from streamproc.consumer.stats import LATENCY_BOUNDS_MS, ConsumerStats
 from streamproc.keys import Keys
 from streamproc.settings import ConsumerSettings, RetryPolicy
 
@@ -65,6 +66,13 @@ class Settler:
         self.settings, self.policy, self.stats = settings, policy, stats
         self.on_dead_letter, self.after_settle = on_dead_letter, after_settle
         self._release = release
+        self._prefixes: dict[str, bytes] = {}
+
+    def _seen_prefix(self, topic: str) -> bytes:
+        prefix = self._prefixes.get(topic)
+        if prefix is None:
+            prefix = self._prefixes[topic] = self.keys.seen_prefix(topic, self.group).encode()
+        return prefix
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
         """Settle a batch (and the retries of effects Redis refused), then release it."""
@@ -84,26 +92,27 @@ class Settler:
         ok: dict[str, tuple[list[Any], list[Any], list[Outcome]]] = {}
         order: list[Any] = []  # per pipeline command: the stream (SUCCEED) or the outcome
         s = self.settings
+        dedup = bool(s.dedup_window_ms)
         async with self.client.pipeline(transaction=False) as pipe:
             for o in outcomes:
                 e = o.entry
                 if isinstance(o, _OK_KINDS):
-                    keys, args, members = ok.setdefault(
-                        e.stream, ([e.stream], [self.group, s.dedup_window_ms], [])
-                    )
+                    batch = ok.get(e.stream)
+                    if batch is None:
+                        batch = ok[e.stream] = ([e.stream], [self.group, s.dedup_window_ms], [])
+                    keys, args, members = batch
                     members.append(o)
-                    mark = 0
-                    effects: list[tuple[Any, ...]] = []
-                    if isinstance(o, Acked):
+                    if type(o) is Acked:
                         effects = o.effects
-                        if s.dedup_window_ms and o.event_id:
-                            keys.append(
-                                self.keys.seen_prefix(e.topic, self.group).encode() + o.event_id
-                            )
+                        mark = 0
+                        if dedup and o.event_id:
+                            keys.append(self._seen_prefix(e.topic) + o.event_id)
                             mark = len(keys)
-                    args += (e.entry_id, mark, len(effects))
-                    for cmd in effects:
-                        args += (len(cmd), *cmd)
+                        args += (e.entry_id, mark, len(effects))
+                        for cmd in effects:
+                            args += (len(cmd), *cmd)
+                    else:
+                        args += (e.entry_id, 0, 0)
                 elif isinstance(o, RetryLater):
                     FAIL.queue(
                         pipe,
@@ -150,6 +159,7 @@ class Settler:
         st = self.stats
         follow: list[Outcome] = []
         now_ms = time.time() * 1000
+        counts, bounds, latency_s = st.latency_counts, LATENCY_BOUNDS_MS, 0.0
         for what, reply in replies:
             if isinstance(what, list):  # SUCCEED: one status per outcome
                 for o, status in zip(what, reply, strict=True):
@@ -171,9 +181,13 @@ class Settler:
                     done.append(o)
                     if status == 1 or isinstance(o, Empty):  # a trimmed entry is gone anyway
                         o.status = Settled.ACKED
-                        if isinstance(o, Acked):
+                        if type(o) is Acked:
                             st.acked += 1
-                            st.observe_ack(o.entry.entry_id, now_ms)
+                            # publish-to-ack latency from the entry id's time (Redis' clock)
+                            eid = o.entry.entry_id
+                            ms = max(0.0, now_ms - int(eid[: eid.index(b"-")]))
+                            counts[bisect_left(bounds, ms)] += 1
+                            latency_s += ms
                         elif isinstance(o, Duplicate):
                             st.duplicates += 1
                         elif isinstance(o, Empty):
@@ -198,6 +212,7 @@ class Settler:
                 else:
                     o.status = Settled.ALREADY_SCHEDULED
                     st.already_scheduled += 1
+        st.latency_sum_s += latency_s / 1000
         return follow
 
     async def _tell_dead_letter(self, o: DeadLettered) -> None:
