@@ -17,6 +17,10 @@ process, started by the HTTP server).
 | ``streamproc_events_reclaimed_total`` | counter | group, consumer |
 | ``streamproc_events_skipped_total`` | counter | group, consumer (no handler for the type) |
 | ``streamproc_events_empty_total`` | counter | group, consumer (payload trimmed) |
+| ``streamproc_events_settle_refused_total`` | counter | group, consumer (entry no longer pending) |
+| ``streamproc_events_already_scheduled_total`` | counter | group, consumer (written before) |
+| ``streamproc_events_effect_errors_total`` | counter | group, consumer (effects refused) |
+| ``streamproc_events_taken_over_total`` | counter | group, consumer (held entry now another's) |
 | ``streamproc_consumer_in_flight`` | gauge | group, consumer |
 | ``streamproc_event_ack_latency_seconds`` | histogram | group, consumer (XADD to ack) |
 | ``streamproc_consumer_ready`` | gauge | group, consumer (1: Redis reachable, groups exist) |
@@ -80,6 +84,18 @@ _COUNTERS = (
     ("reclaimed", "streamproc_events_reclaimed", "Entries claimed from a stalled consumer"),
     ("skipped", "streamproc_events_skipped", "Entries of types the group has no handler for"),
     ("empty", "streamproc_events_empty", "Entries whose payload was trimmed before reading"),
+    (
+        "refused",
+        "streamproc_events_settle_refused",
+        "Settles that found the entry no longer pending (taken by another consumer, trimmed)",
+    ),
+    (
+        "already_scheduled",
+        "streamproc_events_already_scheduled",
+        "Failures whose retry or dead letter a copy of the same settle had written",
+    ),
+    ("effect_errors", "streamproc_events_effect_errors", "Events whose effects Redis refused"),
+    ("lost", "streamproc_events_taken_over", "Held entries a renewal found owned by another"),
 )
 
 _GROUP_GAUGES = (
