@@ -30,7 +30,6 @@ import uvloop
 from schemas import REGISTRY
 from schemas.ticks import Tick
 from streamproc import Codec, Keys, Producer, RedisSettings, connect
-from streamproc._schedule import Schedule, every
 from streamproc.embedded import EmbeddedRedis
 from streamproc.offload import (
     Job,
@@ -39,6 +38,7 @@ from streamproc.offload import (
     RenderPool,
     WorkerContext,
 )
+from streamproc.schedule import Schedule, every
 from streamproc.ticker import Ticker, TickerSettings
 
 

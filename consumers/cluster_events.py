@@ -15,18 +15,17 @@ it emits get ids derived from the cause's id, so a handler that runs twice emits
 from __future__ import annotations
 
 import re
-import uuid
 
 from schemas.cluster import NodeNotReady, OOMKilled, PodPending, SpotInterruption
 from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation
 from streamproc.concern import Concern, Context
+from streamproc.event import derived_id
 from streamproc.settings import RetryPolicy
 
 __all__ = (
     "CONCERN",
     "RISKY_POOL_TTL_S",
     "classify_pending",
-    "derived_id",
     "recommend_memory_limit",
 )
 
@@ -35,12 +34,6 @@ RISKY_POOL_TTL_S = 6 * 3600
 #: How long an interrupted node is remembered, to explain a later NotReady.
 INTERRUPTION_MEMORY_S = 15 * 60
 _MIB = 1 << 20
-_NS = uuid.UUID("6f1c3a52-8d7e-4c1b-9a53-2d0c7f1e9b11")
-
-
-def derived_id(cause_id: str, what: str) -> str:
-    """A deterministic id for an event caused by another: the same cause gives the same id."""
-    return str(uuid.uuid5(_NS, f"{cause_id}/{what}"))
 
 
 def recommend_memory_limit(limit_bytes: int, peak_bytes: int = 0, restarts: int = 0) -> int:

@@ -42,6 +42,7 @@ from schemas.renders import RenderDone, RenderProgress, RenderRequested, ReportR
 from schemas.ticks import WeeklyReportTick
 from streamproc.concern import Concern, Context
 from streamproc.errors import ConfigError
+from streamproc.event import derived_id as _derived_id
 from streamproc.offload import (
     Device,
     Job,
@@ -71,7 +72,8 @@ PROGRESS_MAXLEN = 10_000
 
 
 def derived_id(cause_id: str, what: str) -> str:
-    return str(uuid.uuid5(_NS, f"{cause_id}/{what}"))
+    """The engine's ``derived_id`` in this module's namespace (ids stored so far stay valid)."""
+    return _derived_id(cause_id, what, namespace=_NS)
 
 
 @dataclass(frozen=True)

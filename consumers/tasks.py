@@ -13,8 +13,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from consumers.cluster_events import derived_id
 from schemas.notify import Notification
+from streamproc.event import derived_id
 from streamproc.ingest.taskrun import TaskContext, TaskType, task_concern
 
 __all__ = ("CONCERN", "TASK_TYPES", "OptimizerRun", "run_optimizer")

@@ -20,7 +20,7 @@ from schemas.ticks import (
     TempCleanupTick,
     WeeklyReportTick,
 )
-from streamproc._schedule import Schedule, cron, every
+from streamproc.schedule import Schedule, cron, every
 
 __all__ = ("SCHEDULES", "TZ")
 

@@ -3,15 +3,13 @@
 Every schedule in ``producers/schedules.py`` emits one typed tick to the topic ``ticks``; a
 concern handles the tick types it cares about and the runtime acks the others unread. The
 event ``id`` is deterministic (schedule name + scheduled time), so two leaders, or a leader
-that fires again after a crash, publish one tick.
+that fires again after a crash, publish one tick. The base class ``Tick`` is the engine's
+(``streamproc.schedule``), re-exported here.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import ClassVar
-
-from streamproc.event import Event
+from streamproc.schedule import Tick
 
 __all__ = (
     "TICK_TYPES",
@@ -24,20 +22,6 @@ __all__ = (
     "Tick",
     "WeeklyReportTick",
 )
-
-
-class Tick(Event, frozen=True, kw_only=True, tag="tick"):
-    """A schedule fired. ``id`` is deterministic: schedule name + scheduled time."""
-
-    topic: ClassVar[str] = "ticks"
-    schedule: str
-    scheduled_for: datetime
-    #: The leader's fencing token when it fired.
-    fence: int = 0
-    #: Scheduled times passed over before this one (missed-tick policy), 0 when on time.
-    missed: int = 0
-    #: True when fired by a catch-up after downtime rather than on time.
-    catch_up: bool = False
 
 
 class DiscoveryTick(Tick, frozen=True, kw_only=True, tag="tick.discovery"):

@@ -15,18 +15,33 @@ ignored).
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar
 
 import msgspec
 import uuid_utils
 
-__all__ = ("Event", "new_event_id", "utcnow")
+__all__ = ("DERIVED_ID_NS", "Event", "derived_id", "new_event_id", "utcnow")
+
+#: The default namespace of ``derived_id``.
+DERIVED_ID_NS = uuid.UUID("6f1c3a52-8d7e-4c1b-9a53-2d0c7f1e9b11")
 
 
 def new_event_id() -> str:
     """A UUIDv7 as text: unique and ordered by creation time."""
     return str(uuid_utils.uuid7())
+
+
+def derived_id(cause_id: str, what: str, *, namespace: uuid.UUID = DERIVED_ID_NS) -> str:
+    """A deterministic id for an event caused by another: the same cause gives the same id.
+
+    A handler that runs again (a retry, a crash before its ack) publishes the same event id,
+    and the producer's and consumers' dedup drop the copy. ``what`` tells apart the events
+    one cause leads to (``"notify"``, ``"report"``); ``namespace`` keeps ids already stored
+    under another namespace stable.
+    """
+    return str(uuid.uuid5(namespace, f"{cause_id}/{what}"))
 
 
 def utcnow() -> datetime:

@@ -7,7 +7,7 @@ once when the leader stops gracefully (it releases the lease).
 
 The leader keeps, per schedule, the last scheduled time it dealt with (hash
 ``<p>:ticker:{ticker}:last``, epoch ms); at each due time it applies the schedule's missed-tick
-policy to the times in ``(last, now]`` (``streamproc._schedule.plan_fires``), publishes the ticks
+policy to the times in ``(last, now]`` (``streamproc.schedule.plan_fires``), publishes the ticks
 through the Producer and then records the latest due time, guarded by the fencing token. Tick
 ids are ``uuid5(schedule@scheduled ms)`` and the Producer dedups by event id, so a tick that
 two leaders fire, or that a leader fires again after a crash between publish and record, is in
@@ -32,12 +32,12 @@ from prometheus_client import Counter, Gauge, Histogram
 from streamproc._aio import wait_event
 from streamproc._backoff import Backoff, backoff_delay_s
 from streamproc._lease import Lease
-from streamproc._schedule import Schedule, from_ms, plan_fires, tick_id
 from streamproc.connection import REDIS_DOWN
 from streamproc.errors import ConfigError, PublishError
 from streamproc.event import Event
 from streamproc.keys import Keys
 from streamproc.producer import Producer
+from streamproc.schedule import Schedule, from_ms, plan_fires, tick_id
 
 __all__ = ("Ticker", "TickerSettings", "TickerStats")
 

@@ -17,12 +17,12 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
-from streamproc._schedule import Schedule
 from streamproc.cli import App, install_stop_handlers, open_redis, run_async
 from streamproc.config import Config
 from streamproc.errors import ConfigError
 from streamproc.keys import Keys, check_name
 from streamproc.producer import Producer
+from streamproc.schedule import Schedule
 from streamproc.ticker import Ticker, TickerSettings
 
 __all__ = ("UP_ROLE", "register")

@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumers import cluster_events
-from consumers.cluster_events import classify_pending, derived_id, recommend_memory_limit
+from consumers.cluster_events import classify_pending, recommend_memory_limit
 from schemas import (
     NodeNotReady,
     Notification,
@@ -18,6 +18,7 @@ from schemas import (
     RightSizingRecommendation,
 )
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
+from streamproc.event import derived_id
 from tests.helpers import entries, spot
 
 MIB = 1 << 20

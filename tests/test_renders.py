@@ -29,8 +29,8 @@ from consumers.render_jobs import (
 from schemas.renders import RenderDone, RenderRequested, ReportReady
 from schemas.ticks import WeeklyReportTick
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
-from streamproc._schedule import Schedule, cron
 from streamproc.offload import OffloadSettings, WorkerContext
+from streamproc.schedule import Schedule, cron
 from streamproc.ticker import Ticker, TickerSettings
 from tests.helpers import entries
 

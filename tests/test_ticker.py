@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from schemas.ticks import Tick
 from streamproc import Codec, Keys, Producer
 from streamproc._lease import Lease
-from streamproc._schedule import MissedPolicy, Schedule, every
+from streamproc.schedule import MissedPolicy, Schedule, every
 from streamproc.ticker import Ticker, TickerSettings
 from tests.helpers import entries
 
@@ -152,7 +152,7 @@ async def test_graceful_stop_releases_the_lease(
 
 SCHEDULE_MODULE = """
 from schemas.ticks import Tick
-from streamproc._schedule import Schedule, every
+from streamproc.schedule import Schedule, every
 
 SCHEDULES = (
     Schedule(name="every-second", trigger=every(1), event=Tick, missed="catch_up",

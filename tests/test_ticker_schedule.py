@@ -8,8 +8,8 @@ import pytest
 
 from producers.schedules import SCHEDULES
 from schemas.ticks import Tick
-from streamproc._schedule import Schedule, cron, every, plan_fires, tick_id
 from streamproc.errors import ConfigError
+from streamproc.schedule import Schedule, cron, every, plan_fires, tick_id
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -143,4 +143,4 @@ def test_schedule_needs_a_tick_event() -> None:
     from schemas.cluster import SpotInterruption
 
     with pytest.raises(ConfigError):
-        Schedule(name="x", trigger=every(1), event=SpotInterruption)
+        Schedule(name="x", trigger=every(1), event=SpotInterruption)  # type: ignore[arg-type]

@@ -28,7 +28,6 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from streamproc import dlq
-from streamproc._schedule import Schedule
 from streamproc.concern import Concern
 from streamproc.connection import REDIS_DOWN
 from streamproc.dashboard.session import COOKIE, Session, SessionStore, csrf_ok
@@ -37,6 +36,7 @@ from streamproc.errors import ConfigError
 from streamproc.ingest._http import Problem, json_response, redis_unavailable
 from streamproc.ingest.auth import AgentStore
 from streamproc.keys import Keys, check_name
+from streamproc.schedule import Schedule
 from streamproc.settings import _Settings
 
 __all__ = ("DASHBOARD", "Dashboard", "DashboardSettings", "add_dashboard")

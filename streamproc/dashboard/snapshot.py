@@ -34,10 +34,10 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from streamproc._schedule import Schedule, from_ms
 from streamproc.groups import group_infos
 from streamproc.inspect import GroupStatus, Report, collect
 from streamproc.keys import Keys
+from streamproc.schedule import Schedule, from_ms
 
 __all__ = (
     "LATENCY_NOTE",

@@ -1,4 +1,8 @@
-"""Schedules: when a periodic event is due (pure functions, no I/O).
+"""Schedules: when a periodic tick is due (pure functions, no I/O), and the tick event.
+
+An application's schedule table is a sequence of ``Schedule`` rows (``App(schedules=...)``);
+each fires a ``Tick`` subclass of the application's own to the topic ``ticks``, and the
+ticker role (``streamproc.ticker``) publishes it.
 
 Two kinds, both in a time zone:
 
@@ -23,7 +27,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import ClassVar, Literal
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
@@ -37,10 +41,12 @@ __all__ = (
     "Every",
     "MissedPolicy",
     "Schedule",
+    "Tick",
     "Trigger",
     "cron",
     "due_times",
     "every",
+    "from_ms",
     "plan_fires",
     "tick_id",
 )
@@ -56,6 +62,24 @@ _SHORT_RE = re.compile(
 _TICK_NS = uuid.UUID("0b7f4c1e-2a63-4f0e-9d8a-5c3e1f7a2b94")
 #: Cron candidates are searched this far around an instant (covers a DST shift).
 _DST_SLACK = timedelta(hours=3)
+
+
+class Tick(Event, frozen=True, kw_only=True, tag="tick"):
+    """A schedule fired. ``id`` is deterministic: schedule name + scheduled time.
+
+    Applications subclass it per schedule (``class WeeklyReportTick(Tick, tag="tick.weekly")``)
+    so a concern handles the ticks it cares about and the others are acked unread.
+    """
+
+    topic: ClassVar[str] = "ticks"
+    schedule: str
+    scheduled_for: datetime
+    #: The leader's fencing token when it fired.
+    fence: int = 0
+    #: Scheduled times passed over before this one (missed-tick policy), 0 when on time.
+    missed: int = 0
+    #: True when fired by a catch-up after downtime rather than on time.
+    catch_up: bool = False
 
 
 def tick_id(schedule: str, at: datetime) -> str:
@@ -202,7 +226,8 @@ class Schedule:
 
     name: str
     trigger: Trigger
-    event: type[Event]
+    #: The tick it fires: ``Tick`` or a subclass (registered in the application's registry).
+    event: type[Tick]
     #: Missed ticks: ``skip``, ``latest`` (default) or ``catch_up`` (up to ``catch_up_max``).
     missed: MissedPolicy = "latest"
     catch_up_max: int = 10
@@ -213,11 +238,10 @@ class Schedule:
 
     def __post_init__(self) -> None:
         check_name("schedule", self.name)
-        fields = getattr(self.event, "__struct_fields__", ())
-        if not {"schedule", "scheduled_for", "fence"} <= set(fields):
+        if not (isinstance(self.event, type) and issubclass(self.event, Tick)):
             raise ConfigError(
-                f"schedule {self.name!r}: {self.event.__name__} is not a tick event "
-                "(needs fields schedule, scheduled_for, fence)"
+                f"schedule {self.name!r}: {getattr(self.event, '__name__', self.event)!r} is not "
+                "a tick event (a subclass of streamproc.schedule.Tick)"
             )
         if self.missed not in ("skip", "latest", "catch_up"):
             raise ConfigError(f"schedule {self.name!r}: unknown missed policy {self.missed!r}")
