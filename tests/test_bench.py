@@ -75,3 +75,41 @@ def test_the_slo_files_parse_and_unknown_keys_are_refused(repo_root: Path, tmp_p
     )
     with pytest.raises(ConfigError, match="rte"):
         load_slo(bad)
+
+
+def test_the_throughput_script_runs_every_phase_and_checks_every_event(
+    repo_root: Path, redis_url: str, tmp_path: Path
+) -> None:
+    """A smoke run of benchmarks/throughput.py: every phase accounts for all its events (the
+    script exits non-zero otherwise) and the table has a verdict for each target."""
+    out = tmp_path / "throughput.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/throughput.py",
+            "--events",
+            "2000",
+            "--rounds",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=repo_root,
+        env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    for label in (
+        "| Consumer, dedup off, 1 process |",
+        "| Consumer, dedup off, 2 processes |",
+        "| **Redis CPU per event**",
+    ):
+        assert label in r.stdout
+    phases = json.loads(out.read_text())["phases"]
+    assert {"bare-1", "engine-off-1", "engine-on-1", "bare-2", "engine-off-2"} <= set(phases)
+    for rounds in phases.values():
+        assert rounds[0]["events_per_s"] > 0
+        assert rounds[0]["cpu_us"] > 0
