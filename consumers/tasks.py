@@ -15,7 +15,7 @@ import msgspec
 
 from schemas.notify import Notification
 from streamproc.event import derived_id
-from streamproc.ingest.taskrun import TaskContext, TaskType, task_concern
+from streamproc.tasks import TaskContext, TaskType, task_concern
 
 __all__ = ("CONCERN", "TASK_TYPES", "OptimizerRun", "run_optimizer")
 

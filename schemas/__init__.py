@@ -1,4 +1,8 @@
-"""The typed events of streamproc's applications, and the one registry of all of them."""
+"""The typed events of this repository's application, and the one registry of all of them.
+
+``Tick`` (``streamproc.schedule``) and the task requests (``streamproc.tasks.events``) are the
+engine's; they are re-exported here so the application's code reads from one place.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 from schemas.cluster import NodeNotReady, OOMKilled, PodPending, SpotInterruption
 from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation
 from schemas.renders import RenderDone, RenderProgress, RenderRequested, ReportReady
-from schemas.tasks import TASK_EVENTS
+from schemas.tasks import TASK_EVENTS, TaskRequested
 from schemas.ticks import TICK_TYPES, Tick
 from streamproc.codec import Registry
 
@@ -20,6 +24,7 @@ __all__ = (
     "PodPendingClassified",
     "RightSizingRecommendation",
     "SpotInterruption",
+    "TaskRequested",
     "Tick",
 )
 

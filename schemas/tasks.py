@@ -1,16 +1,22 @@
 """Task requests submitted through ``POST /v1/tasks`` (WORKLOADS.md §4-5).
 
-One topic per priority, so the task runner can read the most urgent first. The event id is
-the task id; the task's status lives in a Redis hash (``Keys.task``), not in the stream.
+The request events are the engine's (``streamproc.tasks.events``): one topic per priority, the
+event id is the task id. Re-exported here beside the application's other events.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
-
-import msgspec
-
-from streamproc.event import Event
+from streamproc.tasks.events import (
+    PRIORITIES,
+    TASK_EVENTS,
+    Priority,
+    TaskCritical,
+    TaskHigh,
+    TaskLow,
+    TaskNormal,
+    TaskRequested,
+    task_event_class,
+)
 
 __all__ = (
     "PRIORITIES",
@@ -23,47 +29,3 @@ __all__ = (
     "TaskRequested",
     "task_event_class",
 )
-
-Priority = Literal["low", "normal", "high", "critical"]
-#: Most urgent first: the order the runner serves them.
-PRIORITIES: tuple[Priority, ...] = ("critical", "high", "normal", "low")
-
-
-class TaskRequested(Event, frozen=True, kw_only=True):
-    """A task to run: its type names the function, its payload that function's argument."""
-
-    topic: ClassVar[str] = "tasks.normal"
-    task_type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    payload: dict[str, Any] = msgspec.field(default_factory=dict)
-    priority: Priority = "normal"
-
-
-class TaskCritical(TaskRequested, frozen=True, kw_only=True, tag="task.critical"):
-    topic: ClassVar[str] = "tasks.critical"
-
-
-class TaskHigh(TaskRequested, frozen=True, kw_only=True, tag="task.high"):
-    topic: ClassVar[str] = "tasks.high"
-
-
-class TaskNormal(TaskRequested, frozen=True, kw_only=True, tag="task.normal"):
-    topic: ClassVar[str] = "tasks.normal"
-
-
-class TaskLow(TaskRequested, frozen=True, kw_only=True, tag="task.low"):
-    topic: ClassVar[str] = "tasks.low"
-
-
-#: One event class per priority, most urgent first.
-TASK_EVENTS: tuple[type[TaskRequested], ...] = (TaskCritical, TaskHigh, TaskNormal, TaskLow)
-
-_BY_PRIORITY: dict[str, type[TaskRequested]] = {
-    "critical": TaskCritical,
-    "high": TaskHigh,
-    "normal": TaskNormal,
-    "low": TaskLow,
-}
-
-
-def task_event_class(priority: str) -> type[TaskRequested]:
-    return _BY_PRIORITY[priority]

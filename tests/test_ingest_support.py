@@ -15,7 +15,8 @@ from aiohttp.test_utils import TestServer
 
 from schemas import REGISTRY
 from streamproc import Keys, Producer
-from streamproc.ingest import AgentStore, Ingest, IngestSettings, TaskType, create_app
+from streamproc.ingest import AgentStore, Ingest, IngestSettings, create_app
+from streamproc.tasks import TaskType
 
 __all__ = ("Server", "cluster_event", "running_ingest")
 

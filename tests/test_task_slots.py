@@ -6,8 +6,8 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from streamproc.ingest.taskrun import GlobalSlots
 from streamproc.keys import Keys
+from streamproc.tasks import GlobalSlots
 
 
 def slots(client: aioredis.Redis, keys: Keys, limit: int, ttl_s: float = 30.0) -> GlobalSlots:

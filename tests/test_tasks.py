@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from consumers.tasks import TASK_TYPES
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Permanent, Producer
-from streamproc.ingest import TaskContext, TaskType, task_concern
+from streamproc.tasks import TaskContext, TaskType, task_concern
 from tests.test_ingest_support import Server, running_ingest
 
 pytestmark = pytest.mark.timeout(60)

@@ -26,7 +26,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError, ResponseError
 
-from schemas.tasks import TaskRequested
 from streamproc._aio import wait_event
 from streamproc.codec import Registry
 from streamproc.connection import REDIS_DOWN
@@ -39,10 +38,11 @@ from streamproc.ingest.decode import CONTENT_TYPES, EventDecoder, ItemError, Pre
 from streamproc.ingest.openapi import build_spec
 from streamproc.ingest.ratelimit import RateLimiter
 from streamproc.ingest.settings import IngestSettings
-from streamproc.ingest.taskrun import TASK_GROUP, TaskType
 from streamproc.ingest.tasks import TaskApi
 from streamproc.keys import Keys
 from streamproc.producer import Producer
+from streamproc.tasks.events import TaskRequested
+from streamproc.tasks.runner import TASK_GROUP, TaskType
 
 __all__ = ("INGEST", "Ingest", "create_app")
 

@@ -25,9 +25,9 @@ from streamproc.errors import ConfigError
 from streamproc.ingest.app import Ingest, create_app
 from streamproc.ingest.auth import AgentStore, parse_types
 from streamproc.ingest.settings import IngestSettings
-from streamproc.ingest.taskrun import TaskType
 from streamproc.keys import Keys
 from streamproc.producer import Producer
+from streamproc.tasks.runner import TaskType
 
 __all__ = ("UP_ROLE", "ingest_settings_from_env", "register")
 

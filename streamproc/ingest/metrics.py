@@ -1,4 +1,4 @@
-"""Prometheus metrics of the ingest service and the task runner."""
+"""Prometheus metrics of the ingest service (the task metrics are ``streamproc.tasks.metrics``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ __all__ = (
     "REJECTIONS",
     "REQUESTS",
     "REQUEST_SECONDS",
-    "TASKS_FINISHED",
-    "TASKS_SUBMITTED",
-    "TASK_SECONDS",
     "answered",
     "events",
 )
@@ -31,19 +28,6 @@ REQUEST_SECONDS = Histogram(
     ["route"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-TASKS_SUBMITTED = Counter(
-    "streamproc_tasks_submitted", "Tasks submitted through the API", ["type", "priority"]
-)
-TASKS_FINISHED = Counter(
-    "streamproc_tasks_finished", "Tasks that reached an end state", ["type", "status"]
-)
-TASK_SECONDS = Histogram(
-    "streamproc_task_duration_seconds",
-    "Run time of tasks (one attempt)",
-    ["type"],
-    buckets=(0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600),
-)
-
 #: Labelled children, looked up once: ``labels()`` costs microseconds on every request.
 _children: dict[tuple[Any, ...], Any] = {}
 

@@ -9,10 +9,10 @@ import msgspec
 
 from streamproc.event import Event
 from streamproc.ingest.tasks import TaskAccepted, TaskSubmit
-from streamproc.ingest.taskstore import TaskView
+from streamproc.tasks.store import TaskView
 
 if TYPE_CHECKING:
-    from streamproc.ingest.taskrun import TaskType
+    from streamproc.tasks.runner import TaskType
 
 __all__ = ("ErrorBody", "EventsAccepted", "build_spec")
 

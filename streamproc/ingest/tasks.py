@@ -1,7 +1,8 @@
 """The task API: ``POST /v1/tasks``, ``GET /v1/tasks/{id}``, ``DELETE /v1/tasks/{id}``.
 
 Operator tokens only. A task is a hash (its status, kept 24 h; see ``TaskStore``) and an event
-on the stream of its priority (``schemas.tasks``); the runner is ``streamproc.ingest.taskrun``.
+on the stream of its priority (``streamproc.tasks.events``); the runner is
+``streamproc.tasks.runner``.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import msgspec
 from aiohttp import web
 from redis.exceptions import RedisError, ResponseError
 
-from schemas.tasks import PRIORITIES, Priority, task_event_class
 from streamproc.connection import REDIS_DOWN
 from streamproc.event import new_event_id
-from streamproc.ingest import metrics
 from streamproc.ingest._http import Problem, idempotency_key, json_response, redis_unavailable
 from streamproc.ingest.decode import validation_problem
-from streamproc.ingest.taskrun import TaskType
-from streamproc.ingest.taskstore import TaskStore, TaskView
+from streamproc.tasks.events import PRIORITIES, Priority, task_event_class
+from streamproc.tasks.metrics import TASKS_SUBMITTED
+from streamproc.tasks.runner import TaskType
+from streamproc.tasks.store import TaskStore, TaskView
 
 if TYPE_CHECKING:
     from streamproc.ingest.app import Ingest
@@ -118,7 +119,7 @@ class TaskApi:
             raise
         position = await self._position(sub.priority)
         if created:
-            metrics.TASKS_SUBMITTED.labels(tt.name, sub.priority).inc()
+            TASKS_SUBMITTED.labels(tt.name, sub.priority).inc()
         view = await self.store.get(task_id)
         location = f"/v1/tasks/{task_id}"
         answer = TaskAccepted(

@@ -5,6 +5,7 @@ Every state change is one Lua script, so the API and the runner never race:
     queued ──start──▶ running ──finish──▶ completed | failed | cancelled
        │                 │ └──finish(queued)──▶ queued (a retry is scheduled)
        └─cancel─▶ cancelled        └─cancel─▶ cancel_requested=1 + a signal on the cancel list
+    queued | running ──fail──▶ failed  (the engine dead-lettered the task's entry)
 """
 
 from __future__ import annotations
@@ -78,6 +79,16 @@ redis.call('DEL', KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+# KEYS: hash, cancel list. ARGV: error, now, ttl_s. 0 if it was not queued or running.
+_FAIL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'queued' and st ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'finished_at', ARGV[2],
+           'updated_at', ARGV[2])
+redis.call('DEL', KEYS[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 
 
 def now_iso() -> str:
@@ -120,6 +131,7 @@ class TaskStore:
         self._start = client.register_script(_START)
         self._progress = client.register_script(_PROGRESS)
         self._finish = client.register_script(_FINISH)
+        self._fail = client.register_script(_FAIL)
 
     async def create(self, task_id: str, *, type: str, priority: str, submitted_by: str) -> bool:
         """Create a queued task; False if it exists (an idempotent retry)."""
@@ -193,3 +205,11 @@ class TaskStore:
             args += (k, v)
         keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
         return bool(await self._finish(keys=keys, args=args))
+
+    async def fail(self, task_id: str, *, error: str) -> bool:
+        """End a queued or running task ``failed`` (its entry will not run again).
+
+        False when the task is unknown (expired, another prefix) or already ended.
+        """
+        keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
+        return bool(await self._fail(keys=keys, args=[error, now_iso(), self.ttl_s]))

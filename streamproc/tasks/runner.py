@@ -19,16 +19,17 @@ runner's tasks and retries are the engine's; this module adds what tasks need on
   ``max_retries`` (status goes back to ``queued`` with the error); ``Permanent``, the type's
   ``permanent_errors``, a timeout or the last retry end it ``failed``. Failed tasks are acked,
   not dead-lettered: their hash says what happened.
+- **dead letters**: an entry the engine dead-letters itself (poison: delivered too often;
+  undecodable; the group's retries exhausted) ends its task ``failed`` with the reason, through
+  the concern's ``on_dead_letter`` hook, instead of staying ``queued``/``running`` for 24 h.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,48 +37,24 @@ import msgspec
 import redis.asyncio as aioredis
 import structlog
 
-from schemas.tasks import PRIORITIES, TASK_EVENTS, TaskRequested
-from streamproc._backoff import Backoff, backoff_delay_s
-from streamproc._lua import Lua
-from streamproc.concern import Concern, Context
+from streamproc._backoff import backoff_delay_s
+from streamproc.concern import Concern, Context, DeadLetterInfo
 from streamproc.errors import ConfigError, Permanent, Retry
-from streamproc.ingest.metrics import TASK_SECONDS, TASKS_FINISHED
-from streamproc.ingest.taskstore import TaskStore
 from streamproc.keys import Keys
 from streamproc.producer import Producer
 from streamproc.settings import RetryPolicy
+from streamproc.tasks.events import PRIORITIES, TASK_EVENTS, TaskRequested
+from streamproc.tasks.metrics import TASK_SECONDS, TASKS_FINISHED
+from streamproc.tasks.slots import GlobalSlots, PriorityGate
+from streamproc.tasks.store import TaskStore
 
-__all__ = (
-    "TASK_GROUP",
-    "GlobalSlots",
-    "PriorityGate",
-    "TaskContext",
-    "TaskType",
-    "task_concern",
-)
+__all__ = ("TASK_GROUP", "TaskContext", "TaskType", "task_concern")
 
 log = structlog.get_logger("streamproc.tasks")
 
 TASK_GROUP = "tasks"
 #: How long one BLPOP on a running task's cancel list waits (under the socket timeout).
 CANCEL_POLL_S = 1.0
-#: A running task's slot lease: renewed every third of it; a dead runner's slot frees after it.
-SLOT_TTL_S = 30.0
-
-# KEYS[1] slots zset. ARGV: member, limit, ttl ms. Drops expired leases; takes (or renews) the
-# member's lease if it holds one or a slot is free. Returns 1 if held, 0 if all are taken.
-_TAKE_SLOT = Lua("""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], 2 * ttl)
-  return 1
-end
-return 0
-""")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,84 +107,6 @@ class TaskContext:
             self.cancel_requested = True
 
 
-class PriorityGate:
-    """A semaphore whose free slots go to the most urgent (lowest rank), then oldest, waiter."""
-
-    def __init__(self, limit: int) -> None:
-        self._free = limit
-        self._waiters: list[tuple[int, str, int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
-
-    @contextlib.asynccontextmanager
-    async def slot(self, rank: int, seq: str) -> AsyncIterator[None]:
-        await self._acquire(rank, seq)
-        try:
-            yield
-        finally:
-            self._release()
-
-    async def _acquire(self, rank: int, seq: str) -> None:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (rank, seq, next(self._order), fut))
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._release()  # it was handed a slot as it was cancelled: pass it on
-            raise
-
-    def _release(self) -> None:
-        while self._waiters:
-            fut = heapq.heappop(self._waiters)[3]
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self._free += 1
-
-
-class GlobalSlots:
-    """A task type's concurrency across every runner process: leases in a Redis sorted set."""
-
-    def __init__(
-        self, redis: aioredis.Redis, key: str, limit: int, *, ttl_s: float = SLOT_TTL_S
-    ) -> None:
-        self.redis, self.key, self.limit, self.ttl_ms = redis, key, limit, int(ttl_s * 1000)
-
-    async def take(self, member: str) -> bool:
-        """Take (or renew) ``member``'s slot now; False if every slot is held."""
-        return bool(await _TAKE_SLOT(self.redis, [self.key], [member, self.limit, self.ttl_ms]))
-
-    @contextlib.asynccontextmanager
-    async def hold(self, member: str) -> AsyncIterator[None]:
-        """Wait for a slot, keep it renewed while the body runs, then give it back."""
-        backoff = Backoff(base_s=0.05, cap_s=1.0)  # jittered: several runners poll
-        while not await self.take(member):
-            await backoff.sleep()
-        renewer = asyncio.create_task(self._renew(member))
-        try:
-            yield
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            try:
-                await self.redis.zrem(self.key, member)
-            except Exception as e:  # Redis down: the lease expires by itself
-                log.warning("task_slot_release_failed", key=self.key, error=str(e))
-
-    async def _renew(self, member: str) -> None:
-        while True:
-            await asyncio.sleep(self.ttl_ms / 3000)
-            try:
-                if not await self.take(member):
-                    log.error("task_slot_lost", key=self.key, member=member)
-            except Exception as e:  # Redis down: try again at the next interval
-                log.warning("task_slot_renew_failed", key=self.key, error=str(e))
-
-
 async def _watch_cancel(ctx: TaskContext, job: asyncio.Task[Any]) -> None:
     """Wait on the task's cancel list; on a signal, cancel the task."""
     key = ctx.keys.task_cancel(ctx.task_id)
@@ -237,16 +136,17 @@ def task_concern(
     if not types:
         raise ConfigError("task_concern needs at least one task type")
     gates = {name: PriorityGate(t.concurrency) for name, t in types.items()}
+    #: One TaskStore per Redis client and key prefix this concern has run tasks with.
     stores: dict[tuple[int, str], TaskStore] = {}
 
-    def store_for(ctx: Context) -> TaskStore:
-        k = (id(ctx.redis), ctx.keys.prefix)
+    def store_for(redis: aioredis.Redis, keys: Keys) -> TaskStore:
+        k = (id(redis), keys.prefix)
         if k not in stores:
-            stores[k] = TaskStore(ctx.redis, ctx.keys, ttl_s=ttl_s)
+            stores[k] = TaskStore(redis, keys, ttl_s=ttl_s)
         return stores[k]
 
     async def handle(event: TaskRequested, ctx: Context) -> None:
-        store = store_for(ctx)
+        store = store_for(ctx.redis, ctx.keys)
         tt = types.get(event.task_type)
         if tt is None:
             if await store.start(event.id) == "run":
@@ -266,6 +166,25 @@ def task_concern(
                 return
             await _run(tt, event, ctx, store)
 
+    async def on_dead_letter(info: DeadLetterInfo) -> None:
+        """The engine dead-lettered a task entry: the task ends ``failed`` with the reason."""
+        if not info.event_id:
+            log.error("task_dead_letter_without_id", entry_id=info.entry_id, reason=info.reason)
+            return
+        # The hook is told what was dead-lettered, not which Redis it came from: use the
+        # client and prefix it names when it does, else every store this concern has used.
+        redis, keys = getattr(info, "redis", None), getattr(info, "keys", None)
+        targets = [store_for(redis, keys)] if redis is not None and keys else list(stores.values())
+        if not targets:
+            log.error("task_dead_letter_unrecorded", task_id=info.event_id, reason=info.reason)
+            return
+        error = f"dead-lettered ({info.reason}): {info.error_type}: {info.detail}"[:2000]
+        for store in targets:
+            if await store.fail(info.event_id, error=error):
+                TASKS_FINISHED.labels(_task_type_of(info), "failed").inc()
+                log.error("task_dead_lettered", task_id=info.event_id, reason=info.reason)
+                return
+
     concurrency = max(8, 2 * sum(t.concurrency for t in types.values()))
     return Concern(
         group=group,
@@ -275,7 +194,18 @@ def task_concern(
         # Retries are decided per task type in _run; the group's limit only needs to allow them.
         retry=RetryPolicy(max_retries=max(t.max_retries for t in types.values())),
         settings={"batch": 10, "min_idle_ms": 60_000, **(settings or {})},
+        on_dead_letter=on_dead_letter,
     )
+
+
+def _task_type_of(info: DeadLetterInfo) -> str:
+    """The task type named in a dead letter's body, or "unknown" (it may not decode)."""
+    try:
+        body = msgspec.json.decode(info.fields.get(b"data", b"{}"))
+    except msgspec.DecodeError:
+        return "unknown"
+    task_type = body.get("task_type") if isinstance(body, dict) else None
+    return task_type if isinstance(task_type, str) and task_type else "unknown"
 
 
 async def _run(tt: TaskType, event: TaskRequested, ctx: Context, store: TaskStore) -> None:
