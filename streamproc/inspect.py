@@ -7,16 +7,21 @@ XLEN, ZCARD, MEMORY USAGE, TIME, GET/HGETALL/PTTL on ticker keys), a ``Report`` 
   entry (from the entry ids, against the server's clock), memory;
 - every group on each topic: consumers, pending, lag, backlog (= lag + pending: what is not
   yet done), oldest pending age, retries waiting, DLQ size; the group's retry stream counts;
-- the ticker's keys (``<prefix>:ticker:*``), read tolerantly: whatever exists is shown.
+- the ticker's keys (``<prefix>:ticker:*``), read tolerantly: whatever exists is shown;
+- every schedule, of the application (``collect(..., schedules=app.schedules)``) or found in
+  the ticker's keys: when it last fired and when it fires next (from its trigger), as
+  ISO-8601 UTC and epoch ms.
 
 ``breaches(report, thresholds)`` names the groups over their SLO; ``render_table`` prints it.
-Ages are seconds, sizes are entries, memory is bytes.
+Ages are seconds, sizes are entries, memory is bytes; the table shows times as ISO-8601 UTC
+with their distance from now ("12s ago", "in 3m"), all on the server's clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -25,9 +30,13 @@ from redis.exceptions import ResponseError
 from streamproc.groups import GroupInfo, group_info, group_infos
 from streamproc.keys import Keys
 
+if TYPE_CHECKING:
+    from streamproc.schedule import Schedule
+
 __all__ = (
     "GroupStatus",
     "Report",
+    "ScheduleStatus",
     "Thresholds",
     "TickerKey",
     "TickerStatus",
@@ -36,6 +45,7 @@ __all__ = (
     "collect",
     "group_status",
     "render_table",
+    "schedule_statuses",
     "topics",
 )
 
@@ -96,11 +106,29 @@ class TickerStatus(msgspec.Struct, kw_only=True):
     keys: list[TickerKey]
 
 
+class ScheduleStatus(msgspec.Struct, kw_only=True):
+    """One schedule: when the ticker last dealt with it and when it is due next."""
+
+    name: str
+    #: The application's trigger (``every 300s``); None when only the ticker's keys know it.
+    trigger: str | None
+    #: Scheduled time of the last tick, ISO-8601 UTC (or the stored text when it is not a
+    #: time); None when it never fired.
+    last: str | None
+    #: Next scheduled time, ISO-8601 UTC: from the trigger when the application has the
+    #: schedule, else what the ticker's keys say; None when unknown.
+    next: str | None
+    last_ms: int | None = None
+    next_ms: int | None = None
+
+
 class Report(msgspec.Struct, kw_only=True):
     prefix: str
     server_time_ms: int
     topics: list[TopicStatus]
     ticker: TickerStatus | None
+    #: By name: the application's schedules and any the ticker's keys hold.
+    schedules: list[ScheduleStatus] = msgspec.field(default_factory=list)
 
 
 def _text(value: Any) -> str:
@@ -237,19 +265,81 @@ async def ticker_status(client: aioredis.Redis, keys: Keys) -> TickerStatus | No
     return status
 
 
-async def collect(client: aioredis.Redis, keys: Keys, *, memory: bool = True) -> Report:
-    """A snapshot of every topic, group and the ticker under ``keys.prefix``."""
+def _iso(ms: int) -> str:
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
+
+
+def _when_ms(text: str | None) -> int | None:
+    """Epoch ms from what a ticker key holds: epoch ms (the ticker's own) or ISO-8601."""
+    if not text:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() * 1000)
+
+
+def schedule_statuses(
+    ticker: TickerStatus | None, schedules: Sequence[Schedule], now_ms: int
+) -> list[ScheduleStatus]:
+    """Last and next time of every schedule, by name; ``now_ms`` is the server's clock.
+
+    Next comes from the trigger, after the later of now and the last fired time (as the
+    ticker computes it); a schedule only the ticker's keys know keeps their ``next``.
+    """
+    known = {s.name: s for s in schedules}
+    seen = ticker.schedules if ticker is not None else {}
+    out = []
+    for name in sorted(seen.keys() | known.keys()):
+        fields, sched = seen.get(name, {}), known.get(name)
+        last_raw = fields.get("last")
+        last_ms, next_ms = _when_ms(last_raw), _when_ms(fields.get("next"))
+        if sched is not None:
+            after = datetime.fromtimestamp(max(now_ms, last_ms or 0) / 1000, UTC)
+            next_ms = int(sched.trigger.next_after(after).timestamp() * 1000)
+        out.append(
+            ScheduleStatus(
+                name=name,
+                trigger=None if sched is None else str(sched.trigger),
+                last=last_raw if last_ms is None else _iso(last_ms),
+                next=None if next_ms is None else _iso(next_ms),
+                last_ms=last_ms,
+                next_ms=next_ms,
+            )
+        )
+    return out
+
+
+async def collect(
+    client: aioredis.Redis,
+    keys: Keys,
+    *,
+    memory: bool = True,
+    schedules: Sequence[Schedule] = (),
+) -> Report:
+    """A snapshot of every topic, group and the ticker under ``keys.prefix``.
+
+    ``schedules``: the application's (``App.schedules``), so that each shows when it is
+    due next, and shows at all before it first fired.
+    """
     now_ms = await server_time_ms(client)
     found = []
     for topic in await topics(client, keys):
         status = await topic_status(client, keys, topic, now_ms, memory=memory)
         if status is not None:
             found.append(status)
+    ticker = await ticker_status(client, keys)
     return Report(
         prefix=keys.prefix,
         server_time_ms=now_ms,
         topics=found,
-        ticker=await ticker_status(client, keys),
+        ticker=ticker,
+        schedules=schedule_statuses(ticker, schedules, now_ms),
     )
 
 
@@ -288,6 +378,29 @@ def _bytes(n: int | None) -> str:
             break
         size /= 1024
     return f"{n}B" if unit == "B" else f"{size:.1f}{unit}"
+
+
+def _span(ms: int) -> str:
+    """A distance in time, in its largest unit that reads well: 45s, 12m, 5h, 3d."""
+    s = abs(ms) / 1000
+    for limit, size, unit in ((90, 1, "s"), (90 * 60, 60, "m"), (36 * 3600, 3600, "h")):
+        if s < limit:
+            return f"{s / size:.0f}{unit}"
+    return f"{s / 86400:.0f}d"
+
+
+def _relative(ms: int, now_ms: int) -> str:
+    """``12s ago``, ``in 3m``, ``now``: ``ms`` against ``now_ms`` (both the server's clock)."""
+    if abs(ms - now_ms) < 1000:
+        return "now"
+    return f"{_span(now_ms - ms)} ago" if ms < now_ms else f"in {_span(ms - now_ms)}"
+
+
+def _time(ms: int | None, text: str | None, now_ms: int) -> str:
+    """ISO-8601 UTC and how far from now; the stored text when it is not a time."""
+    if ms is None:
+        return text or "-"
+    return f"{_iso(ms)} ({_relative(ms, now_ms)})"
 
 
 def _table(header: Iterable[str], rows: list[list[str]]) -> list[str]:
@@ -341,21 +454,29 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
         )
     else:
         lines.append("no consumer groups")
+    now = report.server_time_ms
     if report.ticker is not None:
         tk = report.ticker
         leader = tk.leader or "-"
         ttl = f" (lease {tk.leader_ttl_ms} ms left)" if tk.leader_ttl_ms is not None else ""
         lines += ["", f"ticker leader: {leader}{ttl}"]
-        if tk.schedules:
-            lines += _table(
-                ("SCHEDULE", "LAST", "NEXT"),
-                [
-                    [name, f.get("last", "-"), f.get("next", "-")]
-                    for name, f in sorted(tk.schedules.items())
-                ],
-            )
-        else:
+        if not report.schedules:
             lines += [f"ticker keys: {', '.join(k.key for k in tk.keys)}"]
+    if report.schedules:
+        if report.ticker is None:
+            lines += ["", "ticker: nothing in Redis yet (no leader has run)"]
+        lines += _table(
+            ("SCHEDULE", "TRIGGER", "LAST", "NEXT"),
+            [
+                [
+                    s.name,
+                    s.trigger or "-",
+                    _time(s.last_ms, s.last, now),
+                    _time(s.next_ms, s.next, now),
+                ]
+                for s in report.schedules
+            ],
+        )
     if problems:
         lines += ["", "SLO BREACHED:", *(f"  {p}" for p in problems)]
     return "\n".join(lines)

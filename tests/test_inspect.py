@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from schemas.cluster import SpotInterruption
+from schemas.ticks import DiscoveryTick
 from streamproc import Keys, Producer
-from streamproc.inspect import Thresholds, breaches, collect, render_table
+from streamproc.inspect import (
+    Report,
+    Thresholds,
+    TickerStatus,
+    breaches,
+    collect,
+    render_table,
+    schedule_statuses,
+)
+from streamproc.schedule import Schedule, cron, every
 
 GROUP = "cluster-events"
 
@@ -131,3 +143,93 @@ async def test_cli_json_and_exit_code_follow_the_thresholds(
     assert over.returncode == 1, over.stderr
     assert "SLO BREACHED" in over.stdout
     assert "cluster-events" in over.stdout
+
+
+def _ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+DISCOVERY = Schedule(name="discovery", trigger=every("5m"), event=DiscoveryTick)
+WEEKLY = Schedule(name="weekly", trigger=cron("Mon 09:00"), event=DiscoveryTick)
+
+
+def test_schedule_times_are_iso_8601_utc_and_next_comes_from_the_trigger() -> None:
+    """The ticker stores epoch ms; next is the trigger's next time after now (server clock)."""
+    now = _ms("2026-11-23T10:02:00")  # a Monday
+    ticker = TickerStatus(
+        leader=None,
+        leader_ttl_ms=None,
+        schedules={"discovery": {"last": str(now - 120_000)}},
+        keys=[],
+    )
+    discovery, weekly = schedule_statuses(ticker, [WEEKLY, DISCOVERY], now)
+    assert (discovery.name, discovery.trigger) == ("discovery", "every 300s")
+    assert (discovery.last, discovery.next) == ("2026-11-23T10:00:00Z", "2026-11-23T10:05:00Z")
+    assert (discovery.last_ms, discovery.next_ms) == (now - 120_000, now + 180_000)
+    assert (weekly.name, weekly.last, weekly.last_ms) == ("weekly", None, None)
+    assert weekly.next == "2026-11-30T09:00:00Z"
+
+
+def test_the_table_shows_times_as_iso_8601_with_their_distance_from_now() -> None:
+    now = _ms("2026-11-23T10:02:00")
+    ticker = TickerStatus(
+        leader="node-a/7",
+        leader_ttl_ms=900,
+        schedules={"discovery": {"last": str(now - 120_000)}, "gone": {"last": "yesterday"}},
+        keys=[],
+    )
+    report = Report(
+        prefix="p",
+        server_time_ms=now,
+        topics=[],
+        ticker=ticker,
+        schedules=schedule_statuses(ticker, [DISCOVERY, WEEKLY], now),
+    )
+    table = render_table(report)
+    lines = {line.split()[0]: line for line in table.splitlines() if line}
+    assert "SCHEDULE" in lines
+    assert "2026-11-23T10:00:00Z (2m ago)" in lines["discovery"]
+    assert "2026-11-23T10:05:00Z (in 3m)" in lines["discovery"]
+    assert "every 300s" in lines["discovery"]
+    assert "2026-11-30T09:00:00Z (in 7d)" in lines["weekly"]
+    assert "yesterday" in lines["gone"]  # not a time: shown as stored
+    assert str(now - 120_000) not in table  # no raw epoch ms
+
+
+async def test_collect_reads_the_tickers_last_times_and_the_applications_schedules(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    now = (await collect(client, keys)).server_time_ms
+    await client.hset(keys.ticker_last(), "discovery", str(now - 60_000))
+    report = await collect(client, keys, schedules=[DISCOVERY, WEEKLY])
+    discovery, weekly = report.schedules
+    assert discovery.last_ms == now - 60_000
+    assert discovery.next_ms is not None
+    assert 0 < discovery.next_ms - report.server_time_ms <= 300_000
+    assert discovery.next_ms % 300_000 == 0
+    assert (weekly.last, weekly.next is not None) == (None, True)
+    table = render_table(report)
+    assert re.search(r"Z \(6[01]s ago\)", table)
+    assert "(in " in table
+
+
+async def test_schedules_show_before_the_ticker_ever_ran(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    report = await collect(client, keys, schedules=[DISCOVERY])
+    assert report.ticker is None
+    [discovery] = report.schedules
+    assert (discovery.last, discovery.next is not None) == (None, True)
+    table = render_table(report)
+    assert "ticker: nothing in Redis yet" in table
+    assert "discovery" in table
+
+
+async def test_cli_shows_the_tickers_last_time_as_iso_8601(
+    client: aioredis.Redis, keys: Keys, redis_url: str, repo_root: Path
+) -> None:
+    await client.hset(keys.ticker_last(), "discovery", "1795000000000")
+    done = cli(repo_root, redis_url, keys, "inspect")
+    assert done.returncode == 0, done.stderr
+    assert "2026-11-18T11:06:40Z (" in done.stdout
+    assert "1795000000000" not in done.stdout

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from datetime import UTC
 from typing import Annotated, Any
 
 import msgspec
@@ -35,9 +34,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from streamproc.groups import group_infos
-from streamproc.inspect import GroupStatus, Report, collect
+from streamproc.inspect import GroupStatus, Report, ScheduleStatus, collect
 from streamproc.keys import Keys
-from streamproc.schedule import Schedule, from_ms
+from streamproc.schedule import Schedule
 
 __all__ = (
     "LATENCY_NOTE",
@@ -92,11 +91,8 @@ class GroupView(msgspec.Struct, kw_only=True):
     latency_p99_ms: float | None = None
 
 
-class ScheduleView(msgspec.Struct, kw_only=True):
-    name: str
-    trigger: str | None
-    last: str | None
-    next: str | None
+#: A schedule's trigger, last and next time: the report's own (one owner of the format).
+ScheduleView = ScheduleStatus
 
 
 class TickerView(msgspec.Struct, kw_only=True):
@@ -138,10 +134,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _iso(ms: int) -> str:
-    return from_ms(ms).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class _Counts(msgspec.Struct, kw_only=True):
@@ -258,32 +250,12 @@ def _rate(now: int | None, before: int | None, dt_ms: int) -> float | None:
     return round(max(0, now - before) * 1000 / dt_ms, 2)
 
 
-def _ticker(report: Report, schedules: Sequence[Schedule], now_ms: int) -> TickerView | None:
-    known = {s.name: s for s in schedules}
-    if report.ticker is None and not known:
+def _ticker(report: Report) -> TickerView | None:
+    if report.ticker is None and not report.schedules:
         return None
-    seen = report.ticker.schedules if report.ticker is not None else {}
-    now = from_ms(now_ms)
-    views = []
-    for name in sorted(seen.keys() | known.keys()):
-        fields, sched = seen.get(name, {}), known.get(name)
-        last_raw = fields.get("last")
-        last = _iso(int(last_raw)) if last_raw and last_raw.isdigit() else last_raw
-        nxt = fields.get("next")
-        if sched is not None:
-            nxt = sched.trigger.next_after(now).astimezone(UTC).isoformat(timespec="seconds")
-            nxt = nxt.replace("+00:00", "Z")
-        views.append(
-            ScheduleView(
-                name=name,
-                trigger=None if sched is None else str(sched.trigger),
-                last=last,
-                next=nxt,
-            )
-        )
     leader = report.ticker.leader if report.ticker is not None else None
     ttl = report.ticker.leader_ttl_ms if report.ticker is not None else None
-    return TickerView(leader=leader, leader_ttl_ms=ttl, schedules=views)
+    return TickerView(leader=leader, leader_ttl_ms=ttl, schedules=report.schedules)
 
 
 async def build_snapshot(
@@ -297,7 +269,7 @@ async def build_snapshot(
     interval_s: float = 1.0,
 ) -> tuple[Snapshot, _Counts]:
     """One snapshot, and the counters the next one computes its rates against."""
-    report = await collect(client, keys, memory=False)
+    report = await collect(client, keys, memory=False, schedules=schedules)
     now_ms = report.server_time_ms
     added, done = await _counts(client, keys, report)
     group_names = {g.group for t in report.topics for g in t.groups}
@@ -367,7 +339,7 @@ async def build_snapshot(
         topics=topics,
         groups=groups,
         dlq_total=sum(g.dlq for g in groups),
-        ticker=_ticker(report, schedules, now_ms),
+        ticker=_ticker(report),
         renders=renders,
     )
     return snapshot, counts
