@@ -1,5 +1,9 @@
 """The ``streamproc`` command: every role and operator tool is a subcommand.
 
+The application comes from ``--app module:attr`` (before the command; also
+``STREAMPROC_APP``), default ``application:app``: every role and command loads it through
+``streamproc.app.load_app``. The current directory is importable, as with ``python -m``.
+
 Exit codes: 0 done, 1 failure at run time, 2 bad arguments / configuration, 3 Redis
 unreachable or too old.
 """
@@ -13,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,8 +29,7 @@ import structlog
 from streamproc import dlq
 from streamproc._backoff import Backoff
 from streamproc._supervise import supervise
-from streamproc.codec import Codec, Registry
-from streamproc.concern import Concern
+from streamproc.app import App, load_app
 from streamproc.config import Config, load_config
 from streamproc.connection import REDIS_DOWN, ServerInfo, check_server, connect
 from streamproc.consumer import Consumer
@@ -36,11 +39,21 @@ from streamproc.keys import Keys
 from streamproc.logs import configure_logging
 from streamproc.producer import Producer
 
-__all__ = ("App", "load_app", "main", "run_async")
+__all__ = (
+    "DEFAULT_APP",
+    "child_argv",
+    "install_stop_handlers",
+    "main",
+    "open_redis",
+    "run_async",
+)
 
 log = structlog.get_logger("streamproc.cli")
 
 T = TypeVar("T")
+
+#: The application ``streamproc`` runs when neither ``--app`` nor ``STREAMPROC_APP`` names one.
+DEFAULT_APP = "application:app"
 
 #: Modules that add subcommands: each has ``register(subparsers)``, and may have ``UP_ROLE``,
 #: the argument list of the child process ``streamproc up`` starts for that role.
@@ -50,28 +63,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streamproc.ingest.cli",
     "streamproc.bench.cli",
 )
-
-
-class App:
-    """What the application provides: its event registry and its concerns."""
-
-    def __init__(
-        self,
-        registry: Registry[Any],
-        concerns: dict[str, Concern],
-        configure: Callable[[Mapping[str, str]], None] | None = None,
-    ) -> None:
-        self.registry, self.concerns = registry, concerns
-        self.codec: Codec[Any] = Codec(registry)
-        #: Reads the concerns' own settings from the environment (before consuming).
-        self.configure = configure
-
-
-def load_app() -> App:
-    from consumers import CONCERNS, configure_from_env
-    from schemas import REGISTRY
-
-    return App(REGISTRY, CONCERNS, configure_from_env)
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
@@ -156,6 +147,7 @@ async def consume(
             keys=keys,
             producer=producer,
             settings=cfg.consumer,
+            declared_groups=app.declared_groups,
         )
         for g in groups
     ]
@@ -173,7 +165,8 @@ async def consume(
             consumers, client, keys, port=http_port, host=http_host or "127.0.0.1"
         )
     try:
-        await asyncio.gather(*(c.run() for c in consumers))
+        async with app.lifespan(role="consume", redis=client, keys=keys, producer=producer):
+            await asyncio.gather(*(c.run() for c in consumers))
     finally:
         if http is not None:
             await http.close()
@@ -189,8 +182,7 @@ def _cmd_consume(args: argparse.Namespace, cfg: Config, app: App) -> int:
             f"unknown group(s) {', '.join(unknown) or '(none given)'}; "
             f"known: {', '.join(sorted(app.concerns))}"
         )
-    if app.configure is not None:
-        app.configure(os.environ)
+    app.configure(os.environ)
     return run_async(consume(cfg, app, groups, http_port=args.http_port, http_host=args.http_host))
 
 
@@ -291,12 +283,20 @@ def _cmd_dlq(args: argparse.Namespace, cfg: Config, app: App) -> int:
 # ---------------------------------------------------------------------- up
 
 
-def _up_roles(args: argparse.Namespace) -> list[list[str]]:
-    roles = [["consume", "--all"]]
+def child_argv(args: argparse.Namespace, *command: str) -> list[str]:
+    """The command line of a child ``streamproc`` process that runs the same application."""
+    return [sys.executable, "-m", "streamproc", "--app", args.app, *command]
+
+
+def _up_roles(args: argparse.Namespace, app: App) -> list[list[str]]:
+    roles = [["consume", "--all"]] if app.concerns else []
     for name in COMMAND_MODULES:
         role = getattr(importlib.import_module(name), "UP_ROLE", None)
-        if role and role[0] not in args.without:
-            roles.append(list(role))
+        if not role or role[0] in args.without:
+            continue
+        if role[0] == "ticker" and not app.schedules:
+            continue  # an application without a schedule table has nothing to tick
+        roles.append(list(role))
     return roles
 
 
@@ -314,9 +314,7 @@ def _cmd_up(args: argparse.Namespace, cfg: Config, app: App) -> int:
             flush=True,
         )
     try:
-        return supervise(
-            [[sys.executable, "-m", "streamproc", *role] for role in _up_roles(args)], env
-        )
+        return supervise([child_argv(args, *role) for role in _up_roles(args, app)], env)
     finally:
         if server is not None:
             server.stop()
@@ -327,6 +325,11 @@ def _cmd_up(args: argparse.Namespace, cfg: Config, app: App) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamproc", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help=f"the application to run (default: $STREAMPROC_APP, else {DEFAULT_APP})",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run everything (embedded Redis unless REDIS_URL is set)")
@@ -375,13 +378,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_app(args: argparse.Namespace) -> App:
+    """The application named by --app, else STREAMPROC_APP, else DEFAULT_APP.
+
+    ``args.app`` is set to the spec used, for child processes (``child_argv``).
+    """
+    if args.app:
+        origin, spec = "--app", args.app
+    elif env_spec := os.environ.get("STREAMPROC_APP", "").strip():
+        origin, spec = "STREAMPROC_APP", env_spec
+    else:
+        origin, spec = "default app", DEFAULT_APP
+    args.app = spec
+    # Importable from the current directory, as with `python -m` (the console script's
+    # sys.path starts at its own bin folder).
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    return load_app(spec, origin=origin)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config()
         configure_logging(cfg.log_level, json=cfg.log_json)
+        app = _load_app(args)
         func: Callable[[argparse.Namespace, Config, App], int] = args.func
-        return func(args, cfg, load_app())
+        return func(args, cfg, app)
     except ConfigError as e:
         print(f"streamproc: error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,8 @@ import orjson
 
 from streamproc import inspect as _inspect
 from streamproc import tail as _tail
-from streamproc.cli import App, install_stop_handlers, open_redis, run_async
+from streamproc.app import App
+from streamproc.cli import install_stop_handlers, open_redis, run_async
 from streamproc.config import Config
 from streamproc.errors import ConfigError
 from streamproc.groups import group_info

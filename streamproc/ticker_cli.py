@@ -1,6 +1,6 @@
 """``streamproc ticker``: the ticker role (one leader fires, the others stand by).
 
-    streamproc ticker                                  # the table in producers/schedules.py
+    streamproc ticker                                  # the application's table (App.schedules)
     streamproc ticker --list                           # each schedule's next fire times
     streamproc ticker --schedules mymod:SCHEDULES --lease-ttl-ms 3000
 
@@ -17,7 +17,8 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
-from streamproc.cli import App, install_stop_handlers, open_redis, run_async
+from streamproc.app import App
+from streamproc.cli import install_stop_handlers, open_redis, run_async
 from streamproc.config import Config
 from streamproc.errors import ConfigError
 from streamproc.keys import Keys, check_name
@@ -30,8 +31,15 @@ __all__ = ("UP_ROLE", "register")
 UP_ROLE = ["ticker"]
 
 
-def load_schedules(spec: str) -> tuple[Schedule, ...]:
-    """``module:ATTRIBUTE`` naming a sequence of Schedules."""
+def load_schedules(spec: str, app: App) -> tuple[Schedule, ...]:
+    """``module:ATTRIBUTE`` naming a sequence of Schedules; empty: the application's own.
+
+    The ticks must be event types of the application's registry (its consumers decode them).
+    """
+    if not spec:
+        if not app.schedules:
+            raise ConfigError("the application has no schedules (App.schedules); nothing to tick")
+        return app.schedules
     module, _, attr = spec.partition(":")
     try:
         table = getattr(importlib.import_module(module), attr or "SCHEDULES")
@@ -39,6 +47,11 @@ def load_schedules(spec: str) -> tuple[Schedule, ...]:
         raise ConfigError(f"--schedules {spec!r}: {e}") from None
     if not table or not all(isinstance(s, Schedule) for s in table):
         raise ConfigError(f"--schedules {spec!r} is not a non-empty sequence of Schedule")
+    unknown = sorted({s.event.type_name() for s in table} - set(app.registry.names()))
+    if unknown:
+        raise ConfigError(
+            f"--schedules {spec!r} fires {', '.join(unknown)}, not in the application's registry"
+        )
     return tuple(table)
 
 
@@ -48,7 +61,7 @@ def default_node() -> str:
 
 
 def _cmd_ticker(args: argparse.Namespace, cfg: Config, app: App) -> int:
-    schedules = load_schedules(args.schedules)
+    schedules = load_schedules(args.schedules, app)
     if args.list:
         now = datetime.now(UTC)
         for s in schedules:
@@ -71,7 +84,8 @@ def _cmd_ticker(args: argparse.Namespace, cfg: Config, app: App) -> int:
         ticker = Ticker(schedules, client=client, producer=producer, keys=keys, settings=settings)
         install_stop_handlers(ticker.stop)
         try:
-            await ticker.run()
+            async with app.lifespan(role="ticker", redis=client, keys=keys, producer=producer):
+                await ticker.run()
         finally:
             await client.aclose()
         return 0
@@ -83,9 +97,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("ticker", help="run the ticker (periodic events, one leader)")
     p.add_argument(
         "--schedules",
-        default="producers.schedules:SCHEDULES",
+        default="",
         metavar="MODULE:ATTR",
-        help="the schedule table (default producers.schedules:SCHEDULES)",
+        help="another schedule table than the application's (App.schedules)",
     )
     p.add_argument("--node", default="", help="this replica's name (default host-pid)")
     p.add_argument("--lease-ttl-ms", type=int, default=10_000, help="leader lease TTL")

@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from schemas.ticks import Tick
 from streamproc import Codec, Keys, Producer
 from streamproc._lease import Lease
-from streamproc.schedule import MissedPolicy, Schedule, every
+from streamproc.schedule import MissedPolicy, Schedule, Tick, every
 from streamproc.ticker import Ticker, TickerSettings
 from tests.helpers import entries
 
@@ -150,13 +149,18 @@ async def test_graceful_stop_releases_the_lease(
 
 # ---------------------------------------------------------------------- real processes
 
+# An application of its own: the ticker needs no domain, only a table and a registry.
 SCHEDULE_MODULE = """
-from schemas.ticks import Tick
-from streamproc.schedule import Schedule, every
+from streamproc.app import App
+from streamproc.codec import Registry
+from streamproc.schedule import Schedule, Tick, every
 
-SCHEDULES = (
-    Schedule(name="every-second", trigger=every(1), event=Tick, missed="catch_up",
-             catch_up_max=100),
+app = App(
+    registry=Registry([Tick]),
+    schedules=[
+        Schedule(name="every-second", trigger=every(1), event=Tick, missed="catch_up",
+                 catch_up_max=100),
+    ],
 )
 """
 
@@ -164,7 +168,7 @@ SCHEDULES = (
 def start_tickers(
     n: int, redis_url: str, keys: Keys, repo_root: Path, tmp_path: Path
 ) -> dict[str, subprocess.Popen[bytes]]:
-    (tmp_path / "fast_schedules.py").write_text(textwrap.dedent(SCHEDULE_MODULE))
+    (tmp_path / "fast_ticker_app.py").write_text(textwrap.dedent(SCHEDULE_MODULE))
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
@@ -175,8 +179,8 @@ def start_tickers(
     procs = {}
     for i in range(n):
         node = f"n{i}"
-        cmd = [sys.executable, "-m", "streamproc", "ticker", "--node", node,
-               "--schedules", "fast_schedules:SCHEDULES", "--lease-ttl-ms", "1000"]  # fmt: skip
+        cmd = [sys.executable, "-m", "streamproc", "--app", "fast_ticker_app:app", "ticker",
+               "--node", node, "--lease-ttl-ms", "1000"]  # fmt: skip
         with (tmp_path / f"{node}.log").open("wb") as log:  # the child keeps its own copy
             procs[node] = subprocess.Popen(
                 cmd, cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=log

@@ -347,30 +347,21 @@ def add_dashboard(
     keys: Keys,
     agents: AgentStore,
     settings: DashboardSettings | None = None,
-    schedules: Sequence[Schedule] | None = None,
+    schedules: Sequence[Schedule] = (),
     draining: Callable[[], bool] = lambda: False,
 ) -> Dashboard:
     """Add the dashboard's routes to ``app`` (the ingest app); returns the Dashboard.
 
-    ``schedules`` (the ticker's table, for next fire times) default to
-    ``producers.schedules.SCHEDULES`` when the application has one.
+    ``schedules``: the application's ticker table (``App.schedules``), for next fire times.
     """
     dashboard = Dashboard(
         client=client,
         keys=keys,
         agents=agents,
         settings=settings,
-        schedules=_default_schedules() if schedules is None else schedules,
+        schedules=schedules,
         draining=draining,
     )
     app[DASHBOARD] = dashboard
     dashboard.add_routes(app.router)
     return dashboard
-
-
-def _default_schedules() -> Sequence[Schedule]:
-    try:
-        from producers.schedules import SCHEDULES
-    except ImportError:  # an application without a ticker table
-        return ()
-    return tuple(SCHEDULES)

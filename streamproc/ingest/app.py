@@ -41,6 +41,7 @@ from streamproc.ingest.settings import IngestSettings
 from streamproc.ingest.tasks import TaskApi
 from streamproc.keys import Keys
 from streamproc.producer import Producer
+from streamproc.schedule import Schedule
 from streamproc.tasks.events import TaskRequested
 from streamproc.tasks.runner import TASK_GROUP, TaskType
 
@@ -382,8 +383,11 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
 INGEST: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
 
 
-def create_app(ingest: Ingest) -> web.Application:
-    """The aiohttp application (the caller owns the Redis client and closes it)."""
+def create_app(ingest: Ingest, *, schedules: Sequence[Schedule] = ()) -> web.Application:
+    """The aiohttp application (the caller owns the Redis client and closes it).
+
+    ``schedules``: the application's ticker table, for the dashboard's next fire times.
+    """
     app = web.Application(middlewares=[_errors_and_metrics])
     app[INGEST] = ingest
     app.router.add_post("/v1/events", ingest.post_events)
@@ -400,6 +404,7 @@ def create_app(ingest: Ingest) -> web.Application:
         client=ingest.client,
         keys=ingest.keys,
         agents=ingest.agents,
+        schedules=schedules,
         draining=lambda: ingest.draining,
     )
     return app

@@ -19,7 +19,8 @@ import structlog
 from aiohttp import web
 
 from streamproc._supervise import supervise
-from streamproc.cli import App, install_stop_handlers, open_redis, run_async
+from streamproc.app import App
+from streamproc.cli import child_argv, install_stop_handlers, open_redis, run_async
 from streamproc.config import Config, settings_from_env
 from streamproc.errors import ConfigError
 from streamproc.ingest.app import Ingest, create_app
@@ -27,7 +28,6 @@ from streamproc.ingest.auth import AgentStore, parse_types
 from streamproc.ingest.settings import IngestSettings
 from streamproc.keys import Keys
 from streamproc.producer import Producer
-from streamproc.tasks.runner import TaskType
 
 __all__ = ("UP_ROLE", "ingest_settings_from_env", "register")
 
@@ -48,14 +48,6 @@ def ingest_settings_from_env(env: Mapping[str, str] | None = None) -> IngestSett
     )
 
 
-def _task_types() -> dict[str, TaskType]:
-    try:
-        from consumers.tasks import TASK_TYPES
-    except ImportError:  # an application without a task runner
-        return {}
-    return TASK_TYPES
-
-
 async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool) -> int:
     settings = ingest_settings_from_env()
     client, _ = await open_redis(cfg)
@@ -63,39 +55,32 @@ async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool
     producer = Producer(
         client, app.codec, keys, cfg.producer, retry_timeout_s=settings.publish_timeout_s
     )
-    groups: dict[str, list[str]] = {}
-    for concern in app.concerns.values():
-        for topic in concern.topics:
-            groups.setdefault(topic, []).append(concern.group)
     ingest = Ingest(
         client=client,
         registry=app.registry,
         keys=keys,
         producer=producer,
         settings=settings,
-        task_types=_task_types(),
-        groups=groups,
+        task_types=app.task_types,
+        groups=app.declared_groups,
     )
-    runner = web.AppRunner(create_app(ingest), access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(
+        create_app(ingest, schedules=app.schedules), access_log=None, shutdown_timeout=1.0
+    )
     await runner.setup()
+    stop = asyncio.Event()
+    install_stop_handlers(stop.set)  # before the hooks: a stop while they run still drains
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
-        await site.start()
-        stop = asyncio.Event()
-        install_stop_handlers(stop.set)
-        log.info("ingest_listening", host=host, port=port, pid=os.getpid())
-        if not await ingest.agents.list():
-            url = cfg.redis.url if "@" not in cfg.redis.url else "redis://…"
-            env = f"REDIS_URL={url} " if cfg.redis_url_given else ""
-            if cfg.redis.key_prefix != "sp":
-                env += f"STREAMPROC_PREFIX={cfg.redis.key_prefix} "
-            hint = _FIRST_TOKEN_HINT.format(env=env)
-            log.warning("no_agents", hint=hint)
-            print(f"streamproc ingest: {hint}", file=sys.stderr, flush=True)
-        await stop.wait()
-        # Stop listening, let in-flight requests finish (shutdown_grace_s), then close.
-        await site.stop()
-        await ingest.drain(settings.shutdown_grace_s)
+        async with app.lifespan(role="ingest", redis=client, keys=keys, producer=producer):
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
+            await site.start()
+            log.info("ingest_listening", host=host, port=port, pid=os.getpid())
+            if not await ingest.agents.list():
+                _hint_first_agent(cfg)
+            await stop.wait()
+            # Stop listening, let in-flight requests finish (shutdown_grace_s), then close.
+            await site.stop()
+            await ingest.drain(settings.shutdown_grace_s)
     finally:
         await runner.cleanup()
         await client.aclose()
@@ -103,11 +88,20 @@ async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool
     return 0
 
 
+def _hint_first_agent(cfg: Config) -> None:
+    url = cfg.redis.url if "@" not in cfg.redis.url else "redis://…"
+    env = f"REDIS_URL={url} " if cfg.redis_url_given else ""
+    if cfg.redis.key_prefix != "sp":
+        env += f"STREAMPROC_PREFIX={cfg.redis.key_prefix} "
+    hint = _FIRST_TOKEN_HINT.format(env=env)
+    log.warning("no_agents", hint=hint)
+    print(f"streamproc ingest: {hint}", file=sys.stderr, flush=True)
+
+
 def _supervise(args: argparse.Namespace) -> int:
-    """``--workers N``: N processes sharing the port with SO_REUSEPORT."""
-    argv = [sys.executable, "-m", "streamproc", "ingest", "--host", args.host]
-    argv += ["--port", str(args.port), "--workers", "1", "--reuse-port"]
-    return supervise([argv] * args.workers)
+    """``--workers N``: N processes sharing the port with SO_REUSEPORT (the same app)."""
+    argv = child_argv(args, "ingest", "--host", args.host, "--port", str(args.port))
+    return supervise([[*argv, "--workers", "1", "--reuse-port"]] * args.workers)
 
 
 def _cmd_ingest(args: argparse.Namespace, cfg: Config, app: App) -> int:

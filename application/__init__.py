@@ -1,0 +1,24 @@
+"""This repository's application: the App that ``streamproc`` runs by default.
+
+``streamproc`` loads it as ``application:app`` unless told otherwise (``--app module:attr``
+or ``STREAMPROC_APP``). It puts together the typed events (``schemas/``), one concern per
+consumer group (``consumers/``) and the ticker's table (``producers/schedules.py``).
+"""
+
+from __future__ import annotations
+
+from consumers import CONCERNS, configure_from_env
+from consumers.tasks import TASK_TYPES
+from producers.schedules import SCHEDULES
+from schemas import REGISTRY
+from streamproc.app import App
+
+__all__ = ("app",)
+
+app = App(
+    registry=REGISTRY,
+    concerns=CONCERNS.values(),
+    schedules=SCHEDULES,
+    task_types=TASK_TYPES,
+    configure=configure_from_env,
+)
