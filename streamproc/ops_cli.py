@@ -85,7 +85,10 @@ def _cmd_inspect(args: argparse.Namespace, cfg: Config, app: App) -> int:
         client, _ = await open_redis(cfg, wait_s=5)
         try:
             report = await _inspect.collect(
-                client, Keys(cfg.redis.key_prefix), memory=not args.no_memory
+                client,
+                Keys(cfg.redis.key_prefix),
+                memory=not args.no_memory,
+                schedules=app.schedules,
             )
         finally:
             await client.aclose()

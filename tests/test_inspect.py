@@ -225,11 +225,20 @@ async def test_schedules_show_before_the_ticker_ever_ran(
     assert "discovery" in table
 
 
-async def test_cli_shows_the_tickers_last_time_as_iso_8601(
+async def test_cli_shows_last_as_iso_8601_and_next_from_the_applications_schedules(
     client: aioredis.Redis, keys: Keys, redis_url: str, repo_root: Path
 ) -> None:
-    await client.hset(keys.ticker_last(), "discovery", "1795000000000")
+    """The default application's table: discovery every 5 min, last fired 2 min ago."""
+    last_ms = (await collect(client, keys)).server_time_ms - 120_000
+    await client.hset(keys.ticker_last(), "discovery", str(last_ms))
     done = cli(repo_root, redis_url, keys, "inspect")
     assert done.returncode == 0, done.stderr
-    assert "2026-11-18T11:06:40Z (" in done.stdout
-    assert "1795000000000" not in done.stdout
+    assert str(last_ms) not in done.stdout
+    [line] = [x for x in done.stdout.splitlines() if x.startswith("discovery ")]
+    assert re.search(r"every 300s +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(2m ago\)", line), line
+    assert re.search(r"Z \(in (\d+s|[1-5]m)\)$", line.rstrip()), line
+    assert "weekly-report" in done.stdout  # never fired: listed with its next time
+    doc = json.loads(cli(repo_root, redis_url, keys, "inspect", "--json").stdout)
+    names = {s["name"]: s for s in doc["schedules"]}
+    assert names["discovery"]["last_ms"] == last_ms
+    assert names["weekly-report"]["next"].endswith("Z")
