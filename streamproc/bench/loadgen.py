@@ -24,6 +24,7 @@ import msgspec
 import orjson
 
 from streamproc.bench import _hist
+from streamproc.bench.events import REGISTRY, BenchEvent
 from streamproc.codec import Codec
 from streamproc.connection import connect
 from streamproc.keys import Keys
@@ -56,22 +57,13 @@ class LoadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     token: str = ""
 
 
-def _event_type() -> Any:
-    from schemas import SpotInterruption  # the application's schema, so ingest accepts it
-
-    return SpotInterruption
-
-
-def bench_event(i: int, intended_s: float, *, warm: bool, pad: str) -> Any:
+def bench_event(i: int, intended_s: float, *, warm: bool, pad: str) -> BenchEvent:
     """Event ``i`` of a run; ``occurred_at`` is its intended send time."""
-    return _event_type()(
-        cluster_id="bench",
+    return BenchEvent(
         key=WARMUP_KEY if warm else MEASURED_KEY,
         source="bench",
-        instance_id=str(i),
-        instance_type="m5.large",
-        availability_zone="bench-1a",
-        node_name=pad,
+        seq=i,
+        pad=pad,
         occurred_at=datetime.fromtimestamp(intended_s, UTC),
     )
 
@@ -81,7 +73,7 @@ def _pad_for(codec: Codec[Any], event_bytes: int) -> str:
     return "x" * max(0, event_bytes - len(codec.encode(probe)[b"data"]))
 
 
-Send = Callable[[list[Any]], Awaitable[int]]
+Send = Callable[[list[BenchEvent]], Awaitable[int]]
 
 
 async def _producer_sender(spec: LoadSpec, codec: Codec[Any]) -> tuple[Send, Callable[[], Any]]:
@@ -90,7 +82,7 @@ async def _producer_sender(spec: LoadSpec, codec: Codec[Any]) -> tuple[Send, Cal
         client, codec, Keys(spec.prefix), ProducerSettings(dedup_window_ms=spec.dedup_window_ms)
     )
 
-    async def send(events: list[Any]) -> int:
+    async def send(events: list[BenchEvent]) -> int:
         return len(await producer.publish_many(events))
 
     return send, client.aclose
@@ -104,7 +96,7 @@ async def _http_sender(spec: LoadSpec) -> tuple[Send, Callable[[], Any]]:
         headers={"Authorization": f"Bearer {spec.token}", "Content-Type": "application/json"},
     )
 
-    async def send(events: list[Any]) -> int:
+    async def send(events: list[BenchEvent]) -> int:
         body = orjson.dumps(
             [
                 {
@@ -112,11 +104,8 @@ async def _http_sender(spec: LoadSpec) -> tuple[Send, Callable[[], Any]]:
                     "id": e.id,
                     "occurred_at": e.occurred_at,
                     "key": e.key,
-                    "cluster_id": e.cluster_id,
-                    "instance_id": e.instance_id,
-                    "instance_type": e.instance_type,
-                    "availability_zone": e.availability_zone,
-                    "node_name": e.node_name,
+                    "seq": e.seq,
+                    "pad": e.pad,
                 }
                 for e in events
             ]
@@ -130,8 +119,6 @@ async def _http_sender(spec: LoadSpec) -> tuple[Send, Callable[[], Any]]:
 
 async def run_load(spec: LoadSpec) -> dict[str, Any]:
     """Send the whole schedule; return counts, times and histograms (send lag, publish)."""
-    from schemas import REGISTRY
-
     codec: Codec[Any] = Codec(REGISTRY)
     pad = _pad_for(codec, spec.event_bytes)
     if spec.via == "http":

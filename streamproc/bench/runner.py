@@ -24,8 +24,9 @@ import orjson
 import redis.asyncio as aioredis
 
 from streamproc.bench import _hist, _proc
+from streamproc.bench.events import APP_SPEC, GROUP, BenchEvent
 from streamproc.bench.loadgen import LoadSpec
-from streamproc.bench.sink import GROUP, SinkSpec
+from streamproc.bench.sink import SinkSpec
 from streamproc.errors import StreamprocError
 from streamproc.groups import group_info
 from streamproc.keys import Keys
@@ -97,7 +98,7 @@ async def _start_ingest(
     from streamproc.embedded import free_port
     from streamproc.ingest import AgentStore
 
-    _, token = await AgentStore(client, keys).add("bench", types=["cluster.*"])
+    _, token = await AgentStore(client, keys).add("bench", types=[BenchEvent.type_name()])
     port = free_port()
     env = {
         **_child_env(),
@@ -110,6 +111,8 @@ async def _start_ingest(
         sys.executable,
         "-m",
         "streamproc",
+        "--app",
+        APP_SPEC,
         "ingest",
         "--host",
         "127.0.0.1",
@@ -145,10 +148,8 @@ async def _cleanup(client: aioredis.Redis, prefix: str) -> None:
 
 async def run_once(r: Run, client: aioredis.Redis) -> dict[str, Any]:
     """Run the load once; return latency summaries, throughput, accounting and resources."""
-    from schemas import SpotInterruption
-
     keys = Keys(f"bench{uuid.uuid4().hex[:8]}")
-    stream = keys.stream(SpotInterruption.topic)
+    stream = keys.stream(BenchEvent.topic)
     tag = keys.prefix
     await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
     procs: dict[str, asyncio.subprocess.Process] = {}

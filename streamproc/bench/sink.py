@@ -2,9 +2,8 @@
 
 Handler start: ``time.time()`` when the handler begins, against the event's intended send time
 (``occurred_at``, set by the load generator). Ack: the time the consumer's settle step (XACK +
-dedup mark, one Lua script per batch) returned, taken by a subclass that wraps
-``Consumer._settle``; the engine has no public settle hook yet. Both go to HdrHistograms
-(microseconds) written as JSON on SIGTERM.
+dedup mark, one Lua script per batch) returned, taken by the consumer's public
+``after_settle`` hook. Both go to HdrHistograms (microseconds) written as JSON on SIGTERM.
 
 Run in its own process: ``python -m streamproc.bench.sink SPEC_JSON``; prints ``ready`` once
 the consumer reads, writes the result to ``spec.result_path`` when stopped.
@@ -17,6 +16,7 @@ import contextlib
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +24,18 @@ import msgspec
 import orjson
 
 from streamproc.bench import _hist
+from streamproc.bench.events import GROUP, REGISTRY, BenchEvent
 from streamproc.bench.loadgen import WARMUP_KEY
 from streamproc.codec import Codec
 from streamproc.concern import Concern, Context
 from streamproc.connection import connect
-from streamproc.consumer import Consumer
+from streamproc.consumer import Consumer, Outcome, Settled
 from streamproc.keys import Keys
 from streamproc.offload import Job, LoopLagMonitor, OffloadSettings, RenderPool, WorkerContext
 from streamproc.producer import Producer
 from streamproc.settings import ConsumerSettings, ProducerSettings, RedisSettings
 
 __all__ = ("GROUP", "SinkSpec", "burn_cpu", "run_sink")
-
-GROUP = "bench"
 
 
 class SinkSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -72,27 +71,18 @@ class _Recorder:
         self.first_start_s = 0.0
         self.last_ack_s = 0.0
 
-    def settled(self, outcomes: list[Any]) -> None:
+    def settled(self, outcomes: Sequence[Outcome]) -> None:
+        """The consumer's ``after_settle`` hook: a batch was settled."""
         now = time.time()
         for o in outcomes:
             intended = self.pending.pop(o.entry.entry_id.decode(), None)
-            if intended is not None and o.kind == "ack":
+            if intended is not None and o.status is Settled.ACKED:
                 _hist.record_s(self.ack, now - intended)
                 self.acked += 1
                 self.last_ack_s = now
 
 
-class _RecordingConsumer(Consumer):
-    recorder: _Recorder
-
-    async def _settle(self, outcomes: list[Any]) -> None:
-        await super()._settle(outcomes)
-        self.recorder.settled(outcomes)
-
-
 async def run_sink(spec: SinkSpec, ready: asyncio.Event, stop: asyncio.Event) -> dict[str, Any]:
-    from schemas import REGISTRY, SpotInterruption
-
     rec = _Recorder()
     pool: RenderPool | None = None
     if spec.render_every:
@@ -101,7 +91,7 @@ async def run_sink(spec: SinkSpec, ready: asyncio.Event, stop: asyncio.Event) ->
         ).start()
     render_ms = str(spec.render_ms).encode()
 
-    async def handle(event: Any, ctx: Context) -> None:
+    async def handle(event: BenchEvent, ctx: Context) -> None:
         now = time.time()
         if event.key == WARMUP_KEY:
             rec.handled_warmup += 1
@@ -111,7 +101,7 @@ async def run_sink(spec: SinkSpec, ready: asyncio.Event, stop: asyncio.Event) ->
         if not rec.first_start_s:
             rec.first_start_s = now
         rec.handled += 1
-        if pool is not None and int(event.instance_id) % spec.render_every == 0:
+        if pool is not None and event.seq % spec.render_every == 0:
             await pool.run(Job(fn=burn_cpu, payload=render_ms, job_id=event.id, kind="bench"))
             rec.renders += 1
         rec.pending[ctx.entry_id] = intended
@@ -119,11 +109,11 @@ async def run_sink(spec: SinkSpec, ready: asyncio.Event, stop: asyncio.Event) ->
     client = connect(RedisSettings(url=spec.redis_url, key_prefix=spec.prefix))
     codec: Codec[Any] = Codec(REGISTRY)
     keys = Keys(spec.prefix)
-    consumer = _RecordingConsumer(
+    consumer = Consumer(
         Concern(
             group=GROUP,
-            topics=(SpotInterruption.topic,),
-            handlers={SpotInterruption: handle},
+            topics=(BenchEvent.topic,),
+            handlers={BenchEvent: handle},
             concurrency=spec.concurrency,
         ),
         client=client,
@@ -137,8 +127,8 @@ async def run_sink(spec: SinkSpec, ready: asyncio.Event, stop: asyncio.Event) ->
             dedup_window_ms=spec.dedup_window_ms,
             trim_interval_ms=spec.trim_interval_ms,
         ),
+        after_settle=rec.settled,
     )
-    consumer.recorder = rec
     lag = LoopLagMonitor(interval_s=0.01)
     lag_task = asyncio.create_task(lag.run())
     run = asyncio.create_task(consumer.run(started=ready))
