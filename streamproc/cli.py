@@ -4,6 +4,9 @@ The application comes from ``--app module:attr`` (before the command; also
 ``STREAMPROC_APP``), default ``application:app``: every role and command loads it through
 ``streamproc.app.load_app``. The current directory is importable, as with ``python -m``.
 
+Roles (``up``, ``consume``, ``ingest``, ``ticker``) log at ``STREAMPROC_LOG_LEVEL``; one-shot
+commands write for people and log warnings and errors only; ``--verbose`` logs at debug.
+
 Exit codes: 0 done, 1 failure at run time, 2 bad arguments / configuration, 3 Redis
 unreachable or too old.
 """
@@ -77,8 +80,14 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-async def open_redis(cfg: Config, *, wait_s: float = 30.0) -> tuple[aioredis.Redis, ServerInfo]:
-    """Connect and check the server, waiting up to ``wait_s`` for Redis to come up."""
+async def open_redis(
+    cfg: Config, *, wait_s: float = 30.0, role: bool = False
+) -> tuple[aioredis.Redis, ServerInfo]:
+    """Connect and check the server, waiting up to ``wait_s`` for Redis to come up.
+
+    The server's version and features are logged at info by a long-running ``role``, at
+    debug by a one-shot command (whose output is for people).
+    """
     client = connect(cfg.redis)
     backoff = Backoff(cap_s=2.0)
     deadline = time.monotonic() + wait_s
@@ -93,7 +102,7 @@ async def open_redis(cfg: Config, *, wait_s: float = 30.0) -> tuple[aioredis.Red
             if backoff.attempt == 0:
                 log.warning("waiting_for_redis", url=_safe_url(cfg.redis.url), error=str(e))
             await backoff.sleep()
-    log.info(
+    (log.info if role else log.debug)(
         "redis_server",
         version=info.version_text,
         acked_trim=info.has_acked_trim,
@@ -136,7 +145,7 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
 async def consume(
     cfg: Config, app: App, groups: Sequence[str], *, http_port: int = -1, http_host: str = ""
 ) -> int:
-    client, _ = await open_redis(cfg)
+    client, _ = await open_redis(cfg, role=True)
     keys = Keys(cfg.redis.key_prefix)
     producer = Producer(client, app.codec, keys, cfg.producer)
     consumers = [
@@ -330,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:ATTR",
         help=f"the application to run (default: $STREAMPROC_APP, else {DEFAULT_APP})",
     )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log at debug (one-shot commands log warnings and errors only by default)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run everything (embedded Redis unless REDIS_URL is set)")
@@ -342,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROLE",
         help="leave a role out (ingest, ticker)",
     )
-    up.set_defaults(func=_cmd_up)
+    up.set_defaults(func=_cmd_up, role=True)
 
     c = sub.add_parser("consume", help="run consumer groups")
     c.add_argument("groups", nargs="*", metavar="GROUP")
@@ -351,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-port", type=int, default=-1, help="serve /metrics /healthz /readyz (0: any port)"
     )
     c.add_argument("--http-host", default="127.0.0.1", help="address for --http-port")
-    c.set_defaults(func=_cmd_consume)
+    c.set_defaults(func=_cmd_consume, role=True)
 
     pub = sub.add_parser("publish", help="publish one event, for trying things out")
     pub.add_argument("type", help="event type, e.g. cluster.spot_interruption")
@@ -378,6 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_level(args: argparse.Namespace, cfg: Config) -> str:
+    """-v: debug. Roles: STREAMPROC_LOG_LEVEL. One-shot commands: warning or above."""
+    if args.verbose:
+        return "debug"
+    if getattr(args, "role", False):
+        return cfg.log_level
+    levels = ("debug", "info", "warning", "error")
+    return levels[max(levels.index(cfg.log_level), levels.index("warning"))]
+
+
 def _load_app(args: argparse.Namespace) -> App:
     """The application named by --app, else STREAMPROC_APP, else DEFAULT_APP.
 
@@ -402,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config()
-        configure_logging(cfg.log_level, json=cfg.log_json)
+        configure_logging(_log_level(args, cfg), json=cfg.log_json)
         app = _load_app(args)
         func: Callable[[argparse.Namespace, Config, App], int] = args.func
         return func(args, cfg, app)

@@ -78,7 +78,7 @@ def _cmd_ticker(args: argparse.Namespace, cfg: Config, app: App) -> int:
     )
 
     async def go() -> int:
-        client, _ = await open_redis(cfg)
+        client, _ = await open_redis(cfg, role=True)
         keys = Keys(cfg.redis.key_prefix)
         producer = Producer(client, app.codec, keys, cfg.producer)
         ticker = Ticker(schedules, client=client, producer=producer, keys=keys, settings=settings)
@@ -104,4 +104,4 @@ def register(sub: Any) -> None:
     p.add_argument("--node", default="", help="this replica's name (default host-pid)")
     p.add_argument("--lease-ttl-ms", type=int, default=10_000, help="leader lease TTL")
     p.add_argument("--list", action="store_true", help="print the schedules and exit")
-    p.set_defaults(func=_cmd_ticker)
+    p.set_defaults(func=_cmd_ticker, role=True)

@@ -243,3 +243,19 @@ def test_up_runs_everything_on_an_embedded_redis(tmp_path: Path) -> None:
         ["redis-cli", "-p", str(port), "PING"], capture_output=True, text=True, check=False
     )
     assert "PONG" not in ping.stdout  # the embedded Redis stopped with it
+
+
+def test_one_shot_commands_write_for_people(env: dict[str, str]) -> None:
+    """`agents add` prints the token alone on stdout and a sentence on stderr: no JSON log
+    lines, even with JSON logs on; `--verbose` shows them (the Redis server line)."""
+    env = {**env, "STREAMPROC_LOG_JSON": "1"}
+    r = cli("agents", "add", "people-agent", "--types", "cluster.*", env=env)
+    assert r.returncode == 0, r.stderr
+    [token] = r.stdout.splitlines()
+    assert len(token) >= 32
+    assert r.stderr.startswith("agent 'people-agent' added"), r.stderr
+    assert not [line for line in r.stderr.splitlines() if line.lstrip().startswith("{")]
+    loud = cli("--verbose", "agents", "list", env=env)
+    assert loud.returncode == 0, loud.stderr
+    logged = [json.loads(line) for line in loud.stderr.splitlines() if line.startswith("{")]
+    assert "redis_server" in [rec["event"] for rec in logged]

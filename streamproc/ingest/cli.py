@@ -50,7 +50,7 @@ def ingest_settings_from_env(env: Mapping[str, str] | None = None) -> IngestSett
 
 async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool) -> int:
     settings = ingest_settings_from_env()
-    client, _ = await open_redis(cfg)
+    client, _ = await open_redis(cfg, role=True)
     keys = Keys(cfg.redis.key_prefix)
     producer = Producer(
         client, app.codec, keys, cfg.producer, retry_timeout_s=settings.publish_timeout_s
@@ -172,7 +172,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--reuse-port", action="store_true", help="SO_REUSEPORT (other processes may share it)"
     )
-    p.set_defaults(func=_cmd_ingest)
+    p.set_defaults(func=_cmd_ingest, role=True)
 
     a = sub.add_parser("agents", help="add, list or revoke ingest agents and their tokens")
     asub = a.add_subparsers(dest="action", required=True, metavar="ACTION")
