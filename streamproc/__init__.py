@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from streamproc.app import App, AppContext, load_app
 from streamproc.codec import Codec, Registry
 from streamproc.concern import Concern, Context, Handler
 from streamproc.connection import ServerInfo, check_server, connect
@@ -18,12 +19,14 @@ from streamproc.errors import (
     StreamprocError,
     UnsafeServerConfig,
 )
-from streamproc.event import Event, new_event_id
+from streamproc.event import Event, derived_id, new_event_id
 from streamproc.keys import Keys
 from streamproc.producer import Producer
 from streamproc.settings import ConsumerSettings, ProducerSettings, RedisSettings, RetryPolicy
 
 __all__ = (
+    "App",
+    "AppContext",
     "BackpressureError",
     "Codec",
     "Concern",
@@ -51,5 +54,7 @@ __all__ = (
     "UnsafeServerConfig",
     "check_server",
     "connect",
+    "derived_id",
+    "load_app",
     "new_event_id",
 )
