@@ -85,6 +85,8 @@ GROUP = "g"
 TOPIC = "cluster"
 #: XREADGROUP BLOCK of the drains: only waited out once the stream is empty (at stop).
 BLOCK_MS = 200
+#: Key prefix of this run's template stream (COPYed for each drain phase).
+TEMPLATE = f"benchtemplate{os.getpid()}"
 
 
 def events(n: int, tag: str) -> list[SpotInterruption]:
@@ -372,7 +374,7 @@ async def drained(
 async def run_phase(client: aioredis.Redis, url: str, phase: Phase, prefix: str, n: int) -> Figures:
     stream = Keys(prefix).stream(TOPIC)
     if phase.prefilled:
-        await client.copy(Keys("benchtemplate").stream(TOPIC), stream)
+        await client.copy(Keys(TEMPLATE).stream(TOPIC), stream)
     elif phase.drain:
         await client.xgroup_create(stream, GROUP, id="0", mkstream=True)
     procs = [
@@ -414,7 +416,7 @@ async def run_phase(client: aioredis.Redis, url: str, phase: Phase, prefix: str,
 
 async def fill_template(client: aioredis.Redis, n: int) -> None:
     """n events on the template stream, its group at ``0``: COPYed for each drain phase."""
-    keys = Keys("benchtemplate")
+    keys = Keys(TEMPLATE)
     await cleanup(client, keys.prefix)
     await client.xgroup_create(keys.stream(TOPIC), GROUP, id="0", mkstream=True)
     settings = ProducerSettings(dedup_window_ms=0, high_watermark=10**9)
@@ -453,10 +455,30 @@ async def measure(url: str, n: int, rounds: int) -> dict[str, list[Figures]]:
                     file=sys.stderr,
                     flush=True,
                 )
-        await cleanup(client, "benchtemplate")
+        await cleanup(client, TEMPLATE)
     finally:
         await client.aclose()
     return runs
+
+
+async def bare_loops(url: str, n: int) -> dict[str, float]:
+    """One round of the bare pipelined XADD and the bare drain loop (1 process), events/s:
+    the baselines ``streamproc bench`` reports beside its scenarios."""
+    client = connect(RedisSettings(url=url))
+    phases = {p.name: p for p in PHASES}
+    out: dict[str, float] = {}
+    try:
+        await fill_template(client, n)
+        for name, key in (("bare-xadd", "xadd_per_s"), ("bare-1", "drain_per_s")):
+            prefix = f"bench{os.getpid()}{name.replace('-', '')}"
+            try:
+                out[key] = (await run_phase(client, url, phases[name], prefix, n)).events_per_s
+            finally:
+                await cleanup(client, prefix)
+    finally:
+        await cleanup(client, TEMPLATE)
+        await client.aclose()
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -715,7 +737,7 @@ async def profile_engine_drain(url: str, n: int) -> None:
     prefix = "benchprofile"
     await cleanup(client, prefix)
     await fill_template(client, n)
-    await client.copy(Keys("benchtemplate").stream(TOPIC), Keys(prefix).stream(TOPIC))
+    await client.copy(Keys(TEMPLATE).stream(TOPIC), Keys(prefix).stream(TOPIC))
     done = asyncio.Event()
 
     def settled(outcomes: Sequence[Outcome]) -> None:
@@ -731,7 +753,7 @@ async def profile_engine_drain(url: str, n: int) -> None:
     consumer.stop()
     await run
     await cleanup(client, prefix)
-    await cleanup(client, "benchtemplate")
+    await cleanup(client, TEMPLATE)
     await client.aclose()
     print(f"engine drain, dedup off, {n:,} events")
     print(sampler.table(n, cpu))

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import shutil
@@ -56,17 +55,4 @@ async def bare_loop(redis_url: str, events: int) -> dict[str, Any]:
         from benchmarks import throughput
     except ImportError:
         return {"skipped": "benchmarks/throughput.py not importable (run from the repository)"}
-    out: dict[str, Any] = {"batch": throughput.BATCH}
-    prefix = f"bench{uuid.uuid4().hex[:8]}"
-    try:
-        out["xadd_per_s"] = await asyncio.to_thread(
-            throughput.run_role, "bare-xadd", redis_url, prefix + "x", events
-        )
-        await throughput.prefill(redis_url, prefix + "d", events)
-        out["drain_per_s"] = await asyncio.to_thread(
-            throughput.run_role, "bare-drain", redis_url, prefix + "d", events
-        )
-    finally:
-        await throughput.cleanup(redis_url, prefix + "x")
-        await throughput.cleanup(redis_url, prefix + "d")
-    return out
+    return {"batch": throughput.BATCH, **await throughput.bare_loops(redis_url, events)}
