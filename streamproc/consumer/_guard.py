@@ -111,8 +111,6 @@ class RedisGuard:
         return self.ready and time.monotonic() - self.available_since >= self._period_s
 
     def up(self, step: str) -> None:
-        if step not in self._failing:
-            return
         self._failing.discard(step)
         if not self._failing and self.down_since is not None:
             if self.reason != "starting":
@@ -137,10 +135,11 @@ class RedisGuard:
         call: Callable[[], Awaitable[T]],
         *,
         give_up: Callable[[], bool] | None = None,
+        cap_s: float = 5.0,
     ) -> T:
-        """Run ``call`` until it succeeds, backing off on outages; raise GaveUp when
-        ``give_up()`` turns true during an outage."""
-        backoff = Backoff()
+        """Run ``call`` until it succeeds, backing off (at most ``cap_s``) on outages; raise
+        GaveUp when ``give_up()`` turns true during an outage."""
+        backoff = Backoff(base_s=min(0.05, cap_s), cap_s=cap_s)
         while True:
             try:
                 result = await call()
@@ -158,5 +157,6 @@ class RedisGuard:
                 self.up(step)
                 return result
             if give_up is not None and give_up():
+                self._failing.discard(step)  # not retried: not failing any more either
                 raise GaveUp
             await backoff.sleep()

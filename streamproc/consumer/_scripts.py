@@ -249,12 +249,14 @@ local last = tonumber(redis.call('HGET', KEYS[2], 'tick') or '0')
 local gap = last > 0 and now - last > tonumber(ARGV[3])
 """
 )
-# Writes come after the step's own command: under maxmemory Redis refuses only a script's
-# first write, and XCLAIM / XAUTOCLAIM are allowed then, so renewing goes on during OOM.
+# Writes come after the step's own command, and may fail: under maxmemory Redis refuses a
+# script's first write if it is an HSET, while XCLAIM / XAUTOCLAIM are allowed, so renewing
+# goes on during OOM. A clock that could not tick reads as an outage afterwards (no reclaim
+# until owners renewed), which is what it was.
 _TICK_WRITE = r"""
-if gap then redis.call('HSET', KEYS[2], 'outage_end', now) end
-redis.call('HSET', KEYS[2], 'tick', now)
-redis.call('PEXPIRE', KEYS[2], 86400000)
+if gap then redis.pcall('HSET', KEYS[2], 'outage_end', now) end
+redis.pcall('HSET', KEYS[2], 'tick', now)
+redis.pcall('PEXPIRE', KEYS[2], 86400000)
 """
 
 # Renew the entries this consumer holds and still owns (XCLAIM JUSTID with min-idle 0 resets

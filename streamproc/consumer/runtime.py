@@ -16,6 +16,7 @@ trimmer; the stats writer. Shutdown has two phases: stop reading and drain withi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -128,7 +129,7 @@ class Consumer:
         self._work: deque[Entry] = deque()
         self._work_ready = asyncio.Event()
         # Outcomes waiting for the settler: a list and a wake-up (cheaper than a Queue per item).
-        self._to_settle: list[Outcome] = []
+        self._to_settle: deque[Outcome] = deque()
         self._settle_wakeup = asyncio.Event()
 
     # ------------------------------------------------------------------ state
@@ -212,7 +213,8 @@ class Consumer:
                 for _ in range(self.concern.concurrency):
                     tg.start_soon(self._worker)
                 tg.start_soon(self._settler_loop)
-                tg.start_soon(self._upkeep_loop)
+                tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(self._reclaim_loop)
                 tg.start_soon(self._retry_loop)
                 if self.settings.trim_interval_ms:
                     tg.start_soon(self._trim_loop)
@@ -403,14 +405,16 @@ class Consumer:
                 self._work_ready.clear()
                 await self._work_ready.wait()
             entry = self._work.popleft()
-            self._to_settle.append(await self.handlers.run(entry))
+            outcome = await self.handlers.run(entry)
+            self._to_settle.append(outcome)
             self._settle_wakeup.set()
 
     async def _settler_loop(self) -> None:
         while True:
             await self._settle_wakeup.wait()
-            batch, self._to_settle = self._to_settle[:1000], self._to_settle[1000:]
-            if not self._to_settle:
+            pending = self._to_settle
+            batch = [pending.popleft() for _ in range(min(len(pending), 1000))]
+            if not pending:
                 self._settle_wakeup.clear()
             if not batch:
                 continue
@@ -429,16 +433,26 @@ class Consumer:
                     continue
             self._note_retries(batch)
 
-    async def _upkeep_loop(self) -> None:
-        """Every renewal period: renew and tick; then reclaim; now and then expire."""
+    async def _heartbeat_loop(self) -> None:
+        """Every renewal period: renew held entries, tick the group clock, keep the name.
+
+        A task of its own, so nothing else (a reclaim, an expiry, a settle in backoff) can
+        delay it; retried at its own pace after an outage, never slower: an owner asleep in
+        a long backoff would lose its entries once Redis is back."""
+        while True:
+            await anyio.sleep(self._period_s * random.uniform(0.9, 1.0))
+            await self.guard.until_up("renew", self.renew, cap_s=self._period_s / 2)
+
+    async def _reclaim_loop(self) -> None:
+        """Every renewal period: reclaim what owners stopped renewing; now and then expire
+        consumers that are gone."""
         rounds = 0
         while True:
             await anyio.sleep(self._period_s * random.uniform(0.9, 1.0))
-            await self.guard.until_up("renew", self.renew)
             rounds += 1
             if not self._stopping.is_set() and self.guard.may_reclaim():
                 for stream in self.reader.streams:
-                    try:  # one try: a failure lets go of what it took (re-read with 0)
+                    try:  # one try per round: a failure lets go of what it took
                         items = await self.guard.until_up(
                             "reclaim",
                             lambda s=stream: self.reader.reclaim(s),  # type: ignore[misc]
@@ -448,7 +462,8 @@ class Consumer:
                         break
                     self._dispatch(items)
             if rounds % 30 == 0:
-                await self.guard.until_up("expire", self.expire_consumers)
+                with contextlib.suppress(GaveUp):  # tried again in 30 rounds
+                    await self.guard.until_up("expire", self.expire_consumers, give_up=lambda: True)
 
     async def _retry_loop(self) -> None:
         """Pump due retries when the next is due (Redis' clock), and at least every second."""
