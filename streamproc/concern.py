@@ -47,6 +47,9 @@ class DeadLetterInfo:
     reason: str
     error_type: str
     detail: str
+    #: The consumer's client and key builder, to record the outcome (e.g. a task's status).
+    redis: aioredis.Redis
+    keys: Keys
 
 
 #: Called once per dead letter, after it was written; its errors are logged, never raised.

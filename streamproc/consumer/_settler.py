@@ -229,6 +229,8 @@ class Settler:
             reason=o.reason,
             error_type=o.error_type,
             detail=o.detail,
+            redis=self.client,
+            keys=self.keys,
         )
         try:
             await self.on_dead_letter(info)

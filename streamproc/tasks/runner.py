@@ -171,19 +171,13 @@ def task_concern(
         if not info.event_id:
             log.error("task_dead_letter_without_id", entry_id=info.entry_id, reason=info.reason)
             return
-        # The hook is told what was dead-lettered, not which Redis it came from: use the
-        # client and prefix it names when it does, else every store this concern has used.
-        redis, keys = getattr(info, "redis", None), getattr(info, "keys", None)
-        targets = [store_for(redis, keys)] if redis is not None and keys else list(stores.values())
-        if not targets:
-            log.error("task_dead_letter_unrecorded", task_id=info.event_id, reason=info.reason)
-            return
+        store = store_for(info.redis, info.keys)  # the consumer's own Redis and prefix
         error = f"dead-lettered ({info.reason}): {info.error_type}: {info.detail}"[:2000]
-        for store in targets:
-            if await store.fail(info.event_id, error=error):
-                TASKS_FINISHED.labels(_task_type_of(info), "failed").inc()
-                log.error("task_dead_lettered", task_id=info.event_id, reason=info.reason)
-                return
+        if await store.fail(info.event_id, error=error):
+            TASKS_FINISHED.labels(_task_type_of(info), "failed").inc()
+            log.error("task_dead_lettered", task_id=info.event_id, reason=info.reason)
+        else:
+            log.error("task_dead_letter_unrecorded", task_id=info.event_id, reason=info.reason)
 
     concurrency = max(8, 2 * sum(t.concurrency for t in types.values()))
     return Concern(
