@@ -8,7 +8,8 @@ Roles (``up``, ``consume``, ``ingest``, ``ticker``) log at ``STREAMPROC_LOG_LEVE
 commands write for people and log warnings and errors only; ``--verbose`` logs at debug.
 
 Exit codes: 0 done, 1 failure at run time, 2 bad arguments / configuration, 3 Redis
-unreachable or too old.
+unreachable or too old, 4 Redis configured unsafely (an eviction policy other than
+``noeviction``; ``STREAMPROC_ALLOW_EVICTION=1`` overrides).
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ from streamproc.config import Config, load_config
 from streamproc.connection import REDIS_DOWN, ServerInfo, check_server, connect
 from streamproc.consumer import Consumer
 from streamproc.embedded import EmbeddedRedis
-from streamproc.errors import ConfigError, RedisUnavailable, ServerTooOld, StreamprocError
+from streamproc.errors import (
+    ConfigError,
+    RedisUnavailable,
+    ServerTooOld,
+    StreamprocError,
+    UnsafeServerConfig,
+)
 from streamproc.keys import Keys
 from streamproc.logs import configure_logging
 from streamproc.producer import Producer
@@ -93,7 +100,7 @@ async def open_redis(
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            info = await check_server(client)
+            info = await check_server(client, allow_eviction=cfg.redis.allow_eviction)
             break
         except RedisUnavailable as e:
             if time.monotonic() >= deadline:
@@ -437,6 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RedisUnavailable, ServerTooOld) as e:
         print(f"streamproc: error: {e}", file=sys.stderr)
         return 3
+    except UnsafeServerConfig as e:
+        print(f"streamproc: error: {e}", file=sys.stderr)
+        return 4
     except StreamprocError as e:
         print(f"streamproc: error: {e}", file=sys.stderr)
         return 1

@@ -119,3 +119,40 @@ def test_the_override_is_read_from_the_environment() -> None:
     assert load_config({"STREAMPROC_ALLOW_EVICTION": "1"}).redis.allow_eviction is True
     with pytest.raises(ConfigError, match="STREAMPROC_ALLOW_EVICTION='yes': expected 0 or 1"):
         load_config({"STREAMPROC_ALLOW_EVICTION": "yes"})
+
+
+def test_every_role_refuses_an_evicting_server_with_exit_code_4(tmp_path: Path) -> None:
+    """The CLI's shared start (open_redis) runs the check: exit 4 naming the policy; the
+    override lets the same command through."""
+    import os
+    import subprocess
+    import sys
+
+    with EmbeddedRedis(tmp_path, appendonly=False) as server:
+        subprocess.run(
+            [
+                "redis-cli",
+                "-p",
+                str(server.port),
+                "CONFIG",
+                "SET",
+                "maxmemory-policy",
+                "allkeys-lru",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        env = {**os.environ, "REDIS_URL": server.url, "STREAMPROC_PREFIX": "evict"}
+        cmd = [sys.executable, "-m", "streamproc", "consume", "--all"]
+        refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 4, refused.stderr
+        assert "allkeys-lru" in refused.stderr
+        env["STREAMPROC_ALLOW_EVICTION"] = "1"
+        ok = subprocess.run(
+            [sys.executable, "-m", "streamproc", "inspect"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert ok.returncode == 0, ok.stderr
