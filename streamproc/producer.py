@@ -38,6 +38,7 @@ from streamproc.codec import WIRE_FIELDS, Codec
 from streamproc.connection import REDIS_DOWN
 from streamproc.errors import BackpressureError, PublishError
 from streamproc.event import Event
+from streamproc.groups import group_infos
 from streamproc.keys import Keys
 from streamproc.settings import ProducerSettings
 
@@ -321,14 +322,10 @@ class Producer:
 
     async def _read_backlog(self, topic: str) -> tuple[str, int]:
         worst = ("", 0)
-        try:
-            groups = await self.client.xinfo_groups(self.keys.stream(topic))
-        except ResponseError:  # no such key: nobody reads it yet
-            groups = []
-        for g in groups:
-            backlog = int(g.get("lag") or 0) + int(g.get("pending") or 0)
+        for g in await group_infos(self.client, self.keys.stream(topic)):
+            backlog = (g.lag or 0) + g.pending
             if backlog > worst[1]:
-                worst = (g["name"].decode() if isinstance(g["name"], bytes) else g["name"], backlog)
+                worst = (g.name, backlog)
         expires = time.monotonic() + self.settings.lag_cache_ms / 1000
         self._lag_cache[topic] = (expires, *worst)
         return worst

@@ -24,13 +24,14 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from streamproc._aio import wait_event
 from streamproc.codec import Registry
 from streamproc.connection import REDIS_DOWN
 from streamproc.errors import BackpressureError, PublishError
 from streamproc.event import Event
+from streamproc.groups import group_infos
 from streamproc.ingest import metrics
 from streamproc.ingest._http import Problem, idempotency_key, json_response, redis_unavailable
 from streamproc.ingest.auth import Agent, AgentStore
@@ -289,13 +290,7 @@ class Ingest:
         try:
             await self.client.ping()
             for topic, wanted in sorted(self.groups.items()):
-                try:
-                    rows = await self.client.xinfo_groups(self.keys.stream(topic))
-                except ResponseError:  # no stream yet
-                    rows = []
-                have = {
-                    r["name"].decode() if isinstance(r["name"], bytes) else r["name"] for r in rows
-                }
+                have = {g.name for g in await group_infos(self.client, self.keys.stream(topic))}
                 missing += [f"{topic}/{g}" for g in wanted if g not in have]
         except _REDIS_FAILED as e:
             return json_response(

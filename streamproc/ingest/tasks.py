@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from aiohttp import web
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from streamproc.connection import REDIS_DOWN
 from streamproc.event import new_event_id
+from streamproc.groups import group_info
 from streamproc.ingest._http import Problem, idempotency_key, json_response, redis_unavailable
 from streamproc.ingest.decode import validation_problem
 from streamproc.tasks.events import PRIORITIES, Priority, task_event_class
@@ -157,14 +158,8 @@ class TaskApi:
         try:
             for p in PRIORITIES[: PRIORITIES.index(priority) + 1]:
                 stream = self.ingest.keys.stream(task_event_class(p).topic)
-                try:
-                    rows = await self.ingest.client.xinfo_groups(stream)
-                except ResponseError:
-                    rows = []
-                lag = next(
-                    (r.get("lag") for r in rows if r["name"] in (self.group, self.group.encode())),
-                    None,
-                )
+                info = await group_info(self.ingest.client, stream, self.group)
+                lag = info.lag if info is not None else None
                 total += int(lag) if lag is not None else int(await self.ingest.client.xlen(stream))
         except _REDIS_FAILED:
             return -1
