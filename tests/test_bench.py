@@ -9,9 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
+from streamproc.bench.events import REGISTRY, BenchEvent
+from streamproc.bench.loadgen import LoadSpec, run_load
 from streamproc.bench.slo import Burst, Steady, load_slo
+from streamproc.codec import Codec
 from streamproc.errors import ConfigError
+from streamproc.keys import Keys
 
 pytestmark = pytest.mark.slow
 
@@ -113,3 +118,32 @@ def test_the_throughput_script_runs_every_phase_and_checks_every_event(
     for rounds in phases.values():
         assert rounds[0]["events_per_s"] > 0
         assert rounds[0]["cpu_us"] > 0
+
+
+async def test_the_load_generator_sends_nothing_before_its_intended_time_and_stamps_sent_at(
+    redis_url: str, client: aioredis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """A burst is due at its start: no event reaches Redis before its intended time (the
+    entry id's milliseconds, Redis' clock on this host), and each carries the time it was
+    handed to the publish call, at or after that intended time."""
+    spec = LoadSpec(
+        redis_url=redis_url,
+        prefix=keys.prefix,
+        result_path=str(tmp_path / "load.json"),
+        rate_per_s=0,
+        events=300,
+        batch=50,
+    )
+    result = await run_load(spec)
+    assert result["sent"] == result["offered"] == 300
+    rows: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(  # type: ignore[assignment]
+        keys.stream(BenchEvent.topic)
+    )
+    assert len(rows) == 300
+    codec = Codec(REGISTRY)
+    for entry_id, fields in rows:
+        event = codec.decode(fields)
+        assert isinstance(event, BenchEvent)
+        intended_s = event.occurred_at.timestamp()
+        assert int(entry_id.split(b"-")[0]) >= int(intended_s * 1000)
+        assert event.sent_at >= intended_s

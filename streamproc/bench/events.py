@@ -24,11 +24,17 @@ APP_SPEC = "streamproc.bench.events:app"
 
 
 class BenchEvent(Event, frozen=True, kw_only=True, tag="bench.event"):
-    """Event ``seq`` of a run; ``occurred_at`` is its intended send time, ``pad`` its filler."""
+    """Event ``seq`` of a run; ``occurred_at`` is its intended send time, ``pad`` its filler.
+
+    ``sent_at`` (``time.time()``, 0 when unknown) is when the load generator handed it to the
+    publish call: handler start minus ``sent_at`` is the engine's part of the latency alone,
+    handler start minus ``occurred_at`` the whole (the generator's lateness included).
+    """
 
     topic: ClassVar[str] = "bench"
     seq: int
     pad: str = ""
+    sent_at: float = 0.0
 
 
 REGISTRY: Registry[Any] = Registry([BenchEvent])

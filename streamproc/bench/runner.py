@@ -265,6 +265,7 @@ async def run_once(r: Run, client: aioredis.Redis) -> dict[str, Any]:
         for path in r.work_dir.glob(f"{tag}-*.json"):
             path.unlink()
     start = _hist.merge([s["start"] for s in sinks])
+    from_send = _hist.merge([s.get("start_from_send", "") for s in sinks])
     ack = _hist.merge([s["ack"] for s in sinks])
     acked = sum(s["acked"] for s in sinks)
     handled = sum(s["handled"] for s in sinks)
@@ -282,6 +283,7 @@ async def run_once(r: Run, client: aioredis.Redis) -> dict[str, Any]:
         "publish_per_s": load_res["sent"]
         / max(1e-9, load_res["end_s"] - load_res["first_intended_s"]),
         "latency_start": _hist.summary(start),
+        "latency_start_from_send": _hist.summary(from_send),
         "latency_ack": _hist.summary(ack),
         "send_lag": _hist.summary(_hist.merge([load_res["send_lag"]])),
         "publish_latency": _hist.summary(_hist.merge([load_res["publish"]])),

@@ -38,6 +38,7 @@ def _row(name: str, rate: float | str, res: dict[str, Any]) -> dict[str, Any]:
         "p999_ms": lat["p999_ms"],
         "max_ms": lat["max_ms"],
         "ack_p99_ms": res["latency_ack"]["p99_ms"],
+        "from_send_p99_ms": res["latency_start_from_send"]["p99_ms"],
         "throughput_per_s": res["throughput_per_s"],
     }
 

@@ -1,9 +1,10 @@
 """The measuring consumer process: a bench concern whose handler records latencies.
 
 Handler start: ``time.time()`` when the handler begins, against the event's intended send time
-(``occurred_at``, set by the load generator). Ack: the time the consumer's settle step (XACK +
-dedup mark, one Lua script per batch) returned, taken by the consumer's public
-``after_settle`` hook. Both go to HdrHistograms (microseconds) written as JSON on SIGTERM.
+(``occurred_at``, set by the load generator), and against the time the generator handed it to
+the publish call (``sent_at``: the engine's part alone). Ack: the time the consumer's settle
+step (XACK + dedup mark, one Lua script per batch) returned, taken by the consumer's public
+``after_settle`` hook. All go to HdrHistograms (microseconds) written as JSON on SIGTERM.
 
 Run in its own process: ``python -m streamproc.bench.sink SPEC_JSON``; prints ``ready`` once
 the consumer reads, writes the result to ``spec.result_path`` when stopped.
@@ -66,6 +67,7 @@ def burn_cpu(payload: bytes, ctx: WorkerContext) -> bytes:
 class _Recorder:
     def __init__(self) -> None:
         self.start, self.ack = _hist.new_histogram(), _hist.new_histogram()
+        self.start_from_send = _hist.new_histogram()
         self.pending: dict[str, float] = {}
         self.handled = self.handled_warmup = self.acked = self.renders = 0
         self.first_start_s = 0.0
@@ -98,6 +100,8 @@ async def run_sink(spec: SinkSpec, ready: asyncio.Event, stop: asyncio.Event) ->
             return
         intended = event.occurred_at.timestamp()
         _hist.record_s(rec.start, now - intended)
+        if event.sent_at:
+            _hist.record_s(rec.start_from_send, now - event.sent_at)
         if not rec.first_start_s:
             rec.first_start_s = now
         rec.handled += 1
@@ -152,6 +156,7 @@ async def run_sink(spec: SinkSpec, ready: asyncio.Event, stop: asyncio.Event) ->
         "first_start_s": rec.first_start_s,
         "last_ack_s": rec.last_ack_s,
         "start": _hist.encode(rec.start),
+        "start_from_send": _hist.encode(rec.start_from_send),
         "ack": _hist.encode(rec.ack),
         "loop_lag_p99_ms": lag.percentile_s(99) * 1000,
         "loop_lag_max_ms": max(lag.samples_s, default=0.0) * 1000,
