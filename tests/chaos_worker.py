@@ -27,6 +27,7 @@ import contextlib
 import os
 import random
 import sys
+import time
 from typing import IO
 
 from schemas import REGISTRY, SpotInterruption
@@ -48,7 +49,9 @@ from streamproc.cli import install_stop_handlers, run_async
 def make_handler(max_sleep_ms: float, reads: bool, runs: IO[str] | None) -> Handler:
     async def record(event: SpotInterruption, ctx: Context) -> None:
         if runs is not None:
-            runs.write(f"{event.id}/{ctx.attempt}\n")
+            runs.write(
+                f"{event.id}/{ctx.attempt} {time.time():.3f} {ctx.entry_id} d={ctx.deliveries}\n"
+            )
         if reads:
             await ctx.redis.get(ctx.keys.state("config"))
         # a real handler awaits something; widen the window for kills and stalls

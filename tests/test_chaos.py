@@ -244,7 +244,7 @@ class Fleet:
         """Handler starts per ``<event id>/<attempt>``, across every consumer."""
         counted: Counter[str] = Counter()
         for f in self.folder.glob("*.runs"):
-            counted.update(f.read_text().split())
+            counted.update(line.split()[0] for line in f.read_text().splitlines() if line)
         return counted
 
 

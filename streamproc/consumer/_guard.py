@@ -136,9 +136,11 @@ class RedisGuard:
         *,
         give_up: Callable[[], bool] | None = None,
         cap_s: float = 5.0,
+        once: bool = False,
     ) -> T:
         """Run ``call`` until it succeeds, backing off (at most ``cap_s``) on outages; raise
-        GaveUp when ``give_up()`` turns true during an outage."""
+        GaveUp when ``give_up()`` turns true during an outage, or after one outage with
+        ``once`` (the step counts as down for that moment, then as not failing)."""
         backoff = Backoff(base_s=min(0.05, cap_s), cap_s=cap_s)
         while True:
             try:
@@ -156,7 +158,9 @@ class RedisGuard:
             else:
                 self.up(step)
                 return result
+            if once:  # a periodic step tried again next round: a blip, not a failing step
+                self._failing.discard(step)
+                raise GaveUp
             if give_up is not None and give_up():
-                self._failing.discard(step)  # not retried: not failing any more either
                 raise GaveUp
             await backoff.sleep()

@@ -262,14 +262,16 @@ redis.pcall('PEXPIRE', KEYS[2], 86400000)
 # Renew the entries this consumer holds and still owns (XCLAIM JUSTID with min-idle 0 resets
 # their idle time without counting a delivery); entries now owned by another consumer (or gone
 # from the pending list) are not taken back. KEYS[1] stream, KEYS[2] upkeep hash.
-# ARGV: group, consumer, allowed gap ms, ids... Returns the ids no longer ours.
+# ARGV: group, consumer, allowed gap ms, ids... Returns the ids another consumer owns now.
 RENEW = Lua(
     _TICK_READ
     + r"""
 local keep, lost = {}, {}
 for i = 4, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then keep[#keep + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
+  if p[1] then
+    if p[1][2] == ARGV[2] then keep[#keep + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
+  end  -- not pending: acked by a settle whose reply is on its way, or trimmed
 end
 for s = 1, #keep, 500 do
   local last = math.min(s + 499, #keep)
@@ -280,17 +282,48 @@ end
     + "return lost\n"
 )
 
-# Reclaim entries idle longer than min-idle, unless the group's clock shows an outage that
-# ended less than ``quiet`` ago (after an outage every entry looks idle: owners first get a
-# renewal period). KEYS[1] stream, KEYS[2] upkeep hash. ARGV: group, consumer, allowed gap
-# ms, min idle ms, cursor, count, quiet ms. Returns {'wait'} or XAUTOCLAIM's reply.
+# Reclaim entries whose owner stopped: pending longer than min-idle AND owned by a consumer
+# that has not touched Redis for min-idle (XINFO CONSUMERS ``idle``: a live owner reads and
+# renews every few hundred ms, so an entry whose reply or renewal was merely late is never
+# taken from it). Like XAUTOCLAIM, with the owner check, from a cursor kept by the caller.
+# Nothing is claimed while the group's clock shows an outage that ended less than ``quiet``
+# ago (after an outage every consumer looks idle: owners first get a renewal period).
+# KEYS[1] stream, KEYS[2] upkeep hash. ARGV: group, consumer, allowed gap ms, min idle ms,
+# cursor ('0-0' or '(<id>'), count, quiet ms. Returns {'wait'} or {next cursor, entries}.
 RECLAIM = Lua(
     _TICK_READ
     + r"""
 local oe = tonumber(redis.call('HGET', KEYS[2], 'outage_end') or '0')
 local reply = {'wait'}
 if not gap and now - oe >= tonumber(ARGV[7]) then
-  reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], ARGV[5], 'COUNT', ARGV[6])
+  local min_idle, want = tonumber(ARGV[4]), tonumber(ARGV[6])
+  local alive = {}
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+    local t = {}
+    for i = 1, #c, 2 do t[c[i]] = c[i + 1] end
+    if tonumber(t['idle']) < min_idle then alive[t['name']] = true end
+  end
+  alive[ARGV[2]] = true  -- our own entries come back through our own pending list
+  local start = ARGV[5]
+  if start == '0-0' then start = '-' end
+  local scan = want * 10
+  local rows = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', min_idle, start, '+', scan)
+  local ids, cursor = {}, '0-0'
+  for n, r in ipairs(rows) do
+    if not alive[r[2]] then
+      ids[#ids + 1] = r[1]
+      if #ids >= want then
+        if n < #rows or #rows == scan then cursor = '(' .. r[1] end
+        break
+      end
+    end
+  end
+  if #ids < want and #rows == scan then cursor = '(' .. rows[#rows][1] end
+  local claimed = {}
+  if #ids > 0 then
+    claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], min_idle, unpack(ids))
+  end
+  reply = {cursor, claimed}
 end
 """
     + _TICK_WRITE

@@ -456,14 +456,14 @@ class Consumer:
                         items = await self.guard.until_up(
                             "reclaim",
                             lambda s=stream: self.reader.reclaim(s),  # type: ignore[misc]
-                            give_up=lambda: True,
+                            once=True,
                         )
                     except GaveUp:
                         break
                     self._dispatch(items)
             if rounds % 30 == 0:
                 with contextlib.suppress(GaveUp):  # tried again in 30 rounds
-                    await self.guard.until_up("expire", self.expire_consumers, give_up=lambda: True)
+                    await self.guard.until_up("expire", self.expire_consumers, once=True)
 
     async def _retry_loop(self) -> None:
         """Pump due retries when the next is due (Redis' clock), and at least every second."""
