@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import importlib.util
-import itertools
 import multiprocessing
 import os
 import shutil
@@ -51,6 +49,7 @@ import msgspec
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
+from streamproc._gate import PriorityGate
 from streamproc.errors import ConfigError, Permanent, StreamprocError
 
 __all__ = (
@@ -71,6 +70,7 @@ __all__ = (
 log = structlog.get_logger("streamproc.offload")
 
 Device = Literal["cpu", "gpu"]
+_JobState = Literal["queued", "running", "progress", "done", "failed"]
 
 LOOP_LAG = Histogram(
     "streamproc_event_loop_lag_seconds",
@@ -146,7 +146,7 @@ class Job:
 class JobProgress(msgspec.Struct, frozen=True, kw_only=True):
     job_id: str
     kind: str
-    state: Literal["queued", "running", "progress", "done", "failed"]
+    state: _JobState
     fraction: float = 0.0
     message: str = ""
     device: str = ""
@@ -310,12 +310,10 @@ class RenderPool:
         self._mp = multiprocessing.get_context("spawn")
         self.gpus: tuple[int, ...] = ()
         self._slots: list[_Slot] = []
-        self._free: dict[Device, list[_Slot]] = {"cpu": [], "gpu": []}
-        self._waiters: dict[Device, list[tuple[int, int, asyncio.Future[_Slot]]]] = {
-            "cpu": [],
-            "gpu": [],
+        #: One gate per device: free slots go to the highest ``Job.priority``, then FIFO.
+        self._gates: dict[Device, PriorityGate[_Slot]] = {
+            d: PriorityGate(on_waiting=self._count_waiting) for d in ("cpu", "gpu")
         }
-        self._seq = itertools.count()
         self._admission: asyncio.Semaphore | None = None
         self._progress_q: asyncio.Queue[JobProgress] = asyncio.Queue(maxsize=10_000)
         self._progress_task: asyncio.Task[None] | None = None
@@ -342,7 +340,7 @@ class RenderPool:
 
     def _add(self, slot: _Slot, loop: asyncio.AbstractEventLoop) -> None:
         self._slots.append(slot)
-        self._free[slot.device].append(slot)
+        self._gates[slot.device].give(slot)
         loop.add_reader(slot.reader.fileno(), self._on_pipe, slot)
 
     async def close(self) -> None:
@@ -383,7 +381,10 @@ class RenderPool:
 
     @property
     def waiting(self) -> int:
-        return sum(len(w) for w in self._waiters.values())
+        return sum(g.waiting for g in self._gates.values())
+
+    def _count_waiting(self) -> None:
+        JOBS_WAITING.set(self.waiting)
 
     async def run(self, job: Job) -> bytes:
         """Run ``job`` in a worker; wait for room first when the queue is full."""
@@ -391,37 +392,24 @@ class RenderPool:
             raise RuntimeError("RenderPool.run() before start()")
         device = self.device_for(job)
         async with self._admission:
-            self._emit(JobProgress(job_id=job.job_id, kind=job.kind, state="queued"))
-            slot = await self._take(device, job.priority)
-            try:
-                out = await self._execute(slot, job)
-            except BaseException as e:
-                outcome = "cancelled" if isinstance(e, asyncio.CancelledError) else type(e).__name__
-                JOBS.labels(job.kind, outcome).inc()
-                self._emit(
-                    JobProgress(
-                        job_id=job.job_id,
-                        kind=job.kind,
-                        state="failed",
-                        message=f"{outcome}: {e}"[:500],
-                        device=slot.name,
-                    )
-                )
-                raise
-            finally:
-                self._give(slot)
+            self._report(job, "queued")
+            async with self._gates[device].hold(job.priority) as slot:
+                try:
+                    out = await self._execute(slot, job)
+                except BaseException as e:
+                    cancelled = isinstance(e, asyncio.CancelledError)
+                    outcome = "cancelled" if cancelled else type(e).__name__
+                    JOBS.labels(job.kind, outcome).inc()
+                    self._report(job, "failed", slot.name, message=f"{outcome}: {e}"[:500])
+                    raise
         JOBS.labels(job.kind, "done").inc()
-        self._emit(
-            JobProgress(
-                job_id=job.job_id, kind=job.kind, state="done", fraction=1.0, device=slot.name
-            )
-        )
+        self._report(job, "done", slot.name, fraction=1.0)
         return out
 
     async def _execute(self, slot: _Slot, job: Job) -> bytes:
         device = "cuda" if slot.device == "gpu" else "cpu"
         cf = await slot.submit(job, device)
-        self._emit(JobProgress(job_id=job.job_id, kind=job.kind, state="running", device=slot.name))
+        self._report(job, "running", slot.name)
         started = time.monotonic()
         try:
             result: tuple[int, bytes, str] = await asyncio.wait_for(
@@ -453,35 +441,13 @@ class RenderPool:
             raise JobFailed(f"job {job.job_id} ({job.kind}) failed: {error}")
         return out
 
-    async def _take(self, device: Device, priority: int) -> _Slot:
-        free = self._free[device]
-        if free and not self._waiters[device]:
-            return free.pop()
-        fut: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters[device], (-priority, next(self._seq), fut))
-        JOBS_WAITING.set(self.waiting)
-        self._dispatch(device)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._give(fut.result())
-            raise
-        finally:
-            JOBS_WAITING.set(self.waiting)
-
-    def _give(self, slot: _Slot) -> None:
-        self._free[slot.device].append(slot)
-        self._dispatch(slot.device)
-
-    def _dispatch(self, device: Device) -> None:
-        free, waiters = self._free[device], self._waiters[device]
-        while free and waiters:
-            _, _, fut = heapq.heappop(waiters)
-            if not fut.done():
-                fut.set_result(free.pop())
-
     # ------------------------------------------------------------------ progress
+
+    def _report(self, job: Job, state: _JobState, device: str = "", **detail: Any) -> None:
+        """Emit a state of ``job`` (``detail``: ``fraction``, ``message``)."""
+        self._emit(
+            JobProgress(job_id=job.job_id, kind=job.kind, state=state, device=device, **detail)
+        )
 
     def _emit(self, p: JobProgress) -> None:
         if self.on_progress is None:

@@ -1,7 +1,7 @@
 """Slots of a task type: the order within one runner process, the limit across all of them.
 
 - ``PriorityGate``: a semaphore in one process whose free slots go to the most urgent, then
-  the oldest, waiter.
+  the oldest, waiter (the shared gate of ``streamproc._gate``, counting).
 - ``GlobalSlots``: the type's concurrency across every runner process, as leases in a Redis
   sorted set (``Keys.task_slots``), renewed while the task runs and expiring ``SLOT_TTL_S``
   after a runner died.
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import itertools
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 import structlog
 
+from streamproc import _gate
 from streamproc._backoff import Backoff
 from streamproc._lua import Lua
 
@@ -44,42 +44,21 @@ return 0
 """)
 
 
-class PriorityGate:
-    """A semaphore whose free slots go to the most urgent (lowest rank), then oldest, waiter."""
+class PriorityGate(_gate.PriorityGate[None]):
+    """A task type's gate in one runner process: ``limit`` slots, the most urgent waiter first.
+
+    The shared gate (``streamproc._gate``) as a counting semaphore. ``slot(rank, seq)`` counts
+    urgency down, as ``PRIORITIES`` lists it (0 = critical first); among equal ranks the lower
+    ``seq`` (the task id, time-ordered: the oldest task) goes first. ``take``/``give``, inherited,
+    count it up (a higher priority first).
+    """
 
     def __init__(self, limit: int) -> None:
-        self._free = limit
-        self._waiters: list[tuple[int, str, int, asyncio.Future[None]]] = []
-        self._order = itertools.count()
+        super().__init__(itertools.repeat(None, limit))
 
-    @contextlib.asynccontextmanager
-    async def slot(self, rank: int, seq: str) -> AsyncIterator[None]:
-        await self._acquire(rank, seq)
-        try:
-            yield
-        finally:
-            self._release()
-
-    async def _acquire(self, rank: int, seq: str) -> None:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (rank, seq, next(self._order), fut))
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._release()  # it was handed a slot as it was cancelled: pass it on
-            raise
-
-    def _release(self) -> None:
-        while self._waiters:
-            fut = heapq.heappop(self._waiters)[3]
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self._free += 1
+    def slot(self, rank: int, seq: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold one slot for the body: the lowest rank, then the lowest seq, is served first."""
+        return self.hold(-rank, tiebreak=seq)
 
 
 class GlobalSlots:
