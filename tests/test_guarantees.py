@@ -287,6 +287,8 @@ async def test_a4_effects_apply_all_or_nothing(
 
     async def two_effects(event: SpotInterruption, ctx: Context) -> None:
         ctx.effect("HINCRBY", ctx.keys.state("effects"), event.id, 1)
+        if event.instance_id != "i-1":
+            return  # later events have good effects only
         args = [
             a.replace("{string}", string_key)
             .replace("{counter}", keys.state("counter"))
@@ -315,10 +317,6 @@ async def test_a4_effects_apply_all_or_nothing(
     assert await client.get(string_key) == b"not a number"
 
     # still running: the next event goes through
-    async def ok(event: SpotInterruption, ctx: Context) -> None:
-        await count_effect(event, ctx)
-
-    c.handlers.by_type[b"cluster.spot_interruption"] = ok
     await producer.publish(spot(2))
     await steps(c, lambda: c.stats.acked == 1)
     assert len(await effects(client, keys)) == 1
