@@ -14,28 +14,29 @@ import time
 
 import redis.asyncio as aioredis
 
+from streamproc._lua import Lua
 from streamproc.keys import Keys
 
 __all__ = ("Lease",)
 
 # KEYS: lease, fence. ARGV: node, ttl_ms. Returns the new fence, or 0 when held by another.
-_ACQUIRE = """
+_ACQUIRE = Lua("""
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 local fence = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '/' .. fence, 'XX', 'PX', ARGV[2])
 return fence
-"""
+""")
 # KEYS: lease. ARGV: token, ttl_ms.
-_RENEW = """
+_RENEW = Lua("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
-"""
-_RELEASE = """
+""")
+_RELEASE = Lua("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
+""")
 
 
 class Lease:
@@ -51,9 +52,6 @@ class Lease:
         self.drift_ms = drift_ms or max(10, ttl_ms // 10)
         self.fence = 0
         self._deadline = 0.0
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
 
     @property
     def token(self) -> str:
@@ -73,9 +71,10 @@ class Lease:
         """Try once to take the lease; True when this process now holds it."""
         started = time.monotonic()
         fence = int(
-            await self._acquire(
-                keys=[self.keys.ticker_lease(), self.keys.ticker_fence()],
-                args=[self.node, self.ttl_ms],
+            await _ACQUIRE(
+                self.client,
+                [self.keys.ticker_lease(), self.keys.ticker_fence()],
+                [self.node, self.ttl_ms],
             )
         )
         if fence:
@@ -88,7 +87,7 @@ class Lease:
         if not self.fence:
             return False
         started = time.monotonic()
-        ok = int(await self._renew(keys=[self.keys.ticker_lease()], args=[self.token, self.ttl_ms]))
+        ok = int(await _RENEW(self.client, [self.keys.ticker_lease()], [self.token, self.ttl_ms]))
         if ok:
             self._extend_from(started)
         else:
@@ -100,7 +99,7 @@ class Lease:
         if self.fence:
             token = self.token
             self.lose()
-            await self._release(keys=[self.keys.ticker_lease()], args=[token])
+            await _RELEASE(self.client, [self.keys.ticker_lease()], [token])
 
     def lose(self) -> None:
         self.fence = 0

@@ -32,6 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from streamproc._aio import wait_event
 from streamproc._backoff import Backoff, backoff_delay_s
 from streamproc._lease import Lease
+from streamproc._lua import Lua
 from streamproc.connection import REDIS_DOWN
 from streamproc.errors import ConfigError, PublishError
 from streamproc.event import Event
@@ -63,7 +64,7 @@ _TICK_FAILURES: tuple[type[BaseException], ...] = (*REDIS_DOWN, PublishError)
 
 # KEYS: lease, last. ARGV: token, name1, ms1, name2, ms2 ... Records only under our lease and
 # only forwards. Returns 0 when the lease is no longer ours (a newer leader exists).
-_RECORD = """
+_RECORD = Lua("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 for i = 2, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[2], ARGV[i])
@@ -72,7 +73,7 @@ for i = 2, #ARGV, 2 do
   end
 end
 return 1
-"""
+""")
 
 
 class TickerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -134,7 +135,6 @@ class Ticker:
         self.lease = Lease(client, keys, s.node, ttl_ms=s.lease_ttl_ms)
         self.stats = TickerStats()
         self._last: dict[str, datetime] = {}
-        self._record = client.register_script(_RECORD)
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
 
@@ -231,9 +231,10 @@ class Ticker:
 
     async def _record_fired(self, pairs: list[Any]) -> bool:
         ok = int(
-            await self._record(
-                keys=[self.keys.ticker_lease(), self.keys.ticker_last()],
-                args=[self.lease.token, *pairs],
+            await _RECORD(
+                self.client,
+                [self.keys.ticker_lease(), self.keys.ticker_last()],
+                [self.lease.token, *pairs],
             )
         )
         if not ok:

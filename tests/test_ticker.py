@@ -73,6 +73,21 @@ async def test_lease_renew_fails_after_another_took_over(
     assert await client.get(keys.ticker_lease()) == f"b/{b.fence}".encode()
 
 
+async def test_lease_scripts_are_loaded_again_after_script_flush(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    """NOSCRIPT (Redis restarted, SCRIPT FLUSH): each lease script is loaded again and runs."""
+    a = Lease(client, keys, "a", ttl_ms=1000)
+    await client.script_flush()
+    assert await a.acquire()
+    assert a.fence == 1
+    await client.script_flush()
+    assert await a.renew()
+    await client.script_flush()
+    await a.release()
+    assert await client.get(keys.ticker_lease()) is None
+
+
 @pytest.mark.parametrize(
     ("policy", "expected_offsets", "missed"),
     [("skip", [], 0), ("latest", [10], 9), ("catch_up", [8, 9, 10], 7)],

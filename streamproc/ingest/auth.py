@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from streamproc._lua import Lua
 from streamproc.errors import ConfigError
 from streamproc.keys import Keys, check_name
 
@@ -35,24 +36,24 @@ _TOKEN_PREFIX = "spk_"
 _FIELD = "sha256:"
 
 # KEYS[1] agents hash. ARGV: name, record JSON, token sha256. 0 if the name exists.
-_ADD_LUA = """
+_ADD_LUA = Lua("""
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], 'sha256:' .. ARGV[3], ARGV[1])
 return 1
-"""
+""")
 # KEYS[1] agents hash. ARGV: name. 1 if it existed.
-_REVOKE_LUA = """
+_REVOKE_LUA = Lua("""
 local rec = redis.call('HGET', KEYS[1], ARGV[1])
 if not rec then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1], 'sha256:' .. cjson.decode(rec)['token_sha256'])
 return 1
-"""
+""")
 # KEYS[1] agents hash. ARGV: token sha256. The agent's record, or nil.
-_LOOKUP_LUA = """
+_LOOKUP_LUA = Lua("""
 local name = redis.call('HGET', KEYS[1], 'sha256:' .. ARGV[1])
 if not name then return false end
 return redis.call('HGET', KEYS[1], name)
-"""
+""")
 
 
 class Agent(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,9 +86,6 @@ class AgentStore:
         self, client: aioredis.Redis, keys: Keys, *, cache_s: float = 5.0, max_cached: int = 10_000
     ) -> None:
         self.client, self.keys, self.cache_s, self.max_cached = client, keys, cache_s, max_cached
-        self._add = client.register_script(_ADD_LUA)
-        self._revoke = client.register_script(_REVOKE_LUA)
-        self._lookup = client.register_script(_LOOKUP_LUA)
         self._cache: dict[str, tuple[float, Agent | None]] = {}
         self._decoder = msgspec.json.Decoder(Agent)
 
@@ -104,16 +102,17 @@ class AgentStore:
             operator=operator,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        added = await self._add(
-            keys=[self.keys.agents()],
-            args=[name, msgspec.json.encode(agent), agent.token_sha256],
+        added = await _ADD_LUA(
+            self.client,
+            [self.keys.agents()],
+            [name, msgspec.json.encode(agent), agent.token_sha256],
         )
         if not added:
             raise ConfigError(f"agent {name!r} exists: revoke it first to issue a new token")
         return agent, token
 
     async def revoke(self, name: str) -> bool:
-        return bool(await self._revoke(keys=[self.keys.agents()], args=[name]))
+        return bool(await _REVOKE_LUA(self.client, [self.keys.agents()], [name]))
 
     async def list(self) -> list[Agent]:
         raw: Any = await self.client.hgetall(self.keys.agents())
@@ -131,7 +130,7 @@ class AgentStore:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
-        raw = await self._lookup(keys=[self.keys.agents()], args=[digest])
+        raw = await _LOOKUP_LUA(self.client, [self.keys.agents()], [digest])
         agent = self._decoder.decode(raw) if raw else None
         # The lookup was by digest; compare again in constant time before trusting it.
         if agent is not None and not hmac.compare_digest(agent.token_sha256, digest):

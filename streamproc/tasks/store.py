@@ -17,20 +17,21 @@ import msgspec
 import orjson
 import redis.asyncio as aioredis
 
+from streamproc._lua import Lua
 from streamproc.keys import Keys
 
 __all__ = ("TaskStatus", "TaskStore", "TaskView", "now_iso")
 
 TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
 
-_CREATE = """
+_CREATE = Lua("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
-"""
+""")
 # KEYS: hash, cancel list. ARGV: now, ttl_s.
-_CANCEL = """
+_CANCEL = Lua("""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'queued' then
@@ -48,9 +49,9 @@ if st == 'running' then
   return 'cancelling'
 end
 return st
-"""
+""")
 # KEYS: hash. ARGV: now, ttl_s. 'run', 'skip' or 'missing'.
-_START = """
+_START = Lua("""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st ~= 'queued' and st ~= 'running' then return 'skip' end
@@ -62,25 +63,25 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'updated
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 'run'
-"""
+""")
 # KEYS: hash. ARGV: progress, detail JSON, now, ttl_s. -1 not running, else cancel flag.
-_PROGRESS = """
+_PROGRESS = Lua("""
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1], 'detail', ARGV[2], 'updated_at', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return tonumber(redis.call('HGET', KEYS[1], 'cancel_requested') or '0')
-"""
+""")
 # KEYS: hash, cancel list. ARGV: status, now, ttl_s, field, value... 0 if it was not running.
-_FINISH = """
+_FINISH = Lua("""
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[2], unpack(ARGV, 4))
 if ARGV[1] ~= 'queued' then redis.call('HSET', KEYS[1], 'finished_at', ARGV[2]) end
 redis.call('DEL', KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
-"""
+""")
 # KEYS: hash, cancel list. ARGV: error, now, ttl_s. 0 if it was not queued or running.
-_FAIL = """
+_FAIL = Lua("""
 local st = redis.call('HGET', KEYS[1], 'status')
 if st ~= 'queued' and st ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'finished_at', ARGV[2],
@@ -88,7 +89,7 @@ redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'finished_at',
 redis.call('DEL', KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
-"""
+""")
 
 
 def now_iso() -> str:
@@ -126,12 +127,6 @@ class TaskStore:
 
     def __init__(self, client: aioredis.Redis, keys: Keys, *, ttl_s: int = 24 * 3600) -> None:
         self.client, self.keys, self.ttl_s = client, keys, ttl_s
-        self._create = client.register_script(_CREATE)
-        self._cancel = client.register_script(_CANCEL)
-        self._start = client.register_script(_START)
-        self._progress = client.register_script(_PROGRESS)
-        self._finish = client.register_script(_FINISH)
-        self._fail = client.register_script(_FAIL)
 
     async def create(self, task_id: str, *, type: str, priority: str, submitted_by: str) -> bool:
         """Create a queued task; False if it exists (an idempotent retry)."""
@@ -151,7 +146,7 @@ class TaskStore:
         args: list[Any] = [self.ttl_s]
         for k, v in fields.items():
             args += (k, v)
-        return bool(await self._create(keys=[self.keys.task(task_id)], args=args))
+        return bool(await _CREATE(self.client, [self.keys.task(task_id)], args))
 
     async def discard(self, task_id: str) -> None:
         await self.client.delete(self.keys.task(task_id))
@@ -182,20 +177,21 @@ class TaskStore:
     async def cancel(self, task_id: str) -> str:
         """'cancelled' (was queued), 'cancelling' (running), 'missing', or the end status."""
         keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
-        reply = await self._cancel(keys=keys, args=[now_iso(), self.ttl_s])
+        reply = await _CANCEL(self.client, keys, [now_iso(), self.ttl_s])
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     async def start(self, task_id: str) -> str:
-        reply = await self._start(keys=[self.keys.task(task_id)], args=[now_iso(), self.ttl_s])
+        reply = await _START(self.client, [self.keys.task(task_id)], [now_iso(), self.ttl_s])
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     async def progress(self, task_id: str, fraction: float, detail: dict[str, Any]) -> int:
         """-1 when the task is not running any more, else its cancel flag (0/1)."""
         fraction = min(1.0, max(0.0, fraction))
         return int(
-            await self._progress(
-                keys=[self.keys.task(task_id)],
-                args=[repr(fraction), orjson.dumps(detail), now_iso(), self.ttl_s],
+            await _PROGRESS(
+                self.client,
+                [self.keys.task(task_id)],
+                [repr(fraction), orjson.dumps(detail), now_iso(), self.ttl_s],
             )
         )
 
@@ -204,7 +200,7 @@ class TaskStore:
         for k, v in fields.items():
             args += (k, v)
         keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
-        return bool(await self._finish(keys=keys, args=args))
+        return bool(await _FINISH(self.client, keys, args))
 
     async def fail(self, task_id: str, *, error: str) -> bool:
         """End a queued or running task ``failed`` (its entry will not run again).
@@ -212,4 +208,4 @@ class TaskStore:
         False when the task is unknown (expired, another prefix) or already ended.
         """
         keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
-        return bool(await self._fail(keys=keys, args=[error, now_iso(), self.ttl_s]))
+        return bool(await _FAIL(self.client, keys, [error, now_iso(), self.ttl_s]))
