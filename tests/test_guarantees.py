@@ -553,3 +553,22 @@ def test_a15_the_host_name_default_takes_a_suffix_an_explicit_name_refuses() -> 
     assert load_config({}).consumer.name_taken == "suffix"
     assert load_config({"STREAMPROC_CONSUMER": "w1"}).consumer.name_taken == "refuse"
     assert load_config({"STREAMPROC_NAME_TAKEN": "refuse"}).consumer.name_taken == "refuse"
+
+
+async def test_upkeep_on_a_stream_that_vanished_recreates_instead_of_crashing(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer
+) -> None:
+    """A reclaim or renewal script whose stream was deleted (FLUSHALL, a restart without
+    persistence) answers "no such key" or NOGROUP from inside Lua: the guard treats both as
+    a vanished group (recreate and go on), never as a crash."""
+    from streamproc.consumer._guard import GaveUp
+
+    c = consumer_on(client, codec, keys, producer, count_effect, min_idle_ms=300)
+    await c.ensure_groups()
+    stream = keys.stream("cluster")
+    await client.delete(stream)
+    with pytest.raises(GaveUp):  # one try, as the reclaim loop makes it
+        await c.guard.until_up("reclaim", lambda: c.reader.reclaim(stream), once=True)
+    assert not c.reader.groups_ok  # the reader recreates stream and group before reading
+    await c.process_once()
+    assert await client.exists(stream)

@@ -6,8 +6,8 @@ now" make the step back off and try again, never crash the consumer:
 - the connection is down or timed out (``REDIS_DOWN``);
 - Redis answers but refuses for the moment: OOM (maxmemory under ``noeviction``), READONLY
   (a replica after failover), LOADING, BUSY (a long script), MASTERDOWN, TRYAGAIN;
-- NOGROUP / UNBLOCKED: the group or stream is gone (FLUSHALL, restart without persistence):
-  the guard's ``on_nogroup`` callback recreates them.
+- NOGROUP / UNBLOCKED / "no such key" (XINFO in a script): the group or stream is gone
+  (FLUSHALL, restart without persistence): the guard's ``on_nogroup`` callback recreates them.
 
 Anything else is a bug or a misconfiguration and propagates. While steps fail the consumer
 reports not-ready; other steps keep doing what Redis still allows (XACK, XTRIM under OOM).
@@ -150,7 +150,7 @@ class RedisGuard:
             except ResponseError as e:
                 if is_not_now(e):
                     self.down(step, e)
-                elif str(e).startswith(("NOGROUP", "UNBLOCKED")):
+                elif str(e).startswith(("NOGROUP", "UNBLOCKED", "no such key")):
                     log.error("group_missing_recreating", group=self.group, error=str(e))
                     self.on_nogroup()
                 else:
