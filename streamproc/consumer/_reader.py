@@ -135,10 +135,15 @@ class Reader:
                 self.client.xreadgroup(self.group, self.name, {stream: cursor}, count=count),
             )
             got: list[tuple[bytes, dict[bytes, bytes] | None]] = reply[0][1] if reply else []
+            # Another step may have restarted this stream's recovery at 0 meanwhile (a blip):
+            # then keep that, but still take what this read delivered.
+            restarted = self._recovering.get(stream) != cursor
             if not got:
-                del self._recovering[stream]
+                if not restarted:
+                    self._recovering.pop(stream, None)
                 continue
-            self._recovering[stream] = got[-1][0]
+            if not restarted:
+                self._recovering[stream] = got[-1][0]
             held = self.held[stream]  # already being worked on here: not twice
             fresh = [(i, f) for i, f in got if i not in held]
             if fresh:
@@ -173,28 +178,34 @@ class Reader:
             self._reserved -= n
 
     async def reclaim(self, stream: str) -> list[Item]:
-        """XAUTOCLAIM (through the RECLAIM script's outage gate) entries of ``stream`` idle
+        """Claim (the RECLAIM script: outage gate, owner silent) entries of ``stream`` idle
         longer than ``min_idle_ms``, continuing from where the last call stopped."""
         want = min(self.settings.batch, self.free())
         if want <= 0:
             return []
         s = self.settings
-        reply: Any = await self._reserve(
-            want,
-            RECLAIM(
-                self.client,
-                [stream, self.keys.upkeep(self.streams[stream], self.group)],
-                [
-                    self.group,
-                    self.name,
-                    s.min_idle_ms // 2,
-                    s.min_idle_ms,
-                    self._cursors[stream],
-                    want,
-                    s.min_idle_ms // 2,
-                ],
-            ),
-        )
+        # A claim whose reply is lost leaves entries in our pending list that we do not hold
+        # and that no one else will take from a live owner: re-read our own list after it.
+        try:
+            reply: Any = await self._reserve(
+                want,
+                RECLAIM(
+                    self.client,
+                    [stream, self.keys.upkeep(self.streams[stream], self.group)],
+                    [
+                        self.group,
+                        self.name,
+                        s.min_idle_ms // 2,
+                        s.min_idle_ms,
+                        self._cursors[stream],
+                        want,
+                        s.min_idle_ms // 2,
+                    ],
+                ),
+            )
+        except BaseException:
+            self._recovering[stream] = b"0"
+            raise
         if reply[0] == b"wait":
             return []
         self._cursors[stream] = reply[0]  # 0-0 when the scan went round
