@@ -6,9 +6,9 @@ Data path, one task group::
       ▲  own pending (0) · new (>) · reclaimed, one admit path        │ ack · dedup · effects
       └──────────── in-flight room (bounded) ◀─────────────────────────┘ | retry | DLQ
 
-Beside it, upkeep: renew held entries and the group's clock, keep the consumer name,
-reclaim what owners stopped renewing, expire gone consumers; the retry pump; the safe
-trimmer; the stats writer. Shutdown has two phases: stop reading and drain within
+Beside it: the heartbeat (renew held entries, tick the group's clock, keep the consumer
+name), in a task of its own; reclaim of what silent owners left and expiry of gone
+consumers; the retry pump; the safe trimmer; the stats writer. Shutdown has two phases: stop reading and drain within
 ``grace_s``, then cancel; entries cut off stay pending without counting a delivery.
 ``process_once()`` runs one pump → read → reclaim → handle → settle step, for tests.
 """
