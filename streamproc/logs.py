@@ -10,26 +10,45 @@ from __future__ import annotations
 import logging
 import sys
 from contextvars import ContextVar
+from typing import Protocol
 
 import structlog
 
-__all__ = ("EVENT_CONTEXT", "configure_logging", "merge_event_context")
+__all__ = ("EVENT_CONTEXT", "EventContext", "configure_logging", "merge_event_context")
+
 
 #: The event being handled in this task: (topic, group, entry id, event id, deliveries, attempt).
-EVENT_CONTEXT: ContextVar[tuple[str, str, str, str, int, int] | None] = ContextVar(
-    "streamproc_event", default=None
-)
-_EVENT_FIELDS = ("topic", "group", "entry_id", "event_id", "deliveries", "attempt")
+class EventContext(Protocol):
+    """What a handled event's log lines carry (``streamproc.concern.Context`` has it)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def group(self) -> str: ...
+
+    entry_id: str
+    event_id: str
+    deliveries: int
+    attempt: int
+
+
+#: The event being handled in this task (its Context), or None.
+EVENT_CONTEXT: ContextVar[EventContext | None] = ContextVar("streamproc_event", default=None)
 
 
 def merge_event_context(
     _logger: object, _name: str, event_dict: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
     """Processor: add the handled event's topic, group, entry id, event id, deliveries."""
-    current = EVENT_CONTEXT.get()
-    if current is not None:
-        for name, value in zip(_EVENT_FIELDS, current, strict=True):
-            event_dict.setdefault(name, value)
+    c = EVENT_CONTEXT.get()
+    if c is not None:
+        setdefault = event_dict.setdefault
+        setdefault("topic", c.topic)
+        setdefault("group", c.group)
+        setdefault("entry_id", c.entry_id)
+        setdefault("event_id", c.event_id)
+        setdefault("deliveries", c.deliveries)
+        setdefault("attempt", c.attempt)
     return event_dict
 
 

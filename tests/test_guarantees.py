@@ -572,3 +572,34 @@ async def test_upkeep_on_a_stream_that_vanished_recreates_instead_of_crashing(
     assert not c.reader.groups_ok  # the reader recreates stream and group before reading
     await c.process_once()
     assert await client.exists(stream)
+
+
+async def test_log_lines_written_by_a_handler_carry_the_event(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer
+) -> None:
+    """Every line a handler logs carries topic, group, entry id, event id, deliveries and
+    attempt (streamproc.logs.merge_event_context, the processor the CLI configures)."""
+    from streamproc.logs import merge_event_context
+
+    lines: list[dict[str, Any]] = []
+
+    async def logs(event: SpotInterruption, ctx: Context) -> None:
+        lines.append(dict(merge_event_context(None, "info", {"event": "hello"})))
+
+    c = consumer_on(client, codec, keys, producer, logs)
+    await c.ensure_groups()
+    event = spot(1)
+    entry_id = await producer.publish(event)
+    await c.process_once()
+    assert lines == [
+        {
+            "event": "hello",
+            "topic": "cluster",
+            "group": "g",
+            "entry_id": entry_id,
+            "event_id": event.id,
+            "deliveries": 1,
+            "attempt": 0,
+        }
+    ]
+    assert merge_event_context(None, "info", {"event": "outside"}) == {"event": "outside"}

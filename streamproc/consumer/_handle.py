@@ -110,19 +110,12 @@ class Handlers:
                 self.producer,
                 self.keys,
             )
-        ctx = Context.for_event(scope, entry.entry_id.decode(), entry.attempt, entry.deliveries)
-        # One context variable per event (cheaper than binding six structlog contextvars);
-        # streamproc.logs merges it into every log line written while the handler runs.
-        token = EVENT_CONTEXT.set(
-            (
-                entry.topic,
-                self.concern.group,
-                ctx.entry_id,
-                event.id,
-                entry.deliveries,
-                entry.attempt,
-            )
+        ctx = Context.for_event(
+            scope, entry.entry_id.decode(), entry.attempt, entry.deliveries, event.id
         )
+        # The Context itself is the log context: streamproc.logs reads its topic, group,
+        # entry id, event id, deliveries and attempt into every line written meanwhile.
+        token = EVENT_CONTEXT.set(ctx)
         policy = self.concern.retry
         try:
             await handler(event, ctx)

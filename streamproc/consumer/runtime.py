@@ -8,8 +8,9 @@ Data path, one task group::
 
 Beside it: the heartbeat (renew held entries, tick the group's clock, keep the consumer
 name), in a task of its own; reclaim of what silent owners left and expiry of gone
-consumers; the retry pump; the safe trimmer; the stats writer. Shutdown has two phases: stop reading and drain within
-``grace_s``, then cancel; entries cut off stay pending without counting a delivery.
+consumers; the retry pump; the safe trimmer; the stats writer. Shutdown has two phases:
+stop reading and drain within ``grace_s``, then cancel; entries cut off stay pending
+without counting a delivery.
 ``process_once()`` runs one pump → read → reclaim → handle → settle step, for tests.
 """
 
