@@ -160,6 +160,8 @@ class Settler:
         follow: list[Outcome] = []
         now_ms = time.time() * 1000
         counts, bounds, latency_s = st.latency_counts, LATENCY_BOUNDS_MS, 0.0
+        # Entries of a batch mostly share their millisecond: its bucket is looked up once.
+        last_ms, last_bucket, last_latency = b"", 0, 0.0
         for what, reply in replies:
             if isinstance(what, list):  # SUCCEED: one status per outcome
                 for o, status in zip(what, reply, strict=True):
@@ -185,9 +187,13 @@ class Settler:
                             st.acked += 1
                             # publish-to-ack latency from the entry id's time (Redis' clock)
                             eid = o.entry.entry_id
-                            ms = max(0.0, now_ms - int(eid[: eid.index(b"-")]))
-                            counts[bisect_left(bounds, ms)] += 1
-                            latency_s += ms
+                            entry_ms = eid[: eid.index(b"-")]
+                            if entry_ms != last_ms:
+                                last_ms = entry_ms
+                                last_latency = max(0.0, now_ms - int(entry_ms))
+                                last_bucket = bisect_left(bounds, last_latency)
+                            counts[last_bucket] += 1
+                            latency_s += last_latency
                         elif isinstance(o, Duplicate):
                             st.duplicates += 1
                         elif isinstance(o, Empty):

@@ -367,13 +367,16 @@ class Consumer:
     # ------------------------------------------------------------------ loops
 
     def _dispatch(self, items: list[Item]) -> None:
+        work, settle = self._work, self._to_settle
         for item in items:
             if isinstance(item, Entry):
-                self._work.append(item)
-                self._work_ready.set()
+                work.append(item)
             else:
-                self._to_settle.append(item)
-                self._settle_wakeup.set()
+                settle.append(item)
+        if work:
+            self._work_ready.set()
+        if settle:
+            self._settle_wakeup.set()
 
     async def _reader_loop(self) -> None:
         """Read until stopping. A blocked read is never cancelled: it ends with its BLOCK."""
