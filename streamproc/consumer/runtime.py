@@ -128,7 +128,9 @@ class Consumer:
         # Entries waiting for a worker: a deque and a wake-up (an asyncio.Queue costs more
         # per item than the handler of a small event).
         self._work: deque[Entry] = deque()
-        self._work_ready = asyncio.Event()
+        # Idle workers wait on a future each; a dispatch wakes one per entry, not all of them
+        # (an Event woke every worker for every event at low rates).
+        self._idle: deque[asyncio.Future[None]] = deque()
         # Outcomes waiting for the settler: a list and a wake-up (cheaper than a Queue per item).
         self._to_settle: deque[Outcome] = deque()
         self._settle_wakeup = asyncio.Event()
@@ -373,17 +375,23 @@ class Consumer:
                 work.append(item)
             else:
                 settle.append(item)
-        if work:
-            self._work_ready.set()
+        wake = len(work)
+        idle = self._idle
+        while wake and idle:
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                wake -= 1
         if settle:
             self._settle_wakeup.set()
 
     async def _reader_loop(self) -> None:
         """Read until stopping. A blocked read is never cancelled: it ends with its BLOCK."""
         while not self._stopping.is_set():
-            await self._until_stopping(self.reader.wait_for_room())
-            if self._stopping.is_set():
-                return
+            if self.reader.free() <= 0:  # full: wait for room (or stop) without polling
+                await self._until_stopping(self.reader.wait_for_room())
+                if self._stopping.is_set():
+                    return
             try:
                 items = await self.guard.until_up(
                     "read",
@@ -405,9 +413,15 @@ class Consumer:
 
     async def _worker(self) -> None:
         while True:
-            while not self._work:
-                self._work_ready.clear()
-                await self._work_ready.wait()
+            if not self._work:
+                waiter = asyncio.get_running_loop().create_future()
+                self._idle.append(waiter)
+                try:
+                    await waiter
+                finally:  # cancelled while idle: not idle any more
+                    if not waiter.done():
+                        waiter.cancel()
+                continue
             entry = self._work.popleft()
             outcome = await self.handlers.run(entry)
             self._to_settle.append(outcome)
