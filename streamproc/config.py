@@ -19,7 +19,7 @@ import os
 import socket
 import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -50,24 +50,6 @@ def _default_consumer_name() -> str:
     return (name.strip("-_.") or "c")[:40]
 
 
-def _from_env(env: Mapping[str, str], cls: type[Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``STREAMPROC_<FIELD>`` values for the fields of ``cls``, converted to their types."""
-    out: dict[str, Any] = {}
-    for name in cls.__struct_fields__:
-        var = f"STREAMPROC_{name.upper()}"
-        if name in skip or var not in env:
-            continue
-        raw = env[var]
-        field_type = cls.__annotations__[name]
-        try:
-            out[name] = msgspec.convert(
-                raw, {"int": int, "float": float}.get(field_type, str), strict=False
-            )
-        except msgspec.ValidationError:
-            raise ConfigError(f"{var}={raw!r}: expected {field_type}") from None
-    return out
-
-
 def settings_from_env(cls: type[S], prefix: str, env: Mapping[str, str]) -> S:
     """A settings Struct from ``<prefix><FIELD>`` variables; a nested Struct field ``pool``
     reads ``<prefix>POOL_<FIELD>``; a tuple takes a comma-separated list (empty = none).
@@ -92,7 +74,12 @@ def settings_from_env(cls: type[S], prefix: str, env: Mapping[str, str]) -> S:
         try:
             msgspec.convert({f.name: value}, cls, strict=False)
         except msgspec.ValidationError as e:
-            reason = str(e).split(" - at ")[0]
+            choices = typing.get_args(f.type) if typing.get_origin(f.type) is Literal else ()
+            reason = (
+                f"expected one of {', '.join(map(repr, choices))}"
+                if choices
+                else str(e).split(" - at ")[0]
+            )
             raise ConfigError(f"{var}={raw!r}: {reason}") from None
         except ConfigError as e:  # the Struct's own checks (__post_init__)
             raise ConfigError(f"{var}={raw!r}: {e}") from None
@@ -109,19 +96,6 @@ def _struct_type(t: Any) -> type[Any] | None:
 
 def _is_tuple(t: Any) -> bool:
     return any(a is tuple or typing.get_origin(a) is tuple for a in (t, *typing.get_args(t)))
-
-
-def _build(cls: type[Any], values: dict[str, Any], **fixed: Any) -> Any:
-    """Construct ``cls``; on a bad value, name the variable that carried it."""
-    try:
-        return cls(**fixed, **values)
-    except ConfigError:
-        for name, value in values.items():
-            try:
-                cls(**fixed, **{name: value})
-            except ConfigError as e:
-                raise ConfigError(f"STREAMPROC_{name.upper()}={value!r}: {e}") from None
-        raise
 
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
@@ -153,13 +127,14 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             f"STREAMPROC_CONSUMER={consumer_name!r}: expected a name of letters, "
             "digits, _.- (at most 63)"
         )
-    consumer_values = _from_env(env, ConsumerSettings, skip=("consumer",))
+    # One reader of the environment for every settings object (settings_from_env).
+    consumer_env = {**env, "STREAMPROC_CONSUMER": consumer_name}
     if not env.get("STREAMPROC_CONSUMER"):
         # The host name is a default, not a promise: a second process on the same host takes
         # "<host>-2" instead of refusing to start (a name given explicitly refuses).
-        consumer_values.setdefault("name_taken", "suffix")
-    consumer = _build(ConsumerSettings, consumer_values, consumer=consumer_name)
-    producer = _build(ProducerSettings, _from_env(env, ProducerSettings))
+        consumer_env.setdefault("STREAMPROC_NAME_TAKEN", "suffix")
+    consumer = settings_from_env(ConsumerSettings, "STREAMPROC_", consumer_env)
+    producer = settings_from_env(ProducerSettings, "STREAMPROC_", env)
     return Config(
         redis=redis,
         consumer=consumer,

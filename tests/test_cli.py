@@ -98,9 +98,10 @@ def test_publish_refuses_bad_input_with_the_reason(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"STREAMPROC_BATCH": "lots"}, "STREAMPROC_BATCH='lots': expected int"),
-        ({"STREAMPROC_BATCH": "0"}, "STREAMPROC_BATCH=0: ConsumerSettings.batch must be > 0"),
-        ({"STREAMPROC_MIN_IDLE_MS": "-5"}, "STREAMPROC_MIN_IDLE_MS=-5: "),
+        ({"STREAMPROC_BATCH": "lots"}, "STREAMPROC_BATCH='lots': Expected `int`, got `str`"),
+        ({"STREAMPROC_BATCH": "0"}, "STREAMPROC_BATCH='0': ConsumerSettings.batch must be > 0"),
+        ({"STREAMPROC_NAME_TAKEN": "x"}, "NAME_TAKEN='x': expected one of 'refuse', 'suffix'"),
+        ({"STREAMPROC_MIN_IDLE_MS": "-5"}, "MIN_IDLE_MS='-5': ConsumerSettings.min_idle_ms must"),
         ({"REDIS_URL": "http://127.0.0.1:1"}, "REDIS_URL: Redis URL 'http://127.0.0.1:1' must"),
         ({"STREAMPROC_PREFIX": "a b"}, "STREAMPROC_PREFIX='a b'"),
         ({"STREAMPROC_LOG_LEVEL": "loud"}, "STREAMPROC_LOG_LEVEL='loud': expected one of"),
