@@ -171,22 +171,23 @@ def _readyz(port: int, timeout_s: float) -> str | None:
 
 
 def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
-    groups = sorted(app.concerns) if args.all else list(args.groups)
-    unknown = [g for g in groups if g not in app.concerns]
+    # Every group the application declares: its concerns' and the extra ones (outside readers).
+    declared = app.declared_groups
+    known = sorted({g for gs in declared.values() for g in gs})
+    groups = known if args.all else list(args.groups)
+    unknown = [g for g in groups if g not in known]
     if unknown:
-        raise ConfigError(
-            f"unknown group(s) {', '.join(unknown)}; known: {', '.join(sorted(app.concerns))}"
-        )
+        raise ConfigError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(known)}")
     keys = Keys(cfg.redis.key_prefix)
 
     async def go() -> int:
         client, info = await open_redis(cfg, wait_s=args.timeout_s)
         problems: list[str] = []
         try:
-            for g in groups:
-                for topic in app.concerns[g].topics:
-                    stream = keys.stream(topic)
-                    if await group_info(client, stream, g) is None:
+            for topic, readers in sorted(declared.items()):
+                stream = keys.stream(topic)
+                for g in readers:
+                    if g in groups and await group_info(client, stream, g) is None:
                         problems.append(f"group {g} does not exist on {stream}")
         finally:
             await client.aclose()

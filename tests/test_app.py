@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -251,6 +252,39 @@ def test_a_bad_app_is_exit_2_with_the_reason(
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_check_all_covers_the_extra_declared_groups(env: dict[str, str]) -> None:
+    """`check --all` checks every declared group, the extra ones (outside readers) too."""
+    r = cli("--app", "tests.tiny_app:app", "check", "--all", env=env)
+    assert r.returncode == 1
+    assert "group audit does not exist on" in r.stderr
+    assert "group tiny-counter does not exist on" in r.stderr
+    r = cli("--app", "tests.tiny_app:app", "check", "audit", env=env)
+    assert r.returncode == 1
+    assert "tiny-counter" not in r.stderr
+    stream = f"{env['STREAMPROC_PREFIX']}:{{tiny}}:stream"
+    for group in ("audit", "tiny-counter"):
+        created = subprocess.run(
+            [
+                "redis-cli",
+                "-u",
+                env["REDIS_URL"],
+                "XGROUP",
+                "CREATE",
+                stream,
+                group,
+                "0",
+                "MKSTREAM",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert created.stdout.strip() == "OK"
+    r = cli("--app", "tests.tiny_app:app", "check", "--all", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "2 group(s)" in r.stdout
 
 
 def test_commands_use_the_named_apps_registry(env: dict[str, str]) -> None:
