@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.cluster import NodeNotReady, OOMKilled, PodPending, SpotInterruption
-from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation
+from schemas.notify import (
+    DeliveryRequested,
+    Message,
+    Notification,
+    PodPendingClassified,
+    RightSizingRecommendation,
+)
 from schemas.renders import RenderDone, RenderProgress, RenderRequested, ReportReady
 from schemas.tasks import TASK_EVENTS, TaskRequested
 from schemas.ticks import TICK_TYPES, Tick
@@ -17,6 +23,8 @@ from streamproc.codec import Registry
 
 __all__ = (
     "REGISTRY",
+    "DeliveryRequested",
+    "Message",
     "NodeNotReady",
     "Notification",
     "OOMKilled",
@@ -37,6 +45,7 @@ REGISTRY: Registry[Any] = Registry(
         Notification,
         RightSizingRecommendation,
         PodPendingClassified,
+        DeliveryRequested,
         Tick,
         *TICK_TYPES,
         *(RenderRequested, RenderProgress, RenderDone, ReportReady),

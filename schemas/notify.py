@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
 from streamproc.event import Event
 
-__all__ = ("Notification", "PodPendingClassified", "RightSizingRecommendation")
+__all__ = (
+    "DeliveryRequested",
+    "Message",
+    "Notification",
+    "PodPendingClassified",
+    "RightSizingRecommendation",
+)
 
 
 class Notification(Event, frozen=True, kw_only=True, tag="notify.notification"):
@@ -19,6 +26,8 @@ class Notification(Event, frozen=True, kw_only=True, tag="notify.notification"):
     severity: Literal["info", "warning", "critical"] = "info"
     title: Annotated[str, msgspec.Meta(max_length=512)]
     body: Annotated[str, msgspec.Meta(max_length=8192)] = ""
+    #: Where to read more (optional; channels fall back to the dashboard).
+    link: Annotated[str, msgspec.Meta(max_length=2048)] = ""
     #: The event that caused it.
     cause_id: str = ""
 
@@ -49,3 +58,33 @@ class PodPendingClassified(Event, frozen=True, kw_only=True, tag="notify.pod_pen
         "unknown",
     ]
     cause_id: str = ""
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """A notification as every channel renders it (built from any ``notify``/``reports``
+    event by ``notifications.message_of``)."""
+
+    notification_id: str
+    #: The type of the event it came from (``notify.notification``, ``report.ready`` ...).
+    type: str
+    #: The cluster (tenant) it is about; empty for reports, which are not about one cluster.
+    cluster_id: str = ""
+    severity: Literal["info", "warning", "critical"] = "info"
+    title: Annotated[str, msgspec.Meta(max_length=512)]
+    body: Annotated[str, msgspec.Meta(max_length=8192)] = ""
+    #: Where to read more (the dashboard, the report).
+    link: str = ""
+    occurred_at: datetime
+    #: ``report.ready``: the HTML summary and every stored file (charts).
+    report_location: str = ""
+    report_files: list[str] = msgspec.field(default_factory=list)
+
+
+class DeliveryRequested(Event, frozen=True, kw_only=True, tag="notify.delivery"):
+    """Send one notification to one subscription (the event id is the delivery id, derived
+    from the notification's id and the subscription's, so a fan-out that runs twice asks
+    once)."""
+
+    topic: ClassVar[str] = "deliveries"
+    subscription_id: str
+    message: Message

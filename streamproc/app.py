@@ -9,6 +9,8 @@ The engine knows no event, concern or schedule of its own; an application hands 
         schedules=SCHEDULES,                      # the ticker's table
         task_types=TASK_TYPES,                    # what POST /v1/tasks accepts
         extra_groups={"cluster": ("billing",)},   # groups an outside system reads with
+        commands=["mypkg.cli"],                   # modules adding `streamproc` subcommands
+        routes=[add_feed_routes],                 # add routes to the ingest service
         on_startup=[open_pool],
         on_shutdown=[close_pool],
         configure=configure_from_env,
@@ -41,10 +43,12 @@ from streamproc.tasks.runner import TaskType
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
+    from aiohttp import web
 
+    from streamproc.ingest.app import Ingest
     from streamproc.producer import Producer
 
-__all__ = ("App", "AppContext", "Hook", "load_app")
+__all__ = ("App", "AppContext", "Hook", "RoutesHook", "load_app")
 
 log = structlog.get_logger("streamproc.app")
 
@@ -68,6 +72,9 @@ class AppContext:
 
 #: A startup or shutdown hook.
 Hook = Callable[[AppContext], Awaitable[None]]
+#: Adds the application's routes to the ingest service's aiohttp app; it gets the ``Ingest``
+#: for its Redis client, keys, producer and ``authenticate``. Called once per ingest process.
+RoutesHook = Callable[["web.Application", "Ingest"], None]
 
 
 class App:
@@ -80,11 +87,13 @@ class App:
     __slots__ = (
         "_configure",
         "codec",
+        "commands",
         "concerns",
         "declared_groups",
         "on_shutdown",
         "on_startup",
         "registry",
+        "routes",
         "schedules",
         "task_types",
     )
@@ -97,6 +106,8 @@ class App:
         schedules: Iterable[Schedule] = (),
         task_types: Mapping[str, TaskType] | None = None,
         extra_groups: Mapping[str, Iterable[str]] | None = None,
+        commands: Sequence[str] = (),
+        routes: Sequence[RoutesHook] = (),
         on_startup: Sequence[Hook] = (),
         on_shutdown: Sequence[Hook] = (),
         configure: Callable[[Mapping[str, str]], None] | None = None,
@@ -124,6 +135,15 @@ class App:
         for hook in (*on_startup, *on_shutdown):
             if not callable(hook):
                 raise ConfigError(f"App hooks must be async callables, not {hook!r}")
+        if isinstance(commands, str) or not all(isinstance(m, str) for m in commands):
+            raise ConfigError("App(commands=...) takes module names, each with register(sub)")
+        #: Modules whose ``register(subparsers)`` adds subcommands to ``streamproc``.
+        self.commands: tuple[str, ...] = tuple(commands)
+        for r in routes:
+            if not callable(r):
+                raise ConfigError(f"App(routes=...) takes callables (app, ingest), not {r!r}")
+        #: Hooks that add routes to the ingest service.
+        self.routes: tuple[RoutesHook, ...] = tuple(routes)
         self.on_startup: tuple[Hook, ...] = tuple(on_startup)
         self.on_shutdown: tuple[Hook, ...] = tuple(on_shutdown)
         self._configure = configure

@@ -339,7 +339,8 @@ def _cmd_up(args: argparse.Namespace, cfg: Config, app: App) -> int:
 # ---------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(app: App | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``app``'s own ``commands`` modules add theirs."""
     p = argparse.ArgumentParser(prog="streamproc", description=__doc__.split("\n")[0])
     p.add_argument(
         "--app",
@@ -395,8 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--yes", action="store_true", help="confirm purge")
     d.set_defaults(func=_cmd_dlq)
 
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for name in (*COMMAND_MODULES, *(app.commands if app is not None else ())):
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"App(commands=...): importing {name!r} failed: {e}") from e
+        register = getattr(module, "register", None)
+        if not callable(register):
+            raise ConfigError(f"App(commands=...): {name!r} has no register(subparsers)")
+        register(sub)
     return p
 
 
@@ -422,20 +430,48 @@ def _load_app(args: argparse.Namespace) -> App:
     else:
         origin, spec = "default app", DEFAULT_APP
     args.app = spec
+    _importable_cwd()
+    return load_app(spec, origin=origin)
+
+
+def app_spec(given: str | None) -> str:
+    """The spec of the application: ``--app``, else STREAMPROC_APP, else DEFAULT_APP."""
+    return given or os.environ.get("STREAMPROC_APP", "").strip() or DEFAULT_APP
+
+
+def _importable_cwd() -> None:
     # Importable from the current directory, as with `python -m` (the console script's
     # sys.path starts at its own bin folder).
     cwd = os.getcwd()
     if "" not in sys.path and cwd not in sys.path:
         sys.path.insert(0, cwd)
-    return load_app(spec, origin=origin)
+
+
+def _preload_app(argv: Sequence[str] | None) -> tuple[App | None, ConfigError | None]:
+    """The application, loaded before the full parser is built (it may add subcommands)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--app")
+    known, _ = pre.parse_known_args(argv)
+    try:
+        return _load_app(known), None
+    except ConfigError as e:
+        return None, e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    app, app_error = _preload_app(argv)
+    try:
+        args = build_parser(app).parse_args(argv)
+    except ConfigError as e:
+        print(f"streamproc: error: {e}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config()
         configure_logging(_log_level(args, cfg), json=cfg.log_json)
-        app = _load_app(args)
+        if app_error is not None:
+            raise app_error
+        assert app is not None
+        args.app = app_spec(args.app)
         func: Callable[[argparse.Namespace, Config, App], int] = args.func
         return func(args, cfg, app)
     except ConfigError as e:

@@ -69,11 +69,29 @@ class DecodeError(StreamprocError):
 
 
 class Retry(StreamprocError):
-    """Raised by a handler: try this event again later (after ``delay_s`` if given)."""
+    """Raised by a handler: try this event again later (after ``delay_s`` if given).
 
-    def __init__(self, reason: str = "retry requested", *, delay_s: float | None = None) -> None:
-        self.delay_s = delay_s
+    The retry uses one of the concern's ``max_retries`` attempts, unless ``counts`` is False
+    (see ``Defer``).
+    """
+
+    def __init__(
+        self, reason: str = "retry requested", *, delay_s: float | None = None, counts: bool = True
+    ) -> None:
+        self.delay_s, self.counts = delay_s, counts
         super().__init__(reason)
+
+
+class Defer(Retry):
+    """Raised by a handler: not now, try again in ``delay_s``, without using an attempt.
+
+    For waits that say nothing about the event: a circuit breaker is open, a destination
+    asked to slow down (429 Retry-After). The event is rescheduled like a retry (same delayed
+    set, same ``attempt``), so a wait of any length never dead-letters it.
+    """
+
+    def __init__(self, reason: str, *, delay_s: float) -> None:
+        super().__init__(reason, delay_s=max(delay_s, 0.0), counts=False)
 
 
 class Permanent(StreamprocError):

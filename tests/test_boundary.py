@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-APPLICATION = frozenset({"schemas", "consumers", "producers", "application"})
+APPLICATION = frozenset({"schemas", "consumers", "producers", "application", "notifications"})
 
 
 def _imported(tree: ast.AST) -> list[tuple[int, str]]:

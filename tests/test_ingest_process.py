@@ -152,7 +152,12 @@ def test_agents_cli_prints_a_token_once_and_keeps_only_its_hash(
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip()
     assert token.startswith("spk_")
-    assert cli("add", "edge-1").returncode == 2  # exists: revoke first
+    exists = cli("add", "edge-1", "--types", "cluster.*")
+    assert exists.returncode == 2 and "exists" in exists.stderr  # revoke first
+    useless = cli("add", "idle")
+    assert useless.returncode == 2 and "could do nothing" in useless.stderr
+    viewer = cli("add", "viewer-1", "--clusters", "prod-*")
+    assert viewer.returncode == 0, viewer.stderr
     assert cli("add", "x", "--types", "nothing.*").returncode == 2  # matches no type
     listed = cli("list", "--json")
     assert "edge-1" in listed.stdout

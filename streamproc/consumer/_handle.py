@@ -35,26 +35,32 @@ def failure(
     permanent: bool = False,
     delay_s: float | None = None,
     reason: str = "permanent",
+    counts: bool = True,
 ) -> RetryLater | DeadLettered:
     """A retry after backoff (or ``delay_s``), or a dead letter when permanent or when the
-    retries are used up."""
+    retries are used up. ``counts=False``: a deferral, which uses no attempt and never
+    dead-letters."""
     detail = detail[:2000]
     attempt = entry.attempt + 1
-    if permanent or attempt > policy.max_retries:
+    if permanent or (counts and attempt > policy.max_retries):
         why = reason if permanent else "retries_exhausted"
         log.error("dead_lettered", reason=why, error_type=error_type, error=detail[:500])
         return DeadLettered(entry, reason=why, error_type=error_type, detail=detail)
     if delay_s is None:
         delay_s = backoff_delay_s(attempt, policy.base_s, policy.cap_s)
-    log.warning(
-        "retry_scheduled",
-        attempt=attempt,
+    (log.warning if counts else log.info)(
+        "retry_scheduled" if counts else "deferred",
+        attempt=attempt if counts else entry.attempt,
         delay_s=round(delay_s, 3),
         error_type=error_type,
         error=detail[:500],
     )
     return RetryLater(
-        entry, delay_ms=int(max(delay_s, 0.0) * 1000), error_type=error_type, detail=detail
+        entry,
+        delay_ms=int(max(delay_s, 0.0) * 1000),
+        error_type=error_type,
+        detail=detail,
+        counts=counts,
     )
 
 
@@ -122,7 +128,9 @@ class Handlers:
         except Permanent as e:
             return failure(entry, policy, type(e).__name__, str(e), permanent=True)
         except Retry as e:
-            return failure(entry, policy, type(e).__name__, str(e), delay_s=e.delay_s)
+            return failure(
+                entry, policy, type(e).__name__, str(e), delay_s=e.delay_s, counts=e.counts
+            )
         except Exception as e:
             permanent = isinstance(e, self.concern.permanent_errors)
             return failure(entry, policy, type(e).__name__, str(e), permanent=permanent)

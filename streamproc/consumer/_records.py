@@ -39,7 +39,8 @@ def retry_record(o: RetryLater) -> bytes:
     for k, v in e.fields.items():
         if k not in (b"attempt", b"origin"):
             flat += (k, v)
-    flat += (b"attempt", str(e.attempt + 1).encode(), b"origin", e.origin)
+    attempt = e.attempt + 1 if o.counts else e.attempt
+    flat += (b"attempt", str(attempt).encode(), b"origin", e.origin)
     return _msgpack_strings(flat)
 
 

@@ -101,11 +101,13 @@ class Skipped(_Base):
 
 @dataclass(slots=True, eq=False)
 class RetryLater(_Base):
-    """Try again after ``delay_ms`` (Redis' clock), as attempt ``entry.attempt + 1``."""
+    """Try again after ``delay_ms`` (Redis' clock), as attempt ``entry.attempt + 1``, or as the
+    same attempt when ``counts`` is False (a deferral)."""
 
     delay_ms: int = 0
     error_type: str = ""
     detail: str = ""
+    counts: bool = True
 
 
 @dataclass(slots=True, eq=False)

@@ -378,10 +378,17 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
 INGEST: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
 
 
-def create_app(ingest: Ingest, *, schedules: Sequence[Schedule] = ()) -> web.Application:
+def create_app(
+    ingest: Ingest,
+    *,
+    schedules: Sequence[Schedule] = (),
+    routes: Sequence[Callable[[web.Application, Ingest], None]] = (),
+) -> web.Application:
     """The aiohttp application (the caller owns the Redis client and closes it).
 
     ``schedules``: the application's ticker table, for the dashboard's next fire times.
+    ``routes``: the application's route hooks (``App.routes``), called with the app and this
+    ``Ingest``.
     """
     app = web.Application(middlewares=[_errors_and_metrics])
     app[INGEST] = ingest
@@ -402,4 +409,6 @@ def create_app(ingest: Ingest, *, schedules: Sequence[Schedule] = ()) -> web.App
         schedules=schedules,
         draining=lambda: ingest.draining,
     )
+    for add_routes in routes:
+        add_routes(app, ingest)
     return app

@@ -65,10 +65,17 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True):
     types: tuple[str, ...] = ()
     #: May use the task API (and later the dashboard).
     operator: bool = False
+    #: fnmatch patterns of the clusters whose feeds it may read; empty = none. A token with
+    #: clusters and no types is a viewer: it reads feeds and posts nothing.
+    clusters: tuple[str, ...] = ()
     created_at: str = ""
 
     def may_post(self, type_name: str) -> bool:
         return any(fnmatch.fnmatchcase(type_name, p) for p in self.types)
+
+    def may_read(self, cluster_id: str) -> bool:
+        """May it read this cluster's feed (operators read every cluster's)."""
+        return self.operator or any(fnmatch.fnmatchcase(cluster_id, p) for p in self.clusters)
 
 
 def new_token() -> str:
@@ -90,7 +97,12 @@ class AgentStore:
         self._decoder = msgspec.json.Decoder(Agent)
 
     async def add(
-        self, name: str, *, types: Sequence[str] = (), operator: bool = False
+        self,
+        name: str,
+        *,
+        types: Sequence[str] = (),
+        operator: bool = False,
+        clusters: Sequence[str] = (),
     ) -> tuple[Agent, str]:
         """Create an agent; return it and its token (the only time the token exists)."""
         check_name("agent", name)
@@ -100,6 +112,7 @@ class AgentStore:
             token_sha256=hash_token(token),
             types=tuple(types),
             operator=operator,
+            clusters=tuple(clusters),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         added = await _ADD_LUA(

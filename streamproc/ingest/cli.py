@@ -65,7 +65,9 @@ async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool
         groups=app.declared_groups,
     )
     runner = web.AppRunner(
-        create_app(ingest, schedules=app.schedules), access_log=None, shutdown_timeout=1.0
+        create_app(ingest, schedules=app.schedules, routes=app.routes),
+        access_log=None,
+        shutdown_timeout=1.0,
     )
     await runner.setup()
     stop = asyncio.Event()
@@ -128,11 +130,20 @@ def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
                         f"--types {', '.join(unknown)} match no event type; known: "
                         + ", ".join(app.registry.names())
                     )
-                agent, token = await store.add(args.name, types=types, operator=args.operator)
+                clusters = parse_types(args.clusters)
+                if not types and not clusters and not args.operator:
+                    raise ConfigError(
+                        "the agent could do nothing: give --types (events it posts), --clusters "
+                        "(feeds it reads) or --operator"
+                    )
+                agent, token = await store.add(
+                    args.name, types=types, operator=args.operator, clusters=clusters
+                )
                 print(token)
                 print(
-                    f"agent {agent.name!r} added (types: {', '.join(agent.types) or 'none'}"
-                    f"{', operator' if agent.operator else ''}). The token is shown only now; "
+                    f"agent {agent.name!r} added (types: {', '.join(agent.types) or 'none'}; "
+                    f"feeds: {', '.join(agent.clusters) or 'none'}"
+                    f"{'; operator' if agent.operator else ''}). The token is shown only now; "
                     "Redis keeps its SHA-256.",
                     file=sys.stderr,
                 )
@@ -150,11 +161,11 @@ def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
                     del rec["token_sha256"]
                     print(orjson.dumps(rec).decode())
                 return 0
-            print(f"{'name':<24} {'operator':<9} {'created':<26} types")
+            print(f"{'name':<24} {'operator':<9} {'created':<26} {'feeds':<20} types")
             for a in agents:
                 print(
                     f"{a.name:<24} {'yes' if a.operator else 'no':<9} {a.created_at:<26} "
-                    f"{', '.join(a.types)}"
+                    f"{', '.join(a.clusters) or '-':<20} {', '.join(a.types)}"
                 )
             print(f"{len(agents)} agent(s)")
             return 0
@@ -185,6 +196,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=[],
         metavar="T",
         help="event types it may post (fnmatch patterns, e.g. 'cluster.*')",
+    )
+    add.add_argument(
+        "--clusters",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="C",
+        help="clusters whose live feed it may read (fnmatch patterns); alone: a viewer token",
     )
     add.add_argument("--operator", action="store_true", help="may use the task API")
     lst = asub.add_parser("list", help="list agents (never tokens)")

@@ -1,0 +1,66 @@
+"""Each cluster's live feed: a Redis stream that the ingest service streams to viewers (SSE).
+
+``<p>:state:feed:<cluster>`` holds what a cluster's people follow live: its notifications as
+they are fanned out, and progress that concerns it. Every entry has the fields ``type`` (what
+happened: ``notify.notification``, ``task.progress`` ...) and ``data`` (a JSON object); its
+stream entry id is the SSE event id, so a viewer that reconnects with ``Last-Event-ID``
+resumes right after the last entry it saw. The stream is trimmed to about ``maxlen`` entries.
+
+Writers: ``feed_effect`` inside a handler (the entry is written once, atomically with the
+event's ack, however often the handler runs), or ``append`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from streamproc.concern import Context
+from streamproc.keys import NAME_RE, Keys
+
+__all__ = ("append", "feed_effect", "feed_key", "trim")
+
+
+def feed_key(keys: Keys, cluster_id: str) -> str:
+    """The feed stream of a cluster (ids that are not plain names are hashed)."""
+    part = (
+        cluster_id
+        if NAME_RE.match(cluster_id)
+        else "h-" + hashlib.sha256(cluster_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    )
+    return keys.state("feed", part)
+
+
+def _fields(kind: str, data: dict[str, Any]) -> tuple[str, bytes]:
+    return kind, orjson.dumps(data)
+
+
+def feed_effect(ctx: Context, cluster_id: str, kind: str, data: dict[str, Any]) -> None:
+    """Append to the cluster's feed once, with the handled event's ack."""
+    kind, body = _fields(kind, data)
+    ctx.effect("XADD", feed_key(ctx.keys, cluster_id), "*", "type", kind, "data", body)
+
+
+async def append(
+    client: aioredis.Redis,
+    keys: Keys,
+    cluster_id: str,
+    kind: str,
+    data: dict[str, Any],
+    *,
+    maxlen: int = 10_000,
+) -> str:
+    """Append now (outside a handler's effects); the entry id."""
+    kind, body = _fields(kind, data)
+    entry: Any = await client.xadd(
+        feed_key(keys, cluster_id), {"type": kind, "data": body}, maxlen=maxlen, approximate=True
+    )
+    return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+
+async def trim(client: aioredis.Redis, keys: Keys, cluster_id: str, maxlen: int) -> None:
+    """Keep about ``maxlen`` entries (XTRIM ~: cheap, whole macro nodes only)."""
+    await client.xtrim(feed_key(keys, cluster_id), maxlen=maxlen, approximate=True)
