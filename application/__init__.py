@@ -2,11 +2,13 @@
 
 ``streamproc`` loads it as ``application:app`` unless told otherwise (``--app module:attr``
 or ``STREAMPROC_APP``). It puts together the typed events (``schemas/``), one concern per
-consumer group (``consumers/``) and the ticker's table (``producers/schedules.py``).
+consumer group (``consumers/``), the ticker's table (``producers/schedules.py``) and the
+delivery of notifications (``notifications/``: its concerns, CLI commands and ingest routes).
 """
 
 from __future__ import annotations
 
+import notifications
 from consumers import CONCERNS, configure_from_env
 from consumers.tasks import TASK_TYPES
 from producers.schedules import SCHEDULES
@@ -17,8 +19,10 @@ __all__ = ("app",)
 
 app = App(
     registry=REGISTRY,
-    concerns=CONCERNS.values(),
+    concerns=[*CONCERNS.values(), *notifications.CONCERNS],
     schedules=SCHEDULES,
     task_types=TASK_TYPES,
+    commands=notifications.COMMANDS,
+    routes=[notifications.add_routes],
     configure=configure_from_env,
 )

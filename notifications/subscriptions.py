@@ -53,7 +53,7 @@ TYPES: tuple[str, ...] = (
     "notify.pod_pending",
     "report.ready",
 )
-_CLUSTER_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9_.\-]{0,62})$")
+CLUSTER_RE = re.compile(r"^(\*|[A-Za-z0-9][A-Za-z0-9_.\-]{0,62})$")
 _EMAIL_RE = re.compile(r"^[^@\s<>\"',;]{1,64}@[A-Za-z0-9.\-]{1,190}\.[A-Za-z]{2,63}$")
 _MAX_SUBSCRIPTIONS_PER_CLUSTER = 1000
 
@@ -135,7 +135,7 @@ def new_secret() -> str:
 def _check_secret(secret: str) -> None:
     raw = secret.removeprefix("whsec_")
     try:
-        key = base64.b64decode(raw + "==", validate=True)
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except ValueError:
         raise ConfigError("secret: expected whsec_ + base64 (Standard Webhooks)") from None
     if not 24 <= len(key) <= 64:
@@ -152,7 +152,7 @@ def new_subscription(
     secret: str = "",
 ) -> Subscription:
     """A checked subscription with a new id (and a new signing key for a webhook)."""
-    if not isinstance(cluster, str) or not _CLUSTER_RE.match(cluster):
+    if not isinstance(cluster, str) or not CLUSTER_RE.match(cluster):
         raise ConfigError(f"cluster: {cluster!r} is not a cluster id or '*'")
     if channel not in CHANNELS:
         raise ConfigError(f"channel: {channel!r} is not one of {', '.join(CHANNELS)}")

@@ -10,7 +10,9 @@ replicas agree without a leader and clocks that drift do not matter:
   ``BreakerOpen``, a ``Defer``: the event is rescheduled without using a retry attempt).
 - **half-open**: after the cool-down one caller, across all replicas, is let through as the
   probe (it holds the probe for ``probe_s``); a success closes the breaker, a failure opens
-  it again for another cool-down. The others wait.
+  it again for another cool-down. The others wait (and look again after at most a
+  cool-down). A probe that fails is the destination's failure, not the event's: ``guarded``
+  raises ``BreakerOpen`` for it too, so a long outage dead-letters nothing.
 
 Besides failures, a destination can ask to be left alone (HTTP 429 with Retry-After):
 ``hold(seconds)`` makes every replica wait that long without counting a failure.
@@ -32,7 +34,11 @@ from streamproc._lua import Lua
 from streamproc.errors import Defer
 from streamproc.keys import Keys
 
-__all__ = ("Breaker", "BreakerOpen", "BreakerState", "breaker_states")
+__all__ = ("PROBE", "RESET", "Breaker", "BreakerOpen", "BreakerState", "breaker_states")
+
+#: ``Breaker.admit`` answers: go (nothing to report on success), go and report success (there
+#: are failures to reset), go as the half-open probe (report either way).
+CLEAN, RESET, PROBE = 0, 1, 2
 
 STATE = Gauge(
     "streamproc_breaker_state",
@@ -73,7 +79,7 @@ if state == 'open' then
   if now < ready then return {0, ready - now, state, failures} end
 else
   local probe = tonumber(h[3] or '0')
-  if now < probe then return {0, probe - now, state, failures} end
+  if now < probe then return {0, math.min(probe - now, tonumber(ARGV[1])), state, failures} end
 end
 redis.call('HSET', KEYS[1], 'state', 'half_open', 'probe_until', now + tonumber(ARGV[2]),
            'changed_at', now)
@@ -130,9 +136,10 @@ return until_ms
 class BreakerOpen(Defer):
     """Raised by ``Breaker.admit``: the destination is not to be called for ``delay_s``."""
 
-    def __init__(self, name: str, state: str, delay_s: float) -> None:
+    def __init__(self, name: str, state: str, delay_s: float, why: str = "") -> None:
         self.breaker, self.state = name, state
-        super().__init__(f"breaker {name!r} is {state}: wait {delay_s:.1f}s", delay_s=delay_s)
+        why = f" ({why})" if why else ""
+        super().__init__(f"breaker {name!r} is {state}{why}: wait {delay_s:.1f}s", delay_s=delay_s)
 
 
 class BreakerState(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,8 +175,9 @@ class Breaker:
         self.threshold, self.cooldown_s, self.probe_s = threshold, cooldown_s, probe_s
         self._key, self._index = keys.breaker(name), keys.breakers()
 
-    async def admit(self) -> bool:
-        """Return whether there is anything to reset on success (True: call ``success``).
+    async def admit(self) -> int:
+        """``CLEAN`` (call away; nothing to report on success), ``RESET`` (report success:
+        there are failures to reset) or ``PROBE`` (the half-open probe: report either way).
 
         Raises ``BreakerOpen`` with the wait when the destination must not be called now.
         A half-open breaker lets one caller through as the probe: that caller must report
@@ -187,7 +195,8 @@ class Breaker:
             raise BreakerOpen(self.name, state, int(wait_ms) / 1000)
         if int(verdict) == 2:
             TRANSITIONS.labels(self.name, "half_open").inc()
-        return int(verdict) == 2 or int(failures) > 0
+            return PROBE
+        return RESET if int(failures) > 0 else CLEAN
 
     async def success(self) -> None:
         await self._record(True, "")

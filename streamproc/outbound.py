@@ -19,7 +19,6 @@ destination answered) and re-raises.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,7 +27,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from streamproc.breaker import Breaker
+from streamproc.breaker import CLEAN, PROBE, Breaker, BreakerOpen
 from streamproc.errors import Defer, Permanent, Retry
 
 __all__ = (
@@ -213,27 +212,30 @@ def aws_failure(e: BaseException, what: str = "AWS") -> CallTransient | CallPerm
 async def guarded(breaker: Breaker, call: Callable[[], Awaitable[T]]) -> T:
     """Run ``call`` behind ``breaker``: refused while open (``BreakerOpen``), and its outcome
     recorded. Transient failures count toward opening; a 429 holds the destination for its
-    Retry-After; permanent failures leave the breaker as it was (the destination answered)."""
-    dirty = await breaker.admit()
+    Retry-After; permanent failures leave the breaker as it was (the destination answered).
+
+    A failed half-open probe raises ``BreakerOpen`` (a deferral, naming the error), not
+    ``CallTransient``: the destination is down again, which says nothing about this event,
+    so it uses none of the event's attempts.
+    """
+    admitted = await breaker.admit()
     try:
         result = await call()
     except CallRateLimited as e:
         await breaker.hold(e.delay_s or 1.0, str(e))
-        if dirty:
+        if admitted != CLEAN:
             await breaker.success()  # it answered: a probe that got 429 closes the breaker
         raise
-    except CallTransient as e:
-        await breaker.failure(str(e))
-        raise
-    except CallPermanent:
-        if dirty:
-            await breaker.success()
-        raise
-    except asyncio.CancelledError:
-        raise
     except Exception as e:
-        await breaker.failure(f"{type(e).__name__}: {e}")
+        if isinstance(e, CallPermanent):
+            if admitted != CLEAN:
+                await breaker.success()
+            raise
+        error = str(e) if isinstance(e, CallTransient) else f"{type(e).__name__}: {e}"
+        await breaker.failure(error)
+        if admitted == PROBE:
+            raise BreakerOpen(breaker.name, "open", breaker.cooldown_s, why=error) from e
         raise
-    if dirty:
+    if admitted != CLEAN:
         await breaker.success()
     return result
