@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mimetypes
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,6 +110,12 @@ class RenderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 class Store(Protocol):
     def put(self, key: str, data: bytes) -> str: ...
 
+    def read(self, location: str) -> bytes:
+        """The bytes at a location ``put`` returned. Raises ``FileNotFoundError`` when there is
+        nothing there, ``ValueError`` when the location is not in this store (its folder, its
+        bucket and prefix): a location from an event is never read from elsewhere."""
+        ...
+
 
 class LocalStore:
     def __init__(self, root: Path) -> None:
@@ -120,6 +128,15 @@ class LocalStore:
         tmp.write_bytes(data)
         tmp.replace(path)  # atomic: a retried job overwrites, a reader never sees half
         return path.resolve().as_uri()
+
+    def read(self, location: str) -> bytes:
+        u = urllib.parse.urlsplit(location)
+        if u.scheme != "file" or u.netloc not in ("", "localhost"):
+            raise ValueError(f"{location!r} is not a file:// URI")
+        path = Path(urllib.request.url2pathname(u.path)).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"{location!r} is outside the render store {str(self.root)!r}")
+        return path.read_bytes()
 
 
 class S3Store:
@@ -134,6 +151,19 @@ class S3Store:
         ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
         self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=ctype)
         return f"s3://{self.bucket}/{full}"
+
+    def read(self, location: str) -> bytes:
+        bucket, _, key = location.removeprefix("s3://").partition("/")
+        inside = key.startswith(f"{self.prefix}/") if self.prefix else bool(key)
+        inside = inside and not {".", ".."} & set(key.split("/"))  # no way out of the prefix
+        if not location.startswith("s3://") or bucket != self.bucket or not inside:
+            raise ValueError(
+                f"{location!r} is not in the render store s3://{self.bucket}/{self.prefix}"
+            )
+        try:
+            return bytes(self.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except self.client.exceptions.NoSuchKey as e:
+            raise FileNotFoundError(f"no object {location}") from e
 
 
 def make_store(s: RenderSettings) -> Store:
