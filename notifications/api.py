@@ -61,7 +61,7 @@ class _Api:
     async def list(self, request: web.Request) -> web.Response:
         await self.ingest.authenticate(request, operator=True)
         cluster = request.query.get("cluster")
-        if cluster is not None and not _CLUSTER_RE.match(cluster):
+        if cluster is not None and not _CLUSTER_RE.fullmatch(cluster):
             raise Problem(400, "invalid", "not a cluster id or '*'", path="cluster")
         subs = await self.store.all(cluster)
         return json_response({"subscriptions": [s.public() for s in subs]})
@@ -101,14 +101,14 @@ class _Api:
     async def remove(self, request: web.Request) -> web.Response:
         await self.ingest.authenticate(request, operator=True)
         sub_id = request.match_info["sub_id"]
-        if not _ID_RE.match(sub_id) or not await self.store.remove(sub_id):
+        if not _ID_RE.fullmatch(sub_id) or not await self.store.remove(sub_id):
             raise Problem(404, "not_found", f"no subscription {sub_id[:80]!r}")
         return web.Response(status=204)
 
     async def deliveries(self, request: web.Request) -> web.Response:
         await self.ingest.authenticate(request, operator=True)
         nid = request.match_info["notification_id"]
-        if not _ID_RE.match(nid):
+        if not _ID_RE.fullmatch(nid):
             raise Problem(400, "invalid", "not a notification id", path="notification_id")
         attempts = await self.log.for_notification(nid)
         return json_response(

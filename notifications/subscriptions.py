@@ -114,7 +114,7 @@ def _check_destination(channel: str, destination: str) -> None:
     if len(destination) > 2048:
         raise ConfigError("destination: longer than 2048 characters")
     if channel == "email":
-        if not _EMAIL_RE.match(destination):
+        if not _EMAIL_RE.fullmatch(destination):
             raise ConfigError(f"destination: {destination!r} is not an email address")
         return
     try:
@@ -152,7 +152,7 @@ def new_subscription(
     secret: str = "",
 ) -> Subscription:
     """A checked subscription with a new id (and a new signing key for a webhook)."""
-    if not isinstance(cluster, str) or not CLUSTER_RE.match(cluster):
+    if not isinstance(cluster, str) or not CLUSTER_RE.fullmatch(cluster):
         raise ConfigError(f"cluster: {cluster!r} is not a cluster id or '*'")
     if channel not in CHANNELS:
         raise ConfigError(f"channel: {channel!r} is not one of {', '.join(CHANNELS)}")

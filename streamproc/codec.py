@@ -46,7 +46,7 @@ class Registry(Generic[E]):
         self.by_name: dict[str, type[E]] = {}
         for t in types:
             name = t.type_name()
-            if not TYPE_NAME_RE.match(name):
+            if not TYPE_NAME_RE.fullmatch(name):
                 raise ConfigError(
                     f"{t.__name__}: event type {name!r} must be a lower-case dotted name such as "
                     "'cluster.spot_interruption' (declare it with tag=...)"

@@ -102,7 +102,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     url = env.get("REDIS_URL", "")
     prefix = env.get("STREAMPROC_PREFIX", "sp")
-    if not NAME_RE.match(prefix):
+    if not NAME_RE.fullmatch(prefix):
         raise ConfigError(f"STREAMPROC_PREFIX={prefix!r}: expected a name of letters, digits, _.-")
     level = env.get("STREAMPROC_LOG_LEVEL", "info").lower()
     if level not in _LEVELS:
@@ -122,7 +122,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     except ConfigError as e:
         raise ConfigError(f"REDIS_URL: {e}") from None
     consumer_name = env.get("STREAMPROC_CONSUMER") or _default_consumer_name()
-    if not NAME_RE.match(consumer_name):
+    if not NAME_RE.fullmatch(consumer_name):
         raise ConfigError(
             f"STREAMPROC_CONSUMER={consumer_name!r}: expected a name of letters, "
             "digits, _.- (at most 63)"

@@ -27,6 +27,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from streamproc.breaker import BreakerState, breaker_states
 from streamproc.groups import GroupInfo, group_info, group_infos
 from streamproc.keys import Keys
 
@@ -129,6 +130,8 @@ class Report(msgspec.Struct, kw_only=True):
     ticker: TickerStatus | None
     #: By name: the application's schedules and any the ticker's keys hold.
     schedules: list[ScheduleStatus] = msgspec.field(default_factory=list)
+    #: The circuit breakers of outside destinations (``streamproc.breaker``).
+    breakers: list[BreakerState] = msgspec.field(default_factory=list)
 
 
 def _text(value: Any) -> str:
@@ -340,6 +343,7 @@ async def collect(
         topics=found,
         ticker=ticker,
         schedules=schedule_statuses(ticker, schedules, now_ms),
+        breakers=await breaker_states(client, keys),
     )
 
 
@@ -475,6 +479,22 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
                     _time(s.next_ms, s.next, now),
                 ]
                 for s in report.schedules
+            ],
+        )
+    if report.breakers:
+        lines.append("")
+        lines += _table(
+            ("BREAKER", "STATE", "FAILURES", "CHANGED", "HELD UNTIL", "LAST ERROR"),
+            [
+                [
+                    b.name,
+                    b.state,
+                    str(b.failures),
+                    _relative(b.changed_at, now) if b.changed_at else "-",
+                    _relative(b.hold_until, now) if b.hold_until > now else "-",
+                    b.last_error[:60] or "-",
+                ]
+                for b in report.breakers
             ],
         )
     if problems:

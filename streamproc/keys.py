@@ -41,7 +41,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 
 def check_name(kind: str, value: str) -> str:
     """Return ``value`` if it is a valid topic/group/consumer name, else raise ConfigError."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ConfigError(
             f"invalid {kind} name {value!r}: expected 1-63 characters of letters, digits, "
             "'_', '.', '-', starting with a letter or digit"
