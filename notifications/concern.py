@@ -20,10 +20,10 @@ Transient failures (timeouts, connection errors, 5xx, SES throttling) are retrie
 address) are dead-lettered at once with the status and the start of the response.
 
 **At most one extra send.** The sent mark is written after the destination answered and
-before the ack. A consumer killed between the two leaves the delivery pending; the next
-owner finds no mark only if the kill came before the mark was written, and then sends once
-more with the same ``webhook-id`` (the notification id) and the same email ``Message-ID``, which
-receivers use to drop the copy.
+before the ack. A consumer killed between the answer and the mark leaves the delivery pending
+and unmarked: the next owner sends once more, with the same ``webhook-id`` (the notification
+id), which webhook receivers use to drop the copy. SES replaces an email's ``Message-ID`` with
+its own, so a resent email is recognisable only by its ``X-Streamproc-Delivery-Id`` header.
 """
 
 from __future__ import annotations

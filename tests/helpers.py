@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import redis.asyncio as aioredis
 from schemas import SpotInterruption
 from streamproc import Consumer, Keys
 
-__all__ = ("MakeConsumer", "entries", "pending", "spot")
+__all__ = ("MakeConsumer", "entries", "free_port", "pending", "spot")
 
 MakeConsumer = Callable[..., Consumer]
 
@@ -36,3 +37,10 @@ async def entries(client: aioredis.Redis, key: str) -> list[tuple[bytes, dict[by
     """XRANGE of a whole stream, typed (redis-py's own reply type is a loose union)."""
     rows: Any = await client.xrange(key)
     return [(i, f) for i, f in rows]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
