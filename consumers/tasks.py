@@ -3,7 +3,8 @@
 Task types run here; ``POST /v1/tasks`` submits them. ``optimizer.run`` is the spot-instance
 optimizer of §1 (5 in parallel): for a cluster's candidate pools (instance type x AZ) it checks
 which ones the cluster-event processor flagged risky after spot interruptions, reports its
-progress pool by pool, returns the safe pools to use, and notifies the cluster's subscribers.
+progress pool by pool (to the task's status and the cluster's live feed), returns the safe
+pools to use, and notifies the cluster's subscribers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from notifications import feed_keys
 from schemas.notify import Notification
 from streamproc.event import derived_id
 from streamproc.tasks import TaskContext, TaskType, task_concern
@@ -41,6 +43,21 @@ async def run_optimizer(p: OptimizerRun, ctx: TaskContext) -> dict[str, Any]:
         (risky if flagged else safe).append(f"{itype}/{az}")
         await ctx.progress(
             i / len(pools), pools_checked=i, pools_total=len(pools), risky=len(risky)
+        )
+        # The cluster's people follow it live (GET /clusters/{id}/feed).
+        await feed_keys.append(
+            ctx.redis,
+            ctx.keys,
+            p.cluster_id,
+            "task.progress",
+            {
+                "task_id": ctx.task_id,
+                "type": "optimizer.run",
+                "fraction": i / len(pools),
+                "pools_checked": i,
+                "pools_total": len(pools),
+                "risky": len(risky),
+            },
         )
         if p.pace_ms:
             await asyncio.sleep(p.pace_ms / 1000)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -158,6 +159,12 @@ async def test_optimizer_run_completes_with_progress_and_result(
     assert view["attempts"] == 1
     assert await client.xlen(keys.stream("notify")) == 1
     assert 0 < await client.ttl(keys.task(sub["id"])) <= 24 * 3600
+    # The cluster's live feed saw the progress, pool by pool.
+    from notifications.feed_keys import feed_key
+
+    feed = await client.xrange(feed_key(keys, "c1"))
+    assert [f[b"type"] for _, f in feed] == [b"task.progress"] * 4
+    assert [orjson.loads(f[b"data"])["pools_checked"] for _, f in feed] == [1, 2, 3, 4]
 
 
 async def test_submission_errors(srv: Server, op: str) -> None:
