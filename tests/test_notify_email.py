@@ -10,7 +10,6 @@ import http.server
 import json
 import os
 import re
-import socket
 import threading
 import urllib.request
 import uuid
@@ -33,17 +32,12 @@ from notifications.subscriptions import Subscription
 from schemas.notify import Message
 from streamproc.offload import WorkerContext
 from streamproc.outbound import CallPermanent, CallTransient
+from tests.helpers import free_port
 
 SENDER = "streamproc@example.com"
 DASHBOARD = "https://streamproc.example.net/dashboard"
 PNG = b"\x89PNG\r\n\x1a\n"
 NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -560,3 +554,75 @@ async def test_throttling_and_server_errors_are_transient_and_tried_once(
     assert err.value.status == status
     assert len(calls) == 1
     assert "Action=SendRawEmail" in calls[0]
+
+
+# ---------------------------------------------------------------------- end to end
+
+
+async def test_the_weekly_report_reaches_an_email_subscriber_through_the_concerns(
+    settings: NotifySettings,
+    endpoint: str,
+    local_store: renders.Store,
+    client: Any,
+    codec: Any,
+    keys: Any,
+    producer: Any,
+) -> None:
+    """report.ready -> notify-fanout -> notify-deliver -> SES (moto): the email is in moto's
+    outbox with its charts inline, and the delivery log has SES's message id."""
+    from notifications import concern as notify
+    from notifications.delivery_log import DeliveryLog
+    from notifications.subscriptions import SubscriptionStore, new_subscription
+    from schemas.renders import ReportReady
+    from tests.test_notify_delivery import delivering
+
+    store = SubscriptionStore(client, keys)
+    await store.add(
+        new_subscription(
+            cluster="*", channel="email", destination="finops@example.org", types=["report.*"]
+        )
+    )
+    # Another email subscriber wants alerts only: it gets no report.
+    await store.add(
+        new_subscription(
+            cluster="*", channel="email", destination="oncall@example.org", types=["notify.*"]
+        )
+    )
+    files = weekly_report_files()
+    locations = put_all(local_store, files, job="job-e2e")
+    ready = ReportReady(
+        key="weekly-report",
+        source="renders",
+        job_id="job-e2e",
+        location=locations["index.html"],
+        files=sorted(locations.values()),
+        period_start=NOW - timedelta(days=7),
+        period_end=NOW,
+    )
+    notify.use_settings(settings)
+    try:
+        async with delivering(client, codec, keys, producer):
+            await producer.publish(ready)
+            log = DeliveryLog(client, keys, maxlen=100, ttl_s=60)
+            for _ in range(400):
+                attempts = await log.for_notification(ready.id)
+                if attempts and attempts[-1].status in ("sent", "failed"):
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        notify.use_settings(NotifySettings())
+    [attempt] = attempts
+    assert attempt.status == "sent", attempt
+    assert attempt.destination == "finops@example.org"
+    raw, msg = await received(endpoint, attempt.reference)
+    assert set(raw["destinations"]) == {"finops@example.org"}
+    assert str(msg["To"]) == "finops@example.org"
+    assert str(msg["Subject"]).startswith("Weekly report")
+    page = html_of(msg)
+    cids = re.findall(r'<img src="cid:([^"]+)"', page)
+    images = inline_images(msg)
+    assert sorted(cids) == sorted(images)
+    assert sorted(name for name, _ in images.values()) == ["oom_kills.png", "savings_usd.png"]
+    data = await asyncio.to_thread(_get_json, f"{endpoint}/moto-api/data.json")
+    to = [m["destinations"] for m in data["ses"]["RawMessage"]]
+    assert not [d for d in to if "oncall@example.org" in d]
