@@ -16,7 +16,7 @@ to its cluster's live feed (an effect: written once, with the ack).
 4. records the attempt in the delivery log, and on success the sent mark, in one round trip.
 
 Transient failures (timeouts, connection errors, 5xx, SES throttling) are retried with backoff,
-``max_retries`` 8 up to 5 minutes apart, then dead-lettered; permanent ones (other 4xx, a bad
+10 times up to 5 minutes apart, then dead-lettered; permanent ones (other 4xx, a bad
 address) are dead-lettered at once with the status and the start of the response.
 
 **At most one extra send.** The sent mark is written after the destination answered and
@@ -307,6 +307,7 @@ DELIVER = Concern(
     topics=("deliveries",),
     handlers={DeliveryRequested: deliver},
     concurrency=64,
-    retry=RetryPolicy(max_retries=8, base_s=1.0, cap_s=300.0),
+    # 1 s doubling to 5 min, jittered: 10 retries span about 10-17 minutes.
+    retry=RetryPolicy(max_retries=10, base_s=1.0, cap_s=300.0),
     on_dead_letter=_dead_lettered,
 )
