@@ -101,6 +101,14 @@ def test_declared_groups_are_every_concerns_group_per_topic_plus_the_extra_ones(
             "extra_groups['tiny'] must be a sequence of group names",
         ),
         (lambda: App(registry=[Ping]), "must be a streamproc.codec.Registry"),  # type: ignore[arg-type]
+        (
+            lambda: App(registry=Registry([Ping]), commands="tests.tiny_commands"),
+            "App(commands=...) takes module names",
+        ),
+        (
+            lambda: App(registry=Registry([Ping]), routes=["/x"]),  # type: ignore[list-item]
+            "App(routes=...) takes callables (app, ingest)",
+        ),
     ],
 )
 def test_an_app_is_checked_when_it_is_built(build: Any, message: str) -> None:
@@ -296,6 +304,22 @@ def test_commands_use_the_named_apps_registry(env: dict[str, str]) -> None:
     assert "unknown event type 'tiny.ping'" in r.stderr
     r = cli("publish", "tiny.ping", "{}", env={**env, "STREAMPROC_APP": "tests.tiny_app:app"})
     assert r.returncode == 0, r.stderr
+
+
+def test_an_apps_commands_are_subcommands_of_streamproc(env: dict[str, str]) -> None:
+    """App(commands=[module]) adds that module's subcommands, for that app only."""
+    r = cli("--app", "tests.tiny_app:with_commands", "tiny-hello", "world", env=env)
+    assert r.returncode == 0, r.stderr
+    assert (
+        r.stdout.strip() == "hello world from App(concerns=['tiny-counter'], types=2, "
+        "schedules=1, task_types=[])"
+    )
+    r = cli("--app", "tests.tiny_app:app", "tiny-hello", "world", env=env)
+    assert r.returncode == 2
+    assert "invalid choice: 'tiny-hello'" in r.stderr
+    r = cli("--app", "tests.tiny_app:with_bad_commands", "check", env=env)
+    assert r.returncode == 2
+    assert "tests.tiny_app' has no register(subparsers)" in r.stderr
 
 
 async def wait_for(cond: Any, timeout_s: float = 20.0) -> Any:

@@ -54,5 +54,15 @@ app = App(
 #: What every role creates at start: topic -> groups.
 GROUPS: dict[str, tuple[str, ...]] = {"tiny": ("audit", "tiny-counter")}
 
+#: The same app with a subcommand of its own (``tiny-hello``, from tests/tiny_commands.py).
+with_commands = App(
+    registry=app.registry,
+    concerns=[CONCERN],
+    schedules=app.schedules,
+    commands=["tests.tiny_commands"],
+)
+#: Names a module without ``register``: the CLI refuses it (exit 2).
+with_bad_commands = App(registry=app.registry, commands=["tests.tiny_app"])
+
 #: Not an App: ``--app tests.tiny_app:not_an_app`` is refused.
 not_an_app: Any = {"registry": None}
