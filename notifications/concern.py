@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
+from prometheus_client import Histogram
 
 from notifications.delivery_log import Attempt, DeliveryLog
 from notifications.feed_keys import feed_effect, trim
@@ -64,6 +65,12 @@ __all__ = ("DELIVER", "FANOUT", "runtime", "use_settings")
 log = structlog.get_logger("notifications")
 
 _NS = uuid.UUID("6c1f3a52-9d0e-4b7a-8e21-5f4d3c2b1a90")
+LATENCY = Histogram(
+    "streamproc_notify_send_seconds",
+    "Time a destination took to answer a delivery (sent or not)",
+    ["channel"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 #: Feed entries written by this process between two trims of that feed.
 _TRIM_EVERY = 200
 
@@ -240,7 +247,9 @@ async def deliver(ev: DeliveryRequested, ctx: Context) -> None:
     started = time.perf_counter()
 
     def took() -> float:
-        return round((time.perf_counter() - started) * 1000, 2)
+        elapsed = time.perf_counter() - started
+        LATENCY.labels(sub.channel).observe(elapsed)
+        return round(elapsed * 1000, 2)
 
     try:
         status, reference = await guarded(breaker, rt.sender(sub, ev.message, ev.id))

@@ -22,12 +22,18 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 
 from streamproc.keys import Keys
 
-__all__ = ("Attempt", "DeliveryLog")
+__all__ = ("ATTEMPTS", "Attempt", "DeliveryLog")
 
 _PER_NOTIFICATION = 200
+ATTEMPTS = Counter(
+    "streamproc_notify_attempts",
+    "Delivery attempts by channel and outcome (sent, retry, rate_limited, held, failed, skipped)",
+    ["channel", "status"],
+)
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,6 +73,7 @@ class DeliveryLog:
         self, attempt: Attempt, *, sent_key: str | None = None, sent_ttl_s: int = 0
     ) -> None:
         """Append the attempt; with ``sent_key``, also mark the delivery sent (one round trip)."""
+        ATTEMPTS.labels(attempt.channel or "-", attempt.status).inc()
         raw = self._encoder.encode(attempt)
         lst = self._list(attempt.notification_id)
         async with self.client.pipeline(transaction=False) as pipe:
