@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -87,8 +87,10 @@ async def running_ingest(
     *,
     task_types: Mapping[str, TaskType] | None = None,
     groups: Mapping[str, Sequence[str]] | None = None,
+    routes: Sequence[Callable[[web.Application, Ingest], None]] = (),
     **settings: Any,
 ) -> AsyncIterator[Server]:
+    """An ingest server on 127.0.0.1 (``routes``: the app's route hooks, as ``App.routes``)."""
     ingest = Ingest(
         client=client,
         registry=REGISTRY,
@@ -98,7 +100,7 @@ async def running_ingest(
         task_types=task_types,
         groups=groups,
     )
-    app: web.Application = create_app(ingest)
+    app: web.Application = create_app(ingest, routes=routes)
     server = TestServer(app, host="127.0.0.1", port=0)
     await server.start_server()
     try:
