@@ -65,8 +65,10 @@ Ending
     ``redis_unavailable``), when the client went away, when the token no longer reads the
     cluster, and when the ingest drains: ``Ingest.drain`` sets ``ingest.draining``, which an
     idle feed looks at every ``check_s`` (it has no event to wait on), so open feeds end
-    within about ``check_s`` and the drain does not wait for them. A request arriving while
-    draining gets 503 ``draining``. The app's shutdown signal ends them at once.
+    within about ``check_s`` and hold the drain up no longer. A request arriving while
+    draining gets 503 ``draining``. The app's shutdown signal ends them at once. A browser's
+    EventSource reconnects by itself after a clean end but gives up on any answer other than
+    200 (401, 403, 429, 503): a page reopens it itself after Retry-After.
 """
 
 from __future__ import annotations
