@@ -28,7 +28,7 @@ def feed_key(keys: Keys, cluster_id: str) -> str:
     """The feed stream of a cluster (ids that are not plain names are hashed)."""
     part = (
         cluster_id
-        if NAME_RE.match(cluster_id)
+        if NAME_RE.fullmatch(cluster_id)
         else "h-" + hashlib.sha256(cluster_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     )
     return keys.state("feed", part)
