@@ -43,14 +43,15 @@ Response (``text/event-stream``)
     connected client (one that is behind) is reported too. ``from=start`` gives no gap.
 
 Reading Redis
-    One task per process (``_Reader``) holds the only blocking command: an ``XREAD COUNT 1
-    BLOCK block_ms`` over every feed key open in the process, on a connection of its own made
-    by the shared client's pool (``make_connection``: same address, credentials, TLS) but not
-    counted in it, so feeds never starve the shared pool (``RedisSettings.max_connections``,
-    64) that POST /v1/events needs. It only wakes the feeds of a key that has new entries;
-    each feed then reads its own entries on the shared client with a short MULTI (XINFO STREAM
-    + ``XRANGE (<last> + COUNT read_count``) until it is level. A cluster nobody in the process
-    watched before joins the reader's next round: its first entry can take up to ``block_ms``.
+    One task per process (``_Reader``, in ``notifications._feed_reader``) holds the only
+    blocking command: an ``XREAD COUNT 1 BLOCK block_ms`` over every feed key open in the
+    process, on a connection of its own made by the shared client's pool (``make_connection``:
+    same address, credentials, TLS) but not counted in it, so feeds never starve the shared
+    pool (``RedisSettings.max_connections``, 64) that POST /v1/events needs. It only wakes the
+    feeds of a key that has new entries; each feed then reads its own entries on the shared
+    client with a short MULTI (XINFO STREAM + ``XRANGE (<last> + COUNT read_count``) until it
+    is level. A cluster nobody in the process watched before joins the reader's next round:
+    its first entry can take up to ``block_ms``.
 
 Limits (``FeedSettings``)
     ``max_feeds`` open feeds per process (503 ``too_many_feeds``) and ``max_feeds_per_agent``
@@ -78,13 +79,25 @@ import re
 from collections import Counter
 from typing import Any, NamedTuple
 
-import orjson
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 from prometheus_client import Gauge
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
+from notifications._feed_reader import (
+    _MAX_PART,
+    _ZERO,
+    StreamId,
+    _event,
+    _gap_event,
+    _Info,
+    _info,
+    _Reader,
+    _reply_id,
+    _text,
+    gap,
+    parse_id,
+)
 from notifications.feed_keys import feed_key
 from streamproc._aio import wait_event
 from streamproc.connection import REDIS_DOWN
@@ -92,15 +105,14 @@ from streamproc.ingest import Ingest
 from streamproc.ingest._http import Problem, redis_unavailable
 from streamproc.settings import _Settings
 
-__all__ = ("FeedSettings", "add_routes")
+# parse_id and gap (now in _feed_reader) stay importable from here.
+__all__ = ("FeedSettings", "add_routes", "gap", "parse_id")
 
 log = structlog.get_logger("notifications.feed")
 
 FEEDS_OPEN = Gauge("streamproc_notify_feeds_open", "Live cluster feeds (SSE) open in this process")
 
 _REDIS_FAILED: tuple[type[BaseException], ...] = (*REDIS_DOWN, RedisError)
-_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
-_MAX_PART = 2**64 - 1
 _CLUSTER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,252}")
 _HEARTBEAT = b": keep-alive\n\n"
 _HEADERS = {
@@ -109,9 +121,6 @@ _HEADERS = {
     "X-Accel-Buffering": "no",  # nginx: pass each event on at once
     "X-Content-Type-Options": "nosniff",
 }
-
-StreamId = tuple[int, int]
-_ZERO: StreamId = (0, 0)
 
 
 class FeedSettings(_Settings, frozen=True, kw_only=True):
@@ -149,36 +158,7 @@ def add_routes(
     app.on_cleanup.append(feeds.cleanup)
 
 
-# ---------------------------------------------------------------------- ids and input
-
-
-def parse_id(text: str) -> StreamId | None:
-    """``<ms>-<seq>`` as two ints, or None when it is not a stream entry id."""
-    m = _ID_RE.fullmatch(text)
-    if m is None:
-        return None
-    ms, seq = int(m[1]), int(m[2])
-    return (ms, seq) if ms <= _MAX_PART and seq <= _MAX_PART else None
-
-
-def _text(entry_id: StreamId) -> str:
-    return f"{entry_id[0]}-{entry_id[1]}"
-
-
-def _before(entry_id: StreamId) -> StreamId:
-    """The greatest id below ``entry_id`` (resuming after it resumes at ``entry_id``)."""
-    ms, seq = entry_id
-    if seq:
-        return ms, seq - 1
-    return (ms - 1, _MAX_PART) if ms else _ZERO
-
-
-def _reply_id(value: Any) -> StreamId:
-    raw = value.decode() if isinstance(value, bytes) else str(value)
-    parsed = parse_id(raw)
-    if parsed is None:
-        raise ResponseError(f"unexpected stream id from Redis: {raw!r}")
-    return parsed
+# ---------------------------------------------------------------------- input
 
 
 def _cluster_id(raw: str) -> str:
@@ -220,179 +200,6 @@ def _start(request: web.Request) -> _Start:
             )
         return _Start(after, from_start=False)
     return _Start(None, from_start=origin == "start")
-
-
-# ---------------------------------------------------------------------- reading
-
-
-class _Info(NamedTuple):
-    """What XINFO STREAM says about a feed (a missing stream: nothing, never written)."""
-
-    last_generated: StreamId
-    first: StreamId | None
-    #: Entries ever removed (trimmed or deleted): ``entries-added`` - ``length``.
-    removed: int
-
-
-_MISSING = _Info(_ZERO, None, 0)
-
-
-def _info(reply: Any) -> _Info:
-    if isinstance(reply, ResponseError) and "no such key" in str(reply).lower():
-        return _MISSING
-    if isinstance(reply, BaseException):
-        raise reply
-    fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in reply.items()}
-    first = fields.get("first-entry")
-    return _Info(
-        last_generated=_reply_id(fields["last-generated-id"]),
-        first=_reply_id(first[0]) if first else None,
-        removed=int(fields["entries-added"]) - int(fields["length"]),
-    )
-
-
-def gap(after: StreamId, info: _Info, removed_before: int | None) -> tuple[str, StreamId] | None:
-    """Whether entries after ``after`` may be gone: (reason, the position to go on from).
-
-    ``removed_before``: the stream's removed count when this feed last read it (None: a
-    client's position, never read here). Nothing removed since then (or ever) is no gap.
-    Otherwise Redis 7.0 records no boundary for a trim (``max-deleted-entry-id`` follows XDEL
-    only), so a position older than the oldest entry kept is a gap, even in the rare case
-    that the client had seen exactly the last entry trimmed.
-    """
-    if after > info.last_generated:
-        return "reset", info.last_generated
-    if info.removed == (removed_before or 0):
-        return None
-    if info.first is None:  # emptied: what came after the position is gone
-        return ("trimmed", info.last_generated) if after < info.last_generated else None
-    return ("trimmed", _before(info.first)) if after < info.first else None
-
-
-def _event(entry_id: bytes, fields: dict[bytes, bytes]) -> bytes:
-    kind = fields.get(b"type", b"").replace(b"\r", b"").replace(b"\n", b"") or b"message"
-    lines = fields.get(b"data", b"{}").splitlines() or [b""]  # one SSE line per line
-    return (
-        b"".join(
-            [
-                b"id: ",
-                entry_id,
-                b"\nevent: ",
-                kind,
-                b"\n",
-                *(b"data: " + ln + b"\n" for ln in lines),
-            ]
-        )
-        + b"\n"
-    )
-
-
-def _gap_event(reason: str, after: StreamId, resume: StreamId) -> bytes:
-    data = orjson.dumps(
-        {"reason": reason, "last_event_id": _text(after), "resume_id": _text(resume)}
-    )
-    return f"id: {_text(resume)}\nevent: gap\n".encode() + b"data: " + data + b"\n\n"
-
-
-class _Watch:
-    """The feeds of one stream key in this process; the reader wakes them."""
-
-    __slots__ = ("broken", "event", "feeds", "position")
-
-    def __init__(self, position: StreamId) -> None:
-        #: The newest id any feed of this key has read: where the reader waits from.
-        self.position = position
-        self.feeds = 0
-        self.event = asyncio.Event()
-        #: The reader failed: the feeds end (their clients reconnect).
-        self.broken = False
-
-    def wake(self) -> None:
-        self.event.set()
-        self.event = asyncio.Event()
-
-
-class _Reader:
-    """One ``XREAD COUNT 1 BLOCK`` over every watched key, on a connection of its own.
-
-    Runs while any key is watched; a Redis error breaks every watch (their feeds end) and
-    stops it, and the next feed starts a new one.
-    """
-
-    def __init__(self, pool: aioredis.ConnectionPool, block_ms: int) -> None:
-        self._pool: Any = pool  # make_connection is untyped in redis-py
-        self._block_ms = block_ms
-        self._watches: dict[str, _Watch] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def watch(self, key: str, position: StreamId) -> _Watch:
-        w = self._watches.get(key)
-        if w is None:
-            w = self._watches[key] = _Watch(position)
-        w.position = max(w.position, position)
-        w.feeds += 1
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="notifications-feed-reader")
-        return w
-
-    def unwatch(self, key: str, w: _Watch) -> None:
-        w.feeds -= 1
-        if not w.feeds and self._watches.get(key) is w:
-            del self._watches[key]
-
-    def wake_all(self) -> None:
-        for w in self._watches.values():
-            w.wake()
-
-    async def stop(self) -> None:
-        task = self._task
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        conn: Any = None
-        try:
-            while self._watches:  # checked and left with no await between: see watch()
-                keys = list(self._watches)
-                ids = [_text(self._watches[k].position) for k in keys]
-                if conn is None:
-                    conn = self._pool.make_connection()
-                await conn.send_command(
-                    "XREAD", "COUNT", 1, "BLOCK", self._block_ms, "STREAMS", *keys, *ids
-                )
-                # BLOCK plus the usual socket timeout: the wait itself never times out.
-                reply = await conn.read_response(timeout=self._block_ms / 1000 + 5.0)
-                for key, entry_id in _heads(reply):
-                    w = self._watches.get(key)
-                    if w is not None:
-                        w.position = max(w.position, entry_id)
-                        w.wake()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # Redis down, or a reply we cannot read: end every feed
-            log.warning("feed_reader_failed", error=repr(e), keys=len(self._watches))
-            for w in self._watches.values():
-                w.broken = True
-                w.wake()
-            self._watches.clear()
-        finally:
-            self._task = None
-            if conn is not None:
-                await conn.disconnect()
-
-
-def _heads(reply: Any) -> list[tuple[str, StreamId]]:
-    """(key, newest id) per stream of a raw XREAD reply (RESP2 list or RESP3 map)."""
-    if not reply:
-        return []
-    pairs = reply.items() if isinstance(reply, dict) else reply
-    out = []
-    for key, entries in pairs:
-        if entries:
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            out.append((name, _reply_id(entries[-1][0])))
-    return out
 
 
 # ---------------------------------------------------------------------- the route

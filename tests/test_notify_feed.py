@@ -15,7 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from notifications import feed_keys
-from notifications.feed import FeedSettings, _Info, add_routes, gap, parse_id
+from notifications._feed_reader import _Info
+from notifications.feed import FeedSettings, add_routes, gap, parse_id
 from streamproc import Keys, Producer, RedisSettings, connect
 from tests.tcpproxy import TcpProxy
 from tests.test_ingest_support import Server, running_ingest
