@@ -10,7 +10,11 @@ import time
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (  # type: ignore[import-untyped]
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
 
 from streamproc import Keys
 from streamproc.breaker import CLEAN, PROBE, RESET, Breaker, BreakerOpen, breaker_states
@@ -56,7 +60,7 @@ async def test_opens_after_threshold_consecutive_failures(
     with pytest.raises(BreakerOpen) as e:
         await a.admit()
     assert isinstance(e.value, Defer)
-    assert 0 < e.value.delay_s <= 0.2
+    assert 0 < (e.value.delay_s or 0) <= 0.2
     [state] = await breaker_states(client, keys)
     assert state.state == "open"
     assert state.failures == 3
@@ -71,7 +75,7 @@ async def test_one_probe_across_replicas_then_closed(client: aioredis.Redis, key
     with pytest.raises(BreakerOpen) as e:
         await b.admit()  # the probe is out: the other replica waits
     assert e.value.state == "half_open"
-    assert e.value.delay_s <= 0.2  # looks again within a cool-down, not the probe's lease
+    assert (e.value.delay_s or 0) <= 0.2  # looks again within a cool-down, not the probe's lease
     await a.success()
     assert await b.admit() == CLEAN
     [state] = await breaker_states(client, keys)
@@ -104,7 +108,7 @@ async def test_hold_makes_everyone_wait_without_a_failure(
     assert until > time.time()
     with pytest.raises(BreakerOpen) as e:
         await b.admit()
-    assert 0.5 < e.value.delay_s <= 1.0
+    assert 0.5 < (e.value.delay_s or 0) <= 1.0
     [state] = await breaker_states(client, keys)
     assert (state.state, state.failures) == ("closed", 0)
     await a.hold(0.1)  # a shorter hold never shortens a longer one

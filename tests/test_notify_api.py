@@ -195,7 +195,7 @@ async def test_delivery_log_and_breakers_are_readable(
 ) -> None:
     op = await srv.token("op", (), operator=True)
     log = DeliveryLog(client, keys, maxlen=100, ttl_s=60)
-    for status in ("retry", "sent"):
+    for outcome in ("retry", "sent"):
         await log.record(
             Attempt(
                 notification_id="n-1",
@@ -203,8 +203,8 @@ async def test_delivery_log_and_breakers_are_readable(
                 subscription_id="sub_1",
                 channel="webhook",
                 destination="http://a/",
-                status=status,
-                http_status=500 if status == "retry" else 200,
+                status=outcome,
+                http_status=500 if outcome == "retry" else 200,
             )
         )
     await client.xadd(keys.state("notify", "log"), {"attempt": b"garbage"})  # another writer

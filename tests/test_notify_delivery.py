@@ -146,7 +146,8 @@ async def test_signed_webhook_arrives_once_with_the_notification_id(
     with pytest.raises(WebhookVerificationError):
         Webhook(sub.secret).verify(got.body.replace(b"alert 1", b"alert 2"), got.headers)
     # The cluster's live feed has the notification.
-    [(_, fields)] = await client.xrange(feed_key(keys, "c1"))
+    feed: Any = await client.xrange(feed_key(keys, "c1"))
+    [(_, fields)] = feed
     assert fields[b"type"] == b"notify.notification"
     assert orjson.loads(fields[b"data"])["notification_id"] == n.id
 
@@ -199,7 +200,8 @@ async def test_transient_errors_retry_and_permanent_ones_dead_letter(
 
         await eventually(dead_lettered)
         await asyncio.sleep(0.5)  # time for a wrong retry to show up
-    [(_, dead)] = await client.xrange(dlq)
+    dead_letters: Any = await client.xrange(dlq)
+    [(_, dead)] = dead_letters
     assert dead[b"dlq_reason"] == b"permanent"
     assert b"400" in dead[b"dlq_error"]
     assert b"nope" in dead[b"dlq_error"]

@@ -162,7 +162,7 @@ async def test_optimizer_run_completes_with_progress_and_result(
     # The cluster's live feed saw the progress, pool by pool.
     from notifications.feed_keys import feed_key
 
-    feed = await client.xrange(feed_key(keys, "c1"))
+    feed: Any = await client.xrange(feed_key(keys, "c1"))
     assert [f[b"type"] for _, f in feed] == [b"task.progress"] * 4
     assert [orjson.loads(f[b"data"])["pools_checked"] for _, f in feed] == [1, 2, 3, 4]
 
