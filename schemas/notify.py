@@ -86,5 +86,8 @@ class DeliveryRequested(Event, frozen=True, kw_only=True, tag="notify.delivery")
     once)."""
 
     topic: ClassVar[str] = "deliveries"
+    #: Only the fan-out publishes deliveries: an agent could otherwise send anything to any
+    #: subscriber's destination.
+    external: ClassVar[bool] = False
     subscription_id: str
     message: Message

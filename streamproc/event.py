@@ -75,6 +75,9 @@ class Event(
     topic: ClassVar[str] = "events"
     #: Schema version, written as ``v``; raise it when the meaning of a field changes.
     version: ClassVar[int] = 1
+    #: May agents post it through the ingest service? False for events only the
+    #: application itself publishes (e.g. one delivery of a notification to one destination).
+    external: ClassVar[bool] = True
 
     @classmethod
     def type_name(cls) -> str:

@@ -165,6 +165,14 @@ async def test_unknown_and_missing_types_are_422_listing_the_known_types(
     assert body["path"] == "$.type"
     assert "cluster.spot_interruption" in body["known_types"]
     assert "task.normal" not in body["known_types"]  # tasks enter through /v1/tasks only
+    # Internal events (Event.external False) are not postable, whatever the agent's scopes:
+    # a forged delivery would send anything to any subscriber's destination.
+    assert "notify.delivery" not in body["known_types"]
+    forged = {"type": "notify.delivery", "subscription_id": "sub_x", "message": {}}
+    wildcard = await srv.token("may-post-anything", ["*"])
+    status, body, _ = await srv.post("/v1/events", forged, token=wildcard)
+    assert status == 422
+    assert body["error"] == "unknown_type"
     status, body, _ = await srv.post("/v1/events", [cluster_event(), {"a": 1}], token=token)
     assert status == 422
     assert body["path"] == "$[1].type"
