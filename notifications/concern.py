@@ -8,21 +8,24 @@ to its cluster's live feed (an effect: written once, with the ack).
 
 ``notify-deliver`` reads ``deliveries``, 64 at a time per process. Each delivery:
 
-1. is skipped if it was sent already (``<p>:state:notify:sent:<delivery id>``, written right
-   after the destination said yes, kept ``sent_ttl_s``), or if its subscription was removed;
-2. asks the destination's breaker (``streamproc.breaker``): while it is open, or a 429 holds
-   the destination, the delivery waits as a deferred retry that uses no attempt;
+1. is skipped if its subscription was removed (subscriptions are re-read at most once a
+   second per process), or if it was sent already (``<p>:state:notify:sent:<delivery id>``,
+   kept ``sent_ttl_s``: a copy of the same delivery published twice sends once);
+2. asks the destination's breaker (``streamproc.breaker``), in the same round trip as the
+   sent check: while it is open, or a 429 holds the destination, the delivery waits as a
+   deferred retry that uses no attempt;
 3. sends (webhook, Slack or SES email) with connect/read timeouts;
-4. records the attempt in the delivery log, and on success the sent mark, in one round trip.
+4. on success, writes the sent mark and the delivery log entry as effects of the event:
+   once, atomically with its ack, no extra round trip. Failed attempts are logged at once.
 
 Transient failures (timeouts, connection errors, 5xx, SES throttling) are retried with backoff,
 10 times up to 5 minutes apart, then dead-lettered; permanent ones (other 4xx, a bad
 address) are dead-lettered at once with the status and the start of the response.
 
-**At most one extra send.** The sent mark is written after the destination answered and
-before the ack. A consumer killed between the answer and the mark leaves the delivery pending
-and unmarked: the next owner sends once more, with the same ``webhook-id`` (the notification
-id), which webhook receivers use to drop the copy. SES replaces an email's ``Message-ID`` with
+**At most one extra send.** The sent mark is written with the ack. A consumer killed after
+the destination answered and before the ack leaves the delivery pending and unmarked: the
+next owner sends once more, with the same ``webhook-id`` (the notification id), which webhook
+receivers use to drop the copy. SES replaces an email's ``Message-ID`` with
 its own, so a resent email is recognisable only by its ``X-Streamproc-Delivery-Id`` header.
 """
 
@@ -71,8 +74,10 @@ LATENCY = Histogram(
     ["channel"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-#: Feed entries written by this process between two trims of that feed.
+#: Feed entries (or sent deliveries) written by this process between two trims.
 _TRIM_EVERY = 200
+#: How long a subscription read by the delivery concern is reused.
+_SUB_CACHE_S = 1.0
 
 
 class _Runtime:
@@ -85,12 +90,32 @@ class _Runtime:
         self._stores: dict[int, SubscriptionStore] = {}
         self._logs: dict[int, DeliveryLog] = {}
         self._feed_writes: dict[str, int] = {}
+        self._subs: dict[str, tuple[float, Subscription | None]] = {}
+        self._sent = 0
 
     def subscriptions(self, ctx: Context) -> SubscriptionStore:
         store = self._stores.get(id(ctx.redis))
         if store is None:
             store = self._stores[id(ctx.redis)] = SubscriptionStore(ctx.redis, ctx.keys)
         return store
+
+    async def subscription(self, ctx: Context, sub_id: str) -> Subscription | None:
+        """The subscription, read at most once a second per process (a removal takes effect
+        within ``_SUB_CACHE_S``)."""
+        now = time.monotonic()
+        cached = self._subs.get(sub_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        sub = await self.subscriptions(ctx).get(sub_id)
+        if len(self._subs) > 10_000:
+            self._subs.clear()
+        self._subs[sub_id] = (now + _SUB_CACHE_S, sub)
+        return sub
+
+    def sent_one(self) -> bool:
+        """Count a sent delivery; True every ``_TRIM_EVERY`` (time to trim the log)."""
+        self._sent += 1
+        return self._sent % _TRIM_EVERY == 0
 
     def log(self, redis: Any, keys: Any) -> DeliveryLog:
         dl = self._logs.get(id(redis))
@@ -215,7 +240,7 @@ async def deliver(ev: DeliveryRequested, ctx: Context) -> None:
     s = rt.settings
     dlog = rt.log(ctx.redis, ctx.keys)
     sent_key = ctx.keys.state("notify", "sent", ev.id)
-    sub = await rt.subscriptions(ctx).get(ev.subscription_id)
+    sub = await rt.subscription(ctx, ev.subscription_id)
     base: dict[str, Any] = {
         "notification_id": ev.message.notification_id,
         "delivery_id": ev.id,
@@ -232,10 +257,6 @@ async def deliver(ev: DeliveryRequested, ctx: Context) -> None:
     base["destination"] = (
         sub.destination if sub.channel == "email" else mask_url(sub.destination, sub.channel)
     )
-    if await ctx.redis.exists(sent_key):
-        log.info("already_sent", delivery_id=ev.id)
-        await dlog.record(Attempt(**base, status="skipped", error="already sent"))
-        return
     breaker = Breaker(
         ctx.redis,
         ctx.keys,
@@ -244,6 +265,12 @@ async def deliver(ev: DeliveryRequested, ctx: Context) -> None:
         cooldown_s=s.breaker_cooldown_s,
         probe_s=s.total_timeout_s + 1.0,  # a probe never reported frees the slot after this
     )
+    # One round trip: was it sent already, and may the destination be called now?
+    (already,), reply = await breaker.ask_with(lambda pipe: pipe.exists(sent_key))
+    if already:
+        log.info("already_sent", delivery_id=ev.id)
+        await dlog.record(Attempt(**base, status="skipped", error="already sent"))
+        return
     started = time.perf_counter()
 
     def took() -> float:
@@ -252,7 +279,10 @@ async def deliver(ev: DeliveryRequested, ctx: Context) -> None:
         return round(elapsed * 1000, 2)
 
     try:
-        status, reference = await guarded(breaker, rt.sender(sub, ev.message, ev.id))
+        admitted = breaker.verdict(reply)
+        status, reference = await guarded(
+            breaker, rt.sender(sub, ev.message, ev.id), admitted=admitted
+        )
     except BreakerOpen as e:
         await dlog.record(Attempt(**base, status="held", error=str(e)))
         raise
@@ -273,11 +303,14 @@ async def deliver(ev: DeliveryRequested, ctx: Context) -> None:
             Attempt(**base, status="failed", http_status=e.status, latency_ms=took(), error=str(e))
         )
         raise
-    await dlog.record(
-        Attempt(**base, status="sent", http_status=status, latency_ms=took(), reference=reference),
-        sent_key=sent_key,
-        sent_ttl_s=s.sent_ttl_s,
+    # The sent mark and the log entry are effects: written once, atomically with the ack.
+    sent = Attempt(
+        **base, status="sent", http_status=status, latency_ms=took(), reference=reference
     )
+    for command in dlog.effects(sent, sent_key=sent_key, sent_ttl_s=s.sent_ttl_s):
+        ctx.effect(*command)
+    if rt.sent_one():
+        await dlog.trim()
 
 
 async def _dead_lettered(info: DeadLetterInfo) -> None:

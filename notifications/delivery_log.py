@@ -85,6 +85,27 @@ class DeliveryLog:
             pipe.expire(lst, self.ttl_s)
             await pipe.execute()
 
+    def effects(
+        self, attempt: Attempt, *, sent_key: str, sent_ttl_s: int
+    ) -> list[tuple[str | bytes | int, ...]]:
+        """The same writes as ``record`` (with the sent mark) as effects of the handled event:
+        they apply once, atomically with its ack, and cost no round trip of their own. The log
+        stream is trimmed by ``trim`` (effects cannot say MAXLEN)."""
+        ATTEMPTS.labels(attempt.channel or "-", attempt.status).inc()
+        raw = self._encoder.encode(attempt)
+        lst = self._list(attempt.notification_id)
+        return [
+            ("SET", sent_key, attempt.at, "EX", sent_ttl_s),
+            ("XADD", self._stream(), "*", "attempt", raw),
+            ("RPUSH", lst, raw),
+            ("LTRIM", lst, -_PER_NOTIFICATION, -1),
+            ("EXPIRE", lst, self.ttl_s),
+        ]
+
+    async def trim(self) -> None:
+        """Keep about ``maxlen`` entries in the log stream (XTRIM ~: whole macro nodes)."""
+        await self.client.xtrim(self._stream(), maxlen=self.maxlen, approximate=True)
+
     async def for_notification(self, notification_id: str) -> list[Attempt]:
         raw: Any = await self.client.lrange(self._list(notification_id), 0, -1)
         return self._decode(raw)

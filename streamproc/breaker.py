@@ -24,13 +24,14 @@ breaker's state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
-from streamproc._lua import Lua
+from streamproc._lua import Lua, with_scripts
 from streamproc.errors import Defer
 from streamproc.keys import Keys
 
@@ -183,11 +184,30 @@ class Breaker:
         A half-open breaker lets one caller through as the probe: that caller must report
         ``success()`` or ``failure()`` (a probe never reported is given up after ``probe_s``).
         """
-        verdict, wait_ms, state, failures = await _ADMIT(
-            self.client,
-            [self._key, self._index],
-            [int(self.cooldown_s * 1000), int(self.probe_s * 1000), self.name],
-        )
+        _, reply = await self.ask_with(lambda pipe: None)
+        return self.verdict(reply)
+
+    async def ask_with(self, queue: Callable[[Any], None]) -> tuple[list[Any], Any]:
+        """One round trip: the commands ``queue`` adds to a pipeline, then the admission
+        question. Returns their replies and the breaker's, for ``verdict``."""
+
+        async def send() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                queue(pipe)
+                _ADMIT.queue(
+                    pipe,
+                    [self._key, self._index],
+                    [int(self.cooldown_s * 1000), int(self.probe_s * 1000), self.name],
+                )
+                return list(await pipe.execute())
+
+        replies = await with_scripts(self.client, [_ADMIT], send)
+        return replies[:-1], replies[-1]
+
+    def verdict(self, reply: Any) -> int:
+        """The admission (``CLEAN``, ``RESET``, ``PROBE``) from ``ask_with``'s breaker reply;
+        raises ``BreakerOpen`` when the caller must wait."""
+        verdict, wait_ms, state, failures = reply
         state = state.decode() if isinstance(state, bytes) else str(state)
         STATE.labels(self.name).set(_LEVEL.get(state, 0))
         if not int(verdict):

@@ -209,16 +209,20 @@ def aws_failure(e: BaseException, what: str = "AWS") -> CallTransient | CallPerm
     return CallTransient(f"{what}: {type(e).__name__}: {e}")
 
 
-async def guarded(breaker: Breaker, call: Callable[[], Awaitable[T]]) -> T:
+async def guarded(
+    breaker: Breaker, call: Callable[[], Awaitable[T]], *, admitted: int | None = None
+) -> T:
     """Run ``call`` behind ``breaker``: refused while open (``BreakerOpen``), and its outcome
     recorded. Transient failures count toward opening; a 429 holds the destination for its
     Retry-After; permanent failures leave the breaker as it was (the destination answered).
 
     A failed half-open probe raises ``BreakerOpen`` (a deferral, naming the error), not
     ``CallTransient``: the destination is down again, which says nothing about this event,
-    so it uses none of the event's attempts.
+    so it uses none of the event's attempts. ``admitted``: the admission the caller already
+    got (``Breaker.ask_with`` + ``verdict``, to share the round trip); asked here otherwise.
     """
-    admitted = await breaker.admit()
+    if admitted is None:
+        admitted = await breaker.admit()
     try:
         result = await call()
     except CallRateLimited as e:
