@@ -75,9 +75,7 @@ class Ingest:
         #: Agents post every registered type except task requests (those enter by /v1/tasks)
         #: and the application's internal events (``Event.external`` False).
         self.event_types: list[type[Event]] = [
-            t
-            for t in registry.by_name.values()
-            if t.external and not issubclass(t, TaskRequested)
+            t for t in registry.by_name.values() if t.external and not issubclass(t, TaskRequested)
         ]
         self.decoder = EventDecoder(self.event_types, max_batch=s.max_batch)
         self.agents = AgentStore(client, keys, cache_s=s.auth_cache_s)
