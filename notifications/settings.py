@@ -30,10 +30,21 @@ class NotifySettings(msgspec.Struct, frozen=True, kw_only=True):
     feed_maxlen: int = 10_000
 
     def __post_init__(self) -> None:
-        for name in ("connect_timeout_s", "read_timeout_s", "total_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        if self.breaker_threshold < 1 or self.breaker_cooldown_s <= 0:
-            raise ValueError("breaker_threshold >= 1 and breaker_cooldown_s > 0")
-        if min(self.log_maxlen, self.log_ttl_s, self.sent_ttl_s, self.feed_maxlen) < 1:
-            raise ValueError("log_maxlen, log_ttl_s, sent_ttl_s, feed_maxlen >= 1")
+        for name, low, high in _BOUNDS:
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be within {low:g}..{high:g}")
+
+
+#: (field, lowest, highest): past these a value is a mistake (and Redis would refuse some).
+_BOUNDS: tuple[tuple[str, float, float], ...] = (
+    ("connect_timeout_s", 0.001, 3600),
+    ("read_timeout_s", 0.001, 3600),
+    ("total_timeout_s", 0.001, 3600),
+    ("breaker_threshold", 1, 1_000_000),
+    ("breaker_cooldown_s", 0.001, 86_400),
+    ("log_maxlen", 1, 1_000_000_000),
+    ("log_ttl_s", 1, 10 * 365 * 86_400),
+    ("sent_ttl_s", 1, 10 * 365 * 86_400),
+    ("feed_maxlen", 1, 100_000_000),
+)

@@ -311,3 +311,21 @@ def test_cli_subscriptions_and_log(redis_url: str, keys: Keys, repo_root: Path) 
     missing = _cli(env, repo_root, "notifications", "log", "no-such-id")
     assert missing.returncode == 1
     assert _cli(env, repo_root, "notifications", "recent").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("STREAMPROC_NOTIFY_READ_TIMEOUT_S", "-1"),
+        ("STREAMPROC_NOTIFY_READ_TIMEOUT_S", "soon"),
+        ("STREAMPROC_NOTIFY_BREAKER_THRESHOLD", "0"),
+        ("STREAMPROC_NOTIFY_LOG_MAXLEN", "9" * 400),
+    ],
+)
+def test_bad_settings_name_their_variable(var: str, value: str) -> None:
+    import notifications
+    from streamproc.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        notifications.settings_from({var: value})
+    assert str(e.value).startswith(f"{var}={value[:20]!r}"[: len(var) + 15]), str(e.value)
