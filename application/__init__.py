@@ -9,6 +9,7 @@ delivery of notifications (``notifications/``: its concerns, CLI commands and in
 from __future__ import annotations
 
 import notifications
+import spot
 from consumers import CONCERNS, configure_from_env
 from consumers.tasks import TASK_TYPES
 from producers.schedules import SCHEDULES
@@ -19,10 +20,10 @@ __all__ = ("app",)
 
 app = App(
     registry=REGISTRY,
-    concerns=[*CONCERNS.values(), *notifications.CONCERNS],
+    concerns=[*CONCERNS.values(), *notifications.CONCERNS, *spot.CONCERNS],
     schedules=SCHEDULES,
     task_types=TASK_TYPES,
-    commands=notifications.COMMANDS,
-    routes=[notifications.add_routes],
+    commands=[*notifications.COMMANDS, *spot.COMMANDS],
+    routes=[notifications.add_routes, spot.add_routes],
     configure=configure_from_env,
 )

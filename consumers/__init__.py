@@ -20,8 +20,10 @@ def configure_from_env(env: Mapping[str, str]) -> None:
     """Settings of the concerns that have some: ``STREAMPROC_RENDER_*`` (see consumers.renders)
     and ``STREAMPROC_NOTIFY_*`` (see notifications.settings)."""
     import notifications
+    import spot
 
     notifications.configure_from_env(env)
+    spot.configure_from_env(env)
     settings = settings_from_env(renders.RenderSettings, "STREAMPROC_RENDER_", env)
     try:
         renders.use_settings(settings)

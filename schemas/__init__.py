@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas import hibernation, inventory, metrics
 from schemas.cluster import NodeNotReady, OOMKilled, PodPending, SpotInterruption
 from schemas.notify import (
     DeliveryRequested,
@@ -50,5 +51,8 @@ REGISTRY: Registry[Any] = Registry(
         *TICK_TYPES,
         *(RenderRequested, RenderProgress, RenderDone, ReportReady),
         *TASK_EVENTS,
+        *inventory.TYPES,
+        *hibernation.TYPES,
+        *metrics.TYPES,
     ]
 )

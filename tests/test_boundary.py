@@ -12,7 +12,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-APPLICATION = frozenset({"schemas", "consumers", "producers", "application", "notifications"})
+APPLICATION = frozenset(
+    {"schemas", "consumers", "producers", "application", "notifications", "spot"}
+)
 
 
 def _imported(tree: ast.AST) -> list[tuple[int, str]]:
