@@ -65,7 +65,8 @@ T = TypeVar("T")
 #: The application ``streamproc`` runs when neither ``--app`` nor ``STREAMPROC_APP`` names one.
 DEFAULT_APP = "application:app"
 
-#: Modules that add subcommands: each has ``register(subparsers)``, and may have ``UP_ROLE``,
+#: Modules that add subcommands: each has ``register(subparsers)``, and may have ``UP_ROLE``
+#: (so may the App's own ``commands`` modules),
 #: the argument list of the child process ``streamproc up`` starts for that role.
 COMMAND_MODULES: tuple[str, ...] = (
     "streamproc.ops_cli",
@@ -306,7 +307,7 @@ def child_argv(args: argparse.Namespace, *command: str) -> list[str]:
 
 def _up_roles(args: argparse.Namespace, app: App) -> list[list[str]]:
     roles = [["consume", "--all"]] if app.concerns else []
-    for name in COMMAND_MODULES:
+    for name in (*COMMAND_MODULES, *app.commands):
         role = getattr(importlib.import_module(name), "UP_ROLE", None)
         if not role or role[0] in args.without:
             continue
