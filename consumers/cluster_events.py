@@ -7,6 +7,10 @@
   last ``INTERRUPTION_MEMORY_S``; a critical notification otherwise.
 - pod pending → classified by the scheduler's reason.
 
+Figures for the weekly report (``schemas.metrics``), on the UTC day the event occurred:
+``spot_interruptions`` and ``oom_kills`` in the daily hash and the cluster's daily hash, and
+interruptions per pool (``<type>/<az>``), which the optimizer turns into a risk score.
+
 Redis-side effects go through ``ctx.effect`` (applied once, atomically with the ack); events
 it emits get ids derived from the cause's id, so a handler that runs twice emits nothing new
 (producer-side dedup).
@@ -16,7 +20,14 @@ from __future__ import annotations
 
 import re
 
-from schemas.cluster import NodeNotReady, OOMKilled, PodPending, SpotInterruption
+from schemas.cluster import ClusterEvent, NodeNotReady, OOMKilled, PodPending, SpotInterruption
+from schemas.metrics import (
+    DAILY_TTL_S,
+    cluster_daily_key,
+    daily_key,
+    day_of,
+    pool_interruptions_key,
+)
 from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation
 from streamproc.concern import Concern, Context
 from streamproc.event import derived_id
@@ -26,6 +37,7 @@ __all__ = (
     "CONCERN",
     "RISKY_POOL_TTL_S",
     "classify_pending",
+    "count_figure",
     "recommend_memory_limit",
 )
 
@@ -66,9 +78,21 @@ def classify_pending(message: str) -> str:
     return "unknown"
 
 
+def count_figure(ctx: Context, event: ClusterEvent, field: str) -> None:
+    """One more ``field`` on the event's day, for all clusters and for its cluster."""
+    day = day_of(event.occurred_at)
+    for key in (daily_key(ctx.keys, day), cluster_daily_key(ctx.keys, event.cluster_id, day)):
+        ctx.effect("HINCRBY", key, field, 1)
+        ctx.effect("EXPIRE", key, DAILY_TTL_S)
+
+
 async def on_spot_interruption(event: SpotInterruption, ctx: Context) -> None:
     pool = ctx.keys.state("risky-pool", event.instance_type, event.availability_zone)
     ctx.effect("SET", pool, event.id, "EX", RISKY_POOL_TTL_S)
+    per_pool = pool_interruptions_key(ctx.keys, day_of(event.occurred_at))
+    ctx.effect("HINCRBY", per_pool, f"{event.instance_type}/{event.availability_zone}", 1)
+    ctx.effect("EXPIRE", per_pool, DAILY_TTL_S)
+    count_figure(ctx, event, "spot_interruptions")
     for node in filter(None, (event.node_name, event.instance_id)):
         mark = ctx.keys.state("interrupted", event.cluster_id, node)
         ctx.effect("SET", mark, event.id, "EX", INTERRUPTION_MEMORY_S)
@@ -92,6 +116,7 @@ async def on_oom_killed(event: OOMKilled, ctx: Context) -> None:
     new_limit = recommend_memory_limit(
         event.memory_limit_bytes, event.memory_peak_bytes, event.restart_count
     )
+    count_figure(ctx, event, "oom_kills")
     await ctx.producer.publish(
         RightSizingRecommendation(
             id=derived_id(event.id, "rightsizing"),

@@ -79,34 +79,61 @@ class TaskApi:
         if not body.strip():
             raise Problem(400, "empty_body", "the request body is empty")
         sub = self._decode(body)
-        tt = self.types.get(sub.type)
+        answer = await self.create(
+            sub.type, sub.payload, priority=sub.priority, submitted_by=agent.name, idem=idem
+        )
+        return web.Response(
+            body=msgspec.json.encode(answer),
+            status=202,
+            content_type="application/json",
+            headers={"Location": answer.location},
+        )
+
+    async def create(
+        self,
+        type_name: str,
+        payload: Mapping[str, Any],
+        *,
+        priority: Priority = "normal",
+        submitted_by: str,
+        idem: str | None = None,
+        payload_path: str = "$.payload",
+    ) -> TaskAccepted:
+        """Validate ``payload`` against the type, store the task and publish its request.
+
+        The one way a task is created: ``POST /v1/tasks`` and the application's own routes
+        (``POST /clusters/{id}/optimize``) call it. Refusals are ``Problem`` s whose paths
+        start at ``payload_path``; a retry with the same ``idem`` names the same task.
+        """
+        ing = self.ingest
+        tt = self.types.get(type_name)
         if tt is None:
             known = sorted(self.types)
             raise Problem(
                 422,
                 "unknown_task_type",
-                f"unknown task type {sub.type!r}; known: {', '.join(known)}",
+                f"unknown task type {type_name!r}; known: {', '.join(known)}",
                 path="$.type",
                 known_types=known,
             )
         try:
-            payload = msgspec.to_builtins(msgspec.convert(sub.payload, tt.payload_type))
+            checked = msgspec.to_builtins(msgspec.convert(dict(payload), tt.payload_type))
         except msgspec.ValidationError as e:
-            err = ing.decoder._item_error(0, "$.payload", str(e))
+            err = ing.decoder._item_error(0, payload_path, str(e))
             raise validation_problem([err], 1, [], what="payload") from None
-        task_id = str(uuid.uuid5(_TASK_NS, f"{agent.name}:{idem}")) if idem else new_event_id()
-        event = task_event_class(sub.priority)(
+        task_id = str(uuid.uuid5(_TASK_NS, f"{submitted_by}:{idem}")) if idem else new_event_id()
+        event = task_event_class(priority)(
             id=task_id,
             key=tt.name,
-            source=agent.name,
+            source=submitted_by,
             received_at=datetime.now(UTC),
             task_type=tt.name,
-            payload=payload,
-            priority=sub.priority,
+            payload=checked,
+            priority=priority,
         )
         try:
             created = await self.store.create(
-                task_id, type=tt.name, priority=sub.priority, submitted_by=agent.name
+                task_id, type=tt.name, priority=priority, submitted_by=submitted_by
             )
         except _REDIS_FAILED as e:
             raise redis_unavailable(ing.settings.retry_after_s, e) from e
@@ -118,24 +145,17 @@ class TaskApi:
                 with contextlib.suppress(*_REDIS_FAILED):
                     await self.store.discard(task_id)
             raise
-        position = await self._position(sub.priority)
+        position = await self._position(priority)
         if created:
-            TASKS_SUBMITTED.labels(tt.name, sub.priority).inc()
+            TASKS_SUBMITTED.labels(tt.name, priority).inc()
         view = await self.store.get(task_id)
-        location = f"/v1/tasks/{task_id}"
-        answer = TaskAccepted(
+        return TaskAccepted(
             id=task_id,
             status=view.status if view else "queued",
-            priority=sub.priority,
+            priority=priority,
             position=position,
             entry_id=entry_id,
-            location=location,
-        )
-        return web.Response(
-            body=msgspec.json.encode(answer),
-            status=202,
-            content_type="application/json",
-            headers={"Location": location},
+            location=f"/v1/tasks/{task_id}",
         )
 
     def _decode(self, body: bytes) -> TaskSubmit:
