@@ -1,21 +1,29 @@
 """The task runner (WORKLOADS.md §1 optimizer, §4 task nodes, §5 cancellable jobs).
 
-Task types run here; ``POST /v1/tasks`` submits them. ``optimizer.run`` is the spot-instance
-optimizer of §1 (5 in parallel): for a cluster's candidate pools (instance type x AZ) it checks
-which ones the cluster-event processor flagged risky after spot interruptions, reports its
-progress pool by pool (to the task's status and the cluster's live feed), returns the safe
-pools to use, and notifies the cluster's subscribers.
+Task types run here; ``POST /v1/tasks`` and ``POST /clusters/{id}/optimize`` submit them.
+``optimizer.run`` is the spot-instance optimizer of §1 (5 in parallel), whose steps are in
+``spot.optimizer_pipeline``: the cluster's inventory (as discovery stored it) and its policy
+(``spot.policy``), candidate pools (instance type x AZ) checked one by one against the
+cluster-event processor's risky flags and interruption counts (progress to the task's status
+and the cluster's live feed), a decision per on-demand instance, and — only when the policy's
+``dry_run`` is off and the request did not ask for one — the Auto Scaling groups' mixed-
+instances policies set through ``Aws.call``. The result is stored on the task; the run's
+figures (``optimizer_runs``, ``optimizer_opportunities``, ``optimizer_savings_usd``) go to the
+day's report hashes once per task; a notification tells the cluster's subscribers.
 """
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
 
 from notifications import feed_keys
 from schemas.notify import Notification
+from spot import optimizer_pipeline as pipeline
+from spot.policy import Family, PolicyStore
 from streamproc.event import derived_id
 from streamproc.tasks import TaskContext, TaskType, task_concern
 
@@ -25,59 +33,129 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
 
 
 class OptimizerRun(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Payload of ``optimizer.run``."""
+    """Payload of ``optimizer.run`` (also the body of ``POST /clusters/{id}/optimize``)."""
 
     cluster_id: Name
-    instance_types: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=50)]
-    availability_zones: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=20)]
+    #: Pools to check instead of the policy's families in the sizes the cluster runs.
+    instance_types: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=50)] | None = None
+    #: AZs to consider instead of those the cluster runs in.
+    availability_zones: Annotated[list[Name], msgspec.Meta(min_length=1, max_length=20)] | None = (
+        None
+    )
+    #: Families instead of the policy's, for this run.
+    families: Annotated[list[Family], msgspec.Meta(min_length=1, max_length=30)] | None = None
+    #: True: plan only, whatever the policy says. (A request cannot turn the policy's dry run
+    #: off: acting on AWS is the operator's choice, in the policy.)
+    dry_run: bool | None = None
     #: Pause between pool checks, to stay under the cloud API's rate limits.
     pace_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
 
 
+async def _report(ctx: TaskContext, cluster_id: str, fraction: float, **detail: Any) -> None:
+    await ctx.progress(fraction, **detail)
+    # The cluster's people follow it live (GET /clusters/{id}/feed).
+    await feed_keys.append(
+        ctx.redis,
+        ctx.keys,
+        cluster_id,
+        "task.progress",
+        {"task_id": ctx.task_id, "type": "optimizer.run", "fraction": fraction, **detail},
+    )
+
+
 async def run_optimizer(p: OptimizerRun, ctx: TaskContext) -> dict[str, Any]:
-    pools = [(t, az) for t in p.instance_types for az in p.availability_zones]
-    safe: list[str] = []
-    risky: list[str] = []
-    for i, (itype, az) in enumerate(pools, 1):
-        flagged = await ctx.redis.exists(ctx.keys.state("risky-pool", itype, az))
-        (risky if flagged else safe).append(f"{itype}/{az}")
-        await ctx.progress(
-            i / len(pools), pools_checked=i, pools_total=len(pools), risky=len(risky)
-        )
-        # The cluster's people follow it live (GET /clusters/{id}/feed).
-        await feed_keys.append(
-            ctx.redis,
-            ctx.keys,
+    now = datetime.now(UTC)
+    policy = await PolicyStore(ctx.redis, ctx.keys).get(p.cluster_id)
+    if p.families:
+        policy = msgspec.structs.replace(policy, families=list(p.families))
+    dry_run = policy.dry_run or p.dry_run is True
+    placed = await pipeline.cluster_inventory(ctx.redis, ctx.keys, p.cluster_id)
+    pools = pipeline.candidate_pools(
+        placed,
+        policy,
+        instance_types=p.instance_types or (),
+        availability_zones=p.availability_zones or (),
+    )
+    risks: list[pipeline.PoolRisk] = []
+    risky = 0
+    for i, pool in enumerate(pools, 1):
+        [risk] = await pipeline.pool_risks(ctx.redis, ctx.keys, [pool], now)
+        risks.append(risk)
+        risky += risk.score >= pipeline.RISK_LIMIT
+        await _report(
+            ctx,
             p.cluster_id,
-            "task.progress",
-            {
-                "task_id": ctx.task_id,
-                "type": "optimizer.run",
-                "fraction": i / len(pools),
-                "pools_checked": i,
-                "pools_total": len(pools),
-                "risky": len(risky),
-            },
+            0.9 * i / len(pools),
+            pools_checked=i,
+            pools_total=len(pools),
+            risky=risky,
         )
         if p.pace_ms:
             await asyncio.sleep(p.pace_ms / 1000)
+    decisions = pipeline.decide(placed, risks, policy)
+    converts = [d for d in decisions if d.action == "convert"]
+    actions: list[pipeline.AsgAction] = []
+    if converts and not dry_run:
+        aws = pipeline.runtime_aws()
+        actions = await pipeline.apply_decisions(aws, ctx.redis, ctx.keys, decisions, policy)
+    applied = {a.asg for a in actions if a.applied}
+    hourly = sum(d.savings_usd_per_hour for d in converts)
+    realised = sum(d.savings_usd_per_hour for d in converts if d.asg in applied)
+    await pipeline.record_run(
+        ctx.redis,
+        ctx.keys,
+        task_id=ctx.task_id,
+        cluster_id=p.cluster_id,
+        at=now,
+        figures={
+            "optimizer_runs": 1,
+            "optimizer_opportunities": len(converts),
+            "optimizer_savings_usd": round(realised * 24, 4),
+        },
+    )
+    safe = [r.pool for r in risks if r.score < pipeline.RISK_LIMIT]
+    risky_pools = [r.pool for r in risks if r.score >= pipeline.RISK_LIMIT]
+    await _report(
+        ctx,
+        p.cluster_id,
+        1.0,
+        pools_checked=len(pools),
+        pools_total=len(pools),
+        risky=risky,
+        decisions=len(decisions),
+        convert=len(converts),
+    )
+    mode = "dry run" if dry_run else f"{len(applied)} group(s) updated"
     await ctx.producer.publish(
         Notification(
             id=derived_id(ctx.task_id, "optimizer"),
             key=p.cluster_id,
             source="tasks",
             cluster_id=p.cluster_id,
-            severity="warning" if risky else "info",
-            title=f"Optimizer run for {p.cluster_id}: {len(safe)} safe pools, {len(risky)} risky",
-            body=", ".join(risky)[:8000],
+            severity="warning" if risky_pools or any(not a.applied for a in actions) else "info",
+            title=f"Optimizer run for {p.cluster_id}: {len(converts)} of {len(placed)} "
+            f"instances to spot (${hourly * 730:,.0f}/month), {mode}",
+            body="\n".join(
+                [f"{d.instance_id}: {d.action} ({d.reason})" for d in decisions[:50]]
+                + [f"risky pools: {', '.join(risky_pools)}"] * bool(risky_pools)
+                + [f"{a.asg}: {a.error}" for a in actions if not a.applied]
+            )[:8000],
             cause_id=ctx.task_id,
         )
     )
     return {
         "cluster_id": p.cluster_id,
+        "dry_run": dry_run,
+        "policy": msgspec.to_builtins(policy),
+        "instances": len(placed),
         "safe_pools": safe,
-        "risky_pools": risky,
-        "recommended": safe[:3],
+        "risky_pools": risky_pools,
+        "recommended": sorted(safe, key=lambda s: next(r.score for r in risks if r.pool == s))[:3],
+        "pool_risk": msgspec.to_builtins(risks),
+        "decisions": msgspec.to_builtins(decisions),
+        "savings_usd_per_hour": round(hourly, 6),
+        "savings_usd_per_month": round(hourly * 730, 2),
+        "actions": msgspec.to_builtins(actions),
     }
 
 

@@ -153,7 +153,14 @@ async def test_optimizer_run_completes_with_progress_and_result(
     assert view["progress"] == 1.0
     assert view["result"]["risky_pools"] == ["m5.large/eu-west-1a"]
     assert len(view["result"]["safe_pools"]) == 3
-    assert view["detail"] == {"pools_checked": 4, "pools_total": 4, "risky": 1}
+    assert view["detail"] == {
+        "pools_checked": 4,
+        "pools_total": 4,
+        "risky": 1,
+        "decisions": 0,  # no inventory for c1: the explicit pools only
+        "convert": 0,
+    }
+    assert view["result"]["dry_run"] is True
     assert view["started_at"]
     assert view["finished_at"]
     assert view["attempts"] == 1
@@ -163,8 +170,9 @@ async def test_optimizer_run_completes_with_progress_and_result(
     from notifications.feed_keys import feed_key
 
     feed: Any = await client.xrange(feed_key(keys, "c1"))
-    assert [f[b"type"] for _, f in feed] == [b"task.progress"] * 4
-    assert [orjson.loads(f[b"data"])["pools_checked"] for _, f in feed] == [1, 2, 3, 4]
+    assert [f[b"type"] for _, f in feed] == [b"task.progress"] * 5
+    assert [orjson.loads(f[b"data"])["pools_checked"] for _, f in feed] == [1, 2, 3, 4, 4]
+    assert orjson.loads(feed[-1][1][b"data"])["fraction"] == 1.0
 
 
 async def test_submission_errors(srv: Server, op: str) -> None:
