@@ -1,4 +1,6 @@
-"""Placeholder: the hibernation events of issue 13 go here."""
+"""Hibernation publishes no events of its own: what it does goes to the audit stream
+(``<p>:state:audit``) and its savings to the daily metrics hashes (see spot/hibernation.py).
+It consumes ``schemas.ticks.HibernationTick``."""
 
 from __future__ import annotations
 

@@ -1,0 +1,266 @@
+"""Where hibernation keeps its state in Redis, and the audit stream.
+
+| key | type | what |
+|---|---|---|
+| ``<p>:state:hibernation:schedules`` | hash | cluster -> JSON ``Schedule`` |
+| ``<p>:state:hibernation:version`` | string | INCR on every schedule change (caches key on it) |
+| ``<p>:state:hibernation:asleep`` | hash | cluster -> JSON ``SleepRecord``: the sizes to restore |
+| ``<p>:state:hibernation:last_tick`` | string | scheduled time (epoch ms) of the newest tick done |
+| ``<p>:state:audit`` | stream | every action: who, what, cluster, asg, before, after, when, tick |
+| ``<p>:state:metrics:daily:<YYYY-MM-DD>`` | hash | ``hibernated_instance_hours``, ``savings_usd`` |
+
+A ``SleepRecord`` is written *before* an Auto Scaling group is scaled to 0 (with the sizes it
+had, never overwritten by a later attempt that finds it at 0 already), and marked
+``complete`` with the tick's ack once every group of the cluster is at 0. It is deleted with
+the ack of the tick that restored every group.
+"""
+
+from __future__ import annotations
+
+import getpass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from spot._schedule import Schedule
+from streamproc.keys import Keys
+
+__all__ = (
+    "AUDIT_MAXLEN",
+    "AsgSizes",
+    "AuditEntry",
+    "HibernationKeys",
+    "ScheduleStore",
+    "SleepRecord",
+    "audit_fields",
+    "cli_user",
+    "read_audit",
+)
+
+#: The audit stream keeps about this many entries (XTRIM MAXLEN ~).
+AUDIT_MAXLEN = 100_000
+
+
+class AsgSizes(msgspec.Struct, frozen=True, kw_only=True):
+    min: int
+    max: int
+    desired: int
+    #: The type most of its instances had (for the savings), "" when unknown.
+    instance_type: str = ""
+    lifecycle: str = "on-demand"
+
+
+class SleepRecord(msgspec.Struct, frozen=True, kw_only=True):
+    account: str
+    region: str
+    #: ASG name -> the sizes to restore.
+    asgs: dict[str, AsgSizes]
+    #: True once every group is at 0 (written with the ack of that tick).
+    complete: bool = False
+    #: Scheduled time (epoch ms) of the tick that put it to sleep.
+    since_ms: int = 0
+    tick: str = ""
+    #: Instances asleep and what they cost an hour (computed once, at sleep time).
+    instances: int = 0
+    usd_per_hour: float = 0.0
+
+
+class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
+    at: str
+    who: str
+    #: sleep | wake | prewarm | failed | schedule_set | schedule_removed | remove_pending
+    action: str
+    cluster: str
+    asg: str = ""
+    before: str = ""
+    after: str = ""
+    tick: str = ""
+    detail: str = ""
+    id: str = ""
+
+
+class HibernationKeys:
+    __slots__ = ("asleep", "audit", "keys", "last_tick", "schedules", "version")
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+        self.schedules = keys.state("hibernation", "schedules")
+        self.version = keys.state("hibernation", "version")
+        self.asleep = keys.state("hibernation", "asleep")
+        self.last_tick = keys.state("hibernation", "last_tick")
+        self.audit = keys.state("audit")
+
+    def daily(self, day: str) -> str:
+        """The weekly report's per-day metrics hash."""
+        return self.keys.state("metrics", "daily", day)
+
+
+_SCHEDULE = msgspec.json.Decoder(Schedule)
+_RECORD = msgspec.json.Decoder(SleepRecord)
+
+
+def decode_record(raw: bytes) -> SleepRecord | None:
+    try:
+        return _RECORD.decode(raw)
+    except msgspec.DecodeError:
+        return None
+
+
+def sizes_text(s: AsgSizes | None) -> str:
+    return "" if s is None else f"min={s.min} max={s.max} desired={s.desired}"
+
+
+def audit_fields(
+    *,
+    who: str,
+    action: str,
+    cluster: str,
+    at: datetime,
+    asg: str = "",
+    before: str = "",
+    after: str = "",
+    tick: str = "",
+    detail: str = "",
+) -> list[str]:
+    """The field/value list of one audit entry (a fixed field set: compact in the stream)."""
+    return [
+        "at",
+        at.isoformat(timespec="seconds"),
+        "who",
+        who[:100],
+        "action",
+        action,
+        "cluster",
+        cluster,
+        "asg",
+        asg,
+        "before",
+        before,
+        "after",
+        after,
+        "tick",
+        tick,
+        "detail",
+        detail[:500],
+    ]
+
+
+def _pairs(fields: list[str]) -> dict[Any, Any]:
+    return dict(zip(fields[::2], fields[1::2], strict=True))
+
+
+def cli_user() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name (a container without passwd entry)
+        return "cli:unknown"
+
+
+async def read_audit(
+    client: aioredis.Redis, keys: Keys, *, cluster: str | None = None, count: int = 20
+) -> list[AuditEntry]:
+    """The newest ``count`` entries (of ``cluster`` only when given), newest first."""
+    key = HibernationKeys(keys).audit
+    out: list[AuditEntry] = []
+    last = "+"
+    while len(out) < count:
+        batch: Any = await client.xrevrange(key, max=last, min="-", count=500)
+        if not batch:
+            break
+        for entry_id, fields in batch:
+            f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+            if cluster is not None and f.get("cluster") != cluster:
+                continue
+            known = {k: f.get(k, "") for k in AuditEntry.__struct_fields__ if k != "id"}
+            out.append(AuditEntry(**known, id=entry_id.decode()))
+            if len(out) >= count:
+                break
+        last = "(" + batch[-1][0].decode()
+        if len(batch) < 500:
+            break
+    return out
+
+
+class ScheduleStore:
+    """Schedules in Redis: set, get, list, remove (every change bumps the version)."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.client, self.k = client, HibernationKeys(keys)
+
+    async def put(self, schedule: Schedule, *, who: str, detail: str = "") -> bool:
+        """Add or replace; True when it is new. Audited."""
+        async with self.client.pipeline(transaction=True) as p:
+            p.hset(self.k.schedules, schedule.cluster, msgspec.json.encode(schedule))
+            p.incr(self.k.version)
+            p.xadd(
+                self.k.audit,
+                _pairs(
+                    audit_fields(
+                        who=who,
+                        action="schedule_set",
+                        cluster=schedule.cluster,
+                        at=datetime.now(UTC),
+                        detail=detail,
+                    )
+                ),
+                maxlen=AUDIT_MAXLEN,
+                approximate=True,
+            )
+            new, *_ = await p.execute()
+        return bool(new)
+
+    async def get(self, cluster: str) -> Schedule | None:
+        raw: Any = await self.client.hget(self.k.schedules, cluster)
+        return _SCHEDULE.decode(raw) if raw else None
+
+    async def record(self, cluster: str) -> SleepRecord | None:
+        raw: Any = await self.client.hget(self.k.asleep, cluster)
+        return decode_record(raw) if raw else None
+
+    async def all(self) -> list[Schedule]:
+        raw: Any = await self.client.hgetall(self.k.schedules)
+        out = []
+        for v in raw.values():
+            try:
+                out.append(_SCHEDULE.decode(v))
+            except msgspec.DecodeError:  # written by something else: skipped, never a crash
+                continue
+        return sorted(out, key=lambda s: s.cluster)
+
+    async def asleep(self) -> dict[str, SleepRecord]:
+        raw: Any = await self.client.hgetall(self.k.asleep)
+        out = {}
+        for k, v in raw.items():
+            rec = decode_record(v)
+            if rec is not None:
+                out[k.decode()] = rec
+        return out
+
+    async def remove(self, cluster: str, *, who: str) -> str:
+        """ "removed", "pending" (asleep: woken at the next tick, then removed) or "absent"."""
+        schedule = await self.get(cluster)
+        if schedule is None:
+            return "absent"
+        now = datetime.now(UTC)
+        if await self.client.hexists(self.k.asleep, cluster):
+            gone = msgspec.structs.replace(schedule, removing=True, updated_by=who)
+            action, outcome = "remove_pending", "pending"
+        else:
+            gone, action, outcome = None, "schedule_removed", "removed"
+        fields = audit_fields(who=who, action=action, cluster=cluster, at=now)
+        async with self.client.pipeline(transaction=True) as p:
+            if gone is None:
+                p.hdel(self.k.schedules, cluster)
+            else:
+                p.hset(self.k.schedules, cluster, msgspec.json.encode(gone))
+            p.incr(self.k.version)
+            p.xadd(
+                self.k.audit,
+                _pairs(fields),
+                maxlen=AUDIT_MAXLEN,
+                approximate=True,
+            )
+            await p.execute()
+        return outcome
