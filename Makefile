@@ -14,8 +14,18 @@ PYTEST_ARGS ?=
 
 .PHONY: run test lint bench setup-run setup-test venv clean
 
+# Without STREAMPROC_AWS_ENDPOINT_URL (unset; an empty value means real AWS), discovery works on
+# a moto server that `streamproc aws-demo` starts on 127.0.0.1:4566 and seeds (docs/aws.md).
+AWS_DEMO_ENDPOINT := http://127.0.0.1:4566
+
 run: setup-run
-	$(VENV)/bin/streamproc up
+	@if [ -z "$${STREAMPROC_AWS_ENDPOINT_URL+set}" ]; then \
+	  export STREAMPROC_AWS_ENDPOINT_URL=$(AWS_DEMO_ENDPOINT) AWS_EC2_METADATA_DISABLED=true \
+	    AWS_ACCESS_KEY_ID="$${AWS_ACCESS_KEY_ID:-demo}" \
+	    AWS_SECRET_ACCESS_KEY="$${AWS_SECRET_ACCESS_KEY:-demo}"; \
+	  echo "AWS: the demo moto server on $(AWS_DEMO_ENDPOINT) (set STREAMPROC_AWS_ENDPOINT_URL= for AWS)"; \
+	fi; \
+	exec $(VENV)/bin/streamproc up
 
 test: setup-test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

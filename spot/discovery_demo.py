@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 import sys
@@ -150,6 +151,7 @@ def _cmd_aws_demo(args: argparse.Namespace, cfg: Any, app: Any) -> int:
         else:
             from moto.server import ThreadedMotoServer
 
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request
             server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
             server.start()
             created = seed(endpoint)
