@@ -15,6 +15,7 @@ import msgspec
 import orjson
 
 from spot._schedule import Schedule, apply_rules, grid, new_schedule, parse_matrix
+from spot.aws import AccountStore
 from spot.hibernation_store import ScheduleStore, cli_user, read_audit, sizes_text
 from spot.hibernation_view import public, state_of
 from streamproc.app import App
@@ -79,6 +80,13 @@ def _cmd_hibernation(args: argparse.Namespace, cfg: Config, app: App) -> int:
         try:
             store = ScheduleStore(client, Keys(cfg.redis.key_prefix))
             if schedule is not None:
+                keys = Keys(cfg.redis.key_prefix)
+                if await AccountStore(client, keys).get(schedule.account) is None:
+                    print(
+                        f"streamproc: warning: account {schedule.account} is not registered "
+                        "(streamproc accounts add): the schedule fails until it is",
+                        file=sys.stderr,
+                    )
                 new = await store.put(schedule, who=cli_user(), detail=f"tz={schedule.tz}")
                 verb = "added" if new else "replaced"
                 print(f"hibernation schedule of {schedule.cluster} {verb} ({schedule.tz}):")

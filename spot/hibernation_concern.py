@@ -1,7 +1,8 @@
 """The ``hibernation`` concern: on every ``tick.hibernation``, put clusters to sleep and wake
 them by their schedules, audit every action, and record what sleeping saved.
 
-One tick, in order:
+One tick at a time across replicas (a lease, ``_Lease``; a tick that finds it held by another
+is deferred 5 s, without using an attempt). One tick, in order:
 
 1. **One pipeline of reads**: the schedules' version, the newest tick done, the sleep records.
    Schedules are decoded again only when their version changed (``Runtime`` keeps them).
@@ -47,9 +48,10 @@ from spot.hibernation_store import (
     sizes_text,
 )
 from spot.prices import hourly_usd
+from streamproc._lua import Lua
 from streamproc.breaker import BreakerOpen
 from streamproc.concern import Concern, Context
-from streamproc.errors import ConfigError, Permanent, Retry
+from streamproc.errors import ConfigError, Defer, Permanent, Retry
 
 __all__ = ("CONCERN", "HibernationSettings", "Runtime", "decide", "runtime", "use")
 
@@ -67,12 +69,61 @@ class HibernationSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: Savings count the time since the previous tick, at most this long (a tick missed for
     #: hours, the ticker down, is not counted as hours asleep).
     max_gap_s: float = 600.0
+    #: One tick at a time across replicas: the lease's TTL, renewed every third of it.
+    lease_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.aws_concurrency <= 256:
             raise ValueError("aws_concurrency within 1..256")
         if not 0 < self.max_gap_s <= 86_400:
             raise ValueError("max_gap_s within 0..86400")
+        if not 1 <= self.lease_ttl_s <= 3600:
+            raise ValueError("lease_ttl_s within 1..3600")
+
+
+# KEYS: lease. ARGV: token, ttl_ms. 1 when this token holds it now (taken, or already ours).
+_TAKE = Lua("""
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+""")
+# KEYS: lease. ARGV: token, ttl_ms. Extends (renew) or shortens (release) the lease if ours.
+_EXPIRE = Lua("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+""")
+#: Released leases live this much longer: the tick's settle (its effects) lands first.
+_SETTLE_MS = 2000
+
+
+class _Lease:
+    """One hibernation tick at a time across replicas (``<p>:state:hibernation:lease``).
+
+    Without it two replicas handling two ticks could both put one cluster to sleep, the second
+    finding its groups at 0 already. The token is the consumer's name (unique in the group, and
+    its concern handles one tick at a time), so the same consumer takes it again. Released by
+    shortening it to ``_SETTLE_MS``: the tick's effects are written with its ack, after the
+    handler.
+    """
+
+    def __init__(self, ctx: Context, key: str, ttl_s: float) -> None:
+        self.redis, self.key = ctx.redis, key
+        self.token = ctx.consumer
+        self.ttl_ms = int(ttl_s * 1000)
+
+    async def take(self) -> bool:
+        return bool(await _TAKE(self.redis, [self.key], [self.token, self.ttl_ms]))
+
+    async def keep(self) -> None:
+        """Renew every third of the TTL until cancelled or lost."""
+        while True:
+            await asyncio.sleep(self.ttl_ms / 3000)
+            if not await _EXPIRE(self.redis, [self.key], [self.token, self.ttl_ms]):
+                log.warning("hibernation_lease_lost", key=self.key)
+                return
+
+    async def release(self) -> None:
+        await _EXPIRE(self.redis, [self.key], [self.token, _SETTLE_MS])
 
 
 @dataclass
@@ -318,6 +369,19 @@ class _Tick:
 async def on_tick(tick: HibernationTick, ctx: Context) -> None:
     rt = runtime()
     hk = HibernationKeys(ctx.keys)
+    lease = _Lease(ctx, hk.lease, rt.settings.lease_ttl_s)
+    if not await lease.take():
+        raise Defer("another replica is handling a hibernation tick", delay_s=5.0)
+    keeper = asyncio.create_task(lease.keep())
+    try:
+        await _handle(tick, ctx, rt, hk)
+    finally:
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+        await lease.release()
+
+
+async def _handle(tick: HibernationTick, ctx: Context, rt: Runtime, hk: HibernationKeys) -> None:
     at_ms = _ms(tick.scheduled_for)
     async with ctx.redis.pipeline(transaction=False) as p:
         p.get(hk.version)

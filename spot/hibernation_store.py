@@ -6,6 +6,7 @@
 | ``<p>:state:hibernation:version`` | string | INCR on every schedule change (caches key on it) |
 | ``<p>:state:hibernation:asleep`` | hash | cluster -> JSON ``SleepRecord``: the sizes to restore |
 | ``<p>:state:hibernation:last_tick`` | string | scheduled time (epoch ms) of the newest tick done |
+| ``<p>:state:hibernation:lease`` | string, PX | the consumer handling a tick (its name) |
 | ``<p>:state:audit`` | stream | every action: who, what, cluster, asg, before, after, when, tick |
 | ``<p>:state:metrics:daily:<YYYY-MM-DD>`` | hash | ``hibernated_instance_hours``, ``savings_usd`` |
 
@@ -82,7 +83,7 @@ class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class HibernationKeys:
-    __slots__ = ("asleep", "audit", "keys", "last_tick", "schedules", "version")
+    __slots__ = ("asleep", "audit", "keys", "last_tick", "lease", "schedules", "version")
 
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
@@ -90,6 +91,7 @@ class HibernationKeys:
         self.version = keys.state("hibernation", "version")
         self.asleep = keys.state("hibernation", "asleep")
         self.last_tick = keys.state("hibernation", "last_tick")
+        self.lease = keys.state("hibernation", "lease")
         self.audit = keys.state("audit")
 
     def daily(self, day: str) -> str:

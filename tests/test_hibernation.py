@@ -417,6 +417,22 @@ async def test_removing_a_sleeping_clusters_schedule_wakes_it_first(
     assert await hib.store.remove(cluster, who="test") == "absent"
 
 
+async def test_a_tick_waits_while_another_replica_handles_one(hib: Hib, endpoint: str) -> None:
+    cluster, ng = unique("c"), unique("ng")
+    make_asg(endpoint, ng, tags={f"kubernetes.io/cluster/{cluster}": "owned"})
+    await hib.schedule(cluster, "daily 0-24")
+    await hib.client.set(hib.hk.lease, "h2", px=10_000)
+    await hib.tick(datetime(2026, 12, 7, 10, 0, tzinfo=UTC))
+    assert sizes(endpoint, ng) == (1, 4, 2)
+    assert await hib.client.get(hib.hk.last_tick) is None
+    assert await hib.client.zcard(hib.keys.delayed("ticks", "hibernation")) == 1  # deferred
+    await hib.client.delete(hib.hk.lease)
+    await hib.tick(datetime(2026, 12, 7, 10, 1, tzinfo=UTC))
+    assert sizes(endpoint, ng) == (0, 0, 0)
+    # Released: it expires shortly after the handler, once the tick's effects are written.
+    assert 0 < await hib.client.pttl(hib.hk.lease) <= 2000
+
+
 def test_decide_evaluates_ten_thousand_schedules_within_a_second() -> None:
     zones = ["UTC", BERLIN, "America/New_York", "Asia/Tokyo", "Australia/Sydney"]
     week = apply_rules(["mon-fri 20-08", "sat-sun 0-24"])
