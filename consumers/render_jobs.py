@@ -3,7 +3,9 @@
 Both return ``pack_files({name: bytes})`` (msgpack), which the render concern stores.
 
 - ``report_job``: 7 days of daily metrics -> one PNG chart per metric (matplotlib, Agg) and an
-  HTML summary that shows them.
+  HTML summary that shows them. The figures the concerns record (``schemas.metrics.FIGURES``:
+  savings, hibernated hours, optimizer runs, interruptions, OOM kills, agent metrics) come
+  first, in that order, with their labels and units; any other field follows by name.
 - ``frame_job``: a procedural frame/preview render: PyTorch on CUDA when this worker has a GPU
   and torch is installed, NumPy otherwise; both give the same pixels within ``FRAME_TOLERANCE``.
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from schemas.metrics import FIGURES
 from streamproc.errors import Permanent
 from streamproc.offload import WorkerContext
 
@@ -29,6 +32,7 @@ __all__ = (
     "pack_files",
     "render_frame",
     "report_job",
+    "report_order",
     "unpack_files",
 )
 
@@ -76,7 +80,7 @@ def report_job(payload: bytes, ctx: WorkerContext) -> bytes:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    names = sorted({n for d in report.days for n in d.values})
+    names = report_order({n for d in report.days for n in d.values})
     files: dict[str, bytes] = {}
     rows = []
     for i, name in enumerate(names):
@@ -85,7 +89,7 @@ def report_job(payload: bytes, ctx: WorkerContext) -> bytes:
         fig = Figure(figsize=(6, 3), dpi=100)
         ax = fig.add_subplot()
         ax.bar(days, values, color="#3b7dd8")
-        ax.set_title(name.replace("_", " "))
+        ax.set_title(_label(name))
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         buf = io.BytesIO()
@@ -98,20 +102,31 @@ def report_job(payload: bytes, ctx: WorkerContext) -> bytes:
     return pack_files(files)
 
 
+def report_order(names: set[str]) -> list[str]:
+    """The report's known figures first (in ``FIGURES`` order), then the rest by name."""
+    return [n for n in FIGURES if n in names] + sorted(names - FIGURES.keys())
+
+
+def _label(name: str) -> str:
+    known = FIGURES.get(name)
+    return f"{known[0]} ({known[1]})" if known else name.replace("_", " ")
+
+
 def _summary_html(report: ReportInput, rows: list[tuple[str, float, float]]) -> str:
     e = html.escape
     period = f"{report.period_start:%Y-%m-%d} to {report.period_end:%Y-%m-%d}"
     table = "".join(
-        f"<tr><td>{e(n)}</td><td>{total:,.2f}</td><td>{peak:,.2f}</td></tr>"
+        f"<tr><td>{e(_label(n))}</td><td>{total:,.2f}</td><td>{peak:,.2f}</td>"
+        f"<td><code>{e(n)}</code></td></tr>"
         for n, total, peak in rows
     )
     charts = "".join(f'<figure><img src="{e(n)}.png" alt="{e(n)}"></figure>' for n, _, _ in rows)
-    body = table or '<tr><td colspan="3">no data for this period</td></tr>'
+    body = table or '<tr><td colspan="4">no data for this period</td></tr>'
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{e(report.title)}</title>"
         f"</head><body><h1>{e(report.title)}</h1><p>{e(period)} · {len(report.days)} days</p>"
-        f"<table><tr><th>metric</th><th>total</th><th>peak day</th></tr>{body}</table>"
-        f"{charts}</body></html>"
+        f"<table><tr><th>metric</th><th>total</th><th>peak day</th><th>field</th></tr>{body}"
+        f"</table>{charts}</body></html>"
     )
 
 

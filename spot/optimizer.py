@@ -66,11 +66,11 @@ class _Routes:
         cluster_id = cluster_path(request)
         if not may_act(agent, cluster_id, TASK_TYPE):
             raise forbidden(agent, cluster_id, TASK_TYPE)
-        ing.body_format(request, allowed=("json",))
         idem = idempotency_key(request)
         body = await ing.read_body(request)
         payload: dict[str, Any] = {}
-        if body.strip():
+        if body.strip():  # optional: no body (whatever its Content-Type) = the policy's run
+            ing.body_format(request, allowed=("json",))
             try:
                 payload = self._body.decode(body)
             except msgspec.ValidationError:
@@ -109,7 +109,11 @@ class _Routes:
         owner: Any = await ing.client.get(_task_marker(ing, task_id[:128]))
         if owner is None or owner.decode() != cluster_id:
             raise Problem(404, "not_found", f"no optimizer run {task_id[:80]!r} for {cluster_id}")
-        return await ing.tasks.get(request)
+        view = await ing.tasks.store.get(task_id)
+        if view is None:
+            raise Problem(404, "not_found", f"optimizer run {task_id!r} expired")
+        # The task API's view (GET /v1/tasks/{id}), for a token scoped to the cluster.
+        return json_response(msgspec.to_builtins(view))
 
     async def get_policy(self, request: web.Request) -> web.Response:
         await self.ingest.authenticate(request, operator=True)

@@ -21,7 +21,6 @@ Prices come from ``spot.prices``.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -36,6 +35,7 @@ from schemas.metrics import DAILY_TTL_S, cluster_daily_key, daily_key, day_of
 from schemas.metrics import pool_interruptions_key as _pool_key
 from spot.aws import AccountStore, Aws
 from spot.policy import Policy
+from spot.prices import hourly_usd
 from streamproc._lua import Lua
 from streamproc.keys import Keys
 from streamproc.outbound import CallPermanent
@@ -65,12 +65,6 @@ RISK_WINDOW_DAYS = 7
 ASG_TAG = "aws:autoscaling:groupName"
 
 _aws: Aws | None = None
-
-
-def hourly_usd(instance_type: str, lifecycle: str = "on-demand") -> float:
-    """``spot.prices.hourly_usd`` (the hibernation part's table; imported when first used)."""
-    prices = importlib.import_module("spot.prices")
-    return float(prices.hourly_usd(instance_type, lifecycle))
 
 
 def use_aws(aws: Aws | None) -> None:
