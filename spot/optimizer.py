@@ -8,10 +8,12 @@
 | ``PUT /v1/clusters/{id}/policy`` | operator | set it (a whole ``Policy``) |
 | ``POST /clusters/{id}/metrics`` | agent scoped to the cluster | see ``spot.optimizer_metrics`` |
 
-An agent is scoped to a cluster when its ``clusters`` patterns match the id and its ``types``
-patterns match what it does (``optimizer.run``, ``cluster.metrics``): a viewer token (clusters,
-no types) reads feeds and starts nothing. The optimize body is optional: ``OptimizerRun``'s
-fields except ``cluster_id`` (the path's), e.g. ``{"families": ["m6i"], "dry_run": true}``.
+An agent is scoped to a cluster when its ``clusters`` patterns match the id. It may start and
+follow optimizer runs there when it posts events at all (a viewer token — clusters, no types —
+reads feeds and starts nothing), and post metrics when its ``types`` allow ``cluster.metrics``.
+
+The optimize body is optional: ``OptimizerRun``'s fields except ``cluster_id`` (the path's),
+e.g. ``{"families": ["m6i"], "dry_run": true}``.
 The task is created by the task API's own path (``TaskApi.create``): the same store, events,
 idempotency (``Idempotency-Key``) and metrics as ``POST /v1/tasks``.
 """
@@ -41,6 +43,7 @@ __all__ = ("CONCERNS", "TASK_TYPE", "add_routes", "configure_from_env", "registe
 #: The consumer groups of this part.
 CONCERNS: tuple[Concern, ...] = (optimizer_metrics.CONCERN,)
 TASK_TYPE = "optimizer.run"
+_NEEDS = "some --types (a viewer token starts nothing)"
 
 
 def configure_from_env(env: Mapping[str, str]) -> None:
@@ -64,8 +67,8 @@ class _Routes:
         ing = self.ingest
         agent = await ing.authenticate(request)
         cluster_id = cluster_path(request)
-        if not may_act(agent, cluster_id, TASK_TYPE):
-            raise forbidden(agent, cluster_id, TASK_TYPE)
+        if not may_act(agent, cluster_id, None):
+            raise forbidden(agent, cluster_id, "run the optimizer", _NEEDS)
         idem = idempotency_key(request)
         body = await ing.read_body(request)
         payload: dict[str, Any] = {}
@@ -103,8 +106,8 @@ class _Routes:
         ing = self.ingest
         agent = await ing.authenticate(request)
         cluster_id = cluster_path(request)
-        if not may_act(agent, cluster_id, TASK_TYPE):
-            raise forbidden(agent, cluster_id, TASK_TYPE)
+        if not may_act(agent, cluster_id, None):
+            raise forbidden(agent, cluster_id, "run the optimizer", _NEEDS)
         task_id = request.match_info["task_id"]
         owner: Any = await ing.client.get(_task_marker(ing, task_id[:128]))
         if owner is None or owner.decode() != cluster_id:

@@ -62,10 +62,15 @@ class MetricsIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     id: _ID | None = None
 
 
-def may_act(agent: Agent, cluster_id: str, what: str) -> bool:
-    """Operators act on any cluster; an agent on those its ``clusters`` patterns match, and
-    only for what its ``types`` patterns allow (``what``: an event or task type)."""
-    return agent.operator or (agent.may_read(cluster_id) and agent.may_post(what))
+def may_act(agent: Agent, cluster_id: str, event_type: str | None) -> bool:
+    """Operators act on any cluster. An agent acts on the clusters its ``clusters`` patterns
+    match: posting an event type its ``types`` patterns allow (``event_type``), or, with
+    ``None``, as that cluster's agent at all (any types: a viewer token acts on nothing)."""
+    if agent.operator:
+        return True
+    if not agent.may_read(cluster_id):
+        return False
+    return bool(agent.types) if event_type is None else agent.may_post(event_type)
 
 
 def cluster_path(request: web.Request) -> str:
@@ -75,12 +80,12 @@ def cluster_path(request: web.Request) -> str:
     return cluster_id
 
 
-def forbidden(agent: Agent, cluster_id: str, what: str) -> Problem:
+def forbidden(agent: Agent, cluster_id: str, what: str, needs: str) -> Problem:
     return Problem(
         403,
         "forbidden",
-        f"agent {agent.name!r} may not {what} for cluster {cluster_id!r} (its token needs "
-        f"the cluster in --clusters and {what} in --types)",
+        f"agent {agent.name!r} may not {what} for cluster {cluster_id!r}: its token needs the "
+        f"cluster in --clusters and {needs}",
     )
 
 
@@ -109,7 +114,7 @@ class _MetricsRoute:
         agent = await ing.authenticate(request)
         cluster_id = cluster_path(request)
         if not may_act(agent, cluster_id, "cluster.metrics"):
-            raise forbidden(agent, cluster_id, "cluster.metrics")
+            raise forbidden(agent, cluster_id, "post metrics", "cluster.metrics in --types")
         ing.body_format(request, allowed=("json",))
         idem = idempotency_key(request)
         batch = self._decode(await ing.read_body(request))
