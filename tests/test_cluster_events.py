@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -16,6 +18,13 @@ from schemas import (
     PodPending,
     PodPendingClassified,
     RightSizingRecommendation,
+)
+from schemas.metrics import (
+    DAILY_TTL_S,
+    cluster_daily_key,
+    daily_key,
+    day_of,
+    pool_interruptions_key,
 )
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
 from streamproc.event import derived_id
@@ -70,6 +79,47 @@ async def test_spot_interruption_flags_the_pool_and_notifies_once(
     await client.xadd(keys.stream("cluster"), codec.encode(event))  # type: ignore[arg-type]
     await run_all(processor)
     assert len(await emitted(client, keys, codec)) == 1
+
+
+async def test_interruptions_and_oom_kills_are_counted_on_their_day_once(
+    processor: Consumer,
+    producer: Producer,
+    client: aioredis.Redis,
+    keys: Keys,
+    codec: Codec[Any],
+) -> None:
+    """The weekly report's ``spot_interruptions`` and ``oom_kills``, all clusters and per
+    cluster, on the UTC day the event occurred; and the pool's interruptions for the
+    optimizer's risk score. A redelivered event counts once."""
+    earlier = datetime(2025, 6, 15, 23, 59, 59, tzinfo=UTC)  # not today
+    first = msgspec.structs.replace(spot(1), occurred_at=earlier)
+    await producer.publish(first)
+    await producer.publish(spot(2))
+    await producer.publish(
+        OOMKilled(
+            cluster_id="c2",
+            namespace="ns",
+            pod="p",
+            container="c",
+            memory_limit_bytes=MIB,
+            occurred_at=earlier,
+        )
+    )
+    await run_all(processor)
+    await client.xadd(keys.stream("cluster"), codec.encode(first))  # type: ignore[arg-type]
+    await run_all(processor)
+    day = daily_key(keys, "2025-06-15")
+    assert await client.hgetall(day) == {b"spot_interruptions": b"1", b"oom_kills": b"1"}
+    assert await client.hgetall(cluster_daily_key(keys, "c1", "2025-06-15")) == {
+        b"spot_interruptions": b"1"
+    }
+    assert await client.hgetall(cluster_daily_key(keys, "c2", "2025-06-15")) == {b"oom_kills": b"1"}
+    today = day_of(datetime.now(UTC))
+    assert await client.hget(daily_key(keys, today), "spot_interruptions") == b"1"
+    assert await client.hgetall(pool_interruptions_key(keys, "2025-06-15")) == {
+        b"m5.large/eu-west-1a": b"1"
+    }
+    assert 0 < await client.ttl(day) <= DAILY_TTL_S
 
 
 async def test_node_not_ready_after_an_interruption_is_explained_by_it(
