@@ -223,7 +223,7 @@ def savings(
         h = min(at_ms - start, max_gap_s * 1000) / 3_600_000
         hours += rec.instances * h
         usd += rec.usd_per_hour * h
-    return round(hours, 6), round(usd, 6)
+    return hours, usd
 
 
 class _Tick:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -25,9 +26,16 @@ from spot import hibernation_api
 from spot._schedule import Slots, apply_rules, new_schedule, parse_matrix, wants_sleep
 from spot.aws import AccountStore, Aws, AwsSettings, new_account
 from spot.hibernation_concern import CONCERN, Runtime, decide, use
-from spot.hibernation_store import HibernationKeys, ScheduleStore, read_audit
+from spot.hibernation_store import (
+    AsgSizes,
+    HibernationKeys,
+    ScheduleStore,
+    SleepRecord,
+    read_audit,
+)
 from spot.prices import SPOT_DISCOUNT, hourly_usd
 from streamproc import Codec, ConsumerSettings, Keys, Producer
+from streamproc.concern import Context
 from streamproc.consumer import Consumer
 from streamproc.errors import ConfigError
 from streamproc.ingest import Ingest, IngestSettings, create_app
@@ -387,6 +395,66 @@ async def test_a_replayed_tick_changes_nothing_and_counts_no_savings_twice(
     assert (rec.asgs[ng].min, rec.asgs[ng].desired) == (1, 2)
 
 
+async def test_a_tick_redelivered_after_a_crash_mid_sleep_keeps_the_original_sizes(
+    hib: Hib, endpoint: str
+) -> None:
+    """The sizes are remembered before any group is touched; a handler that died after
+    scaling to 0 (no ack, no effects) leaves an incomplete record, and the redelivered tick
+    completes it without taking the 0s for the sizes to restore."""
+    cluster, ng = unique("c"), unique("ng")
+    make_asg(endpoint, ng, tags={f"kubernetes.io/cluster/{cluster}": "owned"}, sizes=(2, 6, 3))
+    await hib.schedule(cluster, "daily 0-24")
+    t = datetime(2026, 12, 8, 10, 0, tzinfo=UTC)
+    # What the first attempt left: the record (incomplete) and the group at 0.
+    rec = SleepRecord(
+        account=ACCOUNT,
+        region=REGION,
+        asgs={ng: AsgSizes(min=2, max=6, desired=3, instance_type="t3.medium")},
+        since_ms=int(t.timestamp() * 1000),
+    )
+    await hib.client.hset(hib.hk.asleep, cluster, msgspec.json.encode(rec))
+    asg_client(endpoint).update_auto_scaling_group(
+        AutoScalingGroupName=ng, MinSize=0, MaxSize=0, DesiredCapacity=0
+    )
+    await hib.tick(t)
+    done = await hib.store.record(cluster)
+    assert done is not None
+    assert done.complete
+    assert (done.asgs[ng].min, done.asgs[ng].max, done.asgs[ng].desired) == (2, 6, 3)
+    [entry] = await hib.audit(cluster)
+    assert (entry.action, entry.before) == ("sleep", "min=2 max=6 desired=3")
+    await hib.store.remove(cluster, who="test")
+    await hib.tick(t + timedelta(minutes=1))
+    assert sizes(endpoint, ng) == (2, 6, 3)
+
+
+async def test_the_weekly_report_reads_the_savings_hibernation_recorded(
+    hib: Hib, endpoint: str, producer: Producer
+) -> None:
+    from consumers.renders import _daily_metrics
+
+    cluster, ng = unique("c"), unique("ng")
+    make_asg(endpoint, ng, tags={"eks:cluster-name": cluster}, instance_type="c5.large")
+    await hib.schedule(cluster, "daily 0-24")
+    t = datetime(2026, 12, 9, 10, 0, tzinfo=UTC)
+    for minute in range(31):
+        await hib.tick(t + timedelta(minutes=minute))
+    ctx = Context(
+        topic="renders",
+        group="renders",
+        consumer="r1",
+        entry_id="0-1",
+        attempt=0,
+        deliveries=1,
+        redis=hib.client,
+        producer=producer,
+        keys=hib.keys,
+    )
+    [day] = await _daily_metrics(ctx, "metrics", datetime(2026, 12, 9, tzinfo=UTC), 1)
+    assert day.values["hibernated_instance_hours"] == pytest.approx(2 * 0.5)
+    assert day.values["savings_usd"] == pytest.approx(2 * 0.5 * hourly_usd("c5.large"))
+
+
 async def test_a_failing_cluster_is_audited_and_the_others_go_on(hib: Hib, endpoint: str) -> None:
     good, ng = unique("c"), unique("ng")
     make_asg(endpoint, ng, tags={f"kubernetes.io/cluster/{good}": "owned"})
@@ -517,6 +585,14 @@ async def test_cli_set_show_list_remove_and_audit(
     gone = _cli(env, repo_root, "hibernation", "remove", cluster)
     assert gone.returncode == 0
     assert "woken at the next tick" in gone.stdout
+    hostile = _cli(
+        env,
+        repo_root,
+        *("hibernation", "set", "a;rm -rf /", "--account", ACCOUNT, "--region", REGION),
+        *("--tz", "UTC", "--sleep", "daily 0-8"),
+    )
+    assert hostile.returncode == 2
+    assert "cluster: 'a;rm -rf /' is not a cluster name" in hostile.stderr
     missing = _cli(env, repo_root, "hibernation", "show", "nope")
     assert missing.returncode == 1
     assert "no hibernation schedule" in missing.stderr
