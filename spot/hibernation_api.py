@@ -5,6 +5,7 @@
 | ``GET /v1/clusters/{id}/hibernation`` | schedule, state (remembered sizes), next change |
 | ``PUT /v1/clusters/{id}/hibernation`` | set it (body below): 201 new, 200 replaced |
 | ``DELETE /v1/clusters/{id}/hibernation`` | 204 gone; 202 asleep: woken, then removed; 404 |
+| ``DELETE …/hibernation?forget=1`` | asleep: 200, dropped without waking (groups deleted) |
 
 The body of ``PUT``: ``{account, region, tz, sleep?: [rule], awake?: [rule], matrix?: [7
 lines], asgs?: [name], prewarm_min?}`` with either ``sleep`` (and ``awake``) rules or a
@@ -129,9 +130,12 @@ class _Api:
     async def delete(self, request: web.Request) -> web.Response:
         agent = await self.ingest.authenticate(request, operator=True)
         cluster = self._cluster(request)
-        outcome = await self.store.remove(cluster, who=f"api:{agent.name}")
+        forget = request.query.get("forget", "") in ("1", "true")
+        outcome = await self.store.remove(cluster, who=f"api:{agent.name}", forget=forget)
         if outcome == "absent":
             raise Problem(404, "not_found", f"no hibernation schedule for {cluster!r}")
+        if outcome == "forgotten":
+            return json_response({"cluster": cluster, "removal": "forgotten"}, status=200)
         if outcome == "pending":
             return json_response({"cluster": cluster, "removal": "pending wake"}, status=202)
         return web.Response(status=204)

@@ -94,13 +94,18 @@ def _cmd_hibernation(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 print("# = sleep, . = awake; local hours", file=sys.stderr)
                 return 0
             if args.action == "remove":
-                outcome = await store.remove(args.cluster, who=cli_user())
+                outcome = await store.remove(args.cluster, who=cli_user(), forget=args.forget)
                 if outcome == "absent":
                     print(
                         f"streamproc: no hibernation schedule for {args.cluster!r}", file=sys.stderr
                     )
                     return 1
-                if outcome == "pending":
+                if outcome == "forgotten":
+                    print(
+                        f"hibernation schedule of {args.cluster} removed; its node groups were "
+                        "NOT restored (the sizes they had are in the audit entry)"
+                    )
+                elif outcome == "pending":
                     print(
                         f"{args.cluster} is asleep: it is woken at the next tick, then its "
                         "schedule is removed"
@@ -218,6 +223,11 @@ def register(sub: Any) -> None:
     ls.add_argument("--json", action="store_true")
     rm = hsub.add_parser("remove", help="remove a schedule (a sleeping cluster is woken first)")
     rm.add_argument("cluster")
+    rm.add_argument(
+        "--forget",
+        action="store_true",
+        help="asleep: drop the sizes to restore instead of waking (node groups deleted meanwhile)",
+    )
     h.set_defaults(func=_cmd_hibernation)
 
     a = sub.add_parser("audit", help="what hibernation did and who changed schedules")

@@ -71,7 +71,8 @@ class SleepRecord(msgspec.Struct, frozen=True, kw_only=True):
 class AuditEntry(msgspec.Struct, frozen=True, kw_only=True):
     at: str
     who: str
-    #: sleep | wake | prewarm | failed | schedule_set | schedule_removed | remove_pending
+    #: sleep | wake | prewarm | failed | schedule_set | schedule_removed | remove_pending |
+    #: schedule_forgotten
     action: str
     cluster: str
     asg: str = ""
@@ -240,23 +241,34 @@ class ScheduleStore:
                 out[k.decode()] = rec
         return out
 
-    async def remove(self, cluster: str, *, who: str) -> str:
-        """ "removed", "pending" (asleep: woken at the next tick, then removed) or "absent"."""
+    async def remove(self, cluster: str, *, who: str, forget: bool = False) -> str:
+        """ "removed", "pending" (asleep: woken at the next tick, then removed), "forgotten"
+        (asleep, and ``forget``: the schedule and the sizes to restore are dropped, nothing is
+        woken: for node groups deleted while asleep) or "absent"."""
         schedule = await self.get(cluster)
         if schedule is None:
             return "absent"
         now = datetime.now(UTC)
-        if await self.client.hexists(self.k.asleep, cluster):
+        rec = await self.record(cluster)
+        detail = ""
+        if rec is not None and forget:
+            gone, action, outcome = None, "schedule_forgotten", "forgotten"
+            detail = "not restored: " + "; ".join(
+                f"{k} {sizes_text(v)}" for k, v in sorted(rec.asgs.items())
+            )
+        elif rec is not None:
             gone = msgspec.structs.replace(schedule, removing=True, updated_by=who)
             action, outcome = "remove_pending", "pending"
         else:
             gone, action, outcome = None, "schedule_removed", "removed"
-        fields = audit_fields(who=who, action=action, cluster=cluster, at=now)
+        fields = audit_fields(who=who, action=action, cluster=cluster, at=now, detail=detail)
         async with self.client.pipeline(transaction=True) as p:
             if gone is None:
                 p.hdel(self.k.schedules, cluster)
             else:
                 p.hset(self.k.schedules, cluster, msgspec.json.encode(gone))
+            if outcome == "forgotten":
+                p.hdel(self.k.asleep, cluster)
             p.incr(self.k.version)
             p.xadd(
                 self.k.audit,

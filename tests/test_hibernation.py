@@ -485,6 +485,26 @@ async def test_removing_a_sleeping_clusters_schedule_wakes_it_first(
     assert await hib.store.remove(cluster, who="test") == "absent"
 
 
+async def test_a_group_deleted_while_asleep_fails_each_tick_until_forgotten(
+    hib: Hib, endpoint: str
+) -> None:
+    cluster, ng = unique("c"), unique("ng")
+    make_asg(endpoint, ng, tags={f"kubernetes.io/cluster/{cluster}": "owned"})
+    await hib.schedule(cluster, "mon 0-12")
+    await hib.tick(datetime(2026, 12, 7, 10, 0, tzinfo=UTC))  # Monday 10:00: asleep
+    asg_client(endpoint).delete_auto_scaling_group(AutoScalingGroupName=ng, ForceDelete=True)
+    await hib.tick(datetime(2026, 12, 7, 12, 0, tzinfo=UTC))
+    [failed, _] = await hib.audit(cluster)
+    assert failed.action == "failed"
+    assert f"Auto Scaling group {ng} is gone" in failed.detail
+    assert await hib.store.record(cluster) is not None
+    assert await hib.store.remove(cluster, who="test", forget=True) == "forgotten"
+    assert await hib.store.record(cluster) is None
+    [forgotten] = await read_audit(hib.client, hib.keys, cluster=cluster, count=1)
+    assert forgotten.action == "schedule_forgotten"
+    assert forgotten.detail == f"not restored: {ng} min=1 max=4 desired=2"
+
+
 async def test_a_tick_waits_while_another_replica_handles_one(hib: Hib, endpoint: str) -> None:
     cluster, ng = unique("c"), unique("ng")
     make_asg(endpoint, ng, tags={f"kubernetes.io/cluster/{cluster}": "owned"})
