@@ -99,8 +99,10 @@ async def run_optimizer(p: OptimizerRun, ctx: TaskContext) -> dict[str, Any]:
         aws = pipeline.runtime_aws()
         actions = await pipeline.apply_decisions(aws, ctx.redis, ctx.keys, decisions, policy)
     applied = {a.asg for a in actions if a.applied}
+    changed = {a.asg for a in actions if a.changed}
     hourly = sum(d.savings_usd_per_hour for d in converts)
-    realised = sum(d.savings_usd_per_hour for d in converts if d.asg in applied)
+    # Saved: what this run changed (a group that had the policy already was counted then).
+    realised = sum(d.savings_usd_per_hour for d in converts if d.asg in changed)
     await pipeline.record_run(
         ctx.redis,
         ctx.keys,

@@ -9,7 +9,8 @@
    in the last ``RISK_WINDOW_DAYS`` days (every client's), at most 0.9.
 4. **Decisions**: each running on-demand instance either ``convert`` to the cheapest pool of its
    size under ``RISK_LIMIT`` (its own AZ first) — while the cluster's spot share stays within
-   the policy's ``max_spot_share`` — or ``keep``, with the reason.
+   the policy's ``max_spot_share`` — or ``keep``, with the reason. A type missing from the
+   price table is never chosen and never claimed as saved.
 5. **Apply** (only when the policy's ``dry_run`` is off): each Auto Scaling group holding
    converted instances gets a mixed-instances policy — its launch template, the chosen spot
    types and its current types as overrides, ``100 - max_spot_share`` % on demand above a base
@@ -120,7 +121,10 @@ class AsgAction(msgspec.Struct, frozen=True, kw_only=True):
     asg: str
     instance_types: list[str]
     on_demand_percent: int
+    #: The group has the policy (now or already).
     applied: bool
+    #: This run changed it (False: it had it already; its savings were counted then).
+    changed: bool = False
     error: str = ""
 
 
@@ -224,8 +228,10 @@ def decide(placed: Sequence[Placed], risks: Iterable[PoolRisk], policy: Policy) 
                 Decision(**base, action="keep", reason="no pool of its size under the risk limit")
             )
             continue
+        # A type missing from the price table costs 0.0 there: unknown, never "free".
+        priced = [r for r in fits if hourly_usd(r.instance_type, "spot") > 0]
         best = min(
-            fits,
+            priced or fits,
             key=lambda r: (
                 r.availability_zone != inst.availability_zone,
                 r.score,
@@ -234,7 +240,7 @@ def decide(placed: Sequence[Placed], risks: Iterable[PoolRisk], policy: Policy) 
             ),
         )
         saving = hourly_usd(inst.instance_type) - hourly_usd(best.instance_type, "spot")
-        if saving <= 0:
+        if not priced or not hourly_usd(inst.instance_type) or saving <= 0:
             reason = "no saving at known prices"
             out.append(Decision(**base, action="keep", reason=reason, pool=best.pool))
             continue
@@ -277,6 +283,24 @@ def _mixed_policy(asg: dict[str, Any], types: list[str], on_demand_percent: int)
     }
 
 
+def _same_mix(have: dict[str, Any] | None, want: dict[str, Any]) -> bool:
+    """Does the group's mixed-instances policy already say what ``want`` says?"""
+    if not have:
+        return False
+
+    def gist(m: dict[str, Any]) -> tuple[Any, ...]:
+        dist = m.get("InstancesDistribution", {})
+        overrides = m.get("LaunchTemplate", {}).get("Overrides", [])
+        return (
+            sorted(o.get("InstanceType", "") for o in overrides),
+            int(dist.get("OnDemandBaseCapacity", 0)),
+            int(dist.get("OnDemandPercentageAboveBaseCapacity", 100)),
+            dist.get("SpotAllocationStrategy", ""),
+        )
+
+    return gist(have) == gist(want)
+
+
 async def apply_decisions(
     aws: Aws,
     redis: aioredis.Redis,
@@ -310,19 +334,23 @@ async def apply_decisions(
             out.append(AsgAction(**action, applied=False, error="account no longer registered"))
             continue
 
-        def update(client: Any, name: str = name, types: list[str] = types) -> None:
+        def update(client: Any, name: str = name, types: list[str] = types) -> bool:
             found = client.describe_auto_scaling_groups(AutoScalingGroupNames=[name])
             if not found["AutoScalingGroups"]:
                 raise CallPermanent(f"no Auto Scaling group {name!r}")
-            mixed = _mixed_policy(found["AutoScalingGroups"][0], types, on_demand_percent)
+            group = found["AutoScalingGroups"][0]
+            mixed = _mixed_policy(group, types, on_demand_percent)
+            if _same_mix(group.get("MixedInstancesPolicy"), mixed):
+                return False
             client.update_auto_scaling_group(AutoScalingGroupName=name, MixedInstancesPolicy=mixed)
+            return True
 
         try:
-            await aws.call(redis, keys, account, "autoscaling", region, update)
+            changed = await aws.call(redis, keys, account, "autoscaling", region, update)
         except CallPermanent as e:
             out.append(AsgAction(**action, applied=False, error=str(e)[:500]))
             continue
-        out.append(AsgAction(**action, applied=True))
+        out.append(AsgAction(**action, applied=True, changed=changed))
     return out
 
 

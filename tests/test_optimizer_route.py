@@ -426,11 +426,18 @@ async def test_dry_run_off_sets_the_groups_mixed_instances_policy_on_aws(
     dist = policy["InstancesDistribution"]
     assert dist["OnDemandPercentageAboveBaseCapacity"] == 50
     assert dist["OnDemandBaseCapacity"] == 0
+    assert action["changed"] is True
+    # Run again: the group has that policy already; nothing changed, no saving counted twice.
+    status, again = await optimize(srv, agent)
+    await drain(runner)
+    actions = (await run_status(srv, agent, again["location"]))["result"]["actions"]
+    assert actions == [{**action, "changed": False}]
+    assert mixed_policy(asg, name) == policy
     # What was changed is what the report counts as saved (per day at today's prices).
     today: Any = await client.hgetall(daily_key(keys, day_of(datetime.now(UTC))))
     saved = sum(d["savings_usd_per_hour"] for d in converted) * 24
     assert float(today[b"optimizer_savings_usd"]) == pytest.approx(saved, abs=1e-3)
-    assert float(today[b"optimizer_runs"]) == 2
+    assert float(today[b"optimizer_runs"]) == 3
 
 
 async def test_a_group_that_cannot_be_changed_is_reported_and_the_run_completes(
@@ -707,21 +714,96 @@ async def test_the_weekly_report_is_built_from_what_the_concerns_recorded(
 def test_policy_cli_sets_and_shows(
     redis_url: str, keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``streamproc policy set CLUSTER --families ... --max-spot-share ... --act``."""
-    from streamproc.cli import main
+    """``streamproc policy set CLUSTER --families ... --max-spot-share ... --act`` (its parser
+    and command, without the entry point's logging setup)."""
+    import argparse
 
-    env = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        argv = ["policy", "set", CLUSTER, "--families", "m5,c6i", "--max-spot-share", "0.4"]
-        assert main([*argv, "--act"]) == 0
-        assert main(["policy", "show", CLUSTER]) == 0
-        assert main(["policy", "set", CLUSTER, "--max-spot-share", "2"]) == 2
+    from streamproc.config import load_config
+
+    parser = argparse.ArgumentParser()
+    optimizer.register(parser.add_subparsers())
+    cfg = load_config({"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix})
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(argv)
+        return int(args.func(args, cfg, None))
+
+    assert (
+        run("policy", "set", CLUSTER, "--families", "m5,c6i", "--max-spot-share", "0.4", "--act")
+        == 0
+    )
+    assert run("policy", "show", CLUSTER) == 0
+    assert run("policy", "set", CLUSTER, "--max-spot-share", "2") == 2
     out = capsys.readouterr()
-    shown = [msgspec.json.decode(line) for line in out.out.splitlines()]
+    # (Without the entry point's logging setup, structlog's default lines go to stdout too.)
+    lines = [ln for ln in out.out.splitlines() if ln.startswith('{"cluster_id"')]
+    shown = [msgspec.json.decode(line) for line in lines]
+    assert len(shown) == 2
     assert shown[0] == shown[1]
     assert shown[1]["families"] == ["m5", "c6i"]
     assert shown[1]["max_spot_share"] == 0.4
     assert shown[1]["dry_run"] is False
     assert "max_spot_share" in out.err
+
+
+def placed(*instances: Instance) -> list[optimizer_pipeline.Placed]:
+    return [
+        optimizer_pipeline.Placed(account_id=ACCOUNT, region=REGION, instance=i) for i in instances
+    ]
+
+
+def risk(pool: str, score: float = 0.0) -> optimizer_pipeline.PoolRisk:
+    itype, _, az = pool.partition("/")
+    return optimizer_pipeline.PoolRisk(
+        pool=pool,
+        instance_type=itype,
+        availability_zone=az,
+        flagged=score >= 1,
+        interruptions=0,
+        score=score,
+    )
+
+
+def test_decisions_say_why_an_instance_stays_on_demand() -> None:
+    from spot.policy import Policy
+
+    fleet = placed(
+        instance(1, instance_type="m5.xlarge"),  # no pool of its size
+        instance(2, instance_type="x9.large"),  # no known price: no saving claimed
+        instance(3),  # the only safe large pool is in the other AZ: still used
+        instance(4, az="eu-west-1b"),
+    )
+    risks = [
+        risk("m5.large/eu-west-1a", 1.0),
+        risk("m5.large/eu-west-1b", 0.3),
+        risk("x9.large/eu-west-1a", 0.0),
+    ]
+    out = {d.instance_id: d for d in optimizer_pipeline.decide(fleet, risks, Policy())}
+    assert out["i-0001"].action == "keep"
+    assert out["i-0001"].reason == "no pool of its size under the risk limit"
+    assert out["i-0002"].action == "keep"
+    assert out["i-0002"].reason == "no saving at known prices"
+    assert out["i-0003"].action == "convert"
+    assert out["i-0003"].pool == "m5.large/eu-west-1b"
+    assert out["i-0004"].pool == "m5.large/eu-west-1b"
+    assert out["i-0003"].savings_usd_per_hour == pytest.approx(0.096 * 0.7, abs=1e-6)
+    none = optimizer_pipeline.decide(fleet, risks, Policy(max_spot_share=0.0))
+    assert [d.action for d in none] == ["keep"] * 4
+
+
+def test_candidate_pools_from_the_policy_or_the_request() -> None:
+    from spot.policy import Policy
+
+    fleet = placed(instance(1), instance(2, az="eu-west-1b", instance_type="c5.xlarge"))
+    pools = optimizer_pipeline.candidate_pools(fleet, Policy(families=["m6i"]))
+    assert pools == [
+        ("m6i.large", "eu-west-1a"),
+        ("m6i.large", "eu-west-1b"),
+        ("m6i.xlarge", "eu-west-1a"),
+        ("m6i.xlarge", "eu-west-1b"),
+    ]
+    assert len(optimizer_pipeline.candidate_pools(fleet, Policy())) == 8  # c5, m5 x 2 sizes x 2
+    explicit = optimizer_pipeline.candidate_pools(
+        fleet, Policy(), instance_types=["r5.large"], availability_zones=["eu-west-1c"]
+    )
+    assert explicit == [("r5.large", "eu-west-1c")]
