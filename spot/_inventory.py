@@ -370,22 +370,27 @@ async def load(
 
 
 # KEYS: lease, instances hash, clusters hash.
-# ARGV: token, n instance upserts, n instance deletes, n cluster upserts, n cluster deletes,
-#       then (field, value) pairs / fields in that order.
-# Writes only while the lease is still this scan's: 1, else 0 (nothing written).
+# ARGV: token, lease ttl ms, n instance upserts, n instance deletes, n cluster upserts,
+#       n cluster deletes, then (field, value) pairs / fields in that order.
+# Writes only while the lease is this scan's (taken again if it expired and nobody took it):
+# 1, else 0 (nothing written).
 _WRITE = Lua("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local i = 6
+local holder = redis.call('GET', KEYS[1])
+if holder ~= ARGV[1] then
+  if holder then return 0 end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+local i = 7
 local function upsert(key, n)
   for _ = 1, n do redis.call('HSET', key, ARGV[i], ARGV[i + 1]); i = i + 2 end
 end
 local function delete(key, n)
   for _ = 1, n do redis.call('HDEL', key, ARGV[i]); i = i + 1 end
 end
-upsert(KEYS[2], tonumber(ARGV[2]))
-delete(KEYS[2], tonumber(ARGV[3]))
-upsert(KEYS[3], tonumber(ARGV[4]))
-delete(KEYS[3], tonumber(ARGV[5]))
+upsert(KEYS[2], tonumber(ARGV[3]))
+delete(KEYS[2], tonumber(ARGV[4]))
+upsert(KEYS[3], tonumber(ARGV[5]))
+delete(KEYS[3], tonumber(ARGV[6]))
 return 1
 """)
 
@@ -396,15 +401,16 @@ async def write(
     account_id: str,
     region: str,
     token: str,
+    ttl_ms: int,
     instances: Diff,
     clusters: Diff,
 ) -> bool:
-    """Apply both diffs at once, fenced by the account's scan lease; False when the lease is
-    no longer ``token`` (another replica scans the account now: nothing written)."""
-    if not (instances.upsert or instances.delete or clusters.upsert or clusters.delete):
-        return bool(await client.get(lease_key(keys, account_id)) == token.encode())
+    """Apply both diffs at once, fenced by the account's scan lease; False when another
+    replica holds it now (nothing written). A lease that expired unnoticed (a stalled event
+    loop) and that nobody took is taken again."""
     args: list[Any] = [
         token,
+        ttl_ms,
         len(instances.upsert),
         len(instances.delete),
         len(clusters.upsert),

@@ -146,9 +146,13 @@ def configure_from_env(env: Mapping[str, str]) -> None:
 # ---------------------------------------------------------------------- the lease
 
 _ACQUIRE = Lua("return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0")
+# Extend, or take again when it expired and nobody took it (nobody else scans then).
 _RENEW = Lua("""
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """)
 _RELEASE = Lua("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -157,7 +161,8 @@ return 0
 
 
 class _ScanLease:
-    """One account's scan lease (``SET NX PX``; compare-and-extend, compare-and-delete). Not
+    """One account's scan lease (``SET NX PX``; compare-and-extend, or take again when it
+    expired and nobody took it; compare-and-delete). Not
     the ticker's ``Lease``, which is the single leader key; this one is per account, and the
     inventory write checks it (``_inventory.write``) instead of a fencing counter."""
 
@@ -189,7 +194,12 @@ class _LeaseLost(Exception):
 
 
 async def _scan_region(
-    rt: _Runtime, ctx: Context, tick: DiscoveryTick, account: Account, region: str, token: str
+    rt: _Runtime,
+    ctx: Context,
+    tick: DiscoveryTick,
+    account: Account,
+    region: str,
+    lease: _ScanLease,
 ) -> None:
     s, aws = rt.settings, rt.aws
     found = await aws.call(
@@ -222,7 +232,9 @@ async def _scan_region(
     events = d_i.events + d_c.events
     for first in range(0, len(events), s.publish_batch):
         await ctx.producer.append(events[first : first + s.publish_batch])
-    if not await inv.write(ctx.redis, ctx.keys, account.id, region, token, d_i, d_c):
+    if not await inv.write(
+        ctx.redis, ctx.keys, account.id, region, lease.token, lease.ttl_ms, d_i, d_c
+    ):
         raise _LeaseLost(f"{account.id}: lease lost during {region}")
     for e in events:
         CHANGES.labels(e.type_name().removeprefix("inventory.")).inc()
@@ -297,15 +309,18 @@ async def _alert(
 async def _watch(ctx: Context, tick: DiscoveryTick, account: Account, limit_s: float) -> None:
     await asyncio.sleep(limit_s)
     log.warning("scan_slow", account=account.id, limit_s=limit_s)
-    await _alert(
-        ctx,
-        tick,
-        account,
-        "slow",
-        "warning",
-        f"the scan has been running for more than {limit_s:g} s (regions: "
-        f"{', '.join(account.regions)})",
-    )
+    try:
+        await _alert(
+            ctx,
+            tick,
+            account,
+            "slow",
+            "warning",
+            f"the scan has been running for more than {limit_s:g} s (regions: "
+            f"{', '.join(account.regions)})",
+        )
+    except Exception as e:  # the scan goes on; its own outcome is what the tick reports
+        log.error("scan_slow_alert_failed", account=account.id, error=str(e))
 
 
 async def _scan_account(rt: _Runtime, ctx: Context, tick: DiscoveryTick, account: Account) -> str:
@@ -321,7 +336,7 @@ async def _scan_account(rt: _Runtime, ctx: Context, tick: DiscoveryTick, account
     outcome = "transient"
     try:
         for region in account.regions:
-            await _scan_region(rt, ctx, tick, account, region, lease.token)
+            await _scan_region(rt, ctx, tick, account, region, lease)
         outcome = "ok"
     except CallPermanent:
         outcome = "permanent"

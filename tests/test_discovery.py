@@ -37,7 +37,7 @@ from schemas.notify import Notification
 from schemas.ticks import DiscoveryTick
 from spot import _inventory as inv
 from spot import accounts as accounts_api
-from spot import discovery
+from spot import discovery, discovery_demo
 from spot.aws import AccountStore, AwsSettings, new_account
 from spot.discovery import DiscoverySettings
 from streamproc import Codec, ConsumerSettings, Keys, Producer
@@ -145,7 +145,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture
 def settings(proxy: type[_Proxy]) -> Iterator[DiscoverySettings]:
-    s = DiscoverySettings(lease_ttl_s=2.0, scan_alert_s=60.0)
+    s = DiscoverySettings(lease_ttl_s=5.0, scan_alert_s=60.0)
     discovery.use_settings(
         s,
         AwsSettings(
@@ -524,6 +524,30 @@ async def test_a_published_tick_is_scanned_by_the_discovery_group(
         await task
     events = await stream(client, keys, "inventory")
     assert sorted(e.instance.instance_id for e in events) == sorted(ids)
+
+
+async def test_the_demo_seed_is_found_by_one_scan(
+    client: aioredis.Redis, producer: Producer, keys: Keys, moto_url: str, settings: Any
+) -> None:
+    """What ``make run`` shows: the aws-demo role's seed, registered, found by the first tick."""
+    created = await asyncio.to_thread(discovery_demo.seed, moto_url)
+    assert created == {"eu-west-1": 4, "us-east-1": 2}
+    await AccountStore(client, keys).add(
+        new_account(
+            id=discovery_demo.DEMO_ACCOUNT,
+            role_arn=discovery_demo.DEMO_ROLE,
+            regions=discovery_demo.DEMO_REGIONS,
+        )
+    )
+    await run_scan(client, producer, keys, tick(1))
+    events = await stream(client, keys, "inventory")
+    assert sorted(type(e).__name__ for e in events) == ["ClusterAdded"] + ["InstanceAdded"] * 6
+    in_cluster = [
+        e for e in events if isinstance(e, InstanceAdded) and e.instance.cluster == "demo-cluster"
+    ]
+    assert len(in_cluster) == 3
+    assert all(e.instance.cpu_avg is not None for e in events if isinstance(e, InstanceAdded))
+    assert await client.xlen(feed_key(keys, "demo-cluster")) == 1
 
 
 def test_diff_ignores_cpu_and_keeps_terminated_out() -> None:
