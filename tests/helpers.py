@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -11,7 +13,7 @@ import redis.asyncio as aioredis
 from schemas import SpotInterruption
 from streamproc import Consumer, Keys
 
-__all__ = ("MakeConsumer", "entries", "free_port", "pending", "spot")
+__all__ = ("MakeConsumer", "entries", "free_port", "moto_server", "pending", "spot")
 
 MakeConsumer = Callable[..., Consumer]
 
@@ -44,3 +46,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A moto server on a free 127.0.0.1 port; its URL.
+
+    moto keeps its accounts, instances and mail in memory shared by every moto server of the
+    process, so each use starts from empty state (``POST /moto-api/reset``) and leaves it
+    empty: one test module's instances never show up in another's scan or outbox.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def reset() -> None:
+        req = urllib.request.Request(f"{url}/moto-api/reset", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=30):
+            pass
+
+    try:
+        reset()
+        yield url
+    finally:
+        with contextlib.suppress(OSError):
+            reset()
+        server.stop()

@@ -46,7 +46,7 @@ from streamproc.consumer import Consumer
 from streamproc.errors import Retry
 from streamproc.event import derived_id
 from streamproc.ingest import Ingest, IngestSettings, create_app
-from tests.helpers import free_port
+from tests.helpers import moto_server
 from tests.test_ingest_support import Server
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,15 +59,8 @@ REGIONS = ("eu-west-1", "us-east-1")
 
 @pytest.fixture(scope="module")
 def moto_url() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_server() as url:
+        yield url
 
 
 class _Proxy(BaseHTTPRequestHandler):

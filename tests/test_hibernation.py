@@ -40,7 +40,7 @@ from streamproc.consumer import Consumer
 from streamproc.errors import ConfigError
 from streamproc.ingest import Ingest, IngestSettings, create_app
 from streamproc.schedule import tick_id
-from tests.helpers import free_port
+from tests.helpers import moto_server
 from tests.test_ingest_support import Server
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,15 +53,8 @@ BERLIN = "Europe/Berlin"
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
     """moto (STS, Auto Scaling, EC2) on a free 127.0.0.1 port, for this module."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

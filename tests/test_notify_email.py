@@ -32,7 +32,7 @@ from notifications.subscriptions import Subscription
 from schemas.notify import Message
 from streamproc.offload import WorkerContext
 from streamproc.outbound import CallPermanent, CallTransient
-from tests.helpers import free_port
+from tests.helpers import free_port, moto_server
 
 SENDER = "streamproc@example.com"
 DASHBOARD = "https://streamproc.example.net/dashboard"
@@ -43,15 +43,8 @@ NOW = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
     """moto (SES and S3) on a free 127.0.0.1 port, for this module."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ from spot.aws import AccountStore, Aws, AwsSettings, new_account
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
 from streamproc.concern import Concern
 from streamproc.offload import WorkerContext
-from tests.helpers import entries, free_port, spot
+from tests.helpers import entries, moto_server, spot
 from tests.test_ingest_support import Server, running_ingest
 
 pytestmark = pytest.mark.timeout(60)
@@ -45,15 +45,8 @@ CLUSTER = "prod-eu"
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
     """moto (STS, EC2, Auto Scaling) on a free 127.0.0.1 port, for this module."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ and the weekly-report pipeline end to end: tick -> render -> S3 artefact -> repo
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +31,7 @@ from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
 from streamproc.offload import OffloadSettings, WorkerContext
 from streamproc.schedule import Schedule, cron
 from streamproc.ticker import Ticker, TickerSettings
-from tests.helpers import entries
+from tests.helpers import entries, moto_server
 
 PNG = b"\x89PNG\r\n\x1a\n"
 MONDAY_9 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
@@ -86,23 +85,10 @@ def test_torch_and_numpy_frames_match_within_tolerance() -> None:
 # ---------------------------------------------------------------------- end to end
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture

@@ -14,22 +14,15 @@ from streamproc import Keys
 from streamproc.breaker import BreakerOpen, breaker_states
 from streamproc.errors import ConfigError
 from streamproc.outbound import CallPermanent, CallTransient
-from tests.helpers import free_port
+from tests.helpers import free_port, moto_server
 
 ROLE = "arn:aws:iam::111122223333:role/streamproc-scan"
 
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
