@@ -311,10 +311,19 @@ def _up_roles(args: argparse.Namespace, app: App) -> list[list[str]]:
         role = getattr(importlib.import_module(name), "UP_ROLE", None)
         if not role or role[0] in args.without:
             continue
-        if role[0] == "ticker" and not app.schedules:
-            continue  # an application without a schedule table has nothing to tick
+        if role[0] == "ticker" and not _has_ticks(app):
+            continue  # an application without any tick type has nothing to tick
         roles.append(list(role))
     return roles
+
+
+def _has_ticks(app: App) -> bool:
+    """A schedule table, or tick types that runtime schedules may fire."""
+    from streamproc.schedule import Tick
+
+    return bool(app.schedules) or any(
+        isinstance(t, type) and issubclass(t, Tick) for t in app.registry.by_name.values()
+    )
 
 
 def _cmd_up(args: argparse.Namespace, cfg: Config, app: App) -> int:

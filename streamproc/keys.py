@@ -109,6 +109,14 @@ class Keys:
         """Hash: schedule name -> last fired scheduled time (epoch ms)."""
         return self.ticker("{ticker}", "last")
 
+    def ticker_defs(self) -> str:
+        """Hash: runtime schedule name -> its definition (``streamproc.scheduler``)."""
+        return self.ticker("{ticker}", "defs")
+
+    def ticker_due(self) -> str:
+        """Sorted set: runtime schedule name, scored by its next scheduled time (epoch ms)."""
+        return self.ticker("{ticker}", "due")
+
     def render_artefact(self, *parts: str) -> str:
         """Object-store key (not a Redis key) of a render's artefact: ``renders/<parts>``."""
         return "/".join(("renders", *parts))

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Protocol
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
@@ -40,6 +40,7 @@ __all__ = (
     "Cron",
     "Every",
     "MissedPolicy",
+    "Planned",
     "Schedule",
     "Tick",
     "Trigger",
@@ -249,13 +250,26 @@ class Schedule:
             raise ConfigError(f"schedule {self.name!r}: catch_up_max >= 1 and grace_s >= 0")
 
 
-def due_times(s: Schedule, after: datetime, now: datetime) -> tuple[list[datetime], int]:
+class Planned(Protocol):
+    """What planning needs of a schedule: a static ``Schedule`` or a runtime one."""
+
+    @property
+    def trigger(self) -> Trigger: ...
+    @property
+    def missed(self) -> MissedPolicy: ...
+    @property
+    def catch_up_max(self) -> int: ...
+    @property
+    def grace_s(self) -> float: ...
+
+
+def due_times(s: Planned, after: datetime, now: datetime) -> tuple[list[datetime], int]:
     """Scheduled times in ``(after, now]``: up to ``catch_up_max`` latest, and their count."""
     return s.trigger.latest(after, now, max(s.catch_up_max, 1))
 
 
 def plan_fires(
-    s: Schedule, after: datetime, now: datetime
+    s: Planned, after: datetime, now: datetime
 ) -> tuple[list[datetime], int, datetime | None]:
     """What to fire now: (times to fire, oldest first; times passed over; latest due time).
 

@@ -39,6 +39,7 @@ from streamproc.event import Event
 from streamproc.keys import Keys
 from streamproc.producer import Producer
 from streamproc.schedule import Schedule, from_ms, plan_fires, tick_id
+from streamproc.scheduler import RuntimeFirer
 
 __all__ = ("Ticker", "TickerSettings", "TickerStats")
 
@@ -58,6 +59,9 @@ TICK_LATENESS = Histogram(
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0),
 )
 TICKER_LEADER = Gauge("streamproc_ticker_leader", "1 while this process holds the ticker lease")
+
+#: The ``schedule`` label of runtime schedules' ticks (one label for all: names are unbounded).
+RUNTIME_LABEL = "(runtime)"
 
 #: What makes one leader step fail (it retries with backoff while it holds the lease).
 _TICK_FAILURES: tuple[type[BaseException], ...] = (*REDIS_DOWN, PublishError)
@@ -85,6 +89,12 @@ class TickerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     renew_every_ms: int = 0
     #: Standbys try to take the lease every this often (default ttl / 5).
     standby_poll_ms: int = 0
+    #: Fire runtime schedules (``streamproc.scheduler``) as well as the static table.
+    runtime: bool = True
+    #: The leader looks for runtime schedules at least this often (one may be added with an
+    #: earlier time than any it knows of), and fires at most this many per script call.
+    runtime_poll_ms: int = 250
+    runtime_batch: int = 500
 
     def __post_init__(self) -> None:
         if self.lease_ttl_ms < 300:
@@ -93,6 +103,8 @@ class TickerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ConfigError("TickerSettings: renew_every_ms and standby_poll_ms must be >= 0")
         if self.renew_every_ms and self.renew_every_ms * 2 > self.lease_ttl_ms:
             raise ConfigError("TickerSettings.renew_every_ms must be at most half the lease TTL")
+        if not 10 <= self.runtime_poll_ms <= 60_000 or not 1 <= self.runtime_batch <= 10_000:
+            raise ConfigError("TickerSettings: runtime_poll_ms 10..60000, runtime_batch 1..10000")
 
     @property
     def renew_s(self) -> float:
@@ -108,6 +120,8 @@ class TickerStats:
 
     def __init__(self) -> None:
         self.fired = self.duplicates = self.skipped = self.terms = 0
+        #: Of ``fired``: runtime schedules' ticks.
+        self.runtime_fired = 0
         #: Lateness of on-time ticks in ms (the latest 10 000).
         self.lateness_ms: deque[float] = deque(maxlen=10_000)
 
@@ -127,12 +141,26 @@ class Ticker:
         names = [s.name for s in schedules]
         if len(set(names)) != len(names):
             raise ConfigError(f"schedule names must be unique: {names}")
-        if not schedules:
-            raise ConfigError("the ticker needs at least one schedule")
+        self.settings = s = settings or TickerSettings()
+        if not schedules and not s.runtime:
+            raise ConfigError("the ticker needs at least one schedule (or runtime schedules)")
         self.schedules = tuple(schedules)
         self.client, self.producer, self.keys = client, producer, keys
-        self.settings = s = settings or TickerSettings()
         self.lease = Lease(client, keys, s.node, ttl_ms=s.lease_ttl_ms)
+        #: Fires the runtime schedules (None when ``settings.runtime`` is off).
+        self.runtime = (
+            RuntimeFirer(
+                client,
+                keys,
+                producer.codec,
+                self.lease,
+                node=s.node,
+                batch=s.runtime_batch,
+                poll_s=s.runtime_poll_ms / 1000,
+            )
+            if s.runtime
+            else None
+        )
         self.stats = TickerStats()
         self._last: dict[str, datetime] = {}
         self._stop = asyncio.Event()
@@ -188,8 +216,11 @@ class Ticker:
             while self.lease.held() and not self._stop.is_set():
                 try:
                     await self.fire_due()
-                    backoff.reset()
                     delay = self.next_due_s()
+                    if self.runtime is not None:
+                        await self.fire_runtime()
+                        delay = min(delay, await self.runtime.next_due_s())
+                    backoff.reset()
                 except _TICK_FAILURES as e:
                     log.error("tick_failed", error=str(e))
                     delay = _next_delay_s(backoff)
@@ -243,8 +274,28 @@ class Ticker:
             self._wake.set()
         return bool(ok)
 
+    async def fire_runtime(self, now: datetime | None = None) -> int:
+        """One step of the runtime schedules; the number of ticks written."""
+        if self.runtime is None:
+            return 0
+        r = await self.runtime.fire_due(now)
+        self.stats.fired += r.fired
+        self.stats.runtime_fired += r.fired
+        self.stats.skipped += r.skipped
+        if r.fired:
+            TICKS_FIRED.labels(RUNTIME_LABEL).inc(r.fired)
+        if r.skipped:
+            TICKS_SKIPPED.labels(RUNTIME_LABEL).inc(r.skipped)
+        for late_ms in r.lateness_ms:
+            self.stats.lateness_ms.append(late_ms)
+            TICK_LATENESS.observe(max(late_ms / 1000, 0.0))
+        return r.fired
+
     def next_due_s(self) -> float:
-        """Seconds until the earliest next scheduled time."""
+        """Seconds until the earliest next scheduled time of the static table (60 s when it is
+        empty: the runtime schedules say when they are due)."""
+        if not self.schedules:
+            return 60.0
         now = datetime.now(UTC)
         nxt = min(s.trigger.next_after(max(self._last[s.name], now)) for s in self.schedules)
         return max(0.0, (nxt - now).total_seconds())

@@ -4,6 +4,9 @@
     streamproc ticker --list                           # each schedule's next fire times
     streamproc ticker --schedules mymod:SCHEDULES --lease-ttl-ms 3000
 
+The leader also fires the runtime schedules (``streamproc.scheduler``; ``streamproc
+schedules``), kept in Redis.
+
 SIGTERM/SIGINT: finish the current step, release the lease (a standby takes over at once),
 exit 0.
 """
@@ -37,9 +40,7 @@ def load_schedules(spec: str, app: App) -> tuple[Schedule, ...]:
     The ticks must be event types of the application's registry (its consumers decode them).
     """
     if not spec:
-        if not app.schedules:
-            raise ConfigError("the application has no schedules (App.schedules); nothing to tick")
-        return app.schedules
+        return app.schedules  # may be empty: the runtime schedules still fire
     module, _, attr = spec.partition(":")
     try:
         table = getattr(importlib.import_module(module), attr or "SCHEDULES")
