@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas import hibernation, inventory, metrics
+from schemas import hibernation, inventory, metrics, workers
 from schemas.cluster import NodeNotReady, OOMKilled, PodPending, SpotInterruption
 from schemas.notify import (
     DeliveryRequested,
@@ -54,5 +54,6 @@ REGISTRY: Registry[Any] = Registry(
         *inventory.TYPES,
         *hibernation.TYPES,
         *metrics.TYPES,
+        *workers.TYPES,
     ]
 )
