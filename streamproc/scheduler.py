@@ -312,10 +312,16 @@ def build_def(
         "catch_up_max": catch_up_max,
     }
     if cron_spec is not None:
-        c = cron(cron_spec, tz=tz)
+        try:
+            c = cron(cron_spec, tz=tz)
+        except ConfigError as err:
+            raise ConfigError(f"{'tz' if 'time zone' in str(err) else 'cron'}: {err}") from None
         return _Def(cron=c.expr, tz=c.tz, **common)
-    e = every(every_spec)  # type: ignore[arg-type]
-    interval_ms = round(e.interval_s * 1000)
+    try:
+        trigger = every(every_spec)  # type: ignore[arg-type]
+    except ConfigError as err:
+        raise ConfigError(f"every: {err}") from None
+    interval_ms = round(trigger.interval_s * 1000)
     if interval_ms > 366 * 86_400_000:
         raise ConfigError("every: at most 366 days")
     offset = _spread_offset_ms(name, interval_ms) if spread else 0

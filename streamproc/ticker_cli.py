@@ -17,8 +17,11 @@ import argparse
 import importlib
 import os
 import socket
+import sys
 from datetime import UTC, datetime
 from typing import Any
+
+import msgspec
 
 from streamproc.app import App
 from streamproc.cli import install_stop_handlers, open_redis, run_async
@@ -26,7 +29,8 @@ from streamproc.config import Config
 from streamproc.errors import ConfigError
 from streamproc.keys import Keys, check_name
 from streamproc.producer import Producer
-from streamproc.schedule import Schedule
+from streamproc.schedule import Schedule, Tick
+from streamproc.scheduler import Scheduler, check_schedule_name
 from streamproc.ticker import Ticker, TickerSettings
 
 __all__ = ("UP_ROLE", "register")
@@ -94,6 +98,71 @@ def _cmd_ticker(args: argparse.Namespace, cfg: Config, app: App) -> int:
     return run_async(go())
 
 
+def _cmd_schedules(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    """``streamproc schedules list|show|add|remove``: the runtime schedules."""
+    ticks = {
+        name: t
+        for name, t in app.registry.by_name.items()
+        if isinstance(t, type) and issubclass(t, Tick)
+    }
+    if args.action == "add":
+        check_schedule_name(args.name)
+        if args.event not in ticks:
+            raise ConfigError(
+                f"--event {args.event!r}: not a tick type of the application "
+                f"(known: {', '.join(sorted(ticks))})"
+            )
+        if (args.every is None) == (args.cron is None):
+            raise ConfigError("give exactly one of --every and --cron")
+    elif args.action in ("show", "remove"):
+        check_schedule_name(args.name)
+
+    async def go() -> int:
+        client, _ = await open_redis(cfg)
+        s = Scheduler(client, Keys(cfg.redis.key_prefix))
+        try:
+            if args.action == "list":
+                page, cursor = await s.list(prefix=args.prefix, limit=args.limit)
+                total = await s.count()
+                for i in page:
+                    nxt = i.next_at.isoformat(timespec="seconds") if i.next_at else "-"
+                    print(f"{i.name:<32} {i.trigger:<34} {i.event:<24} key={i.key:<16} "
+                          f"next {nxt}")  # fmt: skip
+                more = " (more: narrow with --prefix or raise --limit)" if cursor else ""
+                print(f"{len(page)} of {total} runtime schedule(s){more}")
+                return 0
+            if args.action == "show":
+                info = await s.get(args.name)
+                if info is None:
+                    print(f"no runtime schedule {args.name!r}", file=sys.stderr)
+                    return 1
+                print(msgspec.json.format(msgspec.json.encode(info)).decode())
+                return 0
+            if args.action == "remove":
+                if not await s.remove(args.name):
+                    print(f"no runtime schedule {args.name!r}", file=sys.stderr)
+                    return 1
+                print(f"removed {args.name}")
+                return 0
+            changed = await s.add(
+                args.name,
+                event=ticks[args.event],
+                every=args.every,
+                cron=args.cron,
+                tz=args.tz,
+                key=args.key,
+                missed=args.missed,
+            )
+            info = await s.get(args.name)
+            nxt = info.next_at.isoformat(timespec="seconds") if info and info.next_at else "-"
+            print(f"{'set' if changed else 'unchanged'} {args.name}: next {nxt}")
+            return 0
+        finally:
+            await client.aclose()
+
+    return run_async(go())
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("ticker", help="run the ticker (periodic events, one leader)")
     p.add_argument(
@@ -106,3 +175,27 @@ def register(sub: Any) -> None:
     p.add_argument("--lease-ttl-ms", type=int, default=10_000, help="leader lease TTL")
     p.add_argument("--list", action="store_true", help="print the schedules and exit")
     p.set_defaults(func=_cmd_ticker, role=True)
+    _register_schedules(sub)
+
+
+def _register_schedules(sub: Any) -> None:
+    sp = sub.add_parser(
+        "schedules", help="runtime schedules (added while the system runs; the ticker fires them)"
+    )
+    actions = sp.add_subparsers(dest="action", required=True)
+    ls = actions.add_parser("list", help="list them (name, trigger, tick, next time)")
+    ls.add_argument("--prefix", default="", help="only names starting with this")
+    ls.add_argument("--limit", type=int, default=100, help="at most this many (1..1000)")
+    show = actions.add_parser("show", help="one schedule as JSON")
+    show.add_argument("name")
+    add = actions.add_parser("add", help="create or change one (an upsert)")
+    add.add_argument("name")
+    add.add_argument("--event", required=True, help="the tick type it fires")
+    add.add_argument("--every", default=None, help="an interval: '5 min', '30s', '6h'")
+    add.add_argument("--cron", default=None, help="a cron line or 'Mon 09:00' (in --tz)")
+    add.add_argument("--tz", default="UTC")
+    add.add_argument("--key", default="", help="the ticks' key (default: the name)")
+    add.add_argument("--missed", choices=("skip", "latest", "catch_up"), default="latest")
+    rm = actions.add_parser("remove", help="stop one")
+    rm.add_argument("name")
+    sp.set_defaults(func=_cmd_schedules)

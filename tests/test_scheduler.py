@@ -13,21 +13,26 @@ import sys
 import textwrap
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
 
 from streamproc import Codec, Keys, Producer
 from streamproc.codec import Registry
 from streamproc.errors import ConfigError
 from streamproc.event import Event
+from streamproc.ingest import Ingest, IngestSettings, create_app
 from streamproc.schedule import Tick, tick_id
 from streamproc.scheduler import Scheduler
 from streamproc.ticker import Ticker, TickerSettings
 from tests.helpers import entries
+from tests.test_ingest_support import Server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -437,3 +442,143 @@ async def test_sigkilled_leaders_and_a_full_restart_fire_every_scheduled_time_on
 
 async def _more(length: Any, target: int) -> bool:
     return bool(await length() >= target)
+
+
+# ---------------------------------------------------------------------- operator API and CLI
+
+
+@pytest.fixture
+async def srv(client: aioredis.Redis, keys: Keys, tick_codec: Codec[Any]) -> AsyncIterator[Server]:
+    ingest = Ingest(
+        client=client,
+        registry=tick_codec.registry,
+        keys=keys,
+        producer=Producer(client, tick_codec, keys),
+        settings=IngestSettings(auth_cache_s=0.0, max_body_bytes=16 * 1024),
+    )
+    server = TestServer(create_app(ingest), host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Server(server, session, ingest, keys)
+    finally:
+        await server.close()
+
+
+async def test_api_puts_lists_gets_and_deletes(srv: Server) -> None:
+    op = await srv.token("op", (), operator=True)
+    path = "/v1/schedules/worker.w1"
+    body = {"event": "tick.test_poll", "every": "5 min", "key": "w1"}
+    status, out, _ = await srv.post(path, body, token=op, method="PUT")
+    assert status == 201, out
+    assert out["changed"] is True
+    assert out["schedule"]["key"] == "w1"
+    assert out["schedule"]["next_at"]
+    status, out, _ = await srv.post(path, body, token=op, method="PUT")
+    assert (status, out["changed"]) == (200, False)
+    status, out, _ = await srv.post(path, {**body, "every": 60}, token=op, method="PUT")
+    assert (status, out["changed"]) == (200, True)
+    assert out["schedule"]["trigger"].startswith("every 60s")
+    status, out, _ = await srv.post("/v1/schedules?prefix=worker.", token=op, method="GET")
+    assert status == 200
+    assert [s["name"] for s in out["schedules"]] == ["worker.w1"]
+    assert (out["cursor"], out["total"]) == (0, 1)
+    status, out, _ = await srv.post(path, token=op, method="GET")
+    assert (status, out["schedule"]["event"]) == (200, "tick.test_poll")
+    assert (await srv.post(path, token=op, method="DELETE"))[0] == 204
+    assert (await srv.post(path, token=op, method="DELETE"))[0] == 404
+    assert (await srv.post(path, token=op, method="GET"))[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "reason"),
+    [
+        ({"every": 60}, "$", "missing required field `event`"),
+        ({"event": "tick.nope", "every": 60}, "$.event", "not a tick type"),
+        ({"event": "test.not_a_tick", "every": 60}, "$.event", "not a tick type"),
+        ({"event": "tick.test_poll"}, "$", "give exactly one of them"),
+        ({"event": "tick.test_poll", "every": 60, "cron": "* * * * *"}, "$", "exactly one"),
+        ({"event": "tick.test_poll", "every": "x" * 33}, "$.every", "length <= 32"),
+        ({"event": "tick.test_poll", "every": "soon"}, "$.every", "bad interval"),
+        ({"event": "tick.test_poll", "every": -5}, "$.every", "interval must be >= 10 ms"),
+        ({"event": "tick.test_poll", "cron": "99 * * * *"}, "$.cron", "invalid cron"),
+        ({"event": "tick.test_poll", "cron": "0 9 * * 1", "tz": "No/Where"}, "$.tz", "time zone"),
+        ({"event": "tick.test_poll", "every": 60, "key": "k" * 257}, "$.key", "length <= 256"),
+        ({"event": "tick.test_poll", "every": 60, "missed": "never"}, "$.missed", "Invalid enum"),
+        ({"event": "tick.test_poll", "every": 60, "grace_s": 1e9}, "$.grace_s", "<= 86400"),
+        ({"event": "tick.test_poll", "every": 60, "owner": "x"}, "$", "unknown field"),
+        ([1, 2], "$", "Expected `object`"),
+    ],
+)
+async def test_api_refuses_broken_definitions_naming_the_field(
+    srv: Server, body: Any, path: str, reason: str
+) -> None:
+    op = await srv.token("op", (), operator=True)
+    status, out, _ = await srv.post("/v1/schedules/e.1", body, token=op, method="PUT")
+    assert status == 400, out
+    assert out["path"] == path
+    assert reason in out["detail"]
+    assert await srv.ingest.schedules.scheduler.count() == 0
+
+
+async def test_api_refuses_hostile_requests(srv: Server) -> None:
+    op = await srv.token("op", (), operator=True)
+    agent = await srv.token("agent", ("*",))
+    body = {"event": "tick.test_poll", "every": 60}
+    assert (await srv.post("/v1/schedules/e.1", body, method="PUT"))[0] == 401
+    assert (await srv.post("/v1/schedules/e.1", body, token=agent, method="PUT"))[0] == 403
+    assert (await srv.post("/v1/schedules", token=agent, method="GET"))[0] == 403
+    assert (await srv.post("/v1/schedules/e.1", token=agent, method="DELETE"))[0] == 403
+    status, out, _ = await srv.post("/v1/schedules/a%20b", body, token=op, method="PUT")
+    assert (status, out.get("path")) == (400, "name"), out
+    assert (await srv.post("/v1/schedules/%7Bx%7D", body, token=op, method="PUT"))[0] == 404
+    huge = {"event": "tick.test_poll", "every": 60, "key": "k" * 100_000}
+    assert (await srv.post("/v1/schedules/e.1", huge, token=op, method="PUT"))[0] == 413
+    status, out, _ = await srv.post(
+        "/v1/schedules/e.1", data=b"{oops", token=op, method="PUT",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert (status, out["error"]) == (400, "malformed")
+    for query in ("limit=0", "limit=5000", "limit=x", "cursor=-1", "prefix=a%20b"):
+        status, out, _ = await srv.post(f"/v1/schedules?{query}", token=op, method="GET")
+        assert status == 400, (query, out)
+    assert await srv.ingest.schedules.scheduler.count() == 0
+
+
+def test_cli_adds_lists_shows_and_removes(
+    redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """In-process (``streamproc.cli.main``) with the repository's application."""
+    from streamproc.cli import main
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("STREAMPROC_PREFIX", keys.prefix)
+    add = ["schedules", "add", "probe.1", "--event", "tick.discovery", "--every", "30s"]
+    assert main(add) == 0
+    assert "set probe.1: next " in capsys.readouterr().out
+    assert main(add) == 0
+    assert "unchanged probe.1" in capsys.readouterr().out
+    assert main(["schedules", "list", "--prefix", "probe."]) == 0
+    out = capsys.readouterr().out
+    assert "probe.1" in out
+    assert "1 of 1 runtime schedule(s)" in out
+    assert main(["schedules", "show", "probe.1"]) == 0
+    assert '"event": "tick.discovery"' in capsys.readouterr().out
+    assert main(["schedules", "remove", "probe.1"]) == 0
+    assert main(["schedules", "remove", "probe.1"]) == 1
+    assert "no runtime schedule 'probe.1'" in capsys.readouterr().err
+    bad = [
+        (["schedules", "add", "a b", "--event", "tick.discovery", "--every", "1m"], "a b"),
+        (["schedules", "add", "x", "--event", "cluster.oom_killed", "--every", "1m"],
+         "not a tick type"),
+        (["schedules", "add", "x", "--event", "tick.discovery"], "exactly one of --every"),
+        (["schedules", "add", "x", "--event", "tick.discovery", "--every", "1 fortnight"],
+         "bad interval"),
+        (["schedules", "add", "x", "--event", "tick.discovery", "--cron", "Mon 25:00"],
+         "bad time"),
+        (["schedules", "show", "x" * 200], "schedule name"),
+        (["schedules", "list", "--limit", "0"], "limit: 1 to 1000"),
+    ]  # fmt: skip
+    for argv, message in bad:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv

@@ -38,6 +38,7 @@ from streamproc.ingest.auth import Agent, AgentStore
 from streamproc.ingest.decode import CONTENT_TYPES, EventDecoder, ItemError, Prepare
 from streamproc.ingest.openapi import build_spec
 from streamproc.ingest.ratelimit import RateLimiter
+from streamproc.ingest.schedules import ScheduleApi
 from streamproc.ingest.settings import IngestSettings
 from streamproc.ingest.tasks import TaskApi
 from streamproc.keys import Keys
@@ -85,6 +86,7 @@ class Ingest:
         #: topic → the groups that must exist for /readyz.
         self.groups = dict(groups or {})
         self.tasks = TaskApi(self, task_types or {}, group=TASK_GROUP)
+        self.schedules = ScheduleApi(self, registry)
         self._scopes: dict[tuple[str, ...], dict[str, bool]] = {}
         #: Requests being handled; ``drain`` waits for none.
         self.in_flight = 0
@@ -363,6 +365,10 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
         )
     except asyncio.CancelledError:
         raise
+    except REDIS_DOWN as e:  # a route that does not answer it itself: 503, not 500
+        down = redis_unavailable(ingest.settings.retry_after_s, e)
+        metrics.REJECTIONS.labels(down.error).inc()
+        response = down.response()
     except Exception:
         log.exception("internal_error", path=request.path, method=request.method)
         metrics.REJECTIONS.labels("internal").inc()
@@ -396,6 +402,7 @@ def create_app(
     app.router.add_post("/v1/events", ingest.post_events)
     app.router.add_post("/clusters/{cluster_id}/events", ingest.post_cluster_events)
     ingest.tasks.add_routes(app.router)
+    ingest.schedules.add_routes(app.router)
     app.router.add_get("/healthz", ingest.healthz)
     app.router.add_get("/readyz", ingest.readyz)
     app.router.add_get("/metrics", ingest.metrics)
