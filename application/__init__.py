@@ -3,13 +3,15 @@
 ``streamproc`` loads it as ``application:app`` unless told otherwise (``--app module:attr``
 or ``STREAMPROC_APP``). It puts together the typed events (``schemas/``), one concern per
 consumer group (``consumers/``), the ticker's table (``producers/schedules.py``) and the
-delivery of notifications (``notifications/``: its concerns, CLI commands and ingest routes).
+delivery of notifications (``notifications/``: its concerns, CLI commands and ingest routes)
+and worker monitoring (``workers/``: its concern, CLI commands and startup hooks).
 """
 
 from __future__ import annotations
 
 import notifications
 import spot
+import workers
 from consumers import CONCERNS, configure_from_env
 from consumers.tasks import TASK_TYPES
 from producers.schedules import SCHEDULES
@@ -20,10 +22,12 @@ __all__ = ("app",)
 
 app = App(
     registry=REGISTRY,
-    concerns=[*CONCERNS.values(), *notifications.CONCERNS, *spot.CONCERNS],
+    concerns=[*CONCERNS.values(), *notifications.CONCERNS, *spot.CONCERNS, *workers.CONCERNS],
     schedules=SCHEDULES,
     task_types=TASK_TYPES,
-    commands=[*notifications.COMMANDS, *spot.COMMANDS],
+    commands=[*notifications.COMMANDS, *spot.COMMANDS, *workers.COMMANDS],
     routes=[notifications.add_routes, spot.add_routes],
+    on_startup=[*workers.ON_STARTUP],
+    on_shutdown=[*workers.ON_SHUTDOWN],
     configure=configure_from_env,
 )

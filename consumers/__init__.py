@@ -17,13 +17,16 @@ CONCERNS: dict[str, Concern] = {
 
 
 def configure_from_env(env: Mapping[str, str]) -> None:
-    """Settings of the concerns that have some: ``STREAMPROC_RENDER_*`` (see consumers.renders)
-    and ``STREAMPROC_NOTIFY_*`` (see notifications.settings)."""
+    """Settings of the concerns that have some: ``STREAMPROC_RENDER_*`` (see consumers.renders),
+    ``STREAMPROC_NOTIFY_*`` (see notifications.settings) and ``STREAMPROC_WORKERS_*`` (see
+    workers.settings)."""
     import notifications
     import spot
+    import workers
 
     notifications.configure_from_env(env)
     spot.configure_from_env(env)
+    workers.configure_from_env(env)
     settings = settings_from_env(renders.RenderSettings, "STREAMPROC_RENDER_", env)
     try:
         renders.use_settings(settings)
