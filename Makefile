@@ -22,7 +22,8 @@ run: setup-run
 	@if [ -z "$${STREAMPROC_AWS_ENDPOINT_URL+set}" ]; then \
 	  export STREAMPROC_AWS_ENDPOINT_URL=$(AWS_DEMO_ENDPOINT) AWS_EC2_METADATA_DISABLED=true \
 	    AWS_ACCESS_KEY_ID="$${AWS_ACCESS_KEY_ID:-demo}" \
-	    AWS_SECRET_ACCESS_KEY="$${AWS_SECRET_ACCESS_KEY:-demo}"; \
+	    AWS_SECRET_ACCESS_KEY="$${AWS_SECRET_ACCESS_KEY:-demo}" \
+	    STREAMPROC_WORKERS_INTERVAL_S="$${STREAMPROC_WORKERS_INTERVAL_S:-15}"; \
 	  echo "AWS: the demo moto server on $(AWS_DEMO_ENDPOINT) (set STREAMPROC_AWS_ENDPOINT_URL= for AWS)"; \
 	fi; \
 	exec $(VENV)/bin/streamproc up
