@@ -5,6 +5,7 @@ and acked, discovery imports tagged instances once, and broken input is refused 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import os
 import subprocess
@@ -35,13 +36,14 @@ from spot.aws import AwsSettings
 from streamproc import Codec, ConsumerSettings, Keys, Producer
 from streamproc._lease import Lease
 from streamproc.app import App, AppContext
+from streamproc.concern import Context
 from streamproc.consumer import Consumer
 from streamproc.ingest import Ingest, IngestSettings, create_app
 from streamproc.schedule import tick_id
 from streamproc.scheduler import RuntimeFirer, Scheduler
 from tests.helpers import entries, free_port, moto_server
 from tests.test_ingest_support import Server
-from workers import Runtime, WorkerSettings, cli, jobs, use
+from workers import Runtime, WorkerSettings, cli, jobs, monitor, use
 from workers.discover import on_shutdown, on_startup
 from workers.monitor import CONCERN, alerts
 from workers.registry import Worker, WorkerKeys, WorkerStore
@@ -298,6 +300,40 @@ async def test_cpu_over_the_threshold_raises_one_alert_and_one_recovery(
     ]
     assert (await mon.worker("w-hot")).alert_cpu == "ok"
     assert len({n.id for n in sent}) == 2
+
+
+async def test_a_poll_handled_again_after_a_crash_announces_nothing_twice(
+    mon: Monitor, endpoint: str, client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """The crash between publishing and writing the record: the tick handled again (same tick
+    id, the record as before) publishes the same ids, which the producer drops."""
+    [iid] = launch(endpoint)
+    await mon.create("w-again", iid, interval_s=5)
+    put_metric(endpoint, iid, "AWS/EC2", "CPUUtilization", 99.0)
+    record = WorkerKeys(keys).record("w-again")
+    before: Any = await client.hgetall(record)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    tick = WorkerPollTick(
+        id=tick_id("worker.w-again", at), key="w-again", schedule="worker.w-again", scheduled_for=at
+    )
+    for _ in range(2):
+        await client.hset(record, mapping=before)
+        ctx = Context(
+            topic="worker-ticks",
+            group=CONCERN.group,
+            consumer="w1",
+            entry_id="0-1",
+            attempt=0,
+            deliveries=1,
+            redis=client,
+            producer=producer,
+            keys=keys,
+            event_id=tick.id,
+        )
+        await monitor.poll(tick, ctx)
+    assert len(await mon.notifications()) == 1
+    assert [c.after for c in await mon.status_changes()] == ["running"]
+    assert len([e for e in await mon.out("worker-events") if isinstance(e, WorkerMetrics)]) == 1
 
 
 def test_hysteresis_keeps_an_episode_open_between_threshold_minus_margin_and_threshold() -> None:
@@ -592,3 +628,28 @@ async def test_ingest_accepts_worker_events_but_not_ticks_or_outputs(srv: Server
     ):
         status, out, _ = await srv.post("/v1/events", body, token=token)
         assert status in (400, 403, 422), out
+
+
+async def test_the_make_run_demo_workers_are_imported_and_the_hot_one_alerts(
+    mon: Monitor, endpoint: str, client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """What ``make run`` shows: the aws-demo role's tagged instances and their figures."""
+    from spot import discovery_demo
+    from workers.discover import discover
+
+    ids = await asyncio.to_thread(discovery_demo.seed_workers, endpoint)
+    await asyncio.to_thread(discovery_demo.put_worker_metrics, endpoint, ids, 0)
+    found = await discover(client, keys, producer)
+    assert found.errors == []
+    imported = [e for e in await mon.out("workers") if isinstance(e, WorkerImported)]
+    assert set(ids) <= {e.worker_id for e in imported}  # (and earlier tests' tagged ones)
+    while await mon.consumer.process_once(block_ms=100):
+        pass
+    for i in ids:
+        await mon.poll(i)
+    shown = [await mon.worker(i) for i in ids]
+    assert [w.name for w in shown] == ["demo-worker-hot", "demo-worker-swing", "demo-worker-idle"]
+    assert [w.alert_cpu for w in shown] == ["alert", "ok", "ok"]
+    assert all(w.status == "running" and w.memory is not None for w in shown)
+    again = await discover(client, keys, producer)
+    assert (again.imported, again.known) == (0, found.found)
