@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from schemas import SpotInterruption
 from streamproc import Consumer, Keys
 
-__all__ = ("MakeConsumer", "entries", "free_port", "moto_server", "pending", "spot")
+__all__ = (
+    "CliRun",
+    "MakeConsumer",
+    "cli_in_process",
+    "entries",
+    "free_port",
+    "moto_server",
+    "pending",
+    "spot",
+)
 
 MakeConsumer = Callable[..., Consumer]
 
@@ -75,3 +86,40 @@ def moto_server() -> Iterator[str]:
         with contextlib.suppress(OSError):
             reset()
         server.stop()
+
+
+@dataclasses.dataclass(frozen=True)
+class CliRun:
+    """What a ``streamproc`` command did: exit code, standard output, standard error."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: Mapping[str, str],
+    *args: str,
+) -> CliRun:
+    """``streamproc ARGS`` run by ``streamproc.cli.main`` in this process, with ``env`` added.
+
+    For cases about argument checking and exit codes, where a ``python -m streamproc`` process
+    each (about a second of imports on a 2-core machine) proves nothing more; every command keeps
+    a real-subprocess test too. Logging is left as the session has it: ``main`` would configure
+    structlog for the whole process (and cache loggers at the command's level).
+    """
+    import streamproc.cli as cli
+
+    with monkeypatch.context() as m:
+        for k, v in env.items():
+            m.setenv(k, v)
+        m.setattr(cli, "configure_logging", lambda *_a, **_k: None)
+        capsys.readouterr()
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        out, err = capsys.readouterr()
+    return CliRun(code, out, err)

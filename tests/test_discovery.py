@@ -23,6 +23,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
+from moto.ec2.models.amis import AMIS
 
 from notifications.feed_keys import feed_key
 from schemas import REGISTRY
@@ -46,12 +47,17 @@ from streamproc.consumer import Consumer
 from streamproc.errors import Retry
 from streamproc.event import derived_id
 from streamproc.ingest import Ingest, IngestSettings, create_app
-from tests.helpers import moto_server
+from tests.helpers import cli_in_process, moto_server
 from tests.test_ingest_support import Server
 
 pytestmark = pytest.mark.timeout(120)
 
 REGIONS = ("eu-west-1", "us-east-1")
+
+#: The image the tests' instances run: the first of moto's built-in AMIs (those in every region),
+#: named by id. ``DescribeImages`` without ids makes moto serialize all ~1,300 of them (about 2 s
+#: a call on a 2-core machine); by id it is one.
+IMAGE_ID: str = AMIS[0]["ami_id"]
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -178,7 +184,7 @@ class AwsAccount:
 
     def run(self, region: str, n: int = 1, itype: str = "t3.micro", cluster: str = "") -> list[str]:
         ec2 = self.client("ec2", region)
-        image = ec2.describe_images(MaxResults=5)["Images"][0]["ImageId"]
+        [image] = [i["ImageId"] for i in ec2.describe_images(ImageIds=[IMAGE_ID])["Images"]]
         kw: dict[str, Any] = {}
         if cluster:
             kw["TagSpecifications"] = [
@@ -694,8 +700,15 @@ def _cli(env: dict[str, str], repo_root: Path, *args: str) -> subprocess.Complet
     )
 
 
-def test_cli_accounts(redis_url: str, keys: Keys, repo_root: Path) -> None:
-    env = {**os.environ, "REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+def test_cli_accounts(
+    redis_url: str,
+    keys: Keys,
+    repo_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    overrides = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+    env = {**os.environ, **overrides}
     add = _cli(
         env,
         repo_root,
@@ -720,7 +733,8 @@ def test_cli_accounts(redis_url: str, keys: Keys, repo_root: Path) -> None:
         ("123456789012", "--role-arn", ROLE, "--regions", "eu west 1;rm"),
         ("123456789012", "--role-arn", ROLE, "--regions", "eu-west-1", "--name", "a\x1bb"),
     ):
-        out = _cli(env, repo_root, "accounts", "add", *bad)
+        # In this process: argument checking, one ``python -m`` start each would add nothing.
+        out = cli_in_process(monkeypatch, capsys, overrides, "accounts", "add", *bad)
         assert out.returncode == 2, (bad, out.stderr)
         assert "Traceback" not in out.stderr
     assert _cli(env, repo_root, "accounts", "remove", "123456789012").returncode == 0
