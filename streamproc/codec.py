@@ -98,6 +98,11 @@ class Codec(Generic[E]):
         """The entry's fields (as XADD takes them)."""
         return dict(zip(WIRE_FIELDS, self._values(event), strict=True))
 
+    def encode_flat(self, event: Event) -> list[bytes]:
+        """The same fields as ``encode`` as one list: field, value, field, value ..."""
+        t, i, ts, k, v, d = self._values(event)
+        return [b"type", t, b"id", i, b"ts", ts, b"key", k, b"v", v, b"data", d]
+
     def encode_resp(self, event: Event) -> bytes:
         """The same fields as ``encode``, packed as the RESP arguments field, value, ...
 

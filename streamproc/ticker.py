@@ -95,6 +95,10 @@ class TickerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: earlier time than any it knows of), and fires at most this many per script call.
     runtime_poll_ms: int = 250
     runtime_batch: int = 500
+    #: Between two runtime steps at least this long: at hundreds of fires per second the
+    #: ticks due meanwhile go out in one script call rather than one call each (it bounds
+    #: how late a runtime tick can be made by this alone).
+    runtime_min_step_ms: int = 20
 
     def __post_init__(self) -> None:
         if self.lease_ttl_ms < 300:
@@ -105,6 +109,8 @@ class TickerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ConfigError("TickerSettings.renew_every_ms must be at most half the lease TTL")
         if not 10 <= self.runtime_poll_ms <= 60_000 or not 1 <= self.runtime_batch <= 10_000:
             raise ConfigError("TickerSettings: runtime_poll_ms 10..60000, runtime_batch 1..10000")
+        if not 0 <= self.runtime_min_step_ms <= self.runtime_poll_ms:
+            raise ConfigError("TickerSettings.runtime_min_step_ms: 0..runtime_poll_ms")
 
     @property
     def renew_s(self) -> float:
@@ -157,6 +163,7 @@ class Ticker:
                 node=s.node,
                 batch=s.runtime_batch,
                 poll_s=s.runtime_poll_ms / 1000,
+                min_step_s=s.runtime_min_step_ms / 1000,
             )
             if s.runtime
             else None
