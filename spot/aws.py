@@ -215,8 +215,18 @@ class Aws:
                 del self._clients[key]
         return out
 
-    def client(self, account: Account, service: str, region: str) -> Any:
-        """A client of ``service`` in ``region`` as the account's role (blocking)."""
+    def client(self, account: Account | None, service: str, region: str) -> Any:
+        """A client of ``service`` in ``region`` as the account's role, or with the base
+        credentials themselves when ``account`` is None (blocking)."""
+        if account is None:
+            key = ("self", service, region, "")
+            with self._lock:
+                found = self._clients.get(key)
+            if found is None:
+                found = self._boto(service, region, None)
+                with self._lock:
+                    self._clients[key] = found
+            return found
         creds = self._credentials(account)
         key = (account.id, service, region, creds["AccessKeyId"])
         with self._lock:
@@ -231,20 +241,22 @@ class Aws:
         self,
         redis: aioredis.Redis,
         keys: Keys,
-        account: Account,
+        account: Account | None,
         service: str,
         region: str,
         fn: Callable[[Any], T],
     ) -> T:
-        """``fn(client)`` in a thread, behind the breaker of (service, account, region).
+        """``fn(client)`` in a thread, behind the breaker of (service, account, region);
+        ``account`` None: the base credentials' own account (breaker ``aws:<service>:self:…``).
 
         Raises ``CallTransient``, ``CallPermanent`` or ``BreakerOpen`` (a Defer).
         """
         s = self.settings
+        who = account.id if account is not None else "self"
         breaker = Breaker(
             redis,
             keys,
-            f"aws:{service}:{account.id}:{region}",
+            f"aws:{service}:{who}:{region}",
             threshold=s.breaker_threshold,
             cooldown_s=s.breaker_cooldown_s,
             probe_s=s.connect_timeout_s + s.read_timeout_s + 5,
@@ -259,6 +271,6 @@ class Aws:
             except CallPermanent:
                 raise
             except Exception as e:
-                raise aws_failure(e, f"{service} {account.id}/{region}") from e
+                raise aws_failure(e, f"{service} {who}/{region}") from e
 
         return await guarded(breaker, attempt)

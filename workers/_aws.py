@@ -3,15 +3,12 @@
 A worker with an ``account_id`` is reached through that registered account's role
 (``spot.aws.Aws.call``: breaker per service/account/region, CallTransient/CallPermanent); an
 unregistered account is a ``CallPermanent``. A worker without one is in the account of the
-base credentials: the same guarded call (breaker ``aws:<service>:self:<region>``), with a client
-built from boto3's default chain. ``spot.aws.Aws`` only calls through assumed roles; this is
-the piece it lacks (see the report of issue 14).
+base credentials: the same guarded call with ``account=None`` (breaker
+``aws:<service>:self:<region>``), with a client built from boto3's default chain.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -19,9 +16,8 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 
 from spot.aws import AccountStore, Aws, AwsSettings
-from streamproc.breaker import Breaker
 from streamproc.keys import Keys
-from streamproc.outbound import CallPermanent, aws_failure, guarded
+from streamproc.outbound import CallPermanent
 
 __all__ = ("NOT_FOUND", "Tagged", "WorkerAws", "instance_state", "tagged_instances", "usage")
 
@@ -35,31 +31,6 @@ class WorkerAws:
     def __init__(self, settings: AwsSettings) -> None:
         self.settings = settings
         self.aws = Aws(settings)
-        self._lock = threading.Lock()
-        self._clients: dict[tuple[str, str], Any] = {}
-
-    def _base_client(self, service: str, region: str) -> Any:
-        """A client with the base credentials (blocking: run in a thread)."""
-        with self._lock:
-            found = self._clients.get((service, region))
-        if found is None:
-            import boto3  # type: ignore[import-untyped]
-            from botocore.config import Config  # type: ignore[import-untyped]
-
-            s = self.settings
-            found = boto3.session.Session().client(
-                service,
-                region_name=region,
-                endpoint_url=s.endpoint_url or None,
-                config=Config(
-                    connect_timeout=s.connect_timeout_s,
-                    read_timeout=s.read_timeout_s,
-                    retries={"total_max_attempts": 1, "mode": "standard"},
-                ),
-            )
-            with self._lock:
-                self._clients[(service, region)] = found
-        return found
 
     async def call(
         self,
@@ -71,33 +42,15 @@ class WorkerAws:
         fn: Callable[[Any], T],
     ) -> T:
         """``fn(client)`` in a thread, behind the breaker; CallTransient, CallPermanent or
-        BreakerOpen otherwise."""
+        BreakerOpen otherwise. ``account_id`` "" = the base credentials' own account."""
+        account = None
         if account_id:
             account = await AccountStore(redis, keys).get(account_id)
             if account is None:
                 raise CallPermanent(
                     f"account {account_id} is not registered (streamproc accounts add)"
                 )
-            return await self.aws.call(redis, keys, account, service, region, fn)
-        s = self.settings
-        breaker = Breaker(
-            redis,
-            keys,
-            f"aws:{service}:self:{region}",
-            threshold=s.breaker_threshold,
-            cooldown_s=s.breaker_cooldown_s,
-            probe_s=s.connect_timeout_s + s.read_timeout_s + 5,
-        )
-
-        async def attempt() -> T:
-            try:
-                return await asyncio.to_thread(lambda: fn(self._base_client(service, region)))
-            except CallPermanent:
-                raise
-            except Exception as e:
-                raise aws_failure(e, f"{service} self/{region}") from e
-
-        return await guarded(breaker, attempt)
+        return await self.aws.call(redis, keys, account, service, region, fn)
 
 
 def instance_state(client: Any, instance_id: str) -> str:
