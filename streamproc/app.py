@@ -11,6 +11,7 @@ The engine knows no event, concern or schedule of its own; an application hands 
         extra_groups={"cluster": ("billing",)},   # groups an outside system reads with
         commands=["mypkg.cli"],                   # modules adding `streamproc` subcommands
         routes=[add_feed_routes],                 # add routes to the ingest service
+        panels=[Panel("feeds", "Feeds", read)],   # tables on the dashboard
         on_startup=[open_pool],
         on_shutdown=[close_pool],
         configure=configure_from_env,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
     from aiohttp import web
 
+    from streamproc.dashboard.panels import Panel
     from streamproc.ingest.app import Ingest
     from streamproc.producer import Producer
 
@@ -92,6 +94,7 @@ class App:
         "declared_groups",
         "on_shutdown",
         "on_startup",
+        "panels",
         "registry",
         "routes",
         "schedules",
@@ -108,6 +111,7 @@ class App:
         extra_groups: Mapping[str, Iterable[str]] | None = None,
         commands: Sequence[str] = (),
         routes: Sequence[RoutesHook] = (),
+        panels: Sequence[Panel] = (),
         on_startup: Sequence[Hook] = (),
         on_shutdown: Sequence[Hook] = (),
         configure: Callable[[Mapping[str, str]], None] | None = None,
@@ -144,6 +148,8 @@ class App:
                 raise ConfigError(f"App(routes=...) takes callables (app, ingest), not {r!r}")
         #: Hooks that add routes to the ingest service.
         self.routes: tuple[RoutesHook, ...] = tuple(routes)
+        #: Tables the dashboard shows (``streamproc.dashboard.panels``).
+        self.panels: tuple[Panel, ...] = _checked_panels(panels)
         self.on_startup: tuple[Hook, ...] = tuple(on_startup)
         self.on_shutdown: tuple[Hook, ...] = tuple(on_shutdown)
         self._configure = configure
@@ -249,6 +255,16 @@ def _checked_schedules(
         names.add(s.name)
         _check_registered(registry, s.event, f"schedule {s.name!r} fires")
     return table
+
+
+def _checked_panels(panels: Sequence[Panel]) -> tuple[Panel, ...]:
+    if not panels:
+        return ()
+    # Imported here: the dashboard pulls in aiohttp and the ingest modules, which a role
+    # without panels (or a plain ``import streamproc``) does not need.
+    from streamproc.dashboard.panels import check_panels
+
+    return check_panels(panels)
 
 
 def _checked_task_types(

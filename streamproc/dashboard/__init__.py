@@ -2,10 +2,12 @@
 
 Modules: ``session`` (operator token → HttpOnly session cookie, CSRF), ``snapshot`` (the
 figures, built from Redis with ``streamproc.inspect``), ``routes`` (page, SSE, DLQ view and
-replay). The page (``static/``) is plain HTML, CSS and JS with inline SVG charts: nothing is
-loaded from another site. See docs/dashboard.md.
+replay), ``panels`` (tables an application adds: ``App(panels=[Panel(...)])``). The page
+(``static/``) is plain HTML, CSS and JS with inline SVG charts: nothing is loaded from another
+site. See docs/dashboard.md.
 """
 
+from streamproc.dashboard.panels import Panel, PanelData
 from streamproc.dashboard.routes import DASHBOARD, Dashboard, DashboardSettings, add_dashboard
 from streamproc.dashboard.session import COOKIE, Session, SessionStore
 from streamproc.dashboard.snapshot import Sampler, Snapshot, build_snapshot
@@ -15,6 +17,8 @@ __all__ = (
     "DASHBOARD",
     "Dashboard",
     "DashboardSettings",
+    "Panel",
+    "PanelData",
     "Sampler",
     "Session",
     "SessionStore",

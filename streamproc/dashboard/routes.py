@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from streamproc import dlq
 from streamproc.concern import Concern
 from streamproc.connection import REDIS_DOWN
+from streamproc.dashboard.panels import Panel, PanelReader
 from streamproc.dashboard.session import COOKIE, Session, SessionStore, csrf_ok
 from streamproc.dashboard.snapshot import Sampler
 from streamproc.errors import ConfigError
@@ -67,9 +68,11 @@ class DashboardSettings(_Settings, frozen=True, kw_only=True):
     render_topics: tuple[str, ...] = ("renders",)
     #: Dead letters listed per group.
     dlq_page: int = 50
+    #: An application panel's read that takes longer shows an error in its panel.
+    panel_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
-        self._positive("interval_s", "session_ttl_s", "dlq_page")
+        self._positive("interval_s", "session_ttl_s", "dlq_page", "panel_timeout_s")
 
 
 class _Replay(msgspec.Struct, forbid_unknown_fields=True):
@@ -93,6 +96,7 @@ class Dashboard:
         agents: AgentStore,
         settings: DashboardSettings | None = None,
         schedules: Sequence[Schedule] = (),
+        panels: Sequence[Panel] = (),
         draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.client, self.keys = client, keys
@@ -104,6 +108,7 @@ class Dashboard:
             interval_s=s.interval_s,
             schedules=schedules,
             render_topics=s.render_topics,
+            panels=PanelReader(panels, timeout_s=s.panel_timeout_s) if panels else None,
         )
         self.draining = draining
         self._page = _asset("index.html").decode()
@@ -348,11 +353,13 @@ def add_dashboard(
     agents: AgentStore,
     settings: DashboardSettings | None = None,
     schedules: Sequence[Schedule] = (),
+    panels: Sequence[Panel] = (),
     draining: Callable[[], bool] = lambda: False,
 ) -> Dashboard:
     """Add the dashboard's routes to ``app`` (the ingest app); returns the Dashboard.
 
     ``schedules``: the application's ticker table (``App.schedules``), for next fire times.
+    ``panels``: the application's panels (``App.panels``), each a table on the page.
     """
     dashboard = Dashboard(
         client=client,
@@ -360,6 +367,7 @@ def add_dashboard(
         agents=agents,
         settings=settings,
         schedules=schedules,
+        panels=panels,
         draining=draining,
     )
     app[DASHBOARD] = dashboard

@@ -16,7 +16,10 @@ plus what a single report cannot give and a series of them can:
   None when nothing was acked in between (or before the second sample);
 - **render pool use**: the groups reading the render topics — consumers, in flight (pending),
   waiting (lag), done/s. Slot occupancy lives inside the render process (its
-  ``streamproc_offload_*`` metrics), out of this process's reach.
+  ``streamproc_offload_*`` metrics), out of this process's reach;
+- **runtime schedules**: how many there are (``Scheduler.count()``), beside the static table;
+- **application panels** (``App(panels=...)``, ``streamproc.dashboard.panels``): each panel's
+  table, or its error.
 
 ``Sampler.snapshot()`` is shared by every open page: at most one Redis read per
 ``interval_s``, whatever the number of viewers.
@@ -33,10 +36,12 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from streamproc.dashboard.panels import PanelReader, PanelView
 from streamproc.groups import group_infos
 from streamproc.inspect import GroupStatus, Report, ScheduleStatus, collect
 from streamproc.keys import Keys
 from streamproc.schedule import Schedule
+from streamproc.scheduler import Scheduler
 
 __all__ = (
     "LATENCY_NOTE",
@@ -98,7 +103,10 @@ ScheduleView = ScheduleStatus
 class TickerView(msgspec.Struct, kw_only=True):
     leader: str | None
     leader_ttl_ms: int | None
+    #: The static table (``App.schedules``).
     schedules: list[ScheduleView]
+    #: How many runtime schedules there are (``streamproc.scheduler``).
+    runtime_schedules: int = 0
 
 
 class RenderView(msgspec.Struct, kw_only=True):
@@ -121,6 +129,8 @@ class Snapshot(msgspec.Struct, kw_only=True):
     ticker: TickerView | None
     renders: list[RenderView]
     latency_note: str = LATENCY_NOTE
+    #: The application's panels, in ``App.panels`` order.
+    panels: list[PanelView] = []
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -250,12 +260,17 @@ def _rate(now: int | None, before: int | None, dt_ms: int) -> float | None:
     return round(max(0, now - before) * 1000 / dt_ms, 2)
 
 
-def _ticker(report: Report) -> TickerView | None:
-    if report.ticker is None and not report.schedules:
+def _ticker(report: Report, runtime_schedules: int) -> TickerView | None:
+    if report.ticker is None and not report.schedules and not runtime_schedules:
         return None
     leader = report.ticker.leader if report.ticker is not None else None
     ttl = report.ticker.leader_ttl_ms if report.ticker is not None else None
-    return TickerView(leader=leader, leader_ttl_ms=ttl, schedules=report.schedules)
+    return TickerView(
+        leader=leader,
+        leader_ttl_ms=ttl,
+        schedules=report.schedules,
+        runtime_schedules=runtime_schedules,
+    )
 
 
 async def build_snapshot(
@@ -267,9 +282,15 @@ async def build_snapshot(
     render_topics: Sequence[str] = ("renders",),
     pending_sample: int = 200,
     interval_s: float = 1.0,
+    panels: PanelReader | None = None,
 ) -> tuple[Snapshot, _Counts]:
-    """One snapshot, and the counters the next one computes its rates against."""
+    """One snapshot, and the counters the next one computes its rates against.
+
+    ``panels``: the application's panels; a panel that fails shows its error, the rest of
+    the snapshot is built as usual.
+    """
     report = await collect(client, keys, memory=False, schedules=schedules)
+    runtime_schedules = await Scheduler(client, keys).count()
     now_ms = report.server_time_ms
     added, done = await _counts(client, keys, report)
     group_names = {g.group for t in report.topics for g in t.groups}
@@ -339,8 +360,9 @@ async def build_snapshot(
         topics=topics,
         groups=groups,
         dlq_total=sum(g.dlq for g in groups),
-        ticker=_ticker(report),
+        ticker=_ticker(report, runtime_schedules),
         renders=renders,
+        panels=await panels.read(client, keys) if panels is not None else [],
     )
     return snapshot, counts
 
@@ -356,9 +378,11 @@ class Sampler:
         interval_s: float = 1.0,
         schedules: Sequence[Schedule] = (),
         render_topics: Sequence[str] = ("renders",),
+        panels: PanelReader | None = None,
     ) -> None:
         self.client, self.keys, self.interval_s = client, keys, interval_s
         self.schedules, self.render_topics = tuple(schedules), tuple(render_topics)
+        self.panels = panels
         self._counts: _Counts | None = None
         self._last: Snapshot | None = None
         self._encoded = b""
@@ -384,6 +408,7 @@ class Sampler:
                     schedules=self.schedules,
                     render_topics=self.render_topics,
                     interval_s=self.interval_s,
+                    panels=self.panels,
                 )
                 self._last, self._encoded = last, msgspec.json.encode(last)
                 self._at = time.monotonic()

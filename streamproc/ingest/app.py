@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -46,6 +46,9 @@ from streamproc.producer import Producer
 from streamproc.schedule import Schedule
 from streamproc.tasks.events import TaskRequested
 from streamproc.tasks.runner import TASK_GROUP, TaskType
+
+if TYPE_CHECKING:
+    from streamproc.dashboard.panels import Panel
 
 __all__ = ("INGEST", "Ingest", "create_app")
 
@@ -390,10 +393,12 @@ def create_app(
     *,
     schedules: Sequence[Schedule] = (),
     routes: Sequence[Callable[[web.Application, Ingest], None]] = (),
+    panels: Sequence[Panel] = (),
 ) -> web.Application:
     """The aiohttp application (the caller owns the Redis client and closes it).
 
     ``schedules``: the application's ticker table, for the dashboard's next fire times.
+    ``panels``: the application's dashboard panels (``App.panels``).
     ``routes``: the application's route hooks (``App.routes``), called with the app and this
     ``Ingest``.
     """
@@ -415,6 +420,7 @@ def create_app(
         keys=ingest.keys,
         agents=ingest.agents,
         schedules=schedules,
+        panels=panels,
         draining=lambda: ingest.draining,
     )
     for add_routes in routes:

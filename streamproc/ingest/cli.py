@@ -65,7 +65,7 @@ async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool
         groups=app.declared_groups,
     )
     runner = web.AppRunner(
-        create_app(ingest, schedules=app.schedules, routes=app.routes),
+        create_app(ingest, schedules=app.schedules, routes=app.routes, panels=app.panels),
         access_log=None,
         shutdown_timeout=1.0,
     )

@@ -7,6 +7,7 @@
   const COLORS = ["#2563eb", "#16a34a", "#d97706", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d"];
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const history = new Map(); // "topic/group" -> {rate: [], backlog: []}
+  const panelNodes = new Map(); // application panel name -> its <section>
   let selected = null; // {topic, group} of the DLQ view
   let shownDlq = -1;
 
@@ -165,6 +166,7 @@
     const t = s.ticker;
     $("ticker-leader").textContent = t && t.leader ? t.leader : "none";
     $("ticker-ttl").textContent = t && t.leader_ttl_ms !== null ? "(lease " + (t.leader_ttl_ms / 1000).toFixed(1) + " s left)" : "";
+    $("ticker-runtime").textContent = t ? num(t.runtime_schedules) : "0";
     fill($("schedules").tBodies[0], t && t.schedules.length
       ? t.schedules.map((x) => el("tr", {}, el("td", {}, x.name), el("td", {}, x.trigger), el("td", {}, x.last), el("td", {}, x.next)))
       : [el("tr", {}, el("td", { colspan: 4, class: "muted" }, "No schedules seen."))]);
@@ -174,6 +176,42 @@
       : [el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No render group."))]);
     fill($("topics").tBodies[0], s.topics.map((t) => el("tr", {}, el("td", {}, t.topic), el("td", { class: "n" }, num(t.length)),
       el("td", { class: "n" }, num(t.added_per_s, 1)), el("td", { class: "n" }, secs(t.last_age_s)))));
+    renderPanels(s.panels || []);
+  }
+
+  // The application's panels (App(panels=...)): one table each, or its error. Every value is
+  // written as text (el() makes text nodes): they come from Redis, written by others.
+  function renderPanels(panels) {
+    const seen = new Set();
+    for (const p of panels) {
+      seen.add(p.name);
+      let section = panelNodes.get(p.name);
+      if (!section) {
+        section = el("section", { "data-panel": p.name, "data-testid": "panel" });
+        panelNodes.set(p.name, section);
+      }
+      $("panels").append(section); // (re)appended in the snapshot's order
+      const count = p.error ? "" : p.rows.length < p.total
+        ? "(" + num(p.rows.length) + " of " + num(p.total) + ")" : "(" + num(p.total) + ")";
+      const head = el("h2", {}, p.title + " ", el("span", { class: "muted" }, count));
+      if (p.error) {
+        section.replaceChildren(head, el("p", { class: "panel-error", role: "alert", "data-field": "panel-error" },
+          "Could not read this panel: " + p.error));
+        continue;
+      }
+      const rows = p.rows.map((r) => el("tr", {}, ...r.map((v) =>
+        el("td", typeof v === "number" ? { class: "n" } : {}, typeof v === "number" ? num(v) : v))));
+      const table = el("table", {},
+        el("thead", {}, el("tr", {}, ...p.columns.map((c) => el("th", {}, c)))),
+        el("tbody", {}, ...(rows.length ? rows
+          : [el("tr", {}, el("td", { colspan: p.columns.length, class: "muted" }, "Nothing to show."))])));
+      const parts = [head, el("div", { class: "panel-scroll" }, table)];
+      if (p.note) parts.push(el("p", { class: "note" }, p.note));
+      section.replaceChildren(...parts);
+    }
+    for (const [name, section] of panelNodes) {
+      if (!seen.has(name)) { section.remove(); panelNodes.delete(name); }
+    }
   }
 
   function select(topic, group) {
