@@ -4,7 +4,8 @@
 or ``STREAMPROC_APP``). It puts together the typed events (``schemas/``), one concern per
 consumer group (``consumers/``), the ticker's table (``producers/schedules.py``) and the
 delivery of notifications (``notifications/``: its concerns, CLI commands and ingest routes)
-and worker monitoring (``workers/``: its concern, CLI commands and startup hooks).
+and worker monitoring (``workers/``: its concern, CLI commands, startup hooks and the
+dashboard's Workers panel).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import notifications
 import spot
 import workers
+import workers.panel
 from consumers import CONCERNS, configure_from_env
 from consumers.tasks import TASK_TYPES
 from producers.schedules import SCHEDULES
@@ -27,6 +29,7 @@ app = App(
     task_types=TASK_TYPES,
     commands=[*notifications.COMMANDS, *spot.COMMANDS, *workers.COMMANDS],
     routes=[notifications.add_routes, spot.add_routes],
+    panels=[workers.panel.PANEL],
     on_startup=[*workers.ON_STARTUP],
     on_shutdown=[*workers.ON_SHUTDOWN],
     configure=configure_from_env,
