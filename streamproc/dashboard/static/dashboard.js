@@ -199,10 +199,11 @@
           "Could not read this panel: " + p.error));
         continue;
       }
-      const rows = p.rows.map((r) => el("tr", {}, ...r.map((v) =>
-        el("td", typeof v === "number" ? { class: "n" } : {}, typeof v === "number" ? num(v) : v))));
+      const numeric = p.columns.map((_, i) => p.rows.some((r) => typeof r[i] === "number"));
+      const rows = p.rows.map((r) => el("tr", {}, ...r.map((v, i) =>
+        el("td", numeric[i] ? { class: "n" } : {}, typeof v === "number" ? num(v) : v))));
       const table = el("table", {},
-        el("thead", {}, el("tr", {}, ...p.columns.map((c) => el("th", {}, c)))),
+        el("thead", {}, el("tr", {}, ...p.columns.map((c, i) => el("th", numeric[i] ? { class: "n" } : {}, c)))),
         el("tbody", {}, ...(rows.length ? rows
           : [el("tr", {}, el("td", { colspan: p.columns.length, class: "muted" }, "Nothing to show."))])));
       const parts = [head, el("div", { class: "panel-scroll" }, table)];
