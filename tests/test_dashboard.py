@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 
-from schemas import SpotInterruption
+from schemas import REGISTRY, SpotInterruption
+from schemas.workers import WorkerCreated, WorkerPollTick
 from streamproc import Keys, Permanent, Producer
 from streamproc.consumer import LATENCY_BUCKETS_S
-from streamproc.dashboard import COOKIE, build_snapshot
+from streamproc.dashboard import COOKIE, Panel, PanelData, build_snapshot
+from streamproc.dashboard.panels import MAX_ROWS, PanelReader
 from streamproc.dashboard.session import session_key
 from streamproc.dashboard.snapshot import LATENCY_NOTE, histogram_percentile, percentile
+from streamproc.ingest import Ingest, IngestSettings, create_app
+from streamproc.scheduler import Scheduler
 from tests.helpers import MakeConsumer, entries, spot
 from tests.test_ingest_support import Server, running_ingest
+from workers.panel import PANEL as WORKERS_PANEL
+from workers.panel import read_workers
+from workers.registry import WorkerStore
 
 BOUNDS_MS = [b * 1000 for b in LATENCY_BUCKETS_S]
 
@@ -315,3 +326,147 @@ async def test_logout_deletes_the_session(
     async with browser.post("/dashboard/logout", headers={"X-CSRF-Token": csrf}) as r:
         assert r.status == 200
     assert [k async for k in client.scan_iter(match=f"{keys.prefix}:dashboard:*")] == []
+
+
+# ---------------------------------------------------------------------- application panels
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+@contextlib.asynccontextmanager
+async def serving_panels(
+    client: aioredis.Redis, keys: Keys, producer: Producer, panels: Sequence[Panel]
+) -> AsyncIterator[Server]:
+    """The ingest app with ``panels`` on its dashboard (as ``streamproc ingest`` passes
+    ``App.panels``), on 127.0.0.1."""
+    ingest = Ingest(
+        client=client,
+        registry=REGISTRY,
+        keys=keys,
+        producer=producer,
+        settings=IngestSettings(auth_cache_s=0.0),
+    )
+    server = TestServer(create_app(ingest, panels=panels), host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Server(server, session, ingest, keys)
+    finally:
+        await server.close()
+
+
+async def add_worker(
+    client: aioredis.Redis, keys: Keys, worker_id: str, n: int, name: str = "", **polled: Any
+) -> None:
+    """A registered worker; ``polled``: the record fields a poll would write."""
+    store = WorkerStore(client, keys)
+    spec = WorkerCreated(
+        worker_id=worker_id, name=name, instance_id=f"i-{n:08x}", region="eu-west-1"
+    )
+    assert await store.register(spec, interval_s=300, now_ms=n, now_iso="2026-01-01T00:00:00Z")
+    if polled:
+        assert await store.polled(worker_id, True, polled) == 0
+
+
+async def broken_read(client: aioredis.Redis, keys: Keys) -> PanelData:
+    raise RuntimeError("lookup failed <b>")
+
+
+async def test_the_snapshot_carries_the_workers_panel_and_a_failing_panel_shows_its_error(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """Over HTTP: the workers panel lists the workers (alerting first), the panel that
+    raises shows its error, and the rest of the snapshot is there, runtime schedules too."""
+    await add_worker(client, keys, "w-a", 1, name=HOSTILE, status="running", cpu=12.34)
+    await add_worker(
+        client,
+        keys,
+        "w-z",
+        2,
+        status="running",
+        cpu=97.0,
+        memory=40.0,
+        alert_cpu="alert",
+        last_polled_at="2026-01-01T00:05:00Z",
+    )
+    await WorkerStore(client, keys).polled("w-a", False, {"last_error": "x" * 400})
+    await Scheduler(client, keys).add("worker.w-a", every="5 min", event=WorkerPollTick)
+    panels = [WORKERS_PANEL, Panel("broken", "Broken", broken_read)]
+    async with (
+        serving_panels(client, keys, producer, panels) as srv,
+        aiohttp.ClientSession(base_url=srv.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as b,
+    ):
+        await login(b, await srv.token("admin", (), operator=True))
+        async with b.get("/dashboard/api/snapshot") as r:
+            assert r.status == 200
+            snap = await r.json()
+    assert snap["prefix"] == keys.prefix
+    assert snap["ticker"]["runtime_schedules"] == 1
+    workers, broken = snap["panels"]
+    assert (workers["name"], workers["title"], workers["error"]) == ("workers", "Workers", None)
+    assert workers["columns"][:3] == ["id", "name", "status"]
+    assert workers["total"] == 2
+    hot, cool = workers["rows"]
+    assert hot == ["w-z", "", "running", 97.0, 40.0, "cpu", "2026-01-01T00:05:00Z", 0, None]
+    assert cool[:6] == ["w-a", HOSTILE, "running", 12.3, None, "ok"]
+    assert cool[7] == 1  # one failed poll since
+    assert len(cool[8]) == 120  # the last error, cut
+    assert broken == {
+        "name": "broken",
+        "title": "Broken",
+        "columns": [],
+        "rows": [],
+        "total": 0,
+        "note": "",
+        "error": "RuntimeError: lookup failed <b>",
+    }
+
+
+async def test_the_workers_panel_shows_200_rows_alerting_first_and_the_total(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    for n in range(MAX_ROWS + 5):
+        await add_worker(client, keys, f"w-{n:03d}", n + 1)
+    await WorkerStore(client, keys).polled("w-204", True, {"alert_memory": "alert"})
+    data = await read_workers(client, keys)
+    assert (len(data.rows), data.total) == (MAX_ROWS, MAX_ROWS + 5)
+    assert [r[0] for r in data.rows[:3]] == ["w-204", "w-000", "w-001"]
+    assert data.rows[0][5] == "memory"
+    assert data.note.startswith("The first 200 of 205")
+
+
+async def test_a_panel_is_bounded_checked_and_timed_out_and_its_failures_logged_once(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    async def many(c: aioredis.Redis, k: Keys) -> PanelData:
+        return PanelData(columns=["n", "text"], rows=[[i, "y" * 5000] for i in range(500)], total=7)
+
+    async def crooked(c: aioredis.Redis, k: Keys) -> PanelData:
+        return PanelData(columns=["a", "b"], rows=[["only one"]], total=1)
+
+    async def not_data(c: aioredis.Redis, k: Keys) -> Any:
+        return {"columns": ["a"]}
+
+    async def hangs(c: aioredis.Redis, k: Keys) -> PanelData:
+        await asyncio.sleep(10)
+        raise AssertionError("not reached")
+
+    reader = PanelReader(
+        [
+            Panel("many", "Many", many),
+            Panel("crooked", "Crooked", crooked),
+            Panel("not-data", "Not data", not_data),
+            Panel("hangs", "Hangs", hangs),
+        ],
+        timeout_s=0.05,
+    )
+    with capture_logs() as logs:
+        big, crooked_view, not_data_view, hung = await reader.read(client, keys)
+        await reader.read(client, keys)  # the same failures again: not logged again
+    assert (len(big.rows), big.total, big.error) == (MAX_ROWS, MAX_ROWS, None)
+    assert len(str(big.rows[0][1])) == 1000
+    assert crooked_view.error == "ValueError: row 0 does not have one cell per column (2)"
+    assert not_data_view.error == "TypeError: read returned dict, not PanelData"
+    assert hung.error == "no answer within 0.05 s"
+    failed = [e["panel"] for e in logs if e["event"] == "dashboard_panel_failed"]
+    assert sorted(failed) == ["crooked", "hangs", "not-data"]

@@ -2,8 +2,10 @@
 
 The real ingest app on 127.0.0.1, a real Consumer, real events posted to ingest: after login
 the page goes live, its numbers move when events flow, a poison event shows in the DLQ view
-and its Replay button sends it back to the group, which handles it. A screenshot is saved to
-``tests/artifacts/dashboard.png`` (ignored by git; CI can keep it as an artefact).
+and its Replay button sends it back to the group, which handles it. The application's panels
+show as tables: a worker row appears, a hostile worker name is shown as text, a panel that
+fails shows its error. Screenshots are saved to ``tests/artifacts/`` (ignored by git; CI can
+keep them as artefacts).
 
 Skipped where ``/usr/bin/chromium`` or the ``playwright`` package is missing. Playwright's own
 browser downloads are never used: the Debian browser is launched by its path.
@@ -24,8 +26,11 @@ import redis.asyncio as aioredis
 
 from schemas import SpotInterruption
 from streamproc import Codec, Keys, Permanent, Producer
+from streamproc.dashboard import Panel
 from tests.helpers import MakeConsumer, spot
+from tests.test_dashboard import HOSTILE, add_worker, broken_read, serving_panels
 from tests.test_ingest_support import Server, cluster_event, running_ingest
+from workers.panel import PANEL as WORKERS_PANEL
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -163,3 +168,55 @@ async def test_dashboard_goes_live_moves_and_replays_a_dead_letter(
     finally:
         consumer.stop()
         await runner
+
+
+async def test_workers_panel_rows_appear_as_text_and_a_failing_panel_shows_its_error(
+    client: aioredis.Redis, keys: Keys, producer: Producer, tmp_path: Path
+) -> None:
+    """A worker named like an HTML tag is shown as that text (no element, no script run)."""
+    from playwright.async_api import async_playwright, expect
+
+    expect.set_options(timeout=WAIT_MS)
+    await add_worker(client, keys, "w-hostile", 1, name=HOSTILE, status="running", cpu=12.5)
+    await add_worker(client, keys, "w-hot", 2, status="running", cpu=97.0, alert_cpu="alert")
+    panels = [WORKERS_PANEL, Panel("broken", "Broken", broken_read)]
+    async with serving_panels(client, keys, producer, panels) as srv:
+        operator = await srv.token("admin", (), operator=True)
+        async with async_playwright() as pw:
+            context = await pw.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"),
+                executable_path=str(CHROMIUM),
+                headless=True,
+                args=_ARGS,
+                viewport={"width": 1400, "height": 1000},
+            )
+            try:
+                page = await context.new_page()
+                page.set_default_timeout(WAIT_MS)
+                errors: list[str] = []
+                dialogs: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("dialog", lambda d: dialogs.append(d.message))
+                await page.goto(f"{srv.url}/dashboard")
+                await page.fill("#token", operator)
+                await page.click("#login")
+                await page.wait_for_selector("#live.on")
+
+                rows = page.locator('section[data-panel="workers"] tbody tr')
+                await expect(rows).to_have_count(2)
+                await expect(rows.nth(0).locator("td").nth(0)).to_have_text("w-hot")
+                await expect(rows.nth(0).locator("td").nth(5)).to_have_text("cpu")
+                hostile = rows.nth(1)
+                await expect(hostile.locator("td").nth(1)).to_have_text(HOSTILE)
+                await expect(hostile.locator("td").nth(3)).to_have_text("12.5")
+                assert await page.locator("#panels img").count() == 0
+                await expect(
+                    page.locator('section[data-panel="broken"] [data-field="panel-error"]')
+                ).to_have_text("Could not read this panel: RuntimeError: lookup failed <b>")
+                assert await page.locator('section[data-panel="broken"] b').count() == 0
+                ARTIFACTS.mkdir(exist_ok=True)
+                await page.screenshot(path=str(ARTIFACTS / "dashboard-workers.png"), full_page=True)
+                assert errors == []
+                assert dialogs == []
+            finally:
+                await context.close()
