@@ -24,6 +24,7 @@ from schemas import REGISTRY
 from streamproc import Keys, Producer
 from streamproc.breaker import Breaker
 from streamproc.ingest import Ingest, IngestSettings, create_app
+from tests.helpers import CliRun, cli_in_process
 from tests.test_ingest_support import Server
 
 SLACK = "https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX"
@@ -233,8 +234,21 @@ def _cli(env: dict[str, str], repo_root: Path, *args: str) -> subprocess.Complet
     )
 
 
-def test_cli_subscriptions_and_log(redis_url: str, keys: Keys, repo_root: Path) -> None:
-    env = {**os.environ, "REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+def test_cli_subscriptions_and_log(
+    redis_url: str,
+    keys: Keys,
+    repo_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    overrides = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+    env = {**os.environ, **overrides}
+
+    def in_process(*args: str) -> CliRun:
+        """Refusals (exit codes, messages) by the same ``main`` without a process start each;
+        every command above also ran as a real process."""
+        return cli_in_process(monkeypatch, capsys, overrides, *args)
+
     added = _cli(
         env,
         repo_root,
@@ -276,9 +290,7 @@ def test_cli_subscriptions_and_log(redis_url: str, keys: Keys, repo_root: Path) 
     [row] = [orjson.loads(line) for line in as_json.stdout.splitlines()]
     assert row["id"] == sub_id
     assert "secret" not in row
-    bad = _cli(
-        env,
-        repo_root,
+    bad = in_process(
         "subscriptions",
         "add",
         "--cluster",
@@ -290,9 +302,7 @@ def test_cli_subscriptions_and_log(redis_url: str, keys: Keys, repo_root: Path) 
     )
     assert bad.returncode == 2
     assert "not an email address" in bad.stderr
-    bad_type = _cli(
-        env,
-        repo_root,
+    bad_type = in_process(
         "subscriptions",
         "add",
         "--cluster",
@@ -307,8 +317,8 @@ def test_cli_subscriptions_and_log(redis_url: str, keys: Keys, repo_root: Path) 
     assert bad_type.returncode == 2
     assert "matches no notification type" in bad_type.stderr
     assert _cli(env, repo_root, "subscriptions", "remove", sub_id).returncode == 0
-    assert _cli(env, repo_root, "subscriptions", "remove", sub_id).returncode == 1
-    missing = _cli(env, repo_root, "notifications", "log", "no-such-id")
+    assert in_process("subscriptions", "remove", sub_id).returncode == 1
+    missing = in_process("notifications", "log", "no-such-id")
     assert missing.returncode == 1
     assert _cli(env, repo_root, "notifications", "recent").returncode == 0
 
