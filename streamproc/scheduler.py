@@ -146,18 +146,37 @@ _DECODER = msgspec.json.Decoder(_Def)
 
 
 class _Planned:
-    """A stored definition as ``plan_fires`` reads it."""
+    """A stored definition as ``plan_fires`` reads it (the trigger is built only when asked:
+    interval plans are integer arithmetic on the definition)."""
 
-    __slots__ = ("catch_up_max", "d", "grace_s", "missed", "trigger")
+    __slots__ = ("_trigger", "d")
 
     def __init__(self, d: _Def) -> None:
+        if not d.cron and d.interval_ms < 10:
+            raise ConfigError(f"interval must be >= 10 ms, got {d.interval_ms} ms")
         self.d = d
-        self.trigger: Trigger = (
-            Cron(d.cron, d.tz) if d.cron else Every(d.interval_ms / 1000, d.offset_ms / 1000)
-        )
-        self.missed: MissedPolicy = d.missed
-        self.grace_s = d.grace_ms / 1000
-        self.catch_up_max = d.catch_up_max
+        self._trigger: Trigger | None = None
+
+    @property
+    def trigger(self) -> Trigger:
+        if self._trigger is None:
+            d = self.d
+            self._trigger = (
+                Cron(d.cron, d.tz) if d.cron else Every(d.interval_ms / 1000, d.offset_ms / 1000)
+            )
+        return self._trigger
+
+    @property
+    def missed(self) -> MissedPolicy:
+        return self.d.missed
+
+    @property
+    def grace_s(self) -> float:
+        return self.d.grace_ms / 1000
+
+    @property
+    def catch_up_max(self) -> int:
+        return self.d.catch_up_max
 
     def plan_ms(self, score: int, now_ms: int) -> tuple[list[int], int, int] | None:
         """What to fire at ``now_ms`` for the due time ``score``: (times to fire, oldest
@@ -412,11 +431,11 @@ class RuntimeFirer:
     ) -> None:
         self.client, self.keys, self.codec, self.lease = client, keys, codec, lease
         self.node, self.batch, self.poll_s, self.min_step_s = node, batch, poll_s, min_step_s
+        #: Batches per step at most.
+        self.max_batches = 8
         #: The earliest next time seen by the last step (epoch ms; inf: none known).
         self._next_ms = float("inf")
         self._keys = [keys.ticker_defs(), keys.ticker_due()]
-        #: Definitions decoded, by their stored bytes (most entity schedules share a few).
-        self._planned: dict[bytes, _Planned | None] = {}
         self._unknown: set[str] = set()
 
     async def next_due_s(self) -> float:
@@ -445,19 +464,22 @@ class RuntimeFirer:
                 break
             if n < self.batch or now is not None:
                 break
+            if out.due >= self.batch * self.max_batches:
+                # A backlog is worked off over several steps (the next one at once): the
+                # static table and a stop request are not kept waiting behind it.
+                self._next_ms = 0
+                break
         return out
 
-    def _plan(self, raw: bytes) -> _Planned | None:
-        planned = self._planned.get(raw, False)
-        if planned is False:
-            try:
-                planned = _Planned(_DECODER.decode(raw))
-            except (msgspec.DecodeError, ConfigError):
-                planned = None
-            if len(self._planned) > 10_000:
-                self._planned.clear()
-            self._planned[raw] = planned
-        return planned  # type: ignore[return-value]
+    @staticmethod
+    def _plan(raw: bytes) -> _Planned | None:
+        try:
+            planned = _Planned(_DECODER.decode(raw))
+            if planned.d.cron:
+                planned.trigger  # noqa: B018 (checks the expression and the zone)
+            return planned
+        except (msgspec.DecodeError, ConfigError):
+            return None
 
     async def _fire(self, raw: Sequence[Any], now: datetime, out: FireResult) -> bool:
         streams: dict[str, int] = {}

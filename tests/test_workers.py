@@ -274,6 +274,23 @@ async def test_a_stopped_instance_flips_the_status_with_one_status_changed(
     assert metrics[-1].cpu is None
 
 
+async def test_worker_events_are_kept_bounded_without_a_reader(mon: Monitor, endpoint: str) -> None:
+    """Nobody reads worker-events here: polls cut it to about events_maxlen."""
+    use(runtime_for(endpoint, events_maxlen=1_000))
+    stream = mon.keys.stream("worker-events")
+    async with mon.client.pipeline(transaction=False) as p:
+        for i in range(5_000):
+            p.xadd(stream, {"filler": str(i)})
+        await p.execute()
+    [iid] = launch(endpoint)
+    await mon.create("w-trim", iid, interval_s=5)
+    await mon.poll("w-trim")
+    length = int(await mon.client.xlen(stream))
+    assert 1_000 <= length < 1_200  # MAXLEN ~ cuts whole nodes of 100 entries
+    last: Any = await mon.client.xrevrange(stream, count=1)
+    assert mon.codec.decode(last[0][1]).type_name() == "worker.metrics"  # the newest is kept
+
+
 async def test_cpu_over_the_threshold_raises_one_alert_and_one_recovery(
     mon: Monitor, endpoint: str
 ) -> None:

@@ -17,6 +17,8 @@ class Runtime:
         self.settings = settings
         self.aws_settings = aws
         self.aws = WorkerAws(aws)
+        #: When this process next trims ``worker-events`` (monotonic s).
+        self.events_trim_at = 0.0
 
     def discover_regions(self) -> tuple[str, ...]:
         return self.settings.discover_regions or (self.aws_settings.region,)

@@ -22,6 +22,7 @@ AWS failures (CallTransient, BreakerOpen, CallPermanent) are logged, counted in 
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -41,9 +42,11 @@ from schemas.workers import (
 )
 from streamproc.breaker import BreakerOpen
 from streamproc.concern import Concern, Context
+from streamproc.connection import REDIS_DOWN
 from streamproc.event import Event, derived_id, utcnow
 from streamproc.outbound import CallPermanent, CallTransient
 from streamproc.settings import RetryPolicy
+from streamproc.trim import trim_stream
 from workers import _aws, jobs
 from workers._runtime import Runtime, runtime
 from workers.registry import Worker, WorkerStore
@@ -237,6 +240,23 @@ async def poll(tick: WorkerPollTick, ctx: Context) -> None:
     finally:
         await store.release(worker_id, token)
     POLLS.labels(outcome).inc()
+    await _keep_events_bounded(rt, ctx)
+
+
+async def _keep_events_bounded(rt: Runtime, ctx: Context) -> None:
+    """At most every 10 s per process: ``worker-events`` has no group in this repository,
+    so nothing trims it; an outside reader's groups are waited for (safe trimming), and
+    past ``events_maxlen`` entries it is cut (``XTRIM MAXLEN ~``) whoever reads it."""
+    now = time.monotonic()
+    if now < rt.events_trim_at:
+        return
+    rt.events_trim_at = now + 10.0
+    stream = ctx.keys.stream(WorkerMetrics.topic)
+    try:
+        await trim_stream(ctx.redis, stream)
+        await ctx.redis.xtrim(stream, maxlen=rt.settings.events_maxlen, approximate=True)
+    except REDIS_DOWN as e:  # the poll is done; the next trim is in 10 s
+        log.warning("worker_events_trim_failed", error=str(e))
 
 
 async def _poll(

@@ -33,6 +33,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     discover_regions: tuple[str, ...] = ()
     #: The ``cluster_id`` of alert notifications: "" reaches the '*' subscribers.
     alert_cluster_id: str = ""
+    #: ``worker-events`` (metrics, status changes) is kept to about this many entries.
+    events_maxlen: int = 100_000
 
     def __post_init__(self) -> None:
         if not 5 <= self.interval_s <= 86_400:
@@ -47,6 +49,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         for r in self.discover_regions:
             if not REGION_RE.fullmatch(r):
                 raise ValueError(f"discover_regions: {r[:40]!r} is not a region name")
+        if not 1_000 <= self.events_maxlen <= 100_000_000:
+            raise ValueError("events_maxlen must be within 1000..100000000")
         if len(self.alert_cluster_id) > 256:
             raise ValueError("alert_cluster_id: at most 256 characters")
 
