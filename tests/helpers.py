@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import socket
+import sys
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -102,6 +104,7 @@ def cli_in_process(
     capsys: pytest.CaptureFixture[str],
     env: Mapping[str, str],
     *args: str,
+    stdin: str = "",
 ) -> CliRun:
     """``streamproc ARGS`` run by ``streamproc.cli.main`` in this process, with ``env`` added.
 
@@ -116,6 +119,7 @@ def cli_in_process(
         for k, v in env.items():
             m.setenv(k, v)
         m.setattr(cli, "configure_logging", lambda *_a, **_k: None)
+        m.setattr(sys, "stdin", io.StringIO(stdin))
         capsys.readouterr()
         try:
             code = cli.main(list(args))

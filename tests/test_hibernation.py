@@ -4,6 +4,7 @@ audit stream, and the CLI and API with broken and hostile input."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from streamproc.consumer import Consumer
 from streamproc.errors import ConfigError
 from streamproc.ingest import Ingest, IngestSettings, create_app
 from streamproc.schedule import tick_id
-from tests.helpers import moto_server
+from tests.helpers import CliRun, cli_in_process, moto_server
 from tests.test_ingest_support import Server
 
 pytestmark = pytest.mark.timeout(120)
@@ -549,9 +550,17 @@ def _cli(env: dict[str, str], repo_root: Path, *args: str, stdin: str = "") -> A
 
 
 async def test_cli_set_show_list_remove_and_audit(
-    hib: Hib, endpoint: str, redis_url: str, keys: Keys, repo_root: Path, tmp_path: Path
+    hib: Hib,
+    endpoint: str,
+    redis_url: str,
+    keys: Keys,
+    repo_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    env = {**os.environ, "REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+    overrides = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+    env = {**os.environ, **overrides}
     cluster, ng = unique("c"), unique("ng")
     ok = _cli(
         env,
@@ -598,43 +607,58 @@ async def test_cli_set_show_list_remove_and_audit(
     gone = _cli(env, repo_root, "hibernation", "remove", cluster)
     assert gone.returncode == 0
     assert "woken at the next tick" in gone.stdout
-    hostile = _cli(
-        env,
-        repo_root,
+    # The refusals by the same ``main`` in this process (its own event loop, so in a thread):
+    # each command above ran as a real process.
+    hostile = await asyncio.to_thread(
+        cli_in_process,
+        monkeypatch,
+        capsys,
+        overrides,
         *("hibernation", "set", "a;rm -rf /", "--account", ACCOUNT, "--region", REGION),
         *("--tz", "UTC", "--sleep", "daily 0-8"),
     )
     assert hostile.returncode == 2
     assert "cluster: 'a;rm -rf /' is not a cluster name" in hostile.stderr
-    missing = _cli(env, repo_root, "hibernation", "show", "nope")
+    missing = await asyncio.to_thread(
+        cli_in_process, monkeypatch, capsys, overrides, "hibernation", "show", "nope"
+    )
     assert missing.returncode == 1
     assert "no hibernation schedule" in missing.stderr
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--tz", "Mars/Olympus", "--sleep", "daily 0-8"], "tz: unknown time zone 'Mars/Olympus'"),
-        (["--tz", "UTC", "--sleep", "daily 0-8;reboot"], "is not 'DAYS START-END'"),
-        (["--tz", "UTC"], "give --sleep rules"),
-        (
-            ["--tz", "UTC", "--matrix", "/nonexistent/week"],
-            "--matrix /nonexistent/week: cannot read",
-        ),
-        (["--tz", "UTC", "--matrix", "-"], "the matrix has 2 day lines; it needs 7"),
-        (["--tz", "UTC", "--sleep", "daily 0-8", "--prewarm-min", "999"], "prewarm_min: 0 to 180"),
-    ],
-)
+CLI_REFUSED: list[tuple[list[str], str]] = [
+    (["--tz", "Mars/Olympus", "--sleep", "daily 0-8"], "tz: unknown time zone 'Mars/Olympus'"),
+    (["--tz", "UTC", "--sleep", "daily 0-8;reboot"], "is not 'DAYS START-END'"),
+    (["--tz", "UTC"], "give --sleep rules"),
+    (
+        ["--tz", "UTC", "--matrix", "/nonexistent/week"],
+        "--matrix /nonexistent/week: cannot read",
+    ),
+    (["--tz", "UTC", "--matrix", "-"], "the matrix has 2 day lines; it needs 7"),
+    (["--tz", "UTC", "--sleep", "daily 0-8", "--prewarm-min", "999"], "prewarm_min: 0 to 180"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), CLI_REFUSED)
 def test_cli_refuses_broken_input_with_exit_2(
-    redis_url: str, keys: Keys, repo_root: Path, args: list[str], message: str
+    redis_url: str,
+    keys: Keys,
+    repo_root: Path,
+    args: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    env = {**os.environ, "REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
-    bad = _cli(
-        env,
-        repo_root,
-        *("hibernation", "set", "c1", "--account", ACCOUNT, "--region", REGION, *args),
-        stdin="0" * 24 + "\n" + "1" * 24 + "\n",
-    )
+    """The first case in a real ``python -m streamproc`` process; the others by the same
+    ``main`` in this process, without an interpreter start (~2 s here) each."""
+    overrides = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+    argv = ("hibernation", "set", "c1", "--account", ACCOUNT, "--region", REGION, *args)
+    stdin = "0" * 24 + "\n" + "1" * 24 + "\n"
+    bad: CliRun | subprocess.CompletedProcess[str]
+    if (args, message) == CLI_REFUSED[0]:
+        bad = _cli({**os.environ, **overrides}, repo_root, *argv, stdin=stdin)
+    else:
+        bad = cli_in_process(monkeypatch, capsys, overrides, *argv, stdin=stdin)
     assert bad.returncode == 2, bad.stdout
     assert message in bad.stderr
 
