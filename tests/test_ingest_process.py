@@ -21,6 +21,7 @@ from streamproc import Codec, Keys
 from streamproc.embedded import free_port
 from streamproc.event import new_event_id
 from streamproc.ingest import AgentStore
+from tests.helpers import CliRun, cli_in_process
 from tests.test_ingest_support import cluster_event
 
 
@@ -136,7 +137,11 @@ async def test_sigterm_lets_an_in_flight_request_finish(
 
 @pytest.mark.slow
 def test_agents_cli_prints_a_token_once_and_keeps_only_its_hash(
-    redis_url: str, keys: Keys, repo_root: Path
+    redis_url: str,
+    keys: Keys,
+    repo_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -148,19 +153,25 @@ def test_agents_cli_prints_a_token_once_and_keeps_only_its_hash(
             timeout=30,
         )
 
+    def refused(*args: str) -> CliRun:
+        """A refusal by the same ``main`` in this process, without a process start each (add,
+        list and revoke each run as a real process too)."""
+        overrides = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+        return cli_in_process(monkeypatch, capsys, overrides, "agents", *args)
+
     added = cli("add", "edge-1", "--types", "cluster.*")
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip()
     assert token.startswith("spk_")
-    exists = cli("add", "edge-1", "--types", "cluster.*")
+    exists = refused("add", "edge-1", "--types", "cluster.*")
     assert exists.returncode == 2
     assert "exists" in exists.stderr
-    useless = cli("add", "idle")
+    useless = refused("add", "idle")
     assert useless.returncode == 2
     assert "could do nothing" in useless.stderr
     viewer = cli("add", "viewer-1", "--clusters", "prod-*")
     assert viewer.returncode == 0, viewer.stderr
-    assert cli("add", "x", "--types", "nothing.*").returncode == 2  # matches no type
+    assert refused("add", "x", "--types", "nothing.*").returncode == 2  # matches no type
     listed = cli("list", "--json")
     assert "edge-1" in listed.stdout
     assert token not in listed.stdout
@@ -172,4 +183,4 @@ def test_agents_cli_prints_a_token_once_and_keeps_only_its_hash(
         assert stored
         assert all(token.encode() not in k + v for k, v in stored.items())
     assert cli("revoke", "edge-1").returncode == 0
-    assert cli("revoke", "edge-1").returncode == 1
+    assert refused("revoke", "edge-1").returncode == 1
