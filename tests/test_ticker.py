@@ -29,14 +29,19 @@ def fast(missed: MissedPolicy = "latest", **kw: Any) -> Schedule:
 
 
 def make_ticker(
-    client: aioredis.Redis, producer: Producer, keys: Keys, node: str, *schedules: Schedule
+    client: aioredis.Redis,
+    producer: Producer,
+    keys: Keys,
+    node: str,
+    *schedules: Schedule,
+    ttl_ms: int = 1000,
 ) -> Ticker:
     return Ticker(
         schedules or (fast(),),
         client=client,
         producer=producer,
         keys=keys,
-        settings=TickerSettings(node=node, lease_ttl_ms=1000),
+        settings=TickerSettings(node=node, lease_ttl_ms=ttl_ms),
     )
 
 
@@ -125,8 +130,9 @@ async def test_two_leaders_publish_one_tick_and_the_stale_one_is_fenced_off(
     """Redis lost the lease while A still believed it held it: B leads, both fire, one tick."""
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=30)
     await client.hset(keys.ticker_last(), "fast", int(t0.timestamp() * 1000))
-    a = make_ticker(client, producer, keys, "a")
-    b = make_ticker(client, Producer(client, codec, keys), keys, "b")
+    # Leases long enough that a busy machine does not let them run out within the test.
+    a = make_ticker(client, producer, keys, "a", ttl_ms=10_000)
+    b = make_ticker(client, Producer(client, codec, keys), keys, "b", ttl_ms=10_000)
     assert await a.lease.acquire()
     await a.load_state()
     await client.delete(keys.ticker_lease())
