@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from streamproc.event import Event
+from streamproc.ingest.schedules import ScheduleIn
 from streamproc.ingest.tasks import TaskAccepted, TaskSubmit
+from streamproc.scheduler import SCHEDULE_NAME_RE, ScheduleInfo
 from streamproc.tasks.store import TaskView
 
 if TYPE_CHECKING:
@@ -109,7 +111,17 @@ def build_spec(
         union = t if union is None else union | t
     payloads = [t.payload_type for t in task_types.values() if t.payload_type is not dict]
     (union_schema, *_), components = msgspec.json.schema_components(
-        [union, ErrorBody, EventsAccepted, TaskSubmit, TaskAccepted, TaskView, *payloads],
+        [
+            union,
+            ErrorBody,
+            EventsAccepted,
+            TaskSubmit,
+            TaskAccepted,
+            TaskView,
+            ScheduleIn,
+            ScheduleInfo,
+            *payloads,
+        ],
         ref_template="#/components/schemas/{name}",
     )
     events_body = {
@@ -148,6 +160,12 @@ def build_spec(
         "in": "path",
         "required": True,
         "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+    }
+    schedule_param = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": SCHEDULE_NAME_RE.pattern},
     }
     op: list[dict[str, list[str]]] = [{"bearer": []}]
     task_types_doc = ", ".join(
@@ -198,6 +216,51 @@ def build_spec(
                         **_ok(200, "TaskView", "cancelled"),
                         **_ok(202, "TaskView", "cancelling"),
                         **_error_responses(401, 403, 404, 409, 503),
+                    },
+                },
+            },
+            "/v1/schedules": {
+                "get": {
+                    "summary": "Runtime schedules, a page: {schedules: [ScheduleInfo], cursor, "
+                    "total} (operator token; query: prefix, limit 1..1000, cursor)",
+                    "security": op,
+                    "responses": {
+                        "200": {**plain, "description": "a page; cursor 0 at the end"},
+                        **_error_responses(400, 401, 403, 503),
+                    },
+                }
+            },
+            "/v1/schedules/{name}": {
+                "get": {
+                    "summary": "One runtime schedule: {schedule: ScheduleInfo}",
+                    "security": op,
+                    "parameters": [schedule_param],
+                    "responses": {
+                        "200": {**plain, "description": "the schedule"},
+                        **_error_responses(400, 401, 403, 404, 503),
+                    },
+                },
+                "put": {
+                    "summary": "Create (201) or change (200) a runtime schedule: "
+                    "{schedule: ScheduleInfo, changed}",
+                    "security": op,
+                    "parameters": [schedule_param],
+                    "requestBody": _json_body(
+                        {"$ref": "#/components/schemas/ScheduleIn"}, "the schedule"
+                    ),
+                    "responses": {
+                        "200": {**plain, "description": "changed, or identical"},
+                        "201": {**plain, "description": "created"},
+                        **_error_responses(400, 401, 403, 413, 415, 503),
+                    },
+                },
+                "delete": {
+                    "summary": "Remove a runtime schedule (204)",
+                    "security": op,
+                    "parameters": [schedule_param],
+                    "responses": {
+                        "204": {"description": "removed"},
+                        **_error_responses(400, 401, 403, 404, 503),
                     },
                 },
             },
