@@ -120,6 +120,7 @@ def cli_in_process(
             m.setenv(k, v)
         m.setattr(cli, "configure_logging", lambda *_a, **_k: None)
         m.setattr(sys, "stdin", io.StringIO(stdin))
+        m.setattr(sys, "path", list(sys.path))  # main makes the current directory importable
         capsys.readouterr()
         try:
             code = cli.main(list(args))

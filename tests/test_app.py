@@ -29,6 +29,7 @@ from streamproc.groups import ensure_declared_groups, group_infos
 from streamproc.schedule import Schedule, Tick, every
 from streamproc.tasks import TaskType
 from tests import tiny_app
+from tests.helpers import CliRun, cli_in_process
 from tests.test_cli import ROOT, cli
 from tests.tiny_app import GROUPS, Ping, TinyTick
 
@@ -244,19 +245,29 @@ def test_up_starts_each_role_with_the_same_app() -> None:
 # ---------------------------------------------------------------------- the CLI
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "message"),
-    [
-        (["--app", "no_such_module:app"], {}, "no module named 'no_such_module'"),
-        (["--app", "tests.tiny_app:nope"], {}, "'tests.tiny_app' has no attribute 'nope'"),
-        (["--app", "tests.tiny_app:not_an_app"], {}, "is a dict, not a streamproc.app.App"),
-        ([], {"STREAMPROC_APP": "tests.tiny_app:nope"}, "STREAMPROC_APP 'tests.tiny_app:nope': "),
-    ],
-)
+BAD_APPS: list[tuple[list[str], dict[str, str], str]] = [
+    (["--app", "no_such_module:app"], {}, "no module named 'no_such_module'"),
+    (["--app", "tests.tiny_app:nope"], {}, "'tests.tiny_app' has no attribute 'nope'"),
+    (["--app", "tests.tiny_app:not_an_app"], {}, "is a dict, not a streamproc.app.App"),
+    ([], {"STREAMPROC_APP": "tests.tiny_app:nope"}, "STREAMPROC_APP 'tests.tiny_app:nope': "),
+]
+
+
+@pytest.mark.parametrize(("args", "env", "message"), BAD_APPS)
 def test_a_bad_app_is_exit_2_with_the_reason(
-    args: list[str], env: dict[str, str], message: str
+    args: list[str],
+    env: dict[str, str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    r = cli(*args, "check", "--all", env=env)
+    """The first case in a real ``python -m streamproc`` process; the others by the same
+    ``main`` in this process, without an interpreter start each."""
+    r: CliRun | subprocess.CompletedProcess[str]
+    if (args, env, message) == BAD_APPS[0]:
+        r = cli(*args, "check", "--all", env=env)
+    else:
+        r = cli_in_process(monkeypatch, capsys, env, *args, "check", "--all")
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert "Traceback" not in r.stderr
