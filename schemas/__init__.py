@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas import hibernation, inventory, metrics, workers
+from schemas import hibernation, hosts, inventory, metrics, workers
 from schemas.cluster import NodeNotReady, OOMKilled, PodPending, SpotInterruption
 from schemas.notify import (
     DeliveryRequested,
@@ -53,6 +53,7 @@ REGISTRY: Registry[Any] = Registry(
         *TASK_EVENTS,
         *inventory.TYPES,
         *hibernation.TYPES,
+        *hosts.TYPES,
         *metrics.TYPES,
         *workers.TYPES,
     ]
