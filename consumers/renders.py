@@ -3,7 +3,8 @@
 Reads ``ticks`` (weekly-report tick -> a ``render.requested`` for the report, with an id derived
 from the tick's, so a tick handled twice asks once) and ``renders`` (run the job). Each job
 runs in ``streamproc.offload.RenderPool`` with its kind's priority, concurrency, device and
-timeout (WORKLOADS §1/§3, table ``RENDER_TYPES``); the artefacts go to a local folder or S3;
+timeout (WORKLOADS §1/§3, table ``RENDER_TYPES``); the artefacts go to a local folder or S3
+(``media.store``, shared with the media jobs);
 then ``report.ready`` / ``render.done`` carries their location. Progress goes to the stream of
 topic ``render-progress`` (``redis-cli XREAD BLOCK 0 STREAMS <p>:{render-progress}:stream $``).
 
@@ -20,15 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import mimetypes
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
@@ -40,10 +37,10 @@ from consumers.render_jobs import (
     report_job,
     unpack_files,
 )
+from media.store import LocalStore, S3Store, Store, open_store
 from schemas.renders import RenderDone, RenderProgress, RenderRequested, ReportReady
 from schemas.ticks import WeeklyReportTick
 from streamproc.concern import Concern, Context
-from streamproc.errors import ConfigError
 from streamproc.event import derived_id as _derived_id
 from streamproc.offload import (
     Device,
@@ -63,6 +60,7 @@ __all__ = (
     "RenderSettings",
     "RenderType",
     "S3Store",
+    "Store",
     "configure",
     "derived_id",
     "runtime",
@@ -107,72 +105,8 @@ class RenderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     metrics_state: str = "metrics"
 
 
-class Store(Protocol):
-    def put(self, key: str, data: bytes) -> str: ...
-
-    def read(self, location: str) -> bytes:
-        """The bytes at a location ``put`` returned. Raises ``FileNotFoundError`` when there is
-        nothing there, ``ValueError`` when the location is not in this store (its folder, its
-        bucket and prefix): a location from an event is never read from elsewhere."""
-        ...
-
-
-class LocalStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def put(self, key: str, data: bytes) -> str:
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # atomic: a retried job overwrites, a reader never sees half
-        return path.resolve().as_uri()
-
-    def read(self, location: str) -> bytes:
-        u = urllib.parse.urlsplit(location)
-        if u.scheme != "file" or u.netloc not in ("", "localhost"):
-            raise ValueError(f"{location!r} is not a file:// URI")
-        path = Path(urllib.request.url2pathname(u.path)).resolve()
-        if not path.is_relative_to(self.root.resolve()):
-            raise ValueError(f"{location!r} is outside the render store {str(self.root)!r}")
-        return path.read_bytes()
-
-
-class S3Store:
-    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str, region: str) -> None:
-        import boto3  # type: ignore[import-untyped]
-
-        self.bucket, self.prefix = bucket, prefix.strip("/")
-        self.client = boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region)
-
-    def put(self, key: str, data: bytes) -> str:
-        full = f"{self.prefix}/{key}" if self.prefix else key
-        ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
-        self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType=ctype)
-        return f"s3://{self.bucket}/{full}"
-
-    def read(self, location: str) -> bytes:
-        bucket, _, key = location.removeprefix("s3://").partition("/")
-        inside = key.startswith(f"{self.prefix}/") if self.prefix else bool(key)
-        inside = inside and not {".", ".."} & set(key.split("/"))  # no way out of the prefix
-        if not location.startswith("s3://") or bucket != self.bucket or not inside:
-            raise ValueError(
-                f"{location!r} is not in the render store s3://{self.bucket}/{self.prefix}"
-            )
-        try:
-            return bytes(self.client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        except self.client.exceptions.NoSuchKey as e:
-            raise FileNotFoundError(f"no object {location}") from e
-
-
 def make_store(s: RenderSettings) -> Store:
-    if s.store.startswith("s3://"):
-        bucket, _, prefix = s.store[5:].partition("/")
-        if not bucket:
-            raise ConfigError(f"render store {s.store!r}: no bucket")
-        return S3Store(bucket, prefix, endpoint_url=s.s3_endpoint_url, region=s.s3_region)
-    return LocalStore(Path(s.store.removeprefix("file://")))
+    return open_store(s.store, endpoint_url=s.s3_endpoint_url, region=s.s3_region)
 
 
 class _Runtime:
