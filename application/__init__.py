@@ -3,13 +3,17 @@
 ``streamproc`` loads it as ``application:app`` unless told otherwise (``--app module:attr``
 or ``STREAMPROC_APP``). It puts together the typed events (``schemas/``), one concern per
 consumer group (``consumers/``), the ticker's table (``producers/schedules.py``) and the
-delivery of notifications (``notifications/``: its concerns, CLI commands and ingest routes)
-and worker monitoring (``workers/``: its concern, CLI commands, startup hooks and the
+delivery of notifications (``notifications/``: its concerns, CLI commands and ingest routes),
+the media jobs (``media/``: ffmpeg transcode and preview task types, run by the task
+runner) and worker monitoring (``workers/``: its concern, CLI commands, startup hooks and the
 dashboard's Workers panel).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import media
 import notifications
 import spot
 import workers
@@ -22,6 +26,13 @@ from streamproc.app import App
 
 __all__ = ("app",)
 
+
+def _configure(env: Mapping[str, str]) -> None:
+    """The consumers' settings, then the media jobs' (``STREAMPROC_MEDIA_*``)."""
+    configure_from_env(env)
+    media.configure_from_env(env)
+
+
 app = App(
     registry=REGISTRY,
     concerns=[*CONCERNS.values(), *notifications.CONCERNS, *spot.CONCERNS, *workers.CONCERNS],
@@ -32,5 +43,5 @@ app = App(
     panels=[workers.panel.PANEL],
     on_startup=[*workers.ON_STARTUP],
     on_shutdown=[*workers.ON_SHUTDOWN],
-    configure=configure_from_env,
+    configure=_configure,
 )

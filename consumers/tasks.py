@@ -10,6 +10,9 @@ and the cluster's live feed), a decision per on-demand instance, and — only wh
 instances policies set through ``Aws.call``. The result is stored on the task; the run's
 figures (``optimizer_runs``, ``optimizer_opportunities``, ``optimizer_savings_usd``) go to the
 day's report hashes once per task; a notification tells the cluster's subscribers.
+
+The media task types (``media.transcode``, ``media.preview``: ffmpeg jobs on the media store,
+docs/media.md) run in the same runner, each with its own concurrency and time limit.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+import media
 from notifications import feed_keys
 from schemas.notify import Notification
 from spot import optimizer_pipeline as pipeline
@@ -174,5 +178,7 @@ TASK_TYPES: dict[str, TaskType] = {
         ),
     )
 }
+#: The media jobs (``media.transcode``, ``media.preview``: docs/media.md).
+TASK_TYPES.update(media.TASK_TYPES)
 
 CONCERN = task_concern(TASK_TYPES)

@@ -1,0 +1,64 @@
+"""Media jobs on Debian's ffmpeg (issue 15): transcode and preview as task types.
+
+The jobs are task types of the engine's task API (``POST /v1/tasks`` with ``type``
+``media.transcode`` / ``media.preview``; ``GET /v1/tasks/{id}`` for status, progress and the
+result), run by the application's task runner (``consumers.tasks``). See docs/media.md.
+
+Modules: ``store`` (local folder or S3, streamed), ``ffmpeg`` (the subprocess: progress, time
+limit, error classes), ``transcode``, ``preview``, ``jobs`` (queue table, shared job steps),
+``runtime`` (settings, work folders, GPU slots), ``errors``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from media.jobs import QUEUES, STORE_GRACE_S
+from media.preview import PreviewRequest, preview
+from media.runtime import MediaSettings, runtime, use_settings
+from media.transcode import TranscodeRequest, transcode
+from streamproc.config import settings_from_env
+from streamproc.tasks import TaskType
+
+__all__ = (
+    "QUEUES",
+    "TASK_TYPES",
+    "MediaSettings",
+    "PreviewRequest",
+    "TranscodeRequest",
+    "configure_from_env",
+    "runtime",
+    "use_settings",
+)
+
+
+def _task_type(name: str, run: object, payload_type: type) -> TaskType:
+    q = QUEUES[name]
+    return TaskType(
+        name=name,
+        run=run,  # type: ignore[arg-type]  # async fn(payload struct, TaskContext)
+        payload_type=payload_type,
+        concurrency=q.concurrency,
+        max_retries=q.max_retries,
+        retry_base_s=5.0,
+        retry_cap_s=120.0,
+        # ffmpeg's own limit is q.timeout_s (a transient, retried error); this backstop
+        # (permanent, the runner's) also covers downloads and uploads.
+        timeout_s=q.timeout_s + STORE_GRACE_S,
+    )
+
+
+#: The media task types, for ``consumers.tasks.TASK_TYPES``.
+TASK_TYPES: dict[str, TaskType] = {
+    t.name: t
+    for t in (
+        _task_type("media.transcode", transcode, TranscodeRequest),
+        _task_type("media.preview", preview, PreviewRequest),
+    )
+}
+
+
+def configure_from_env(env: Mapping[str, str]) -> None:
+    """``STREAMPROC_MEDIA_<FIELD>`` (``STORE``, ``S3_ENDPOINT_URL``, ``WORK_DIR``, ``GPUS``, …):
+    the queues' time limits come from the settings, the rest from ``QUEUES``."""
+    use_settings(settings_from_env(MediaSettings, "STREAMPROC_MEDIA_", env))
