@@ -24,10 +24,12 @@ from media import cleanup, resources
 from media.cleanup import CleanupSettings, active, clean, clean_host, follow_once
 from media.hosts_panel import read_hosts
 from media.resources import ResourceSettings, parse_nvidia_smi
+from schemas import REGISTRY
 from schemas.hosts import GpuFigures, HostResources
 from schemas.notify import Notification
 from schemas.ticks import ResourceMonitorTick, TempCleanupTick
 from streamproc import Codec, ConsumerSettings, Keys, Producer
+from streamproc.app import App, AppContext
 from streamproc.consumer import Consumer
 from streamproc.schedule import tick_id
 from tests.helpers import entries
@@ -134,6 +136,27 @@ async def test_a_threshold_crossed_warns_once_and_recovers_once(
     assert [n.severity for n in notes] == ["warning", "info"]
     assert "back to" in notes[1].title
     assert await client.hgetall(resources.alerts_key(keys, "host-a")) == {}
+
+
+async def test_every_consume_process_samples_its_host_in_the_background(
+    client: aioredis.Redis, keys: Keys, producer: Producer, codec: Codec[Any]
+) -> None:
+    """ON_STARTUP: a ``consume`` process samples its host with no tick; other roles do not."""
+    resources.use_settings(msgspec.structs.replace(QUIET, sampler=True, host="host-bg"))
+    app = App(registry=REGISTRY)
+    ingest = AppContext(app=app, role="ingest", redis=client, keys=keys, producer=producer)
+    await resources.on_startup(ingest)
+    assert ingest.state == {}
+    ctx = AppContext(app=app, role="consume", redis=client, keys=keys, producer=producer)
+    await resources.on_startup(ctx)
+    try:
+        # The sample's event (the first write of a sample) within 5 s.
+        assert await client.xread({keys.stream("hosts"): "0"}, count=1, block=5000)
+    finally:
+        await resources.on_shutdown(ctx)
+    assert ctx.state == {}
+    [event] = await out(client, keys, codec, "hosts")
+    assert (event.host, event.cause_id) == ("host-bg", "")
 
 
 def test_nvidia_smi_output_is_parsed_with_na_figures_and_odd_lines() -> None:
