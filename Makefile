@@ -8,7 +8,7 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
-APT_PACKAGES_RUN := redis-server redis-tools
+APT_PACKAGES_RUN := redis-server redis-tools ffmpeg espeak-ng
 APT_PACKAGES_TEST := $(APT_PACKAGES_RUN) chromium
 PYTEST_ARGS ?=
 
