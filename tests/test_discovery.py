@@ -738,6 +738,6 @@ def test_cli_accounts(
         assert out.returncode == 2, (bad, out.stderr)
         assert "Traceback" not in out.stderr
     assert _cli(env, repo_root, "accounts", "remove", "123456789012").returncode == 0
-    gone = _cli(env, repo_root, "accounts", "remove", "123456789012")
+    gone = cli_in_process(monkeypatch, capsys, overrides, "accounts", "remove", "123456789012")
     assert gone.returncode == 1
     assert "no account" in gone.stderr
