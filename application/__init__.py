@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import media
+import media.hosts_panel
 import notifications
 import spot
 import workers
@@ -28,20 +29,27 @@ __all__ = ("app",)
 
 
 def _configure(env: Mapping[str, str]) -> None:
-    """The consumers' settings, then the media jobs' (``STREAMPROC_MEDIA_*``)."""
+    """The consumers' settings, then the media jobs' (``STREAMPROC_MEDIA_*``,
+    ``STREAMPROC_RESOURCES_*``, ``STREAMPROC_CLEANUP_*``)."""
     configure_from_env(env)
     media.configure_from_env(env)
 
 
 app = App(
     registry=REGISTRY,
-    concerns=[*CONCERNS.values(), *notifications.CONCERNS, *spot.CONCERNS, *workers.CONCERNS],
+    concerns=[
+        *CONCERNS.values(),
+        *notifications.CONCERNS,
+        *spot.CONCERNS,
+        *workers.CONCERNS,
+        *media.CONCERNS,
+    ],
     schedules=SCHEDULES,
     task_types=TASK_TYPES,
     commands=[*notifications.COMMANDS, *spot.COMMANDS, *workers.COMMANDS],
     routes=[notifications.add_routes, spot.add_routes],
-    panels=[workers.panel.PANEL],
-    on_startup=[*workers.ON_STARTUP],
-    on_shutdown=[*workers.ON_SHUTDOWN],
+    panels=[workers.panel.PANEL, media.hosts_panel.PANEL],
+    on_startup=[*workers.ON_STARTUP, *media.ON_STARTUP],
+    on_shutdown=[*workers.ON_SHUTDOWN, *media.ON_SHUTDOWN],
     configure=_configure,
 )

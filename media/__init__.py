@@ -13,14 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from media import cleanup, resources
 from media.jobs import QUEUES, STORE_GRACE_S
 from media.preview import PreviewRequest, preview
 from media.runtime import MediaSettings, runtime, use_settings
 from media.transcode import TranscodeRequest, transcode
+from streamproc.concern import Concern
 from streamproc.config import settings_from_env
 from streamproc.tasks import TaskType
 
 __all__ = (
+    "CONCERNS",
+    "ON_SHUTDOWN",
+    "ON_STARTUP",
     "QUEUES",
     "TASK_TYPES",
     "MediaSettings",
@@ -58,7 +63,18 @@ TASK_TYPES: dict[str, TaskType] = {
 }
 
 
+#: The tick concerns: the per-host resource monitor and the temp cleanup
+#: (docs/media-resources.md); their per-host background loops start with consume roles.
+CONCERNS: tuple[Concern, ...] = (resources.CONCERN, cleanup.CONCERN)
+ON_STARTUP = (*resources.ON_STARTUP, *cleanup.ON_STARTUP)
+ON_SHUTDOWN = (*resources.ON_SHUTDOWN, *cleanup.ON_SHUTDOWN)
+
+
 def configure_from_env(env: Mapping[str, str]) -> None:
     """``STREAMPROC_MEDIA_<FIELD>`` (``STORE``, ``S3_ENDPOINT_URL``, ``WORK_DIR``, ``GPUS``, …):
-    the queues' time limits come from the settings, the rest from ``QUEUES``."""
-    use_settings(settings_from_env(MediaSettings, "STREAMPROC_MEDIA_", env))
+    the queues' time limits come from the settings, the rest from ``QUEUES``; and the
+    resource monitor's (``STREAMPROC_RESOURCES_*``) and cleanup's (``STREAMPROC_CLEANUP_*``)."""
+    settings = settings_from_env(MediaSettings, "STREAMPROC_MEDIA_", env)
+    use_settings(settings)
+    resources.configure_from_env(env)
+    cleanup.configure_from_env(env, work_dir=settings.work_dir)

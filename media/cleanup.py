@@ -48,10 +48,12 @@ import asyncio
 import contextlib
 import os
 import stat
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -99,8 +101,10 @@ RUNS = Counter("streamproc_cleanup_runs", "Cleanup runs, by trigger", ["via"])
 class CleanupSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``STREAMPROC_CLEANUP_<FIELD>``."""
 
-    #: Temp roots (relative ones from the process's working directory).
-    roots: tuple[str, ...] = ("tmp/media",)
+    #: Temp roots (relative ones from the process's working directory). Default: the media
+    #: jobs' work folder (``STREAMPROC_MEDIA_WORK_DIR``, else ``<system temp>/streamproc-media``;
+    #: set by ``media.configure_from_env``).
+    roots: tuple[str, ...] = (str(Path(tempfile.gettempdir()) / "streamproc-media"),)
     max_age_days: float = 7.0
     #: All temp roots together; 0 = no cap.
     size_cap_bytes: int = 50 * 2**30
@@ -147,8 +151,12 @@ def settings() -> CleanupSettings:
     return _settings or CleanupSettings()
 
 
-def configure_from_env(env: Mapping[str, str]) -> None:
-    use_settings(settings_from_env(CleanupSettings, "STREAMPROC_CLEANUP_", env))
+def configure_from_env(env: Mapping[str, str], *, work_dir: str = "") -> None:
+    """``STREAMPROC_CLEANUP_<FIELD>``; without ``ROOTS``, the media jobs' ``work_dir``."""
+    s = settings_from_env(CleanupSettings, "STREAMPROC_CLEANUP_", env)
+    if work_dir and "STREAMPROC_CLEANUP_ROOTS" not in env:
+        s = msgspec.structs.replace(s, roots=(work_dir,))
+    use_settings(s)
 
 
 # ---------------------------------------------------------------------- keys

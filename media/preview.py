@@ -92,7 +92,13 @@ async def preview(req: PreviewRequest, ctx: JobContext) -> PreviewResult:
         return left
 
     ext = _EXT[req.format]
-    async with rt.job_dir("preview", ctx.task_id, ctx.attempt) as work:
+    async with rt.job_dir(
+        "preview",
+        ctx.task_id,
+        ctx.attempt,
+        redis=getattr(ctx, "redis", None),
+        keys=getattr(ctx, "keys", None),
+    ) as work:
         await ctx.progress(0.0, stage="fetch")
         src = await fetch_source(rt, req.source, work)
         info = await probe(src, ffprobe=rt.settings.ffprobe, timeout_s=min(60.0, remaining_s()))

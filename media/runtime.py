@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import structlog
@@ -124,14 +125,22 @@ class MediaRuntime:
         return self._nvenc_ok[key]
 
     @contextlib.asynccontextmanager
-    async def job_dir(self, kind: str, job_id: str, attempt: int = 0) -> AsyncIterator[Path]:
-        """A fresh work folder for one job attempt, removed afterwards."""
+    async def job_dir(
+        self, kind: str, job_id: str, attempt: int = 0, *, redis: Any = None, keys: Any = None
+    ) -> AsyncIterator[Path]:
+        """A fresh work folder for one job attempt, removed afterwards. With ``redis`` and
+        ``keys`` it is held active (``media.cleanup.active``): cleanup never touches it."""
+        from media import cleanup
+
         path = self.work_root / f"{kind}-{job_id}-{attempt}"
         await asyncio.to_thread(shutil.rmtree, path, True)  # a crashed attempt's leftovers
         await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
         self.active_dirs.add(path)
         try:
-            yield path
+            async with contextlib.AsyncExitStack() as held:
+                if redis is not None and keys is not None:
+                    await held.enter_async_context(cleanup.active(redis, keys, path))
+                yield path
         finally:
             self.active_dirs.discard(path)
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, path, True))

@@ -220,7 +220,13 @@ async def transcode(req: TranscodeRequest, ctx: JobContext) -> TranscodeResult:
     check_format(req.codec, req.container)  # a payload built without validation
     codec = canonical_codec(req.codec)
     queue = QUEUES["media.transcode"]
-    async with rt.job_dir("transcode", ctx.task_id, ctx.attempt) as work:
+    async with rt.job_dir(
+        "transcode",
+        ctx.task_id,
+        ctx.attempt,
+        redis=getattr(ctx, "redis", None),
+        keys=getattr(ctx, "keys", None),
+    ) as work:
         await ctx.progress(0.0, stage="fetch")
         src = await fetch_source(rt, req.source, work)
         info = await probe(src, ffprobe=rt.settings.ffprobe)

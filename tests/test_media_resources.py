@@ -360,3 +360,28 @@ async def test_every_host_cleans_after_the_tick_once(
     assert await follow_once(client, keys) is not None
     assert not old.exists()
     assert await follow_once(client, keys) is None  # once
+
+
+async def test_a_media_jobs_work_folder_is_held_active_while_the_job_runs(
+    client: aioredis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    """The folder ``job_dir`` hands a job (with the task's Redis) is in the active set, so
+    cleanup skips it, and leaves it when the job ends; the cleanup's default root follows
+    ``STREAMPROC_MEDIA_WORK_DIR``."""
+    import media
+    from media.runtime import runtime
+
+    media.configure_from_env({"STREAMPROC_MEDIA_WORK_DIR": str(tmp_path / "work")})
+    try:
+        assert cleanup.settings().roots == (str(tmp_path / "work"),)
+        rt = runtime()
+        async with rt.job_dir("transcode", "t-1", 0, redis=client, keys=keys) as work:
+            assert str(work.resolve()) in await cleanup.active_paths(client, keys)
+            (work / "in.mp4").write_bytes(b"x")
+            os.utime(work / "in.mp4", (1, 1))  # older than any age limit
+            clean(cleanup.settings(), await cleanup.active_paths(client, keys))
+            assert (work / "in.mp4").exists()
+        assert await cleanup.active_paths(client, keys) == set()
+        assert not work.exists()
+    finally:
+        media.configure_from_env({})
