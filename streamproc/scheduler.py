@@ -102,18 +102,21 @@ local later = redis.call('ZRANGE', KEYS[2], '(' .. ARGV[1], '+inf', 'BYSCORE', '
 out[#out + 1] = later[2] or ''
 return out
 """)
-# KEYS: lease, due, then the topic streams. ARGV: token, then per schedule: name, score read,
-# next score, number of ticks, then per tick: its stream's index in KEYS and FIELDS args.
-# Returns {ticks written, schedules whose score had moved} or -1 when the lease is not ours.
+# KEYS: lease, due, defs, then the topic streams. ARGV: token, then per schedule: name, score
+# read, definition read, next score, number of ticks, then per tick: its stream's index in KEYS
+# and FIELDS args. A schedule fires only if its score and its definition are still the ones
+# read (a change that lands on the same next time is a change too). Returns {ticks written,
+# schedules changed or removed meanwhile} or -1 when the lease is not ours.
 _FIRE = Lua(f"""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local a, written, moved = 2, 0, 0
 while a <= #ARGV do
-  local name, n = ARGV[a], tonumber(ARGV[a + 3])
+  local name, n = ARGV[a], tonumber(ARGV[a + 4])
   local cur = redis.call('ZSCORE', KEYS[2], name)
   local ours = cur and tonumber(cur) == tonumber(ARGV[a + 1])
-  if ours then redis.call('ZADD', KEYS[2], ARGV[a + 2], name) else moved = moved + 1 end
-  a = a + 4
+    and redis.call('HGET', KEYS[3], name) == ARGV[a + 2]
+  if ours then redis.call('ZADD', KEYS[2], ARGV[a + 3], name) else moved = moved + 1 end
+  a = a + 5
   for _ = 1, n do
     if ours then
       redis.call('XADD', KEYS[tonumber(ARGV[a])], '*', unpack(ARGV, a + 1, a + {_FIELDS}))
@@ -504,7 +507,7 @@ class RuntimeFirer:
                     self._unknown.add(name)
                     log.error("runtime_schedule_unusable", schedule=name,
                               tick_type=planned.d.event if planned else None)  # fmt: skip
-                argv += (name, score_b, max(score, _ms(now)) + 86_400_000, 0)
+                argv += (name, score_b, def_b or b"", max(score, _ms(now)) + 86_400_000, 0)
                 continue
             plan = planned.plan_ms(score, now_ms)
             if plan is None:  # not due after all (a clock step): leave it as it is
@@ -513,9 +516,9 @@ class RuntimeFirer:
             if nxt < self._next_ms:
                 self._next_ms = nxt
             out.skipped += skipped
-            argv += (name, score_b, nxt, len(fire))
+            argv += (name, score_b, def_b, nxt, len(fire))
             topic = factory.topic
-            index = streams.setdefault(topic, 3 + len(streams))
+            index = streams.setdefault(topic, 4 + len(streams))
             key = planned.d.key or name
             grace_ms = planned.d.grace_ms
             last = len(fire) - 1
@@ -537,7 +540,7 @@ class RuntimeFirer:
                     on_time.append(at_ms / 1000)
         if len(argv) == 1:
             return True
-        keys = [self.lease.keys.ticker_lease(), self._keys[1]]
+        keys = [self.lease.keys.ticker_lease(), self._keys[1], self._keys[0]]
         keys += [self.keys.stream(t) for t in sorted(streams, key=streams.__getitem__)]
         if not self.lease.held():
             return False

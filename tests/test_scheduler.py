@@ -31,7 +31,7 @@ from streamproc.ingest import Ingest, IngestSettings, create_app
 from streamproc.schedule import Tick, tick_id
 from streamproc.scheduler import Scheduler
 from streamproc.ticker import Ticker, TickerSettings
-from tests.helpers import entries
+from tests.helpers import cli_in_process, entries
 from tests.test_ingest_support import Server
 
 pytestmark = pytest.mark.timeout(120)
@@ -251,7 +251,8 @@ async def test_a_schedule_changed_or_removed_mid_step_is_left_alone(
     real_fire = t.runtime._fire
 
     async def meddle(raw: Any, now: datetime, out: Any) -> bool:
-        await s.add("e.changed", every=7, event=PollTick)
+        # Only the key changes: the next time is the same, the definition is not.
+        await s.add("e.changed", every=1, event=PollTick, key="new-key")
         await s.remove("e.removed")
         return await real_fire(raw, now, out)
 
@@ -260,7 +261,7 @@ async def test_a_schedule_changed_or_removed_mid_step_is_left_alone(
     assert await polls(client, keys, tick_codec) == []
     changed = await s.get("e.changed")
     assert changed is not None
-    assert changed.trigger.startswith("every 7s")
+    assert changed.key == "new-key"
     assert await s.get("e.removed") is None
     assert await client.zscore(keys.ticker_due(), "e.removed") is None  # not re-added
 
@@ -549,24 +550,26 @@ def test_cli_adds_lists_shows_and_removes(
     redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     """In-process (``streamproc.cli.main``) with the repository's application."""
-    from streamproc.cli import main
+    env = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
 
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("STREAMPROC_PREFIX", keys.prefix)
+    def main(argv: list[str]) -> tuple[int, str, str]:
+        run = cli_in_process(monkeypatch, capsys, env, *argv)
+        return run.returncode, run.stdout, run.stderr
+
     add = ["schedules", "add", "probe.1", "--event", "tick.discovery", "--every", "30s"]
-    assert main(add) == 0
-    assert "set probe.1: next " in capsys.readouterr().out
-    assert main(add) == 0
-    assert "unchanged probe.1" in capsys.readouterr().out
-    assert main(["schedules", "list", "--prefix", "probe."]) == 0
-    out = capsys.readouterr().out
+    code, out, _ = main(add)
+    assert (code, "set probe.1: next " in out) == (0, True)
+    code, out, _ = main(add)
+    assert (code, "unchanged probe.1" in out) == (0, True)
+    code, out, _ = main(["schedules", "list", "--prefix", "probe."])
+    assert code == 0
     assert "probe.1" in out
     assert "1 of 1 runtime schedule(s)" in out
-    assert main(["schedules", "show", "probe.1"]) == 0
-    assert '"event": "tick.discovery"' in capsys.readouterr().out
-    assert main(["schedules", "remove", "probe.1"]) == 0
-    assert main(["schedules", "remove", "probe.1"]) == 1
-    assert "no runtime schedule 'probe.1'" in capsys.readouterr().err
+    code, out, _ = main(["schedules", "show", "probe.1"])
+    assert (code, '"event": "tick.discovery"' in out) == (0, True)
+    assert main(["schedules", "remove", "probe.1"])[0] == 0
+    code, _, err = main(["schedules", "remove", "probe.1"])
+    assert (code, "no runtime schedule 'probe.1'" in err) == (1, True)
     bad = [
         (["schedules", "add", "a b", "--event", "tick.discovery", "--every", "1m"], "a b"),
         (["schedules", "add", "x", "--event", "cluster.oom_killed", "--every", "1m"],
@@ -580,5 +583,6 @@ def test_cli_adds_lists_shows_and_removes(
         (["schedules", "list", "--limit", "0"], "limit: 1 to 1000"),
     ]  # fmt: skip
     for argv, message in bad:
-        assert main(argv) == 2, argv
-        assert message in capsys.readouterr().err, argv
+        code, _, err = main(argv)
+        assert code == 2, argv
+        assert message in err, argv
