@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from media import cleanup, resources
+from media.caption_job import CaptionRequest, caption, use_caption_settings
+from media.captions import CaptionSettings
 from media.jobs import QUEUES, STORE_GRACE_S
 from media.preview import PreviewRequest, preview
 from media.runtime import MediaSettings, runtime, use_settings
@@ -28,6 +30,7 @@ __all__ = (
     "ON_STARTUP",
     "QUEUES",
     "TASK_TYPES",
+    "CaptionRequest",
     "MediaSettings",
     "PreviewRequest",
     "TranscodeRequest",
@@ -59,6 +62,7 @@ TASK_TYPES: dict[str, TaskType] = {
     for t in (
         _task_type("media.transcode", transcode, TranscodeRequest),
         _task_type("media.preview", preview, PreviewRequest),
+        _task_type("media.caption", caption, CaptionRequest),
     )
 }
 
@@ -76,5 +80,6 @@ def configure_from_env(env: Mapping[str, str]) -> None:
     resource monitor's (``STREAMPROC_RESOURCES_*``) and cleanup's (``STREAMPROC_CLEANUP_*``)."""
     settings = settings_from_env(MediaSettings, "STREAMPROC_MEDIA_", env)
     use_settings(settings)
+    use_caption_settings(settings_from_env(CaptionSettings, "STREAMPROC_MEDIA_", env))
     resources.configure_from_env(env)
     cleanup.configure_from_env(env, work_dir=settings.work_dir)

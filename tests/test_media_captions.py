@@ -307,3 +307,46 @@ def test_settings_are_validated_and_read_from_the_media_prefix(tmp_path: Path) -
     # faster_whisper is not installed here: a configured model falls back to pocketsphinx
     assert choose_backend(settings) == "pocketsphinx"
     assert choose_backend(CaptionSettings()) == "pocketsphinx"
+
+
+@needs_ffmpeg
+@needs_espeak
+def test_the_caption_job_writes_the_srt_to_the_store(spoken: Spoken, tmp_path: Path) -> None:
+    """``media.caption`` end to end: source from the store, SRT back with its content type,
+    progress growing to 1.0."""
+    import msgspec
+
+    from media import TASK_TYPES
+    from media.caption_job import CaptionRequest, caption
+    from media.runtime import MediaSettings, use_settings
+
+    store = tmp_path / "store"
+    (store / "in").mkdir(parents=True)
+    shutil.copy(spoken.video, store / "in" / "speech.mp4")
+    use_settings(MediaSettings(store=str(store), work_dir=str(tmp_path / "work"), gpus=()))
+    fractions: list[float] = []
+
+    class Ctx:
+        task_id, attempt = "cap-1", 0
+
+        async def progress(self, fraction: float, **detail: object) -> None:
+            fractions.append(fraction)
+
+    try:
+        result = asyncio.run(caption(CaptionRequest(source="in/speech.mp4"), Ctx()))
+    finally:
+        use_settings(MediaSettings())
+    assert result.output.content_type == "application/x-subrip"
+    assert result.backend == "pocketsphinx"
+    srt = Path(result.output.location.removeprefix("file://")).read_text()
+    heard = " ".join(s.text for s in parse_srt(srt)).split()
+    assert len(set(heard) & set(SENTENCE_1.split())) >= 4
+    assert result.captions == len(parse_srt(srt)) >= 2
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == 1.0
+    assert not list((tmp_path / "work").iterdir())  # the work folder is gone
+    # The payload is checked when the task is submitted.
+    t = TASK_TYPES["media.caption"]
+    for bad in ({"source": ""}, {"source": "x", "language": "klingon!"}, {"source": "x", "y": 1}):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert(bad, t.payload_type)
