@@ -68,7 +68,7 @@ TASK_TYPES: dict[str, TaskType] = {
 
 
 #: The tick concerns: the per-host resource monitor and the temp cleanup
-#: (docs/media-resources.md); their per-host background loops start with consume roles.
+#: (docs/media.md); their per-host background loops start with consume roles.
 CONCERNS: tuple[Concern, ...] = (resources.CONCERN, cleanup.CONCERN)
 ON_STARTUP = (*resources.ON_STARTUP, *cleanup.ON_STARTUP)
 ON_SHUTDOWN = (*resources.ON_SHUTDOWN, *cleanup.ON_SHUTDOWN)
