@@ -42,7 +42,8 @@ log = structlog.get_logger("media")
 
 class MediaSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     #: Where sources are read and outputs written: a folder or ``s3://bucket/prefix``.
-    store: str = "media"
+    #: (Not "media": relative to the working directory, that is this package's folder.)
+    store: str = "media-store"
     #: S3 endpoint (moto, MinIO); empty = AWS.
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"
