@@ -18,6 +18,7 @@ from media.caption_job import CaptionRequest, caption, use_caption_settings
 from media.captions import CaptionSettings
 from media.jobs import QUEUES, STORE_GRACE_S
 from media.preview import PreviewRequest, preview
+from media.render import RenderRequest, render
 from media.runtime import MediaSettings, runtime, use_settings
 from media.transcode import TranscodeRequest, transcode
 from streamproc.concern import Concern
@@ -33,6 +34,7 @@ __all__ = (
     "CaptionRequest",
     "MediaSettings",
     "PreviewRequest",
+    "RenderRequest",
     "TranscodeRequest",
     "configure_from_env",
     "runtime",
@@ -63,6 +65,7 @@ TASK_TYPES: dict[str, TaskType] = {
         _task_type("media.transcode", transcode, TranscodeRequest),
         _task_type("media.preview", preview, PreviewRequest),
         _task_type("media.caption", caption, CaptionRequest),
+        _task_type("media.render", render, RenderRequest),
     )
 }
 

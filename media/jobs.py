@@ -34,8 +34,9 @@ class Queue:
     max_retries: int
 
 
-#: The seed's queues (render, priority 10, is not built; see docs/media.md).
+#: The seed's queues (docs/media.md).
 QUEUES: dict[str, Queue] = {
+    "media.render": Queue(priority=10, concurrency=2, timeout_s=3600, max_retries=2),
     "media.transcode": Queue(priority=7, concurrency=2, timeout_s=1800, max_retries=2),
     "media.caption": Queue(priority=6, concurrency=1, timeout_s=900, max_retries=2),
     "media.preview": Queue(priority=5, concurrency=4, timeout_s=300, max_retries=3),

@@ -61,11 +61,18 @@ class MediaSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     preview_timeout_s: float = 300.0
     #: Time limit of one caption attempt, audio and recognition together (the seed's 15 min).
     caption_timeout_s: float = 900.0
+    #: Time limit of one render attempt's ffmpeg run (the seed's 1 h).
+    render_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.nvenc_sessions_per_gpu <= 64:
             raise ConfigError("MediaSettings.nvenc_sessions_per_gpu must be 1..64")
-        for name in ("transcode_timeout_s", "preview_timeout_s", "caption_timeout_s"):
+        for name in (
+            "transcode_timeout_s",
+            "preview_timeout_s",
+            "caption_timeout_s",
+            "render_timeout_s",
+        ):
             if not 0 < getattr(self, name) <= 86_400:
                 raise ConfigError(f"MediaSettings.{name} must be > 0 and <= 86400")
         if self.gpus is not None and any(not 0 <= g < 1024 for g in self.gpus):
