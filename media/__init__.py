@@ -6,12 +6,15 @@ result), run by the application's task runner (``consumers.tasks``). See docs/me
 
 Modules: ``store`` (local folder or S3, streamed), ``ffmpeg`` (the subprocess: progress, time
 limit, error classes), ``transcode``, ``preview``, ``jobs`` (queue table, shared job steps),
-``runtime`` (settings, work folders, GPU slots), ``errors``.
+``runtime`` (settings, work folders, GPU slots), ``errors``; ``api`` (job status for clients:
+``GET /v1/jobs/{id}`` and the job on its cluster's live feed, ``add_routes`` here).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from media import cleanup, resources
 from media.caption_job import CaptionRequest, caption, use_caption_settings
@@ -23,7 +26,12 @@ from media.runtime import MediaSettings, runtime, use_settings
 from media.transcode import TranscodeRequest, transcode
 from streamproc.concern import Concern
 from streamproc.config import settings_from_env
-from streamproc.tasks import TaskType
+from streamproc.tasks import TaskContext, TaskType
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from streamproc.ingest import Ingest
 
 __all__ = (
     "CONCERNS",
@@ -36,6 +44,7 @@ __all__ = (
     "PreviewRequest",
     "RenderRequest",
     "TranscodeRequest",
+    "add_routes",
     "configure_from_env",
     "runtime",
     "use_settings",
@@ -44,7 +53,7 @@ __all__ = (
 
 def _task_type(name: str, run: object, payload_type: type) -> TaskType:
     q = QUEUES[name]
-    return TaskType(
+    tt = TaskType(
         name=name,
         run=run,  # type: ignore[arg-type]  # async fn(payload struct, TaskContext)
         payload_type=payload_type,
@@ -56,6 +65,25 @@ def _task_type(name: str, run: object, payload_type: type) -> TaskType:
         # (permanent, the runner's) also covers downloads and uploads.
         timeout_s=q.timeout_s + STORE_GRACE_S,
     )
+    return _on_feed(tt)
+
+
+def _on_feed(tt: TaskType) -> TaskType:
+    """``tt`` whose jobs, when their payload names a ``cluster_id``, record it in the task and
+    put their progress and outcome on that cluster's live feed (``media.api.follow``)."""
+    job = tt.run
+
+    async def run(payload: Any, ctx: TaskContext) -> Any:
+        cluster_id = getattr(payload, "cluster_id", None)
+        if cluster_id is None:
+            return await job(payload, ctx)
+        # Imported here: media.api loads notifications and the ingest service, which the
+        # caption child process (``python -m media.captions``) has no use for (about 1 s).
+        from media import api
+
+        return await api.follow(tt, payload, ctx, cluster_id)
+
+    return dataclasses.replace(tt, run=run)
 
 
 #: The media task types, for ``consumers.tasks.TASK_TYPES``.
@@ -68,6 +96,13 @@ TASK_TYPES: dict[str, TaskType] = {
         _task_type("media.render", render, RenderRequest),
     )
 }
+
+
+def add_routes(app: web.Application, ingest: Ingest) -> None:
+    """``GET /v1/jobs/{id}`` on the ingest service (an ``App(routes=...)`` hook)."""
+    from media import api  # here, as in _on_feed
+
+    api.add_routes(app, ingest)
 
 
 #: The tick concerns: the per-host resource monitor and the temp cleanup

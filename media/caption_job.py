@@ -32,6 +32,11 @@ class CaptionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: ``en`` / ``en-us`` (the bundled pocketsphinx model), or ``auto``: the Whisper backend
     #: detects it when configured; pocketsphinx then answers English.
     language: Annotated[str, msgspec.Meta(pattern=r"^(auto|[a-z]{2}(-[a-z]{2})?)$")] = "en-us"
+    #: The cluster whose viewers may follow the job (``GET /v1/jobs/{id}``, its live feed);
+    #: an id as the feed route takes it. None: operators only.
+    cluster_id: (
+        Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,252}$")] | None
+    ) = None
 
 
 class CaptionResult(msgspec.Struct, frozen=True, kw_only=True):

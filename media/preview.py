@@ -49,6 +49,11 @@ class PreviewRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     #: Contact-sheet columns; default ceil(sqrt(frames)). None with ``sheet`` off.
     columns: Annotated[int, msgspec.Meta(ge=1, le=20)] | None = None
     sheet: bool = True
+    #: The cluster whose viewers may follow the job (``GET /v1/jobs/{id}``, its live feed);
+    #: an id as the feed route takes it. None: operators only.
+    cluster_id: (
+        Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,252}$")] | None
+    ) = None
 
     def __post_init__(self) -> None:
         if self.width % 2:

@@ -101,6 +101,11 @@ class TranscodeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     audio_bitrate_kbps: Annotated[int, msgspec.Meta(ge=8, le=512)] = 128
     #: auto: NVENC when this host can, else software; cpu: software; gpu: NVENC or fail.
     hardware: Literal["auto", "cpu", "gpu"] = "auto"
+    #: The cluster whose viewers may follow the job (``GET /v1/jobs/{id}``, its live feed);
+    #: an id as the feed route takes it. None: operators only.
+    cluster_id: (
+        Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,252}$")] | None
+    ) = None
 
     def __post_init__(self) -> None:
         check_format(self.codec, self.container)
