@@ -19,7 +19,7 @@ import msgspec
 from media.captions import CaptionSettings, to_srt, transcribe_async
 from media.captions import extract_audio_async as extract_audio
 from media.errors import FfmpegTimeout
-from media.jobs import JobContext, Output, fetch_source, store_output
+from media.jobs import ClusterId, JobContext, Output, fetch_source, store_output
 from media.runtime import runtime
 
 __all__ = ("CaptionRequest", "CaptionResult", "caption", "use_caption_settings")
@@ -34,9 +34,7 @@ class CaptionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     language: Annotated[str, msgspec.Meta(pattern=r"^(auto|[a-z]{2}(-[a-z]{2})?)$")] = "en-us"
     #: The cluster whose viewers may follow the job (``GET /v1/jobs/{id}``, its live feed);
     #: an id as the feed route takes it. None: operators only.
-    cluster_id: (
-        Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,252}$")] | None
-    ) = None
+    cluster_id: ClusterId = None
 
 
 class CaptionResult(msgspec.Struct, frozen=True, kw_only=True):

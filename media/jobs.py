@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import msgspec
 
@@ -19,7 +19,15 @@ from media.errors import SourceUnavailable
 from media.runtime import MediaRuntime
 from media.store import content_type_of, output_key
 
-__all__ = ("QUEUES", "JobContext", "Output", "Queue", "fetch_source", "store_output")
+__all__ = (
+    "QUEUES",
+    "ClusterId",
+    "JobContext",
+    "Output",
+    "Queue",
+    "fetch_source",
+    "store_output",
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,10 @@ class Queue:
     #: Retries of a transient failure (timeout, OOM kill) before the task fails.
     max_retries: int
 
+
+#: The cluster whose viewers may follow a job (``GET /v1/jobs/{id}``, its live feed): an id
+#: as the feed route takes it; None = operators only.
+ClusterId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,252}$")] | None
 
 #: The seed's queues (docs/media.md).
 QUEUES: dict[str, Queue] = {

@@ -26,7 +26,7 @@ import msgspec
 
 from media.errors import FfmpegTimeout, UnsupportedFormat
 from media.ffmpeg import probe, run_ffmpeg
-from media.jobs import QUEUES, JobContext, Output, fetch_source, nice_of, store_output
+from media.jobs import QUEUES, ClusterId, JobContext, Output, fetch_source, nice_of, store_output
 from media.runtime import runtime
 
 __all__ = ("Frame", "PreviewRequest", "PreviewResult", "interval_times", "preview")
@@ -51,9 +51,7 @@ class PreviewRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     sheet: bool = True
     #: The cluster whose viewers may follow the job (``GET /v1/jobs/{id}``, its live feed);
     #: an id as the feed route takes it. None: operators only.
-    cluster_id: (
-        Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,252}$")] | None
-    ) = None
+    cluster_id: ClusterId = None
 
     def __post_init__(self) -> None:
         if self.width % 2:

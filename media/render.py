@@ -32,7 +32,7 @@ import msgspec
 from media.captions import parse_srt
 from media.errors import EncoderUnavailable, UnsupportedFormat
 from media.ffmpeg import Probe, probe, run_ffmpeg
-from media.jobs import QUEUES, JobContext, Output, fetch_source, nice_of, store_output
+from media.jobs import QUEUES, ClusterId, JobContext, Output, fetch_source, nice_of, store_output
 from media.runtime import runtime
 from media.transcode import SOFTWARE, TranscodeRequest, check_format, encoder_args
 
@@ -169,6 +169,8 @@ class RenderRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: An SRT in the store (e.g. a ``media.caption`` output) burned into the picture.
     subtitles: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
     output: RenderOutput = msgspec.field(default_factory=RenderOutput)
+    #: The cluster whose viewers may follow the job (``GET /v1/jobs/{id}``, its live feed).
+    cluster_id: ClusterId = None
 
     def __post_init__(self) -> None:
         _check_request(self)

@@ -20,7 +20,7 @@ import msgspec
 
 from media.errors import EncoderUnavailable, UnsupportedFormat
 from media.ffmpeg import probe, run_ffmpeg
-from media.jobs import QUEUES, JobContext, Output, fetch_source, nice_of, store_output
+from media.jobs import QUEUES, ClusterId, JobContext, Output, fetch_source, nice_of, store_output
 from media.runtime import MediaRuntime, runtime
 
 __all__ = (
@@ -103,9 +103,7 @@ class TranscodeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     hardware: Literal["auto", "cpu", "gpu"] = "auto"
     #: The cluster whose viewers may follow the job (``GET /v1/jobs/{id}``, its live feed);
     #: an id as the feed route takes it. None: operators only.
-    cluster_id: (
-        Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,252}$")] | None
-    ) = None
+    cluster_id: ClusterId = None
 
     def __post_init__(self) -> None:
         check_format(self.codec, self.container)
