@@ -17,9 +17,8 @@ adds two views of it for the people who follow a job, not only operators:
   ``cancelled``. ``follow`` does it around the job function; ``media._task_type`` wraps every
   media task type with it, so the engine's runner is unchanged.
 
-The job's cluster is written into its task hash (field ``cluster_id``) when an attempt starts:
-the task API stores no payload, so before the first attempt starts only operators can read a
-job (docs/media.md, "Job status").
+The job's cluster is in its task hash (field ``cluster_id``): the task API stores a payload's
+``cluster_id`` when it creates the task, and the job writes it again when an attempt starts.
 
 Feed writes are best effort: a Redis error there is logged and the job goes on (its task hash
 is the record; the feed is a view of it).
@@ -109,7 +108,7 @@ class JobView(msgspec.Struct, kw_only=True):
     #: Why it failed; while a retry waits (status ``queued``), the failed attempt's error.
     error: str | None
     attempts: int
-    #: The cluster it belongs to (None: operators only, or not started yet).
+    #: The cluster it belongs to (None: operators only).
     cluster_id: str | None
     priority: str
     cancel_requested: bool
@@ -217,15 +216,10 @@ class _Jobs:
         cluster_id = raw.decode() if isinstance(raw, bytes) else None
         if not agent.operator:
             if cluster_id is None:
-                why = (
-                    "it has not started yet (its cluster is recorded when it starts)"
-                    if task.attempts == 0 and task.status == "queued"
-                    else "it names no cluster_id"
-                )
                 raise Problem(
                     403,
                     "operator_only",
-                    f"job {job_id} is readable by operators only: {why}",
+                    f"job {job_id} is readable by operators only: it names no cluster_id",
                 )
             if not agent.may_read(cluster_id):
                 raise Problem(

@@ -132,8 +132,13 @@ class TaskApi:
             priority=priority,
         )
         try:
+            cluster = checked.get("cluster_id") if isinstance(checked, dict) else None
             created = await self.store.create(
-                task_id, type=tt.name, priority=priority, submitted_by=submitted_by
+                task_id,
+                type=tt.name,
+                priority=priority,
+                submitted_by=submitted_by,
+                cluster_id=cluster if isinstance(cluster, str) else "",
             )
         except _REDIS_FAILED as e:
             raise redis_unavailable(ing.settings.retry_after_s, e) from e

@@ -128,8 +128,11 @@ class TaskStore:
     def __init__(self, client: aioredis.Redis, keys: Keys, *, ttl_s: int = 24 * 3600) -> None:
         self.client, self.keys, self.ttl_s = client, keys, ttl_s
 
-    async def create(self, task_id: str, *, type: str, priority: str, submitted_by: str) -> bool:
-        """Create a queued task; False if it exists (an idempotent retry)."""
+    async def create(
+        self, task_id: str, *, type: str, priority: str, submitted_by: str, cluster_id: str = ""
+    ) -> bool:
+        """Create a queued task; False if it exists (an idempotent retry). ``cluster_id``: the
+        cluster the task is for (its payload's ``cluster_id``), kept for who may read it."""
         now = now_iso()
         fields = {
             "id": task_id,
@@ -143,6 +146,8 @@ class TaskStore:
             "created_at": now,
             "updated_at": now,
         }
+        if cluster_id:
+            fields["cluster_id"] = cluster_id
         args: list[Any] = [self.ttl_s]
         for k, v in fields.items():
             args += (k, v)
