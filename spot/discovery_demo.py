@@ -90,7 +90,7 @@ def seed(endpoint: str) -> dict[str, int]:
     }
     for region, groups in layout.items():
         ec2 = session.client("ec2", endpoint_url=endpoint, region_name=region)
-        image = ec2.describe_images(MaxResults=5)["Images"][0]["ImageId"]
+        image = _image(ec2)
         ids: list[str] = []
         for itype, count, in_cluster in groups:
             tags = [{"Key": "Name", "Value": f"demo-{itype}"}]
@@ -138,7 +138,7 @@ def seed_workers(endpoint: str, region: str = DEMO_WORKER_REGION) -> list[str]:
     ec2 = boto3.session.Session(aws_access_key_id="demo", aws_secret_access_key="demo").client(
         "ec2", endpoint_url=endpoint, region_name=region
     )
-    image = ec2.describe_images(MaxResults=5)["Images"][0]["ImageId"]
+    image = _image(ec2)
     ids: list[str] = []
     for name in ("demo-worker-hot", "demo-worker-swing", "demo-worker-idle"):
         r = ec2.run_instances(
@@ -308,3 +308,19 @@ def register(sub: Any) -> None:
         help="serve a seeded moto server for the demo (when the AWS endpoint is the demo one)",
     )
     d.set_defaults(func=_cmd_aws_demo, role=True)
+
+
+def _image(ec2: Any) -> str:
+    """An AMI the demo's instances run: moto's first built-in one, asked for by id (a
+    DescribeImages without ids makes moto serialize all ~1,300 of them, ~2 s a call)."""
+    try:
+        from moto.ec2.models.amis import AMIS
+
+        ids = [str(AMIS[0]["ami_id"])]
+    except (ImportError, IndexError, KeyError):
+        ids = []
+    if ids:
+        found = ec2.describe_images(ImageIds=ids)["Images"]
+        if found:
+            return str(found[0]["ImageId"])
+    return str(ec2.describe_images(MaxResults=5)["Images"][0]["ImageId"])
