@@ -8,7 +8,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -515,7 +514,8 @@ async def test_a_tick_waits_while_another_replica_handles_one(hib: Hib, endpoint
     assert 0 < await hib.client.pttl(hib.hk.lease) <= 2000
 
 
-def test_decide_evaluates_ten_thousand_schedules_within_a_second() -> None:
+def test_decide_evaluates_ten_thousand_schedules() -> None:
+    """Behaviour only: how fast is measured by benchmarks/hibernation.py, not asserted here."""
     zones = ["UTC", BERLIN, "America/New_York", "Asia/Tokyo", "Australia/Sydney"]
     week = apply_rules(["mon-fri 20-08", "sat-sun 0-24"])
     now = datetime.now(UTC)
@@ -525,11 +525,9 @@ def test_decide_evaluates_ten_thousand_schedules_within_a_second() -> None:
         )
         for i in range(10_000)
     }
-    t0 = time.perf_counter()
     # Friday 22:00 UTC: 23:00 in Berlin, 07:00 and 09:00 Saturday in Tokyo and Sydney sleep;
     # 17:00 in New York does not.
     changes = decide(schedules, {}, datetime(2026, 12, 4, 22, 0, tzinfo=UTC))
-    assert time.perf_counter() - t0 < 1.0
     assert len(changes) == 8000
     assert {c.action for c in changes} == {"sleep"}
 

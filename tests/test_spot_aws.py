@@ -82,7 +82,12 @@ async def test_accounts_are_stored_and_hide_the_external_id(
 async def test_calls_assume_the_role_and_classify_failures(
     client: aioredis.Redis, keys: Keys, endpoint: str
 ) -> None:
-    aws = Aws(AwsSettings(endpoint_url=endpoint, breaker_threshold=2, breaker_cooldown_s=60))
+    # A generous read timeout: moto answers slowly on a loaded machine.
+    aws = Aws(
+        AwsSettings(
+            endpoint_url=endpoint, read_timeout_s=90, breaker_threshold=2, breaker_cooldown_s=60
+        )
+    )
     acc = new_account(id="111122223333", role_arn=ROLE, regions=["eu-west-1"])
 
     def create(ec2: Any) -> str:
