@@ -19,7 +19,7 @@ import msgspec
 from media.captions import CaptionSettings, to_srt, transcribe_async
 from media.captions import extract_audio_async as extract_audio
 from media.errors import FfmpegTimeout
-from media.jobs import ClusterId, JobContext, Output, fetch_source, store_output
+from media.jobs import ClusterId, JobContext, Output, fetch_source, store_output, work_folder
 from media.runtime import runtime
 
 __all__ = ("CaptionRequest", "CaptionResult", "caption", "use_caption_settings")
@@ -70,13 +70,7 @@ async def caption(req: CaptionRequest, ctx: JobContext) -> CaptionResult:
             raise FfmpegTimeout(f"captioning ran past its {limit_s:g}s limit")
         return left
 
-    async with rt.job_dir(
-        "caption",
-        ctx.task_id,
-        ctx.attempt,
-        redis=getattr(ctx, "redis", None),
-        keys=getattr(ctx, "keys", None),
-    ) as work:
+    async with work_folder(rt, "caption", ctx) as work:
         await ctx.progress(0.0, stage="fetch")
         src = await fetch_source(rt, req.source, work)
         wav = work / "audio.wav"

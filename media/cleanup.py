@@ -61,6 +61,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter
 
+from media._background import background_loop
 from media.resources import host_name
 from schemas.ticks import TempCleanupTick
 from streamproc._lua import Lua
@@ -463,30 +464,18 @@ async def follow_once(client: aioredis.Redis, keys: Keys) -> CleanupResult | Non
     return await clean_host(client, keys, request=request.decode(), via="follower")
 
 
-async def _follower(ctx: AppContext, s: CleanupSettings) -> None:
-    while True:
-        try:
-            await follow_once(ctx.redis, ctx.keys)
-        except Exception as e:  # Redis away: the next check tries again
-            log.warning("cleanup_check_failed", error_type=type(e).__name__, error=str(e)[:300])
-        await asyncio.sleep(s.check_s)
+async def _follow(ctx: AppContext) -> None:
+    await follow_once(ctx.redis, ctx.keys)
 
 
-async def on_startup(ctx: AppContext) -> None:
-    """In ``consume`` processes: clean this host when a cleanup was asked for and it has not."""
-    s = settings()
-    if ctx.role != "consume" or not s.follow:
-        return
-    ctx.state[_STATE_KEY] = asyncio.create_task(_follower(ctx, s), name="cleanup-follower")
-
-
-async def on_shutdown(ctx: AppContext) -> None:
-    task = ctx.state.pop(_STATE_KEY, None)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
+#: In ``consume`` processes: clean this host when a cleanup was asked for and it has not.
+on_startup, on_shutdown = background_loop(
+    _STATE_KEY,
+    _follow,
+    every_s=lambda: settings().check_s,
+    enabled=lambda: settings().follow,
+    failed="cleanup_check_failed",
+)
 
 ON_STARTUP = (on_startup,)
 ON_SHUTDOWN = (on_shutdown,)

@@ -9,6 +9,7 @@ and writes each output back with ``store_output`` (content type set, location re
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -27,6 +28,7 @@ __all__ = (
     "Queue",
     "fetch_source",
     "store_output",
+    "work_folder",
 )
 
 
@@ -78,6 +80,18 @@ class Output(msgspec.Struct, frozen=True, kw_only=True):
     location: str
     content_type: str
     size_bytes: int
+
+
+def work_folder(rt: MediaRuntime, kind: str, ctx: JobContext) -> AbstractAsyncContextManager[Path]:
+    """The job attempt's work folder (``MediaRuntime.job_dir``), held active against cleanup
+    when the context has the task's Redis (the task runner's does)."""
+    return rt.job_dir(
+        kind,
+        ctx.task_id,
+        ctx.attempt,
+        redis=getattr(ctx, "redis", None),
+        keys=getattr(ctx, "keys", None),
+    )
 
 
 async def fetch_source(rt: MediaRuntime, source: str, work: Path) -> Path:

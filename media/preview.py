@@ -26,7 +26,16 @@ import msgspec
 
 from media.errors import FfmpegTimeout, UnsupportedFormat
 from media.ffmpeg import probe, run_ffmpeg
-from media.jobs import QUEUES, ClusterId, JobContext, Output, fetch_source, nice_of, store_output
+from media.jobs import (
+    QUEUES,
+    ClusterId,
+    JobContext,
+    Output,
+    fetch_source,
+    nice_of,
+    store_output,
+    work_folder,
+)
 from media.runtime import runtime
 
 __all__ = ("Frame", "PreviewRequest", "PreviewResult", "interval_times", "preview")
@@ -95,13 +104,7 @@ async def preview(req: PreviewRequest, ctx: JobContext) -> PreviewResult:
         return left
 
     ext = _EXT[req.format]
-    async with rt.job_dir(
-        "preview",
-        ctx.task_id,
-        ctx.attempt,
-        redis=getattr(ctx, "redis", None),
-        keys=getattr(ctx, "keys", None),
-    ) as work:
+    async with work_folder(rt, "preview", ctx) as work:
         await ctx.progress(0.0, stage="fetch")
         src = await fetch_source(rt, req.source, work)
         info = await probe(src, ffprobe=rt.settings.ffprobe, timeout_s=min(60.0, remaining_s()))

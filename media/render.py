@@ -32,7 +32,16 @@ import msgspec
 from media.captions import parse_srt
 from media.errors import EncoderUnavailable, UnsupportedFormat
 from media.ffmpeg import Probe, probe, run_ffmpeg
-from media.jobs import QUEUES, ClusterId, JobContext, Output, fetch_source, nice_of, store_output
+from media.jobs import (
+    QUEUES,
+    ClusterId,
+    JobContext,
+    Output,
+    fetch_source,
+    nice_of,
+    store_output,
+    work_folder,
+)
 from media.runtime import runtime
 from media.transcode import SOFTWARE, TranscodeRequest, check_format, encoder_args
 
@@ -485,13 +494,7 @@ async def render(req: RenderRequest, ctx: JobContext) -> RenderResult:
     _check_request(req)  # a payload built without validation
     out = req.output
     encoder = await _encoder(out.codec)
-    async with rt.job_dir(
-        "render",
-        ctx.task_id,
-        ctx.attempt,
-        redis=getattr(ctx, "redis", None),
-        keys=getattr(ctx, "keys", None),
-    ) as work:
+    async with work_folder(rt, "render", ctx) as work:
         work = work.resolve()  # the graph names files by absolute path
         await ctx.progress(0.0, stage="fetch")
         fetched: dict[str, Path] = {}

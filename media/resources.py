@@ -61,6 +61,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter, Gauge
 
+from media._background import background_loop
 from schemas.hosts import DiskFigures, GpuFigures, HostResources
 from schemas.notify import Notification
 from schemas.ticks import ResourceMonitorTick
@@ -590,30 +591,18 @@ CONCERN = Concern(
 # ---------------------------------------------------------------------- the sampler
 
 
-async def _sampler(ctx: AppContext, s: ResourceSettings) -> None:
-    while True:
-        try:
-            await sample_host(ctx.redis, ctx.keys, ctx.producer, via="sampler", s=s)
-        except Exception as e:  # Redis away, a disk gone: the next interval tries again
-            log.warning("host_sample_failed", error_type=type(e).__name__, error=str(e)[:300])
-        await asyncio.sleep(s.interval_s)
+async def _sample(ctx: AppContext) -> None:
+    await sample_host(ctx.redis, ctx.keys, ctx.producer, via="sampler", s=settings())
 
 
-async def on_startup(ctx: AppContext) -> None:
-    """In ``consume`` processes: sample this host every interval in the background."""
-    s = settings()
-    if ctx.role != "consume" or not s.sampler:
-        return
-    ctx.state[_STATE_KEY] = asyncio.create_task(_sampler(ctx, s), name="host-sampler")
-
-
-async def on_shutdown(ctx: AppContext) -> None:
-    task = ctx.state.pop(_STATE_KEY, None)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
+#: In ``consume`` processes: sample this host every interval in the background.
+on_startup, on_shutdown = background_loop(
+    _STATE_KEY,
+    _sample,
+    every_s=lambda: settings().interval_s,
+    enabled=lambda: settings().sampler,
+    failed="host_sample_failed",
+)
 
 ON_STARTUP = (on_startup,)
 ON_SHUTDOWN = (on_shutdown,)

@@ -20,7 +20,16 @@ import msgspec
 
 from media.errors import EncoderUnavailable, UnsupportedFormat
 from media.ffmpeg import probe, run_ffmpeg
-from media.jobs import QUEUES, ClusterId, JobContext, Output, fetch_source, nice_of, store_output
+from media.jobs import (
+    QUEUES,
+    ClusterId,
+    JobContext,
+    Output,
+    fetch_source,
+    nice_of,
+    store_output,
+    work_folder,
+)
 from media.runtime import MediaRuntime, runtime
 
 __all__ = (
@@ -223,13 +232,7 @@ async def transcode(req: TranscodeRequest, ctx: JobContext) -> TranscodeResult:
     check_format(req.codec, req.container)  # a payload built without validation
     codec = canonical_codec(req.codec)
     queue = QUEUES["media.transcode"]
-    async with rt.job_dir(
-        "transcode",
-        ctx.task_id,
-        ctx.attempt,
-        redis=getattr(ctx, "redis", None),
-        keys=getattr(ctx, "keys", None),
-    ) as work:
+    async with work_folder(rt, "transcode", ctx) as work:
         await ctx.progress(0.0, stage="fetch")
         src = await fetch_source(rt, req.source, work)
         info = await probe(src, ffprobe=rt.settings.ffprobe)
