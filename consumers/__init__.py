@@ -12,18 +12,20 @@ from streamproc.errors import ConfigError
 __all__ = ("CONCERNS", "configure_from_env")
 
 CONCERNS: dict[str, Concern] = {
-    c.group: c for c in (cluster_events.CONCERN, tasks.CONCERN, renders.CONCERN)
+    c.group: c for c in (cluster_events.CONCERN, *tasks.CONCERNS, renders.CONCERN)
 }
 
 
 def configure_from_env(env: Mapping[str, str]) -> None:
-    """Settings of the concerns that have some: ``STREAMPROC_RENDER_*`` (see consumers.renders),
+    """Settings of the concerns that have some: ``STREAMPROC_TASKS_*`` (see consumers.tasks),
+    ``STREAMPROC_RENDER_*`` (see consumers.renders),
     ``STREAMPROC_NOTIFY_*`` (see notifications.settings) and ``STREAMPROC_WORKERS_*`` (see
     workers.settings)."""
     import notifications
     import spot
     import workers
 
+    tasks.configure_from_env(env)
     notifications.configure_from_env(env)
     spot.configure_from_env(env)
     workers.configure_from_env(env)

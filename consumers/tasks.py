@@ -18,6 +18,7 @@ docs/media.md) run in the same runner, each with its own concurrency and time li
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -26,12 +27,21 @@ import msgspec
 import media
 from notifications import feed_keys
 from schemas.notify import Notification
+from schemas.tasks import QUEUES
 from spot import optimizer_pipeline as pipeline
 from spot.policy import Family, PolicyStore
 from streamproc.event import derived_id
-from streamproc.tasks import TaskContext, TaskType, task_concern
+from streamproc.tasks import LoadLimits, TaskContext, TaskType, task_concerns
+from streamproc.tasks.runners import limits_from_env
 
-__all__ = ("CONCERN", "TASK_TYPES", "OptimizerRun", "run_optimizer")
+__all__ = (
+    "CONCERNS",
+    "LIMITS",
+    "TASK_TYPES",
+    "OptimizerRun",
+    "configure_from_env",
+    "run_optimizer",
+)
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
 
@@ -172,13 +182,30 @@ TASK_TYPES: dict[str, TaskType] = {
             name="optimizer.run",
             run=run_optimizer,
             payload_type=OptimizerRun,
+            queue="optimizer",
             concurrency=5,
             max_retries=3,
-            timeout_s=3600,
+            time_limit_s=3600,
         ),
     )
 }
 #: The media jobs (``media.transcode``, ``media.preview``: docs/media.md).
 TASK_TYPES.update(media.TASK_TYPES)
 
-CONCERN = task_concern(TASK_TYPES)
+#: The runners' CPU and memory ceilings (load shedding): ``STREAMPROC_TASKS_MAX_CPU_PERCENT``
+#: (90) and ``STREAMPROC_TASKS_MAX_MEMORY_PERCENT`` (85), read by ``configure_from_env``.
+LIMITS = LoadLimits(max_cpu_percent=90, max_memory_percent=85)
+_SEED_LIMITS = LoadLimits(max_cpu_percent=90, max_memory_percent=85)
+
+
+def configure_from_env(env: Mapping[str, str]) -> None:
+    configured = limits_from_env(env, _SEED_LIMITS)
+    LIMITS.max_cpu_percent = configured.max_cpu_percent
+    LIMITS.max_memory_percent = configured.max_memory_percent
+
+
+_USED = {t.queue for t in TASK_TYPES.values()}
+#: One consumer group per queue (``schemas.tasks.QUEUES``): ``tasks-optimizer``, ``tasks-video``…
+CONCERNS = task_concerns(
+    TASK_TYPES, queues={q: n for q, n in QUEUES.items() if q in _USED}, limits=LIMITS
+)

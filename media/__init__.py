@@ -57,13 +57,14 @@ def _task_type(name: str, run: object, payload_type: type) -> TaskType:
         name=name,
         run=run,  # type: ignore[arg-type]  # async fn(payload struct, TaskContext)
         payload_type=payload_type,
+        queue="video",
         concurrency=q.concurrency,
         max_retries=q.max_retries,
         retry_base_s=5.0,
         retry_cap_s=120.0,
         # ffmpeg's own limit is q.timeout_s (a transient, retried error); this backstop
         # (permanent, the runner's) also covers downloads and uploads.
-        timeout_s=q.timeout_s + STORE_GRACE_S,
+        time_limit_s=q.timeout_s + STORE_GRACE_S,
     )
     return _on_feed(tt)
 

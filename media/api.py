@@ -248,11 +248,11 @@ async def follow(
     rule (``streamproc.tasks.runner``): a ``Permanent``, ``TimeoutError``, ``TypeError`` or
     one of ``tt.permanent_errors``, or the last attempt, ends the task ``failed``; any other
     exception is retried (``retrying`` on the feed). A cancel on request is ``cancelled``; the
-    runner's time limit (``tt.timeout_s``) is ``failed``; a shutdown writes nothing (the job
+    runner's time limit (``tt.time_limit_s``) is ``failed``; a shutdown writes nothing (the job
     runs again elsewhere).
     """
     loop = asyncio.get_running_loop()
-    deadline = None if tt.timeout_s is None else loop.time() + tt.timeout_s
+    deadline = None if tt.time_limit_s is None else loop.time() + tt.time_limit_s
     await _RECORD_CLUSTER(ctx.redis, [ctx.keys.task(ctx.task_id)], [cluster_id])
     feed = _JobFeed(ctx, cluster_id, interval_s)
     try:

@@ -4,8 +4,8 @@ The engine knows no event, concern or schedule of its own; an application hands 
 ``App``::
 
     app = App(
-        registry=Registry([SpotInterruption, Notification, *TASK_EVENTS]),
-        concerns=[cluster_events.CONCERN, task_concern(TASK_TYPES)],
+        registry=Registry([SpotInterruption, Notification, *task_events()]),
+        concerns=[cluster_events.CONCERN, *task_concerns(TASK_TYPES)],
         schedules=SCHEDULES,                      # the ticker's table
         task_types=TASK_TYPES,                    # what POST /v1/tasks accepts
         extra_groups={"cluster": ("billing",)},   # groups an outside system reads with
@@ -39,7 +39,7 @@ from streamproc.errors import ConfigError
 from streamproc.groups import ensure_declared_groups
 from streamproc.keys import Keys, check_name
 from streamproc.schedule import Schedule
-from streamproc.tasks.events import TASK_EVENTS
+from streamproc.tasks.events import task_events
 from streamproc.tasks.runner import TaskType
 
 if TYPE_CHECKING:
@@ -275,9 +275,11 @@ def _checked_task_types(
             raise ConfigError(
                 f"App(task_types=...) maps each name to its TaskType; {name!r} does not"
             )
-    if types:
-        for event_type in TASK_EVENTS:
-            _check_registered(registry, event_type, "task requests are")
+    for queue in sorted({t.queue for t in types.values()}):
+        for event_type in task_events(queue):
+            _check_registered(
+                registry, event_type, f"task requests of queue {queue!r} (task_events) are"
+            )
     return dict(types)
 
 

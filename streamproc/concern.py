@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from streamproc.producer import Producer
 
-__all__ = ("Concern", "Context", "DeadLetterInfo", "Handler", "OnDeadLetter", "Scope")
+__all__ = ("Background", "Concern", "Context", "DeadLetterInfo", "Handler", "OnDeadLetter", "Scope")
 
 Handler = Callable[[Any, "Context"], Awaitable[None]]
 
@@ -54,6 +54,9 @@ class DeadLetterInfo:
 
 #: Called once per dead letter, after it was written; its errors are logged, never raised.
 OnDeadLetter = Callable[[DeadLetterInfo], Awaitable[None]]
+#: Work a concern runs beside each of its consumers while it runs (a heartbeat, a load
+#: monitor): called with the consumer's Scope-like ``Scope`` (topic ""), cancelled at stop.
+Background = Callable[["Scope"], Awaitable[None]]
 
 _HANDLER_LOG = structlog.get_logger("streamproc.handler")
 
@@ -75,6 +78,9 @@ class Concern:
     settings: Mapping[str, Any] = field(default_factory=dict)
     #: Told about every entry of this group the engine dead-lettered (see DeadLetterInfo).
     on_dead_letter: OnDeadLetter | None = None
+    #: Runs beside each consumer of the group from its start to its stop; if it raises, the
+    #: error is logged and it is started again a second later.
+    background: Background | None = None
 
     def __post_init__(self) -> None:
         check_name("group", self.group)

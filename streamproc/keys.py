@@ -25,6 +25,12 @@ markers) share the hash tag ``{<topic>}`` so the same scripts run on Redis Clust
 | ``<p>:ratelimit:<agent>`` | hash | ingest: the agent's token bucket (tokens, ms) |
 | ``<p>:{task:<id>}:state`` | hash, 24 h | a task's status, progress, result, timestamps |
 | ``<p>:{task:<id>}:cancel`` | list | a running task's cancel signal (BLPOP by its runner) |
+| ``<p>:{tasks:<queue>}:slots`` | zset | a queue's running tasks (member → lease expiry, ms) |
+| ``<p>:{tasks:<queue>}:waiting`` | zset | tasks waiting for a queue slot (score: priority, age) |
+| ``<p>:{tasks:<queue>}:type:<type>:…`` | zset | the same three for one task type of the queue |
+| ``<p>:tasks:runners`` | hash | live task runners: ``<consumer>@<queue>`` → JSON (load, shedding) |
+| ``<p>:tasks:history`` | zset | finished task ids (score: finish time ms), kept for the task TTL |
+| ``<p>:tasks:stats`` | hash | ``<type>:<completed|failed|cancelled|runs|ms>`` → count |
 """
 
 from __future__ import annotations
@@ -145,9 +151,21 @@ class Keys:
         """Hash: consumer name → its ack-latency histogram (JSON), for the dashboard."""
         return f"{self.prefix}:latency:{group}"
 
-    def task_slots(self, task_type: str) -> str:
-        """Sorted set of the running tasks of a type (member → lease expiry, ms)."""
-        return f"{self.prefix}:taskslots:{task_type}"
+    def task_slots(self, queue: str, task_type: str | None = None, part: str = "slots") -> str:
+        """Sorted sets of a task queue (or of one of its types): ``slots`` (running tasks →
+        lease expiry ms), ``waiting`` (order), ``deadline`` (a waiter's expiry ms). One hash tag
+        per queue: the slot script touches them together."""
+        of = f":type:{task_type}" if task_type else ""
+        return f"{self.prefix}:{{tasks:{queue}}}{of}:{part}"
+
+    def task_runners(self) -> str:
+        return f"{self.prefix}:tasks:runners"
+
+    def task_history(self) -> str:
+        return f"{self.prefix}:tasks:history"
+
+    def task_stats(self) -> str:
+        return f"{self.prefix}:tasks:stats"
 
     def topic_of(self, stream_key: str) -> str:
         """The topic of a key built here (the text inside the hash tag)."""

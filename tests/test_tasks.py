@@ -12,8 +12,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from consumers.tasks import CONCERNS as TASK_CONCERNS
 from consumers.tasks import TASK_TYPES
-from streamproc import Codec, Consumer, ConsumerSettings, Keys, Permanent, Producer
+from streamproc import Codec, Concern, Consumer, ConsumerSettings, Keys, Permanent, Producer
 from streamproc.tasks import TaskContext, TaskType, task_concern
 from tests.test_ingest_support import Server, running_ingest
 
@@ -89,11 +90,9 @@ async def op(srv: Server) -> str:
     return await srv.token("ops", [], operator=True)
 
 
-@pytest.fixture
-def runner(
-    client: aioredis.Redis, keys: Keys, producer: Producer, codec: Codec[Any], rec: Recorder
+def make_runner(
+    concern: Concern, client: aioredis.Redis, keys: Keys, producer: Producer, codec: Codec[Any]
 ) -> Consumer:
-    concern = task_concern({**TASK_TYPES, **rec.types()})
     return Consumer(
         concern,
         client=client,
@@ -102,6 +101,14 @@ def runner(
         producer=producer,
         settings=ConsumerSettings(consumer="runner-1", block_ms=50, min_idle_ms=60_000),
     )
+
+
+@pytest.fixture
+def runner(
+    client: aioredis.Redis, keys: Keys, producer: Producer, codec: Codec[Any], rec: Recorder
+) -> Consumer:
+    """The runner of the test types (the default queue)."""
+    return make_runner(task_concern(rec.types()), client, keys, producer, codec)
 
 
 async def submit(srv: Server, op: str, body: dict[str, Any], **headers: str) -> dict[str, Any]:
@@ -134,8 +141,10 @@ async def running(consumer: Consumer) -> AsyncIterator[None]:
 
 
 async def test_optimizer_run_completes_with_progress_and_result(
-    srv: Server, op: str, runner: Consumer, client: aioredis.Redis, keys: Keys
+    srv: Server, op: str, client: aioredis.Redis, keys: Keys, producer: Producer, codec: Codec[Any]
 ) -> None:
+    [concern] = [c for c in TASK_CONCERNS if c.group == "tasks-optimizer"]
+    runner = make_runner(concern, client, keys, producer, codec)
     await client.set(keys.state("risky-pool", "m5.large", "eu-west-1a"), "x")
     payload = {
         "cluster_id": "c1",
@@ -320,7 +329,7 @@ async def test_a_type_s_concurrency_holds_across_runner_processes(
     concurrency 1, so its tasks never overlap, whichever runner read them."""
     runners = [
         Consumer(
-            task_concern({**TASK_TYPES, **rec.types()}),
+            task_concern(rec.types()),
             client=client,
             codec=codec,
             keys=keys,
@@ -343,4 +352,5 @@ async def test_a_type_s_concurrency_holds_across_runner_processes(
     assert rec.most == 1
     assert sum(r.stats.read for r in runners) == 6
     assert all(r.stats.read >= 1 for r in runners)  # both ran some: the limit is global
-    assert await client.zcard(keys.task_slots("test.count")) == 0  # every slot given back
+    for part in ("slots", "waiting", "deadline"):  # every slot and place given back
+        assert await client.zcard(keys.task_slots("default", "test.count", part)) == 0

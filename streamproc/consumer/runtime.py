@@ -35,7 +35,7 @@ from redis.exceptions import ResponseError
 
 from streamproc._aio import wait_event
 from streamproc.codec import Codec
-from streamproc.concern import Concern
+from streamproc.concern import Concern, Scope
 from streamproc.consumer._guard import GaveUp, RedisGuard, error_text, is_not_now
 from streamproc.consumer._handle import Handlers
 from streamproc.consumer._reader import Item, Reader
@@ -223,6 +223,8 @@ class Consumer:
                     tg.start_soon(self._trim_loop)
                 if self.settings.stats_interval_ms:
                     tg.start_soon(self._stats_loop)
+                if self.concern.background is not None:
+                    tg.start_soon(self._background_loop)
                 await self._reader_loop()
                 if not await wait_event(self.reader.drained, self.settings.grace_s):
                     log.warning("grace_expired", in_flight=self.reader.in_flight)
@@ -233,6 +235,18 @@ class Consumer:
             log.info(
                 "consumer_stopped", group=self.group, consumer=self.name, **self.stats.as_dict()
             )
+
+    async def _background_loop(self) -> None:
+        """The concern's own background work (``Concern.background``), restarted on error."""
+        assert self.concern.background is not None
+        scope = Scope("", self.group, self.name, self.client, self.producer, self.keys)
+        while True:
+            try:
+                await self.concern.background(scope)
+                return
+            except Exception:
+                log.exception("concern_background_failed", group=self.group)
+                await asyncio.sleep(1.0)
 
     async def _finish(self) -> None:
         """Give back the deliveries of cut-off entries and the name (best effort)."""

@@ -45,7 +45,7 @@ from streamproc.keys import Keys
 from streamproc.producer import Producer
 from streamproc.schedule import Schedule
 from streamproc.tasks.events import TaskRequested
-from streamproc.tasks.runner import TASK_GROUP, TaskType
+from streamproc.tasks.runner import TaskType
 
 if TYPE_CHECKING:
     from streamproc.dashboard.panels import Panel
@@ -88,7 +88,7 @@ class Ingest:
         )
         #: topic → the groups that must exist for /readyz.
         self.groups = dict(groups or {})
-        self.tasks = TaskApi(self, task_types or {}, group=TASK_GROUP)
+        self.tasks = TaskApi(self, task_types or {})
         self.schedules = ScheduleApi(self, registry)
         self._scopes: dict[tuple[str, ...], dict[str, bool]] = {}
         #: Requests being handled; ``drain`` waits for none.

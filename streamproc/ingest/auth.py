@@ -68,7 +68,13 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True):
     #: fnmatch patterns of the clusters whose feeds it may read; empty = none. A token with
     #: clusters and no types is a viewer: it reads feeds and posts nothing.
     clusters: tuple[str, ...] = ()
+    #: fnmatch patterns of the task types it may submit (``crawl.*``), and read and cancel
+    #: its own tasks of; empty = none. Operators submit any type and see every task.
+    submit: tuple[str, ...] = ()
     created_at: str = ""
+
+    def may_submit(self, task_type: str) -> bool:
+        return self.operator or any(fnmatch.fnmatchcase(task_type, p) for p in self.submit)
 
     def may_post(self, type_name: str) -> bool:
         return any(fnmatch.fnmatchcase(type_name, p) for p in self.types)
@@ -103,6 +109,7 @@ class AgentStore:
         types: Sequence[str] = (),
         operator: bool = False,
         clusters: Sequence[str] = (),
+        submit: Sequence[str] = (),
     ) -> tuple[Agent, str]:
         """Create an agent; return it and its token (the only time the token exists)."""
         check_name("agent", name)
@@ -113,6 +120,7 @@ class AgentStore:
             types=tuple(types),
             operator=operator,
             clusters=tuple(clusters),
+            submit=tuple(submit),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         added = await _ADD_LUA(

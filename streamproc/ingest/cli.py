@@ -131,18 +131,31 @@ def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
                         + ", ".join(app.registry.names())
                     )
                 clusters = parse_types(args.clusters)
-                if not types and not clusters and not args.operator:
+                submit = parse_types(args.submit)
+                task_types = sorted(app.task_types)
+                unknown = [p for p in submit if not fnmatch.filter(task_types, p)]
+                if unknown:
+                    raise ConfigError(
+                        f"--submit {', '.join(unknown)} match no task type; known: "
+                        + (", ".join(task_types) or "none")
+                    )
+                if not types and not clusters and not submit and not args.operator:
                     raise ConfigError(
                         "the agent could do nothing: give --types (events it posts), --clusters "
-                        "(feeds it reads) or --operator"
+                        "(feeds it reads), --submit (tasks it submits) or --operator"
                     )
                 agent, token = await store.add(
-                    args.name, types=types, operator=args.operator, clusters=clusters
+                    args.name,
+                    types=types,
+                    operator=args.operator,
+                    clusters=clusters,
+                    submit=submit,
                 )
                 print(token)
                 print(
                     f"agent {agent.name!r} added (types: {', '.join(agent.types) or 'none'}; "
-                    f"feeds: {', '.join(agent.clusters) or 'none'}"
+                    f"feeds: {', '.join(agent.clusters) or 'none'}; "
+                    f"tasks: {', '.join(agent.submit) or 'none'}"
                     f"{'; operator' if agent.operator else ''}). The token is shown only now; "
                     "Redis keeps its SHA-256.",
                     file=sys.stderr,
@@ -161,11 +174,12 @@ def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
                     del rec["token_sha256"]
                     print(orjson.dumps(rec).decode())
                 return 0
-            print(f"{'name':<24} {'operator':<9} {'created':<26} {'feeds':<20} types")
+            print(f"{'name':<24} {'operator':<9} {'created':<26} {'feeds':<20} {'tasks':<20} types")
             for a in agents:
                 print(
                     f"{a.name:<24} {'yes' if a.operator else 'no':<9} {a.created_at:<26} "
-                    f"{', '.join(a.clusters) or '-':<20} {', '.join(a.types)}"
+                    f"{', '.join(a.clusters) or '-':<20} {', '.join(a.submit) or '-':<20} "
+                    f"{', '.join(a.types)}"
                 )
             print(f"{len(agents)} agent(s)")
             return 0
@@ -205,7 +219,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="C",
         help="clusters whose live feed it may read (fnmatch patterns); alone: a viewer token",
     )
-    add.add_argument("--operator", action="store_true", help="may use the task API")
+    add.add_argument(
+        "--submit",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="T",
+        help="task types it may submit, and read and cancel its own tasks of (fnmatch)",
+    )
+    add.add_argument(
+        "--operator", action="store_true", help="may use the whole task API (every task)"
+    )
     lst = asub.add_parser("list", help="list agents (never tokens)")
     lst.add_argument("--json", action="store_true")
     rev = asub.add_parser("revoke", help="delete an agent and its token")

@@ -1,15 +1,18 @@
-"""Tasks: typed requests run by a consumer group, with status, progress, priority and cancel.
+"""Tasks: typed requests run by consumer groups, with status, progress, priority and cancel.
 
-An application declares its ``TaskType``s and adds ``task_concern(types)`` to its concerns and
-``TASK_EVENTS`` to its registry; the ingest service's ``/v1/tasks`` routes submit them
-(``streamproc.ingest.tasks``). Modules: ``events`` (the request events, one topic per
-priority), ``runner`` (the concern), ``slots`` (per-type concurrency), ``store`` (the task
-hash), ``metrics``.
+An application declares its ``TaskType``s (each in a queue), adds ``task_concerns(types,
+queues=...)`` to its concerns and the queues' request events (``task_events(queue)``) to its
+registry; the ingest service's ``/v1/tasks`` routes submit them (``streamproc.ingest.tasks``).
+Modules: ``events`` (the request events: a group per queue, a topic per priority), ``runner``
+(the concerns), ``slots`` (concurrency and order across runners), ``store`` (the task hash),
+``history`` (finished tasks, counts), ``runners`` (live runners, load shedding), ``process``
+(blocking types in a child process), ``metrics``. docs/tasks.md tells the whole story.
 """
 
 from __future__ import annotations
 
 from streamproc.tasks.events import (
+    DEFAULT_QUEUE,
     PRIORITIES,
     TASK_EVENTS,
     Priority,
@@ -19,21 +22,39 @@ from streamproc.tasks.events import (
     TaskNormal,
     TaskRequested,
     task_event_class,
+    task_events,
+    task_group,
 )
-from streamproc.tasks.runner import TASK_GROUP, TaskContext, TaskType, task_concern
-from streamproc.tasks.slots import GlobalSlots, PriorityGate
+from streamproc.tasks.history import TaskHistory, TypeStats
+from streamproc.tasks.process import SoftTimeLimit
+from streamproc.tasks.runner import (
+    TASK_GROUP,
+    TaskContext,
+    TaskType,
+    queue_of,
+    task_concern,
+    task_concerns,
+)
+from streamproc.tasks.runners import LoadLimits, RunnerInfo, RunnerRegistry
+from streamproc.tasks.slots import PriorityGate, QueueSlots
 from streamproc.tasks.store import TaskStatus, TaskStore, TaskView
 
 __all__ = (
+    "DEFAULT_QUEUE",
     "PRIORITIES",
     "TASK_EVENTS",
     "TASK_GROUP",
-    "GlobalSlots",
+    "LoadLimits",
     "Priority",
     "PriorityGate",
+    "QueueSlots",
+    "RunnerInfo",
+    "RunnerRegistry",
+    "SoftTimeLimit",
     "TaskContext",
     "TaskCritical",
     "TaskHigh",
+    "TaskHistory",
     "TaskLow",
     "TaskNormal",
     "TaskRequested",
@@ -41,6 +62,11 @@ __all__ = (
     "TaskStore",
     "TaskType",
     "TaskView",
+    "TypeStats",
+    "queue_of",
     "task_concern",
+    "task_concerns",
     "task_event_class",
+    "task_events",
+    "task_group",
 )

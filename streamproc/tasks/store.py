@@ -30,19 +30,20 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """)
-# KEYS: hash, cancel list. ARGV: now, ttl_s.
+# KEYS: hash, cancel list. ARGV: now, ttl_s, who.
 _CANCEL = Lua("""
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
 if st == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancel_requested', '1',
-             'finished_at', ARGV[1], 'updated_at', ARGV[1])
+             'finished_at', ARGV[1], 'updated_at', ARGV[1], 'cancelled_by', ARGV[3])
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   return 'cancelled'
 end
 if st == 'running' then
   if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
-    redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[1])
+    redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[1],
+               'cancelled_by', ARGV[3])
     redis.call('RPUSH', KEYS[2], '1')
     redis.call('EXPIRE', KEYS[2], ARGV[2])
   end
@@ -101,6 +102,8 @@ class TaskView(msgspec.Struct, kw_only=True):
 
     id: str
     type: str
+    #: The queue it runs in (``TaskType.queue``).
+    queue: str = "default"
     priority: Literal["low", "normal", "high", "critical"]
     status: TaskStatus
     #: 0.0 … 1.0, as last reported by the task.
@@ -111,6 +114,10 @@ class TaskView(msgspec.Struct, kw_only=True):
     error: str | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    #: Who asked to cancel it (an agent name), when someone did.
+    cancelled_by: str | None = None
+    #: "soft" or "hard" when the task reached that time limit (the last attempt).
+    time_limit: Literal["soft", "hard"] | None = None
     submitted_by: str = ""
     created_at: str
     started_at: str | None = None
@@ -122,6 +129,33 @@ def _json_or_none(raw: str | None) -> Any:
     return orjson.loads(raw) if raw else None
 
 
+def _view(raw: Any) -> TaskView | None:
+    if not raw:
+        return None
+    f = {k.decode(): v.decode() for k, v in raw.items()}
+    limit = f.get("time_limit")
+    return TaskView(
+        id=f["id"],
+        type=f["type"],
+        queue=f.get("queue") or "default",
+        priority=f["priority"],
+        status=f["status"],
+        progress=float(f.get("progress") or 0),
+        detail=_json_or_none(f.get("detail")),
+        result=_json_or_none(f.get("result")),
+        error=f.get("error") or None,
+        attempts=int(f.get("attempts") or 0),
+        cancel_requested=f.get("cancel_requested") == "1",
+        cancelled_by=f.get("cancelled_by") or None,
+        time_limit=limit if limit in ("soft", "hard") else None,
+        submitted_by=f.get("submitted_by", ""),
+        created_at=f["created_at"],
+        started_at=f.get("started_at"),
+        finished_at=f.get("finished_at"),
+        updated_at=f["updated_at"],
+    )
+
+
 class TaskStore:
     """Reads and changes task hashes (``Keys.task``)."""
 
@@ -129,7 +163,14 @@ class TaskStore:
         self.client, self.keys, self.ttl_s = client, keys, ttl_s
 
     async def create(
-        self, task_id: str, *, type: str, priority: str, submitted_by: str, cluster_id: str = ""
+        self,
+        task_id: str,
+        *,
+        type: str,
+        priority: str,
+        submitted_by: str,
+        cluster_id: str = "",
+        queue: str = "default",
     ) -> bool:
         """Create a queued task; False if it exists (an idempotent retry). ``cluster_id``: the
         cluster the task is for (its payload's ``cluster_id``), kept for who may read it."""
@@ -137,6 +178,7 @@ class TaskStore:
         fields = {
             "id": task_id,
             "type": type,
+            "queue": queue,
             "priority": priority,
             "status": "queued",
             "progress": "0",
@@ -157,32 +199,24 @@ class TaskStore:
         await self.client.delete(self.keys.task(task_id))
 
     async def get(self, task_id: str) -> TaskView | None:
-        raw: Any = await self.client.hgetall(self.keys.task(task_id))
-        if not raw:
-            return None
-        f = {k.decode(): v.decode() for k, v in raw.items()}
-        return TaskView(
-            id=f["id"],
-            type=f["type"],
-            priority=f["priority"],
-            status=f["status"],
-            progress=float(f.get("progress") or 0),
-            detail=_json_or_none(f.get("detail")),
-            result=_json_or_none(f.get("result")),
-            error=f.get("error") or None,
-            attempts=int(f.get("attempts") or 0),
-            cancel_requested=f.get("cancel_requested") == "1",
-            submitted_by=f.get("submitted_by", ""),
-            created_at=f["created_at"],
-            started_at=f.get("started_at"),
-            finished_at=f.get("finished_at"),
-            updated_at=f["updated_at"],
-        )
+        return _view(await self.client.hgetall(self.keys.task(task_id)))
 
-    async def cancel(self, task_id: str) -> str:
+    async def get_many(self, task_ids: list[str]) -> list[TaskView | None]:
+        """The tasks in one round trip (None where one expired)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hgetall(self.keys.task(task_id))
+            return [_view(raw) for raw in await pipe.execute()]
+
+    async def owner(self, task_id: str) -> str | None:
+        """Who submitted the task; None when it does not exist."""
+        raw: Any = await self.client.hget(self.keys.task(task_id), "submitted_by")
+        return raw.decode() if raw is not None else None
+
+    async def cancel(self, task_id: str, *, by: str = "") -> str:
         """'cancelled' (was queued), 'cancelling' (running), 'missing', or the end status."""
         keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
-        reply = await _CANCEL(self.client, keys, [now_iso(), self.ttl_s])
+        reply = await _CANCEL(self.client, keys, [now_iso(), self.ttl_s, by])
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     async def start(self, task_id: str) -> str:
