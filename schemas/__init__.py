@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas import hibernation, hosts, inventory, metrics, workers
+from schemas import hibernation, hosts, inventory, metrics, qa, workers
 from schemas.cluster import NodeNotReady, OOMKilled, PodPending, SpotInterruption
 from schemas.notify import (
     DeliveryRequested,
@@ -56,5 +56,6 @@ REGISTRY: Registry[Any] = Registry(
         *hosts.TYPES,
         *metrics.TYPES,
         *workers.TYPES,
+        *qa.TYPES,
     ]
 )
