@@ -18,10 +18,12 @@ from streamproc.keys import Keys
 from streamproc.producer import Producer
 from streamproc.tasks import TaskStore, task_event_class
 
-__all__ = ("derived_task_id", "submit")
+__all__ = ("Submitter", "derived_task_id", "submit")
 
 
-class _Has(Protocol):
+class Submitter(Protocol):
+    """What submitting needs: a task context or a concern's context."""
+
     @property
     def redis(self) -> aioredis.Redis: ...
     @property
@@ -34,7 +36,7 @@ def derived_task_id(cause: str, what: str) -> str:
     return derived_id(f"qa-task:{cause}", what)
 
 
-async def submit(ctx: _Has, type_name: str, payload: Any, *, task_id: str) -> bool:
+async def submit(ctx: Submitter, type_name: str, payload: Any, *, task_id: str) -> bool:
     """Submit a task of one of the QA types; False when it was submitted before."""
     from qa import TASK_TYPES  # the types are declared in the package's __init__
 

@@ -35,11 +35,12 @@ import aiohttp
 import msgspec
 import structlog
 
-from qa import _keys
+from qa import _keys, _submit
+from qa._submit import Submitter
 from qa.settings import QaSettings, settings
 from schemas.qa import BugFound, BugKind, SessionId
 from streamproc.breaker import Breaker
-from streamproc.concern import Concern, Context
+from streamproc.concern import Concern
 from streamproc.errors import Permanent
 from streamproc.outbound import (
     MAX_RETRY_AFTER_S,
@@ -264,13 +265,11 @@ async def create_ticket(p: TicketRequest, ctx: TaskContext) -> dict[str, Any]:
     return {**filed, "created": created}
 
 
-async def on_bug(bug: BugFound, ctx: Context) -> None:
+async def on_bug(bug: BugFound, ctx: Submitter) -> None:
     """``qa.bug_found`` → one ``ticket.create`` task, whose id is derived from the bug's."""
     if not settings().tracker_configured:
         log.info("qa_ticket_skipped", bug_id=bug.id, reason="no tracker configured")
         return
-    from qa import _submit
-
     await _submit.submit(
         ctx, "ticket.create", ticket_request(bug), task_id=_submit.derived_task_id(bug.id, "ticket")
     )
