@@ -5,7 +5,8 @@ or ``STREAMPROC_APP``). It puts together the typed events (``schemas/``), one co
 consumer group (``consumers/``), the ticker's table (``producers/schedules.py``) and the
 delivery of notifications (``notifications/``: its concerns, CLI commands and ingest routes),
 the media jobs (``media/``: ffmpeg transcode and preview task types, run by the task
-runner) and worker monitoring (``workers/``: its concern, CLI commands, startup hooks and the
+runner), the QA agent's tasks and concerns (``qa/``: crawls, tickets, screenshots, cleanup)
+and worker monitoring (``workers/``: its concern, CLI commands, startup hooks and the
 dashboard's Workers panel).
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 import media
 import media.hosts_panel
 import notifications
+import qa
 import spot
 import workers
 import workers.panel
@@ -30,9 +32,11 @@ __all__ = ("app",)
 
 def _configure(env: Mapping[str, str]) -> None:
     """The consumers' settings, then the media jobs' (``STREAMPROC_MEDIA_*``,
-    ``STREAMPROC_RESOURCES_*``, ``STREAMPROC_CLEANUP_*``)."""
+    ``STREAMPROC_RESOURCES_*``, ``STREAMPROC_CLEANUP_*``) and the QA tasks'
+    (``STREAMPROC_QA_*``)."""
     configure_from_env(env)
     media.configure_from_env(env)
+    qa.configure_from_env(env)
 
 
 app = App(
@@ -43,6 +47,7 @@ app = App(
         *spot.CONCERNS,
         *workers.CONCERNS,
         *media.CONCERNS,
+        *qa.CONCERNS,
     ],
     schedules=SCHEDULES,
     task_types=TASK_TYPES,

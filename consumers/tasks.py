@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import msgspec
 
 import media
+import qa
 from notifications import feed_keys
 from schemas.notify import Notification
 from schemas.tasks import QUEUES
@@ -191,6 +192,8 @@ TASK_TYPES: dict[str, TaskType] = {
 }
 #: The media jobs (``media.transcode``, ``media.preview``: docs/media.md).
 TASK_TYPES.update(media.TASK_TYPES)
+#: The QA agent's tasks (``crawl.session``, ``ticket.create``, ``screenshot.upload``: docs/qa.md).
+TASK_TYPES.update(qa.TASK_TYPES)
 
 #: The runners' CPU and memory ceilings (load shedding): ``STREAMPROC_TASKS_MAX_CPU_PERCENT``
 #: (90) and ``STREAMPROC_TASKS_MAX_MEMORY_PERCENT`` (85), read by ``configure_from_env``.
