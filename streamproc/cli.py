@@ -73,6 +73,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streamproc.ticker_cli",
     "streamproc.ingest.cli",
     "streamproc.bench.cli",
+    "streamproc.tasks.cli",
 )
 
 

@@ -45,9 +45,14 @@ class Server:
         self.agents = AgentStore(ingest.client, keys, cache_s=0)
 
     async def token(
-        self, name: str, types: Sequence[str] = ("*",), *, operator: bool = False
+        self,
+        name: str,
+        types: Sequence[str] = ("*",),
+        *,
+        operator: bool = False,
+        submit: Sequence[str] = (),
     ) -> str:
-        _, token = await self.agents.add(name, types=types, operator=operator)
+        _, token = await self.agents.add(name, types=types, operator=operator, submit=submit)
         return token
 
     async def post(

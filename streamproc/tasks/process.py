@@ -49,6 +49,7 @@ def _on_usr1(signum: int, frame: Any) -> None:
 
 def _child(fn: Callable[[Any], Any], payload_type: Any, payload: Any, conn: Connection) -> None:
     signal.signal(signal.SIGUSR1, _on_usr1)
+    conn.send(("ready", None))  # the parent signals only from now on (else SIGUSR1 kills)
     try:
         result = fn(msgspec.convert(payload, payload_type))
         reply: tuple[str, Any] = ("ok", msgspec.json.encode(result))
@@ -89,22 +90,37 @@ async def run_in_process(
         if not ready.done():
             ready.set_result(None)
 
+    started = False
+    soft_due = False
+
     def soft() -> None:
+        nonlocal soft_due
         if on_soft is not None:
             on_soft()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid or 0, signal.SIGUSR1)
+        soft_due = True
+        if started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid or 0, signal.SIGUSR1)
 
     loop.add_reader(reader.fileno(), readable)
     timer = loop.call_later(soft_s, soft) if soft_s is not None else None
     try:
         async with asyncio.timeout(hard_s):
-            await ready
-        try:
-            kind, value = reader.recv()
-        except EOFError:
-            await asyncio.to_thread(proc.join, 5)
-            raise TaskCrashed(f"the task's process exited with code {proc.exitcode}") from None
+            while True:
+                await ready
+                try:
+                    kind, value = reader.recv()
+                except EOFError:
+                    await asyncio.to_thread(proc.join, 5)
+                    raise TaskCrashed(
+                        f"the task's process exited with code {proc.exitcode}"
+                    ) from None
+                if kind != "ready":
+                    break
+                started = True
+                if soft_due:  # the soft limit passed while the child was starting
+                    os.kill(proc.pid or 0, signal.SIGUSR1)
+                ready = loop.create_future()
     finally:
         if timer is not None:
             timer.cancel()

@@ -72,7 +72,7 @@ from streamproc.tasks.runners import (
     RunnerRegistry,
     runner_info,
 )
-from streamproc.tasks.slots import PriorityGate, QueueSlots, wait_order
+from streamproc.tasks.slots import QueueSlots, wait_order
 from streamproc.tasks.store import TaskStore
 
 __all__ = (
@@ -301,7 +301,6 @@ def _queue_concern(
     if queue_limit is not None and queue_limit < 1:
         raise ConfigError(f"queue {queue!r}: concurrency must be >= 1")
     cap = queue_limit or 10**6
-    gates = {name: PriorityGate(min(t.concurrency, cap)) for name, t in types.items()}
     state = _QueueState()
     #: One TaskStore per Redis client and key prefix this concern has run tasks with.
     stores: dict[tuple[int, str], tuple[TaskStore, TaskHistory]] = {}
@@ -333,10 +332,9 @@ def _queue_concern(
             queue_limit=queue_limit,
             type_limit=tt.concurrency,
         )
-        async with (
-            gates[tt.name].slot(rank, event.id),
-            slots.hold(f"{ctx.consumer}:{event.id}", wait_order(rank, _ms(created))),
-        ):
+        # Every waiting task is in the queue's waiting list itself (no gate in this process
+        # before it): a critical task read here is never stuck behind a low one read earlier.
+        async with slots.hold(f"{ctx.consumer}:{event.id}", wait_order(rank, _ms(created))):
             verdict = await store.start(event.id)
             if verdict != "run":
                 log.info("task_skipped", task_id=event.id, verdict=verdict)

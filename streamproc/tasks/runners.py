@@ -12,7 +12,8 @@ the host every second (psutil: CPU busy since the last sample, memory in use) an
 last ``WINDOW`` samples, so a burst does not count: it says ``shedding`` once an average reaches
 a ceiling, until both are back under it by ``HYSTERESIS`` points. A shedding runner starts
 no new task: those it reads are deferred (``Defer``, no attempt used) for a runner with room;
-tasks already running go on. When every live runner of a queue sheds, ``POST /v1/tasks`` answers 503 Retry-After.
+tasks already running go on. When every live runner of a queue sheds, ``POST /v1/tasks``
+answers 503 Retry-After.
 """
 
 from __future__ import annotations
