@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -261,6 +263,26 @@ async def _maybe_browser(run: _Session, usable: bool) -> AsyncIterator[None]:
         await browser.__aexit__()
 
 
+async def check_host(url: str, s: QaSettings) -> None:
+    """Refuse (``Permanent``) a site whose host resolves to a private, loopback, link-local
+    or otherwise special address, unless ``allow_private_networks``. A name that does not
+    resolve now is ``CallTransient``."""
+    if s.allow_private_networks:
+        return
+    _, host, port = origin_of(url)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise CallTransient(f"base_url: {host} does not resolve: {e}") from e
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if not ip.is_global or ip.is_multicast:
+            raise Permanent(
+                f"base_url: {host} is {ip}, not a public address "
+                "(STREAMPROC_QA_ALLOW_PRIVATE_NETWORKS=1 allows crawling it)"
+            )
+
+
 async def crawl_session(p: CrawlRequest, ctx: TaskContext) -> dict[str, Any]:
     s = settings()
     if p.max_pages > s.max_pages_limit or p.max_depth > s.max_depth_limit:
@@ -268,6 +290,7 @@ async def crawl_session(p: CrawlRequest, ctx: TaskContext) -> dict[str, Any]:
             f"max_pages {p.max_pages} / max_depth {p.max_depth}: this service allows at most "
             f"{s.max_pages_limit} pages and depth {s.max_depth_limit}"
         )
+    await check_host(p.base_url, s)
     usable, note = availability(s, p.browser)
     if s.browser == "required" and not usable and p.browser:
         raise Permanent(f"STREAMPROC_QA_BROWSER=required but Chromium is {note}")

@@ -39,6 +39,9 @@ class QaSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     browser: Literal["auto", "off", "required"] = "auto"
     chromium_path: str = "/usr/bin/chromium"
     browser_timeout_s: float = 20.0
+    #: Crawl sites whose host resolves to a private, loopback or link-local address (an
+    #: intranet, 127.0.0.1, the cloud's metadata service)? Off: such a session fails at once.
+    allow_private_networks: bool = False
     #: The session's progress hash lives this long after its last update.
     session_ttl_s: int = _DAY_S
     # ------------------------------------------------------------------ tickets

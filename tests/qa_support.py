@@ -216,7 +216,11 @@ class FakeLinear:
 @contextlib.contextmanager
 def qa_settings(**kw: Any) -> Iterator[QaSettings]:
     """QA settings for one test (fast, unthrottled), then the defaults again."""
-    base: dict[str, Any] = {"per_host_rate_per_s": 0.0, "browser": "off"}
+    base: dict[str, Any] = {
+        "per_host_rate_per_s": 0.0,
+        "browser": "off",
+        "allow_private_networks": True,  # the test's site is on 127.0.0.1
+    }
     try:
         yield use_settings(QaSettings(**{**base, **kw}))
     finally:

@@ -246,3 +246,22 @@ async def test_the_operators_limits_fail_the_task_at_once(
     with qa_settings(max_pages_limit=500), pytest.raises(Permanent, match="at most 500 pages"):
         await crawl_session(p, task_ctx(client, keys, producer, "t6"))
     assert await client.exists(_keys.session(keys, "s6")) == 0  # refused before it started
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://127.0.0.1:8080/",
+        "http://169.254.169.254/latest/",
+        "http://[::1]/",
+        "http://10.1.2.3/",
+    ],
+)
+async def test_private_addresses_are_refused_unless_allowed(
+    base_url: str, client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """The cloud's metadata service, loopback, an intranet: not crawled by default."""
+    p = CrawlRequest(session_id="s7", base_url=base_url)
+    with qa_settings(allow_private_networks=False), pytest.raises(Permanent) as e:
+        await crawl_session(p, task_ctx(client, keys, producer, "t7"))
+    assert "not a public address (STREAMPROC_QA_ALLOW_PRIVATE_NETWORKS=1" in str(e.value)
