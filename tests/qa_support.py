@@ -61,6 +61,8 @@ class Site:
     def __init__(self, *, slow_s: float = 0.0) -> None:
         self.fetched: list[str] = []
         self.slow_s = slow_s
+        self.in_flight = self.most_in_flight = 0
+        self.crawl_delay_s = 0
         self.app = web.Application(middlewares=[self._record])
         r = self.app.router
         r.add_get("/robots.txt", self.robots)
@@ -79,14 +81,20 @@ class Site:
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.fetched.append(request.path_qs)
-        resp: web.StreamResponse = await handler(request)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            resp: web.StreamResponse = await handler(request)
+        finally:
+            self.in_flight -= 1
         return resp
 
     async def logo(self, _: web.Request) -> web.Response:
         return web.Response(body=b"\x89PNG\r\n\x1a\n", content_type="image/png")
 
     async def robots(self, _: web.Request) -> web.Response:
-        return web.Response(text="User-agent: *\nDisallow: /private/\n")
+        delay = f"Crawl-delay: {self.crawl_delay_s}\n" if self.crawl_delay_s else ""
+        return web.Response(text=f"User-agent: *\nDisallow: /private/\n{delay}")
 
     async def index(self, _: web.Request) -> web.Response:
         return html(

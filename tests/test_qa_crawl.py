@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -13,6 +14,7 @@ import redis.asyncio as aioredis
 import qa
 from qa import _keys
 from qa.crawl import CrawlRequest, crawl_session
+from qa.crawler import Crawl, HostLimiter, Robots
 from schemas.qa import BugFound, bug_id
 from streamproc import Codec, Keys, Producer
 from streamproc.errors import Permanent
@@ -265,3 +267,47 @@ async def test_private_addresses_are_refused_unless_allowed(
     with qa_settings(allow_private_networks=False), pytest.raises(Permanent) as e:
         await crawl_session(p, task_ctx(client, keys, producer, "t7"))
     assert "not a public address (STREAMPROC_QA_ALLOW_PRIVATE_NETWORKS=1" in str(e.value)
+
+
+async def test_per_host_concurrency_and_crawl_delay_hold() -> None:
+    """At most ``per_host_concurrency`` requests in flight; robots.txt's Crawl-delay slows
+    the host's pace (never speeds it up)."""
+    s = Site(slow_s=0.1)
+    s.crawl_delay_s = 2
+    async with serve(s.app) as url, aiohttp.ClientSession() as http:
+        with qa_settings(per_host_rate_per_s=100.0) as settings:
+            limiter = HostLimiter(2, settings.per_host_rate_per_s)
+            robots = await Robots.load(http, url, settings, limiter)
+    assert robots.crawl_delay_s() == 2.0
+    assert limiter.interval_s == 0.01
+    limiter.slow_to(robots.crawl_delay_s())  # what the crawl does with it
+    assert limiter.interval_s == 2.0
+    limiter.slow_to(0.5)
+    assert limiter.interval_s == 2.0
+    s2 = Site(slow_s=0.1)
+    async with serve(s2.app) as url:
+        with qa_settings(per_host_concurrency=2) as settings:
+            crawl = Crawl(
+                [f"{url}/slow/{n}" for n in range(6)], max_pages=6, max_depth=0, s=settings
+            )
+            pages = await crawl.run()
+    assert len(pages) == 6
+    assert s2.most_in_flight == 2
+
+
+async def test_submitting_a_hostile_crawl_through_the_api_says_where(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    from consumers.tasks import TASK_TYPES
+    from tests.test_ingest_support import running_ingest
+
+    async with running_ingest(client, keys, producer, task_types=TASK_TYPES) as srv:
+        op = await srv.token("ops", [], operator=True)
+        body = {"type": "crawl.session", "payload": {**GOOD, "base_url": "file:///etc/passwd"}}
+        status, answer, _ = await srv.post("/v1/tasks", body, token=op)
+        assert status == 422
+        assert answer["path"] == "$.payload.base_url"
+        body = {"type": "crawl.session", "payload": GOOD}
+        status, answer, _ = await srv.post("/v1/tasks", body, token=op)
+        assert status == 202
+    assert await client.xlen(keys.stream("tasks.crawl.normal")) == 1
