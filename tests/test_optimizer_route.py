@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from consumers import cluster_events, renders
 from consumers.render_jobs import ReportInput, report_job, unpack_files
-from consumers.tasks import CONCERN as TASKS_CONCERN
+from consumers.tasks import CONCERNS as TASK_CONCERNS
 from consumers.tasks import TASK_TYPES
 from schemas import Notification, OOMKilled, SpotInterruption
 from schemas.inventory import Instance
@@ -37,6 +37,8 @@ pytestmark = pytest.mark.timeout(60)
 ACCOUNT = "123456789012"
 REGION = "eu-west-1"
 CLUSTER = "prod-eu"
+
+[OPTIMIZER_CONCERN] = [c for c in TASK_CONCERNS if c.group == "tasks-optimizer"]
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -200,7 +202,7 @@ async def test_optimize_route_end_to_end_in_dry_run(
     assert sub["status"] == "queued"
     assert sub["location"] == f"/clusters/{CLUSTER}/optimize/{sub['id']}"
     assert sub["task_location"] == f"/v1/tasks/{sub['id']}"
-    await drain(consumer(TASKS_CONCERN, client, codec, keys, producer))
+    await drain(consumer(OPTIMIZER_CONCERN, client, codec, keys, producer))
 
     view = await run_status(srv, agent, sub["location"])
     assert view == await run_status(srv, op, sub["task_location"])  # the task API's view
@@ -387,7 +389,7 @@ async def test_dry_run_off_sets_the_groups_mixed_instances_policy_on_aws(
         method="PUT",
     )
     assert status == 200
-    runner = consumer(TASKS_CONCERN, client, codec, keys, producer)
+    runner = consumer(OPTIMIZER_CONCERN, client, codec, keys, producer)
 
     status, asked = await optimize(srv, agent, {"dry_run": True})
     assert status == 202
@@ -452,7 +454,7 @@ async def test_a_group_that_cannot_be_changed_is_reported_and_the_run_completes(
     await srv.post(f"/v1/clusters/{CLUSTER}/policy", {"dry_run": False}, token=op, method="PUT")
     status, sub = await optimize(srv, op)
     assert status == 202
-    await drain(consumer(TASKS_CONCERN, client, codec, keys, producer))
+    await drain(consumer(OPTIMIZER_CONCERN, client, codec, keys, producer))
     view = await run_status(srv, op, sub["location"])
     assert view["status"] == "completed"
     [action] = view["result"]["actions"]
@@ -661,7 +663,7 @@ async def test_the_weekly_report_is_built_from_what_the_concerns_recorded(
     await drain(consumer(optimizer.CONCERNS[0], client, codec, keys, producer))
     await store_inventory(client, keys, [instance(i, "eu-west-1b") for i in range(1, 3)])
     assert (await optimize(srv, agent))[0] == 202
-    await drain(consumer(TASKS_CONCERN, client, codec, keys, producer))
+    await drain(consumer(OPTIMIZER_CONCERN, client, codec, keys, producer))
     # What the hibernation concern records (spot.hibernation), written here as it would.
     await client.hincrbyfloat(daily_key(keys, day_of(now)), "hibernated_instance_hours", 12.0)
     await client.hincrbyfloat(daily_key(keys, day_of(now)), "savings_usd", 1.152)

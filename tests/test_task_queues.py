@@ -474,3 +474,30 @@ async def test_a_runner_over_its_ceiling_sheds_and_submissions_get_503_when_all_
             await until_status(srv, op, task_id, "completed")
     assert hot.stats.acked == 0  # the shedding runner started nothing
     assert lab.started == ["x"]
+
+
+async def test_the_dashboard_panel_shows_finished_tasks_and_runners(
+    srv: Server, op: str, crawl_runner: Consumer, client: aioredis.Redis, keys: Keys
+) -> None:
+    from streamproc.tasks.panel import COLUMNS, read_tasks
+
+    task_id = (await submit(srv, op, {"type": "crawl.stubborn"}))["id"]
+    async with running(crawl_runner):
+        await until_status(srv, op, task_id, "failed")
+        registry = RunnerRegistry(client, keys)
+        while not await registry.list():  # noqa: ASYNC110 - the registry is polled
+            await asyncio.sleep(0.05)
+        data = await read_tasks(client, keys)
+    [row] = data.rows
+    assert dict(zip(COLUMNS, row, strict=True)) | {"finished": None, "took s": None} == {
+        "finished": None,
+        "task": task_id,
+        "type": "crawl.stubborn",
+        "queue": "crawl",
+        "status": "failed (hard limit)",
+        "took s": None,
+        "attempts": 1,
+        "submitter": "ops",
+    }
+    assert data.total == 1
+    assert data.note.startswith("1 live runner(s)")
