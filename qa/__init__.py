@@ -34,6 +34,7 @@ from schemas.qa import TYPES as EVENTS
 from schemas.qa import BugFound, bug_id
 from streamproc.concern import Concern
 from streamproc.config import settings_from_env
+from streamproc.errors import ConfigError
 from streamproc.tasks import TaskType
 
 __all__ = (
@@ -100,5 +101,8 @@ CONCERNS: tuple[Concern, ...] = (tickets.CONCERN, cleanup.CONCERN)
 
 def configure_from_env(env: Mapping[str, str]) -> None:
     """``STREAMPROC_QA_<FIELD>`` (``LINEAR_URL``, ``LINEAR_API_KEY``, ``LINEAR_TEAM_ID``,
-    ``S3_BUCKET``, ``S3_ENDPOINT_URL``, ``RETENTION_DAYS``, …)."""
+    ``S3_BUCKET``, ``S3_ENDPOINT_URL``, ``RETENTION_DAYS``, …); an unknown one is an error."""
+    known = {f"STREAMPROC_QA_{f.upper()}" for f in QaSettings.__struct_fields__}
+    if unknown := sorted(k for k in env if k.startswith("STREAMPROC_QA_") and k not in known):
+        raise ConfigError(f"{', '.join(unknown)}: no such QA setting (docs/qa.md)")
     use_settings(settings_from_env(QaSettings, "STREAMPROC_QA_", env))

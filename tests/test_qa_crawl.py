@@ -311,3 +311,27 @@ async def test_submitting_a_hostile_crawl_through_the_api_says_where(
         status, answer, _ = await srv.post("/v1/tasks", body, token=op)
         assert status == 202
     assert await client.xlen(keys.stream("tasks.crawl.normal")) == 1
+
+
+def test_settings_come_from_the_environment_and_bad_ones_name_their_variable() -> None:
+    from streamproc.errors import ConfigError
+
+    try:
+        qa.configure_from_env(
+            {"STREAMPROC_QA_LINEAR_TEAM_ID": "t", "STREAMPROC_QA_LINEAR_API_KEY": "k",
+             "STREAMPROC_QA_RETENTION_DAYS": "3", "STREAMPROC_QA_ALLOW_PRIVATE_NETWORKS": "1"}
+        )  # fmt: skip
+        s = qa.settings()
+        assert (s.tracker_configured, s.retention_days, s.allow_private_networks) == (
+            True,
+            3.0,
+            True,
+        )
+        with pytest.raises(ConfigError, match="STREAMPROC_QA_BROWSER='maybe': expected one of"):
+            qa.configure_from_env({"STREAMPROC_QA_BROWSER": "maybe"})
+        with pytest.raises(ConfigError, match="STREAMPROC_QA_PER_HOST_CONCURRENCY='0'"):
+            qa.configure_from_env({"STREAMPROC_QA_PER_HOST_CONCURRENCY": "0"})
+        with pytest.raises(ConfigError, match="STREAMPROC_QA_NO_SUCH"):
+            qa.configure_from_env({"STREAMPROC_QA_NO_SUCH": "1"})
+    finally:
+        qa.use_settings(None)
