@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from qa import cleanup, tickets
+from qa import cleanup, crawl, tickets
 from qa.crawl import CrawlRequest, crawl_session
 from qa.screenshots import ScreenshotUpload, upload_screenshot
 from qa.session import SessionStore
@@ -63,7 +63,7 @@ TASK_TYPES: dict[str, TaskType] = {
             payload_type=CrawlRequest,
             queue="crawl",
             concurrency=2,
-            max_retries=3,
+            max_retries=crawl.MAX_RETRIES,
             retry_base_s=60.0,  # 60 s, 120 s, 240 s, each scaled by U(0.5, 1) (jitter)
             retry_cap_s=600.0,
             soft_time_limit_s=3000.0,  # 50 min: the crawl returns what it found

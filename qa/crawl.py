@@ -47,11 +47,13 @@ from streamproc.errors import Permanent
 from streamproc.outbound import CallTransient
 from streamproc.tasks import SoftTimeLimit, TaskContext
 
-__all__ = ("MAX_DEPTH", "MAX_PAGES", "CrawlRequest", "crawl_session")
+__all__ = ("MAX_DEPTH", "MAX_PAGES", "MAX_RETRIES", "CrawlRequest", "check_host", "crawl_session")
 
 #: Bounds of a payload (the settings' ``max_pages_limit``/``max_depth_limit`` may be lower).
 MAX_PAGES = 10_000
 MAX_DEPTH = 20
+#: ``crawl.session``'s retries (its TaskType's ``max_retries``).
+MAX_RETRIES = 3
 #: Pages listed in a task's result (the counters cover them all).
 MAX_LISTED_PAGES = 1_000
 
@@ -335,8 +337,9 @@ async def crawl_session(p: CrawlRequest, ctx: TaskContext) -> dict[str, Any]:
             )
         raise
     except Exception as e:
+        final = isinstance(e, Permanent) or ctx.attempt >= MAX_RETRIES
         await run.store.finish(
-            "failed",
+            "failed" if final else "retrying",
             pages_crawled=len(run.records),
             bugs_found=len(run.bugs),
             error=f"attempt {ctx.attempt + 1}: {type(e).__name__}: {e}",

@@ -304,9 +304,14 @@ class Crawl:
                 if self.on_page is not None:
                     await self.on_page(page)
 
-        async with asyncio.TaskGroup() as tg:
-            for _ in range(min(self.s.per_host_concurrency, len(batch))):
-                tg.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(self.s.per_host_concurrency, len(batch))):
+                    tg.create_task(worker())
+        except ExceptionGroup as eg:
+            # The first failure as itself (a Permanent, a Defer keep their meaning for the
+            # task runner); the others were cancelled with it or failed the same way.
+            raise eg.exceptions[0] from eg
 
     async def _fetch(self, session: aiohttp.ClientSession, page: Page) -> None:
         """GET the page; a redirect is a page whose one link is its target (fetched once,
