@@ -28,6 +28,9 @@ Phases, each system in turn (interleaved, so a change in the machine's load hits
    millisecond stamp, so its figures are up to 1 ms early, clamped at 0). A system that did
    not start every task by the end of the drain is marked overloaded.
 
+Redis: commands processed (INFO, those run inside Lua scripts included) and connections
+opened per accepted task, streamproc side only.
+
 CPU: user + system seconds of the system's own processes (and Redis's, from INFO) from the
 start of a phase to the end of its drain, per accepted submission. Compare as ratios within
 one run: the machine is shared. The load generator runs in this process and shares the cores.
@@ -129,6 +132,10 @@ class PhaseResult:
     finished: int = 0
     latency: dict[str, float] = field(default_factory=dict)
     cpu_s: float = 0.0
+    #: CPU seconds per process of the system (uvicorn; ingest, runner, redis).
+    cpu_parts: dict[str, float] = field(default_factory=dict)
+    #: Redis commands and new connections over the phase (streamproc only), from INFO.
+    redis_counts: dict[str, int] = field(default_factory=dict)
     overloaded: bool = False
 
     @property
@@ -157,6 +164,7 @@ class System:
         self.base = ""
         self.headers: dict[str, str] = {"Content-Type": "application/json"}
         self.procs: list[asyncio.subprocess.Process] = []
+        self.roles: list[str] = []
 
     def body(self, n: int) -> bytes:
         raise NotImplementedError
@@ -174,10 +182,14 @@ class System:
     async def idle(self, session: Any) -> bool:
         raise NotImplementedError
 
-    async def cpu_s(self) -> float:
+    async def redis_counts(self) -> dict[str, int]:
+        return {}
+
+    async def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of each of the system's processes, by role."""
         from streamproc.bench._proc import cpu_s
 
-        return sum(cpu_s(p.pid) for p in self.procs)
+        return {name: cpu_s(p.pid) for name, p in zip(self.roles, self.procs, strict=True)}
 
     async def stop(self) -> None:
         for p in self.procs:
@@ -190,6 +202,7 @@ class System:
                 p.kill()
                 await p.wait()
         self.procs.clear()
+        self.roles.clear()
 
 
 async def _wait_http(session: Any, url: str, proc: asyncio.subprocess.Process) -> None:
@@ -230,6 +243,7 @@ class Seed003(System):
             cwd=ROOT,
         )
         self.procs.append(proc)
+        self.roles.append("uvicorn")
         self.base = f"http://127.0.0.1:{port}"
         await _wait_http(session, self.base + "/metrics", proc)
 
@@ -285,10 +299,12 @@ class Streamproc(System):
             *cli, "ingest", "--port", str(port), env=env, cwd=ROOT
         )
         self.procs.append(ingest)
+        self.roles.append("ingest")
         runner = await asyncio.create_subprocess_exec(
             *cli, "consume", "tasks", env={**env, "STREAMPROC_CONSUMER": "bench-runner"}, cwd=ROOT
         )
         self.procs.append(runner)
+        self.roles.append("runner")
         self.base = f"http://127.0.0.1:{port}"
         await _wait_http(session, self.base + "/healthz", ingest)
         # The runner is up when its group exists on every priority stream.
@@ -328,10 +344,17 @@ class Streamproc(System):
                 return False
         return True
 
-    async def cpu_s(self) -> float:
+    async def redis_counts(self) -> dict[str, int]:
+        info: dict[str, Any] = await self.client.info("stats")
+        return {
+            "commands": int(info["total_commands_processed"]),
+            "connections": int(info["total_connections_received"]),
+        }
+
+    async def cpu_s(self) -> dict[str, float]:
         from streamproc.bench._proc import redis_cpu_s
 
-        return await super().cpu_s() + await redis_cpu_s(self.client)
+        return {**await super().cpu_s(), "redis": await redis_cpu_s(self.client)}
 
     async def stop(self) -> None:
         await super().stop()
@@ -373,6 +396,7 @@ async def run_phase(
         await sys_.start(session)
         try:
             cpu0 = await sys_.cpu_s()
+            counts0 = await sys_.redis_counts()
             t_start = time.time()
             stop_at = t_start + args.seconds
             if rate is None:
@@ -400,7 +424,11 @@ async def run_phase(
             drain_until = time.monotonic() + args.drain_s
             while not await sys_.idle(session) and time.monotonic() < drain_until:  # noqa: ASYNC110 - another process's queue: nothing to wait on but polling
                 await asyncio.sleep(0.2)
-            res.cpu_s = await sys_.cpu_s() - cpu0  # before reading the tasks back
+            cpu1 = await sys_.cpu_s()  # before reading the tasks back
+            res.cpu_parts = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
+            res.cpu_s = sum(res.cpu_parts.values())
+            counts1 = await sys_.redis_counts()
+            res.redis_counts = {k: v - counts0[k] for k, v in counts1.items()}
             times = await sys_.times(session, [s.task_id for s in sent])
         finally:
             await sys_.stop()
@@ -420,13 +448,25 @@ async def run_phase(
     return res
 
 
+def _parts(r: PhaseResult) -> str:
+    n = r.submitted or 1
+    out = " ".join(f"{k} {1000 * v / n:.2f}" for k, v in r.cpu_parts.items())
+    if r.redis_counts:  # the benchmark's own INFO calls are a handful per phase
+        c = r.redis_counts
+        out += (
+            f"; Redis per task: {c['commands'] / n:.1f} commands (those inside scripts "
+            f"included), {c['connections'] / n:.2f} new connections"
+        )
+    return out
+
+
 def _print(r: PhaseResult) -> None:
     lat = r.latency
     print(
         f"  {r.system:<24} submitted {r.submit_per_s:>8,.0f}/s  finished {r.done_per_s:>8,.1f}/s"
         f"  submit→start p50 {lat.get('p50_ms', 0):>9.1f} ms  p99 {lat.get('p99_ms', 0):>9.1f} ms"
         f"  max {lat.get('max_ms', 0):>9.1f} ms  CPU {r.cpu_ms_per_task:>6.2f} ms/task"
-        f"  started {r.started}/{r.submitted}"
+        f" ({_parts(r)})  started {r.started}/{r.submitted}"
         + (f"  errors {r.errors}" if r.errors else "")
         + ("  OVERLOADED" if r.overloaded else ""),
         flush=True,
