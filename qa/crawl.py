@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import socket
 import time
@@ -223,25 +224,13 @@ class _Session:
             "skipped": dict(crawl.skipped),
             "screenshots": len(self.screenshots),
             "elapsed_s": round(time.monotonic() - started, 3),
-            "pages": [msgspec.structs.asdict(_Listed(**r.__dict__)) for r in listed],
+            "pages": [dataclasses.asdict(r) for r in listed],
             "pages_listed": len(listed),
             "bugs": [
                 {"id": b.id, "kind": b.kind, "url": b.url, "status": b.status, "title": b.title}
                 for b in self.bugs.values()
             ],
         }
-
-
-class _Listed(msgspec.Struct):
-    url: str
-    depth: int
-    status: int
-    load_ms: float
-    content_type: str
-    error: str
-    problems: list[str]
-    console_errors: list[str]
-    screenshot_url: str
 
 
 @contextlib.asynccontextmanager
