@@ -14,7 +14,7 @@ embedded redis-server without AOF, or REDIS_URL):
   ``streamproc consume tasks`` runner process, the no-op type ``bench.noop`` (concurrency 4,
   as the seed's ``ThreadPoolExecutor(max_workers=4)``); the application is ``app`` below.
 - ``task-submit``: the same processes, ``POST /task/submit`` with the seed's body (the compat
-  routes, ``streamproc.ingest.compat``), when that module exists.
+  routes, ``streamproc.ingest.compat``).
 
 Phases, each system in turn (interleaved, so a change in the machine's load hits all):
 
@@ -56,14 +56,13 @@ from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiohttp import web
 
 from streamproc.app import App
 from streamproc.codec import Registry
 from streamproc.tasks import TASK_EVENTS, LoadLimits, TaskContext, TaskType, task_concerns
 
 if TYPE_CHECKING:
-    from streamproc.ingest.app import Ingest
+    pass
 
 ROOT = Path(__file__).resolve().parent.parent
 NOOP = "bench.noop"
@@ -74,17 +73,6 @@ async def noop(payload: dict[str, Any], ctx: TaskContext) -> None:
 
 
 TASK_TYPES = {NOOP: TaskType(name=NOOP, run=noop, concurrency=4, max_retries=0)}
-
-
-def _compat_routes(web_app: web.Application, ingest: Ingest) -> None:
-    """Adds ``/task/submit`` when the compat module exists and ``create_app`` did not."""
-    try:
-        from streamproc.ingest.compat import add_compat_routes
-    except ImportError:
-        return
-    if any(r.resource.canonical == "/task/submit" for r in web_app.router.routes() if r.resource):
-        return
-    add_compat_routes(web_app, ingest, ingest.tasks)
 
 
 #: The application of the streamproc side: ``--app benchmarks.task_throughput:app``.
@@ -98,7 +86,6 @@ app = App(
     registry=Registry(list(TASK_EVENTS)),
     concerns=task_concerns(TASK_TYPES, limits=_no_shedding()),
     task_types=TASK_TYPES,
-    routes=[_compat_routes],
 )
 
 SEED_BODY = {"payload": {"function": NOOP, "args": [], "kwargs": {}}, "priority": "normal"}
@@ -490,12 +477,6 @@ async def main(args: argparse.Namespace) -> int:
         "STREAMPROC_LOG_LEVEL": "warning",
         "PYTHONPATH": str(ROOT),
     }
-    try:
-        import streamproc.ingest.compat  # noqa: F401
-    except ImportError:
-        has_compat = False
-    else:
-        has_compat = True
     systems: list[System] = []
     for name in args.systems:
         if name == "seed003":
@@ -505,10 +486,7 @@ async def main(args: argparse.Namespace) -> int:
         elif name == "v1-tasks":
             systems.append(Streamproc(env, client, compat=False))
         elif name == "task-submit":
-            if has_compat:
-                systems.append(Streamproc(env, client, compat=True))
-            else:
-                print("task-submit skipped: streamproc.ingest.compat does not exist yet")
+            systems.append(Streamproc(env, client, compat=True))
     for s in systems:
         s.submit_path = "/v1/tasks" if s.name == "v1-tasks" else "/task/submit"
     print(

@@ -21,11 +21,9 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Permanent, Producer
-from streamproc.ingest import Ingest
-from streamproc.ingest.compat import SeedCall, add_compat_routes, wants_json
+from streamproc.ingest.compat import SeedCall, wants_json
 from streamproc.tasks import LoadLimits, TaskContext, TaskType, task_concern
 from tests.test_ingest_support import Server, running_ingest
 
@@ -173,12 +171,6 @@ def _never_shed() -> LoadLimits:
     return LoadLimits(max_cpu_percent=100, max_memory_percent=100)
 
 
-def _compat(app: web.Application, ingest: Ingest) -> None:
-    """The compat routes, unless ``create_app`` added them already."""
-    if not any(r.resource and r.resource.canonical == "/task/submit" for r in app.router.routes()):
-        add_compat_routes(app, ingest, ingest.tasks)
-
-
 @pytest.fixture
 def work() -> Work:
     return Work()
@@ -189,7 +181,7 @@ async def srv(
     client: aioredis.Redis, keys: Keys, producer: Producer, work: Work
 ) -> AsyncIterator[Server]:
     async with running_ingest(
-        client, keys, producer, task_types=work.types(), routes=[_compat], max_body_bytes=MAX_BODY
+        client, keys, producer, task_types=work.types(), max_body_bytes=MAX_BODY
     ) as s:
         yield s
 

@@ -35,6 +35,7 @@ from streamproc.groups import group_infos
 from streamproc.ingest import metrics
 from streamproc.ingest._http import Problem, idempotency_key, json_response, redis_unavailable
 from streamproc.ingest.auth import Agent, AgentStore
+from streamproc.ingest.compat import add_compat_routes
 from streamproc.ingest.decode import CONTENT_TYPES, EventDecoder, ItemError, Prepare
 from streamproc.ingest.openapi import build_spec
 from streamproc.ingest.ratelimit import RateLimiter
@@ -407,6 +408,8 @@ def create_app(
     app.router.add_post("/v1/events", ingest.post_events)
     app.router.add_post("/clusters/{cluster_id}/events", ingest.post_cluster_events)
     ingest.tasks.add_routes(app.router)
+    # Seed 003's worker-node routes on the same task API (and JSON /metrics by Accept).
+    add_compat_routes(app, ingest, ingest.tasks)
     ingest.schedules.add_routes(app.router)
     app.router.add_get("/healthz", ingest.healthz)
     app.router.add_get("/readyz", ingest.readyz)

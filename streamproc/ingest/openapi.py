@@ -8,6 +8,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from streamproc.event import Event
+from streamproc.ingest.compat import (
+    CompatAccepted,
+    CompatHealth,
+    CompatMetrics,
+    CompatSubmit,
+    CompatTask,
+    SeedCall,
+)
 from streamproc.ingest.schedules import ScheduleIn
 from streamproc.ingest.tasks import TaskAccepted, TaskSubmit
 from streamproc.scheduler import SCHEDULE_NAME_RE, ScheduleInfo
@@ -103,6 +111,67 @@ def _ok(status: int, ref: str, description: str) -> dict[str, Any]:
     }
 
 
+def _compat_paths(op: list[dict[str, list[str]]], task_param: dict[str, Any]) -> dict[str, Any]:
+    """Seed 003's worker-node routes (``streamproc.ingest.compat``)."""
+    submit_errors = _error_responses(400, 401, 403, 409, 413, 415, 422, 503)
+    submit_errors["409"] = {
+        **submit_errors["409"],
+        "description": "task_id belongs to another submitter's task",
+    }
+    submit_errors["503"] = {
+        **submit_errors["503"],
+        "description": "every runner of the queue sheds load, backpressure or Redis "
+        "unavailable (see Retry-After)",
+    }
+    return {
+        "/task/submit": {
+            "post": {
+                "summary": "Submit a task with seed 003's body (operator or submit token)",
+                "description": "The type is `task_type`, else `payload.function`; the payload "
+                "goes to the type as it is (a type taking `{function, args, kwargs}` declares "
+                "SeedCall). A client-chosen `task_id` (or an Idempotency-Key) names the same "
+                "task again: no second run. 422s give the JSON path of the bad value.",
+                "security": op,
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    }
+                ],
+                "requestBody": _json_body(
+                    {"$ref": "#/components/schemas/CompatSubmit"}, "the seed's task request"
+                ),
+                "responses": {**_ok(200, "CompatAccepted", "queued"), **submit_errors},
+            }
+        },
+        "/task/{task_id}": {
+            "get": {
+                "summary": "A task in seed 003's fields (a cancelled task: status failed, "
+                "state cancelled), then ours; another agent's task is a 404",
+                "security": op,
+                "parameters": [task_param],
+                "responses": {
+                    **_ok(200, "CompatTask", "the task"),
+                    **_error_responses(401, 403, 404, 503),
+                },
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "Seed 003's health over the live task runners and this ingest "
+                "(degraded: no live runner, or all shed load)",
+                "security": op,
+                "responses": {
+                    **_ok(200, "CompatHealth", "healthy or degraded"),
+                    **_error_responses(401, 403, 503),
+                },
+            }
+        },
+    }
+
+
 def build_spec(
     event_types: Sequence[type[Event]], task_types: Mapping[str, TaskType], *, max_batch: int
 ) -> dict[str, Any]:
@@ -120,6 +189,12 @@ def build_spec(
             TaskView,
             ScheduleIn,
             ScheduleInfo,
+            CompatSubmit,
+            CompatAccepted,
+            CompatTask,
+            CompatHealth,
+            CompatMetrics,
+            SeedCall,
             *payloads,
         ],
         ref_template="#/components/schemas/{name}",
@@ -278,15 +353,23 @@ def build_spec(
             },
             "/metrics": {
                 "get": {
-                    "summary": "Prometheus metrics",
+                    "summary": "Prometheus metrics; JSON task counts (seed 003's /metrics, "
+                    "bearer token) when Accept prefers application/json",
                     "responses": {
                         "200": {
-                            "description": "exposition format",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
+                            "description": "exposition format, or CompatMetrics",
+                            "content": {
+                                "text/plain": {"schema": {"type": "string"}},
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/CompatMetrics"}
+                                },
+                            },
+                        },
+                        **_error_responses(401, 403, 503),
                     },
                 }
             },
+            **_compat_paths(op, task_param),
         },
         "components": {
             "schemas": components,
