@@ -205,7 +205,7 @@ class FakeLinear:
             self.issues[data["id"]] = issue
             if self.lose:
                 self.lose -= 1
-                await asyncio.sleep(3)  # past the client's read timeout: the answer is lost
+                await asyncio.sleep(5)  # past the client's read timeout: the answer is lost
             public = {k: issue[k] for k in ("id", "identifier", "url")}
             return web.json_response({"data": {"issueCreate": {"success": True, "issue": public}}})
         if "issue(" in query:

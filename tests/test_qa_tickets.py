@@ -38,7 +38,7 @@ def tracker(url: str, **kw: Any) -> Any:
         linear_url=url,
         linear_api_key=kw.pop("api_key", FakeLinear.API_KEY),
         linear_team_id=TEAM,
-        tracker_read_timeout_s=0.5,
+        tracker_read_timeout_s=2.0,  # well above a loaded machine's answer times
         **kw,
     )
 
