@@ -134,7 +134,8 @@ class Site:
 @contextlib.asynccontextmanager
 async def serve(app: web.Application) -> AsyncIterator[str]:
     """``app`` on a free 127.0.0.1 port; its base URL."""
-    runner = web.AppRunner(app, access_log=None)
+    # Handlers still sleeping (slow pages, a lost answer) are not waited for at the end.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
