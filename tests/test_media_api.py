@@ -272,7 +272,7 @@ async def run_followed(
         keys=keys,
         producer=producer,
     )
-    tt = TaskType(name="media.fake", run=job, max_retries=max_retries, timeout_s=60)
+    tt = TaskType(name="media.fake", run=job, max_retries=max_retries, time_limit_s=60)
     return ctx, asyncio.create_task(follow(tt, {}, ctx, "c1"))
 
 

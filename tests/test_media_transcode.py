@@ -375,7 +375,7 @@ async def test_preview_task_runs_through_the_task_runner(
     for what, task_id in ids.items():
         await store.create(task_id, type="media.preview", priority="normal", submitted_by="t")
         await producer.publish(
-            task_event_class("normal")(
+            task_event_class("normal", "video")(
                 id=task_id, task_type="media.preview", payload=payloads[what], priority="normal"
             )
         )
