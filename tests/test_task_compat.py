@@ -230,6 +230,16 @@ async def health_when(srv: Server, token: str, *, runners: int) -> dict[str, Any
         await asyncio.sleep(0.05)
 
 
+async def until_ended(srv: Server, token: str, task_id: str) -> dict[str, Any]:
+    """Poll ``GET /task/{id}`` as a client does until the task ended."""
+    while True:
+        status, view, _ = await srv.post(f"/task/{task_id}", token=token, method="GET")
+        assert status == 200, view
+        if view["state"] in ("completed", "failed", "cancelled"):
+            return dict(view)
+        await asyncio.sleep(0.02)
+
+
 @contextlib.contextmanager
 def _printed(capsys: pytest.CaptureFixture[str]) -> Iterator[list[str]]:
     """What the client printed in the block (the runner's log lines left out)."""
@@ -307,10 +317,7 @@ async def test_a_client_chosen_task_id_is_idempotent(
     assert taken["error"] == "task_id_taken"
     assert taken["path"] == "$.task_id"
     async with runner(client, keys, producer, codec, work):
-        while (await srv.post("/task/task_123", token=alice, method="GET"))[1]["status"] != (  # noqa: ASYNC110
-            "completed"
-        ):
-            await asyncio.sleep(0.02)  # polling is what an HTTP client does
+        await until_ended(srv, alice, "task_123")
     assert work.runs == ["task_123"]
     # Submitting the finished task's id again answers it as it stands, and runs nothing.
     status, done, _ = await srv.post("/task/submit", body, token=alice)
@@ -519,11 +526,7 @@ async def test_metrics_as_json_when_asked_prometheus_text_otherwise(
         assert status == 200, sub
         ids.append(sub["task_id"])
     for task_id in ids:
-        while (await srv.post(f"/task/{task_id}", token=op, method="GET"))[1]["state"] not in (  # noqa: ASYNC110
-            "completed",
-            "failed",
-        ):
-            await asyncio.sleep(0.02)
+        await until_ended(srv, op, task_id)
     json_accept = {"Accept": "application/json"}
     status, m, headers = await srv.post("/metrics", token=op, method="GET", headers=json_accept)
     assert status == 200, m
