@@ -37,8 +37,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from streamproc.connection import REDIS_DOWN
-from streamproc.ingest._http import Problem, idempotency_key, json_response, redis_unavailable
-from streamproc.ingest.decode import validation_problem
+from streamproc.ingest._http import Problem, json_response, redis_unavailable
 from streamproc.ingest.tasks import TASK_ID
 from streamproc.tasks.events import PRIORITIES, Priority
 from streamproc.tasks.runners import RunnerInfo
@@ -232,20 +231,10 @@ class _Compat:
     # ------------------------------------------------------------------ submit
 
     async def submit(self, request: web.Request) -> web.Response:
-        ing, api = self.ingest, self.api
-        agent = await api.submitter(request)
-        ing.body_format(request, allowed=("json",))
-        idem = idempotency_key(request)
-        body = await ing.read_body(request)
-        if not body.strip():
-            raise Problem(400, "empty_body", "the request body is empty")
-        sub = self._decode(body)
+        api = self.api
+        agent, idem, sub = await api.read_submission(request, self._decoder)
         type_name, type_path = self._type_of(sub)
-        try:
-            api.check_submit(agent, type_name)
-        except Problem as p:
-            p.path = type_path  # /v1/tasks's path is $.type; here the type came from here
-            raise
+        api.check_submit(agent, type_name, path=type_path)
         answer = await api.create(
             type_name,
             sub.payload,
@@ -267,21 +256,6 @@ class _Compat:
             content_type="application/json",
             headers={"Location": accepted.location},
         )
-
-    def _decode(self, body: bytes) -> CompatSubmit:
-        decoder = self.ingest.decoder
-        try:
-            return self._decoder.decode(body)
-        except msgspec.ValidationError as e:
-            err = decoder._item_error(0, "$", str(e))
-            err["error"] = "invalid"
-            raise validation_problem([err], 1, [], what="task") from None
-        except msgspec.DecodeError as e:
-            raise decoder._malformed(e, False, size=len(body)) from None
-        except UnicodeDecodeError as e:
-            raise Problem(400, "invalid_utf8", f"text is not valid UTF-8: {e.reason}") from None
-        except RecursionError:
-            raise Problem(400, "too_deep", "the body is nested too deeply") from None
 
     def _type_of(self, sub: CompatSubmit) -> tuple[str, str]:
         """``task_type``, else ``payload.function``, and the path that named it; 422s there."""

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 import structlog
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 __all__ = ("TASK_ID", "TaskAccepted", "TaskApi", "TaskSubmit")
 
 log = structlog.get_logger("streamproc.ingest")
+
+S = TypeVar("S")
 
 _TASK_NS = uuid.UUID("3d1f8a6c-2b4e-4f7a-8c9d-1e5b7a3c9f20")
 _REDIS_FAILED: tuple[type[BaseException], ...] = (*REDIS_DOWN, RedisError)
@@ -112,13 +114,14 @@ class TaskApi:
             )
         return agent
 
-    def check_submit(self, agent: Agent, type_name: str) -> None:
+    def check_submit(self, agent: Agent, type_name: str, *, path: str = "$.type") -> None:
+        """403 when ``agent`` may not submit ``type_name`` (named at ``path`` in the body)."""
         if not agent.may_submit(type_name):
             raise Problem(
                 403,
                 "forbidden",
                 f"agent {agent.name!r} may not submit {type_name!r} tasks",
-                path="$.type",
+                path=path,
             )
 
     def check_owner(self, agent: Agent, view: TaskView) -> None:
@@ -129,14 +132,7 @@ class TaskApi:
     # ------------------------------------------------------------------ submit
 
     async def submit(self, request: web.Request) -> web.Response:
-        ing = self.ingest
-        agent = await self.submitter(request)
-        ing.body_format(request, allowed=("json",))
-        idem = idempotency_key(request)
-        body = await ing.read_body(request)
-        if not body.strip():
-            raise Problem(400, "empty_body", "the request body is empty")
-        sub = self._decode(body)
+        agent, idem, sub = await self.read_submission(request, self._decoder)
         self.check_submit(agent, sub.type)
         answer = await self.create(
             sub.type,
@@ -268,9 +264,24 @@ class TaskApi:
                 queue=queue,
             )
 
-    def _decode(self, body: bytes) -> TaskSubmit:
+    async def read_submission(
+        self, request: web.Request, decoder: msgspec.json.Decoder[S]
+    ) -> tuple[Agent, str | None, S]:
+        """A submission's caller, Idempotency-Key and body decoded with ``decoder``: the
+        checks every submit route makes (token, JSON, size, empty, shape)."""
+        ing = self.ingest
+        agent = await self.submitter(request)
+        ing.body_format(request, allowed=("json",))
+        idem = idempotency_key(request)
+        body = await ing.read_body(request)
+        if not body.strip():
+            raise Problem(400, "empty_body", "the request body is empty")
+        return agent, idem, self.decode(decoder, body)
+
+    def decode(self, decoder: msgspec.json.Decoder[S], body: bytes) -> S:
+        """``body`` decoded, or the ingest's precise 400/422 (path, byte position)."""
         try:
-            return self._decoder.decode(body)
+            return decoder.decode(body)
         except msgspec.ValidationError as e:
             err = self.ingest.decoder._item_error(0, "$", str(e))
             err["error"] = "invalid"

@@ -2,9 +2,11 @@
 
 A ``TaskType(blocking=True)``'s ``run`` is a plain module-level function ``fn(payload) ->
 result`` (pickled by reference, run in a fresh **spawn** process: safe beside the event loop).
-The soft limit sends the child SIGUSR1, whose handler raises ``SoftTimeLimit`` in the task's
-code between two bytecodes (also out of ``time.sleep`` and other interrupted system calls), so
-the task can save what it has; the hard limit SIGKILLs it. Its result or exception comes back
+The soft limit — counted from when the function starts in the child, so a slow process
+start never spends it — sends the child SIGUSR1, whose handler raises ``SoftTimeLimit`` in the
+task's code between two bytecodes (also out of ``time.sleep`` and other interrupted system
+calls), so the task can save what it has; the hard limit, counted from the attempt's start
+(process start included), SIGKILLs it. Its result or exception comes back
 over a pipe the event loop watches; a child that dies without answering (killed, segfault,
 ``os._exit``) raises ``TaskCrashed``, a transient error the retry policy retries.
 """
@@ -90,24 +92,21 @@ async def run_in_process(
         if not ready.done():
             ready.set_result(None)
 
-    started = False
-    soft_due = False
-
     def soft() -> None:
-        nonlocal soft_due
         if on_soft is not None:
             on_soft()
-        soft_due = True
-        if started:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid or 0, signal.SIGUSR1)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid or 0, signal.SIGUSR1)
 
     loop.add_reader(reader.fileno(), readable)
-    timer = loop.call_later(soft_s, soft) if soft_s is not None else None
+    timer: asyncio.TimerHandle | None = None
     try:
         async with asyncio.timeout(hard_s):
             while True:
                 await ready
+                ready = loop.create_future()
+                if not reader.poll():  # a stale wake-up: the message was read already
+                    continue
                 try:
                     kind, value = reader.recv()
                 except EOFError:
@@ -117,10 +116,8 @@ async def run_in_process(
                     ) from None
                 if kind != "ready":
                     break
-                started = True
-                if soft_due:  # the soft limit passed while the child was starting
-                    os.kill(proc.pid or 0, signal.SIGUSR1)
-                ready = loop.create_future()
+                if soft_s is not None:  # the function starts now: its soft limit too
+                    timer = loop.call_later(soft_s, soft)
     finally:
         if timer is not None:
             timer.cancel()
