@@ -95,7 +95,8 @@ def test_declared_groups_are_every_concerns_group_per_topic_plus_the_extra_ones(
                 registry=Registry([Ping]),
                 task_types={"x.run": TaskType(name="x.run", run=run_task)},
             ),
-            "task requests of queue 'default' (task_events) are 'task.critical' (TaskCritical), which is not in the app's registry",
+            "task requests of queue 'default' (task_events) are 'task.critical' (TaskCritical), "
+            "which is not in the app's registry",
         ),
         (
             lambda: App(registry=Registry([Ping]), extra_groups={"tiny": "audit"}),
