@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import importlib
 import os
+import secrets
 import signal
 import sys
 import time
@@ -332,12 +333,22 @@ def _cmd_up(args: argparse.Namespace, cfg: Config, app: App) -> int:
     server: EmbeddedRedis | None = None
     env = dict(os.environ)
     if not cfg.redis_url_given:
-        server = EmbeddedRedis(Path(args.data_dir), port=args.redis_port).start()
+        # A new random password each start, for the children only (REDIS_URL) and the
+        # 0600 file beside the data; never printed.
+        server = EmbeddedRedis(
+            Path(args.data_dir),
+            port=args.redis_port,
+            password=secrets.token_urlsafe(24),
+            maxmemory=args.redis_maxmemory,
+        ).start()
         env["REDIS_URL"] = server.url
+        cli = f"REDISCLI_AUTH=$(cat {server.password_file}) redis-cli -p {server.port}"
         print(
-            f"embedded Redis on {server.url} (data in {args.data_dir}/)\n"
-            f"inspect it with:  redis-cli -p {server.port}   "
-            f"e.g. redis-cli -p {server.port} --scan --pattern '{cfg.redis.key_prefix}:*'",
+            f"embedded Redis on 127.0.0.1:{server.port} (data in {args.data_dir}/, password in "
+            f"{server.password_file}, maxmemory {args.redis_maxmemory} noeviction)\n"
+            f"inspect it with:  {cli}   e.g. {cli} --scan --pattern '{cfg.redis.key_prefix}:*'\n"
+            f"operator commands: REDIS_URL=redis://default:$(cat {server.password_file})"
+            f"@127.0.0.1:{server.port}/0 streamproc inspect",
             flush=True,
         )
     try:
@@ -369,6 +380,11 @@ def build_parser(app: App | None = None) -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run everything (embedded Redis unless REDIS_URL is set)")
     up.add_argument("--data-dir", default=".redis", help="embedded Redis data folder")
     up.add_argument("--redis-port", type=int, default=0, help="embedded Redis port (0 = free)")
+    up.add_argument(
+        "--redis-maxmemory",
+        default="1gb",
+        help="embedded Redis maxmemory, policy noeviction (e.g. 512mb, 4gb; default 1gb)",
+    )
     up.add_argument(
         "--without",
         action="append",

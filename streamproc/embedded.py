@@ -2,20 +2,33 @@
 
 Used by ``streamproc up`` when REDIS_URL is unset, and by the test fixtures when no Docker
 engine answers.
+
+With ``password`` (``streamproc up`` always gives one, random per start) the server requires
+it (``requirepass``: the default user's password); ``url`` carries it, and it is written to
+``<data dir>/password`` (0600) for ``REDISCLI_AUTH=$(cat <data dir>/password) redis-cli -p
+PORT``. The data folder is made 0700 and the server runs under umask 077, so its AOF, RDB and
+log are 0600. ``maxmemory`` caps memory with ``maxmemory-policy noeviction``: a full Redis
+refuses writes (streamproc waits it out) instead of deleting keys.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 from streamproc.errors import ConfigError, RedisUnavailable
 
 __all__ = ("EmbeddedRedis", "free_port")
+
+#: ``maxmemory`` as redis.conf takes it: bytes, or a number with k/kb/m/mb/g/gb.
+_MAXMEMORY_RE = re.compile(r"^[0-9]+(?:[kmg]b?)?$", re.IGNORECASE)
 
 
 def free_port() -> int:
@@ -36,17 +49,32 @@ class EmbeddedRedis:
         appendfsync: str = "everysec",
         appendonly: bool = True,
         executable: str = "redis-server",
+        password: str | None = None,
+        maxmemory: str | None = None,
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ConfigError(f"appendfsync must be always|everysec|no, got {appendfsync!r}")
+        if maxmemory is not None and not _MAXMEMORY_RE.fullmatch(maxmemory):
+            raise ConfigError(f"maxmemory must be bytes or e.g. 512mb, 2gb; got {maxmemory!r}")
+        if password is not None and (not password or any(c.isspace() for c in password)):
+            raise ConfigError("the embedded Redis password must be non-empty, without spaces")
         self.data_dir, self.port = Path(data_dir), port or free_port()
+        self.password, self.maxmemory = password, maxmemory
         self.appendfsync, self.appendonly = appendfsync, appendonly
         self.executable = shutil.which(executable) or ""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://127.0.0.1:PORT/0``, with ``default:<password>@`` when it has one (the
+        user is named so that ``redis-cli -u URL`` reads it too)."""
+        auth = f"default:{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def password_file(self) -> Path:
+        """Where ``start`` writes the password (0600), for redis-cli and operator commands."""
+        return self.data_dir / "password"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         if not self.executable:
@@ -54,7 +82,8 @@ class EmbeddedRedis:
                 "redis-server not found on PATH: install it (Debian: apt-get install "
                 "redis-server) or set REDIS_URL to a running Redis"
             )
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # also when it existed: the AOF holds every event
         args = [
             self.executable,
             "--bind",
@@ -78,9 +107,30 @@ class EmbeddedRedis:
             "--logfile",
             str((self.data_dir / "redis.log").resolve()),
         ]
+        if self.maxmemory is not None:
+            args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
+        if self.password:
+            # Given on stdin as a config file ("-"), not in argv, which `ps` shows everyone.
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.password + "\n")
+            self.password_file.chmod(0o600)
+            args.insert(1, "-")
         # Own process group: a Ctrl-C in the terminal must not stop Redis before the roles
-        # using it have drained; whoever started it stops it (stop()).
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, process_group=0)
+        # using it have drained; whoever started it stops it (stop()). umask 077: the files
+        # it creates (AOF, RDB, log) are 0600.
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE if self.password else subprocess.DEVNULL,
+            # Its own stdout says only "Reading config from stdin"; errors go to stderr.
+            stdout=subprocess.DEVNULL,
+            process_group=0,
+            umask=0o077,
+        )
+        if self.password:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(f'requirepass "{self.password}"\n'.encode())
+            self.proc.stdin.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -89,7 +139,8 @@ class EmbeddedRedis:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
+                    # NOAUTH: up and requiring the password, as it should.
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return self
             except OSError:
                 pass

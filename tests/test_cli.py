@@ -238,12 +238,20 @@ def test_up_runs_everything_on_an_embedded_redis(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )
+    password_file = tmp_path / "redis" / "password"  # the embedded Redis requires it
+    auth = {**os.environ, "REDISCLI_AUTH": ""}
     try:
-        url = f"redis://127.0.0.1:{port}/0"
         deadline = time.monotonic() + 60
         published = False
+        got = ""
         while time.monotonic() < deadline:
+            if not password_file.exists():
+                time.sleep(0.1)
+                continue
+            password = password_file.read_text().strip()
+            auth["REDISCLI_AUTH"] = password
             if not published:
+                url = f"redis://default:{password}@127.0.0.1:{port}/0"
                 r = cli(
                     "publish", "cluster.spot_interruption", json.dumps(SPOT), env={"REDIS_URL": url}
                 )
@@ -253,6 +261,7 @@ def test_up_runs_everything_on_an_embedded_redis(tmp_path: Path) -> None:
                 capture_output=True,
                 text=True,
                 check=False,
+                env=auth,
             ).stdout.strip()
             if got:
                 break
@@ -266,7 +275,11 @@ def test_up_runs_everything_on_an_embedded_redis(tmp_path: Path) -> None:
     assert f"redis-cli -p {port}" in out
     assert shutil.which("redis-server")
     ping = subprocess.run(
-        ["redis-cli", "-p", str(port), "PING"], capture_output=True, text=True, check=False
+        ["redis-cli", "-p", str(port), "PING"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=auth,
     )
     assert "PONG" not in ping.stdout  # the embedded Redis stopped with it
 
