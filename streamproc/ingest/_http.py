@@ -5,9 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import structlog
 from aiohttp import web
 
-__all__ = ("Problem", "idempotency_key", "json_response", "redis_unavailable")
+__all__ = ("SERVER_NAME", "Problem", "idempotency_key", "json_response", "redis_unavailable")
+
+log = structlog.get_logger("streamproc.ingest")
+
+#: The ``Server`` header of every answer: no product versions for a caller to match
+#: against known vulnerabilities.
+SERVER_NAME = "streamproc"
 
 
 def json_response(
@@ -51,10 +58,16 @@ class Problem(Exception):
 
 
 def redis_unavailable(retry_after_s: int, e: BaseException) -> Problem:
+    """The 503 for a Redis failure: a fixed text outward, the error itself only in the log.
+
+    Redis' messages name internal hosts and ports (``Error 111 connecting to
+    10.0.3.7:6379``), and callers may be unauthenticated.
+    """
+    log.warning("redis_unavailable", error=f"{type(e).__name__}: {e}")
     return Problem(
         503,
         "redis_unavailable",
-        f"the event store is unavailable: {e}",
+        "the event store is unavailable; retry later",
         headers={"Retry-After": str(retry_after_s)},
     )
 

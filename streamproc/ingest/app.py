@@ -33,7 +33,13 @@ from streamproc.errors import BackpressureError, PublishError
 from streamproc.event import Event
 from streamproc.groups import group_infos
 from streamproc.ingest import metrics
-from streamproc.ingest._http import Problem, idempotency_key, json_response, redis_unavailable
+from streamproc.ingest._http import (
+    SERVER_NAME,
+    Problem,
+    idempotency_key,
+    json_response,
+    redis_unavailable,
+)
 from streamproc.ingest.auth import Agent, AgentStore
 from streamproc.ingest.compat import add_compat_routes
 from streamproc.ingest.decode import CONTENT_TYPES, EventDecoder, ItemError, Prepare
@@ -300,8 +306,9 @@ class Ingest:
                 have = {g.name for g in await group_infos(self.client, self.keys.stream(topic))}
                 missing += [f"{topic}/{g}" for g in wanted if g not in have]
         except _REDIS_FAILED as e:
+            log.warning("not_ready", error=f"{type(e).__name__}: {e}")
             return json_response(
-                {"ready": False, "redis": False, "detail": str(e)},
+                {"ready": False, "redis": False, "detail": "the event store does not answer"},
                 status=503,
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             )
@@ -389,6 +396,11 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
 INGEST: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer of the app (404s, the dashboard, streams) names no versions."""
+    response.headers["Server"] = SERVER_NAME
+
+
 def create_app(
     ingest: Ingest,
     *,
@@ -405,6 +417,7 @@ def create_app(
     """
     app = web.Application(middlewares=[_errors_and_metrics])
     app[INGEST] = ingest
+    app.on_response_prepare.append(_server_header)
     app.router.add_post("/v1/events", ingest.post_events)
     app.router.add_post("/clusters/{cluster_id}/events", ingest.post_cluster_events)
     ingest.tasks.add_routes(app.router)
