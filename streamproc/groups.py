@@ -6,11 +6,15 @@ groups (``[]`` / None) instead of an error.
 
 ``ensure_declared_groups(client, keys, declared)`` creates the groups an application declares
 (``App.declared_groups``): every role calls it at start.
+
+``register_topics`` adds topics to the registry set ``Keys.topics()`` (where a group is
+created and where a producer first writes a topic); ``registered_topics`` reads it, so the
+dashboard lists topics without SCANning the keyspace.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -21,7 +25,14 @@ from redis.exceptions import ResponseError
 from streamproc.errors import StreamprocError
 from streamproc.keys import Keys
 
-__all__ = ("GroupInfo", "ensure_declared_groups", "group_info", "group_infos")
+__all__ = (
+    "GroupInfo",
+    "ensure_declared_groups",
+    "group_info",
+    "group_infos",
+    "register_topics",
+    "registered_topics",
+)
 
 log = structlog.get_logger("streamproc.groups")
 
@@ -86,6 +97,19 @@ async def group_info(client: aioredis.Redis, stream: str, group: str) -> GroupIn
     return next((g for g in await group_infos(client, stream) if g.name == group), None)
 
 
+async def register_topics(client: aioredis.Redis, keys: Keys, topics: Iterable[str]) -> None:
+    """Add ``topics`` to the registry set (SADD: adding one again changes nothing)."""
+    names = sorted(set(topics))
+    if names:
+        await client.sadd(keys.topics(), *names)
+
+
+async def registered_topics(client: aioredis.Redis, keys: Keys) -> list[str]:
+    """The topics in the registry set, sorted (a topic whose stream is gone may be listed)."""
+    members: Collection[Any] = await client.smembers(keys.topics())
+    return sorted(_text(m) for m in members)
+
+
 async def ensure_declared_groups(
     client: aioredis.Redis, keys: Keys, declared: Mapping[str, Collection[str]]
 ) -> list[tuple[str, str]]:
@@ -97,6 +121,7 @@ async def ensure_declared_groups(
     propagate as they are.
     """
     created: list[tuple[str, str]] = []
+    await register_topics(client, keys, declared)
     for topic, groups in declared.items():
         stream = keys.stream(topic)
         for group in groups:

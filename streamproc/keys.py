@@ -7,6 +7,7 @@ markers) share the hash tag ``{<topic>}`` so the same scripts run on Redis Clust
 | key | type | what |
 |---|---|---|
 | ``<p>:{<topic>}:stream`` | stream | the events of a topic |
+| ``<p>:topics`` | set | every topic with a stream (group created, or a producer wrote it) |
 | ``<p>:{<topic>}:retry:<group>`` | stream | retries that came due, read by that group only |
 | ``<p>:{<topic>}:delayed:<group>`` | zset | retries waiting for their time (score = due epoch ms) |
 | ``<p>:{<topic>}:dlq:<group>`` | stream | dead letters of that group for that topic |
@@ -65,6 +66,10 @@ class Keys:
 
     def stream(self, topic: str) -> str:
         return f"{self.prefix}:{{{topic}}}:stream"
+
+    def topics(self) -> str:
+        """Set: every topic that has (had) a stream, so readers need no SCAN."""
+        return f"{self.prefix}:topics"
 
     def retry_stream(self, topic: str, group: str) -> str:
         return f"{self.prefix}:{{{topic}}}:retry:{group}"

@@ -38,7 +38,7 @@ from streamproc.codec import WIRE_FIELDS, Codec
 from streamproc.connection import REDIS_DOWN
 from streamproc.errors import BackpressureError, PublishError
 from streamproc.event import Event
-from streamproc.groups import group_infos
+from streamproc.groups import group_infos, register_topics
 from streamproc.keys import Keys
 from streamproc.settings import ProducerSettings
 
@@ -141,6 +141,8 @@ class Producer:
         self._lag_reads: dict[str, asyncio.Future[tuple[str, int]]] = {}
         #: Every duplicate this producer saw (a running total across callers).
         self.duplicates = 0
+        #: Topics this producer put in the registry set (``Keys.topics``): once per process.
+        self._registered: set[str] = set()
         self._batcher = Batcher(
             self._write,
             max_size=self.settings.coalesce_max_events,
@@ -188,6 +190,8 @@ class Producer:
         deadline = time.monotonic() + self.retry_timeout_s
         while True:
             try:
+                if not topics <= self._registered:
+                    await self._register(topics - self._registered)
                 for topic in topics:
                     await self.wait_for_capacity(topic)
                 return await self._queue(events, idempotency_keys, dedup)
@@ -199,6 +203,16 @@ class Producer:
                 if backoff.attempt == 0:
                     log.warning("publish_retrying", error=str(e))
                 await backoff.sleep()
+
+    async def _register(self, topics: set[str]) -> None:
+        """The first write of a topic in this process adds it to the registry set, so a
+        topic that only producers know is listed too (one SADD per topic and process).
+        Only listing depends on it: a refusal (an ACL without SADD) is logged, not raised."""
+        try:
+            await register_topics(self.client, self.keys, topics)
+        except ResponseError as e:
+            log.warning("topic_registry_refused", topics=sorted(topics), error=str(e))
+        self._registered |= topics
 
     def _encode(
         self,

@@ -23,6 +23,7 @@ from streamproc.dashboard import COOKIE, Panel, PanelData, build_snapshot
 from streamproc.dashboard.panels import MAX_ROWS, PanelReader
 from streamproc.dashboard.session import session_key
 from streamproc.dashboard.snapshot import LATENCY_NOTE, histogram_percentile, percentile
+from streamproc.groups import ensure_declared_groups
 from streamproc.ingest import Ingest, IngestSettings, create_app
 from streamproc.scheduler import Scheduler
 from tests.helpers import MakeConsumer, entries, spot
@@ -191,7 +192,8 @@ async def test_pending_ages_come_from_unacked_entries(
 async def test_render_groups_are_shown_as_the_render_pool(
     client: aioredis.Redis, keys: Keys
 ) -> None:
-    await client.xgroup_create(keys.stream("renders"), "renders", id="0", mkstream=True)
+    # as every role creates its groups: the topic goes into the registry set (no SCAN)
+    await ensure_declared_groups(client, keys, {"renders": ["renders"]})
     snap, _ = await build_snapshot(client, keys)
     [r] = snap.renders
     assert (r.topic, r.group, r.in_flight, r.waiting) == ("renders", "renders", 0, 0)

@@ -20,6 +20,7 @@ from streamproc.consumer._guard import RedisGuard
 from streamproc.consumer._scripts import RECLAIM
 from streamproc.consumer.outcomes import DeadLettered, Duplicate, Empty, Entry, Outcome, Skipped
 from streamproc.consumer.stats import ConsumerStats
+from streamproc.groups import register_topics
 from streamproc.keys import Keys
 from streamproc.settings import ConsumerSettings
 
@@ -109,9 +110,11 @@ class Reader:
     # ------------------------------------------------------------------ reading
 
     async def ensure_groups(self) -> None:
-        """Create the group on every stream it reads (MKSTREAM); BUSYGROUP is success."""
+        """Create the group on every stream it reads (MKSTREAM); BUSYGROUP is success.
+        The topics go into the registry set (``Keys.topics``) first."""
         from redis.exceptions import ResponseError
 
+        await register_topics(self.client, self.keys, self.streams.values())
         for stream in self.streams:
             try:
                 await self.client.xgroup_create(stream, self.group, id="0", mkstream=True)

@@ -23,6 +23,11 @@ plus what a single report cannot give and a series of them can:
 
 ``Sampler.snapshot()`` is shared by every open page: at most one Redis read per
 ``interval_s``, whatever the number of viewers.
+
+No SCAN: the topics come from the registry set (``Keys.topics``, ``registered_topics``:
+every role adds its topics when it creates its groups, a producer when it first writes one)
+and the ticker's leader and last fired times from its keys by name. A snapshot's cost grows
+with the topics and groups, not with the size of the keyspace.
 """
 
 from __future__ import annotations
@@ -37,8 +42,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from streamproc.dashboard.panels import PanelReader, PanelView
-from streamproc.groups import group_infos
-from streamproc.inspect import GroupStatus, Report, ScheduleStatus, collect
+from streamproc.groups import group_infos, registered_topics
+from streamproc.inspect import (
+    GroupStatus,
+    Report,
+    ScheduleStatus,
+    TickerStatus,
+    schedule_statuses,
+    server_time_ms,
+    topic_status,
+)
 from streamproc.keys import Keys
 from streamproc.schedule import Schedule
 from streamproc.scheduler import Scheduler
@@ -273,6 +286,47 @@ def _ticker(report: Report, runtime_schedules: int) -> TickerView | None:
     )
 
 
+async def _ticker_status(client: aioredis.Redis, keys: Keys) -> TickerStatus | None:
+    """The ticker's leader and each schedule's last fired time, from the keys the ticker
+    writes (``Keys.ticker_lease``, ``Keys.ticker_last``), read by name.
+
+    ``inspect.ticker_status`` finds whatever is under ``<prefix>:ticker:*`` with SCAN, for an
+    operator's one-off look; the dashboard reads every second and knows the names.
+    """
+    lease, last = keys.ticker_lease(), keys.ticker_last()
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get(lease)
+        pipe.pttl(lease)
+        pipe.hgetall(last)
+        leader, ttl, fired = await pipe.execute()
+    if leader is None and not fired:
+        return None
+    return TickerStatus(
+        leader=None if leader is None else _text(leader),
+        leader_ttl_ms=int(ttl) if leader is not None and int(ttl) >= 0 else None,
+        schedules={_text(k): {"last": _text(v)} for k, v in fired.items()},
+        keys=[],
+    )
+
+
+async def _report(client: aioredis.Redis, keys: Keys, schedules: Sequence[Schedule]) -> Report:
+    """What ``inspect.collect`` reports (without memory use and breakers), with no SCAN."""
+    now_ms = await server_time_ms(client)
+    found = []
+    for topic in await registered_topics(client, keys):
+        status = await topic_status(client, keys, topic, now_ms, memory=False)
+        if status is not None:  # registered, but its stream is gone
+            found.append(status)
+    ticker = await _ticker_status(client, keys)
+    return Report(
+        prefix=keys.prefix,
+        server_time_ms=now_ms,
+        topics=found,
+        ticker=ticker,
+        schedules=schedule_statuses(ticker, schedules, now_ms),
+    )
+
+
 async def build_snapshot(
     client: aioredis.Redis,
     keys: Keys,
@@ -289,7 +343,7 @@ async def build_snapshot(
     ``panels``: the application's panels; a panel that fails shows its error, the rest of
     the snapshot is built as usual.
     """
-    report = await collect(client, keys, memory=False, schedules=schedules)
+    report = await _report(client, keys, schedules)
     runtime_schedules = await Scheduler(client, keys).count()
     now_ms = report.server_time_ms
     added, done = await _counts(client, keys, report)
