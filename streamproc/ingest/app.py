@@ -40,7 +40,7 @@ from streamproc.ingest._http import (
     json_response,
     redis_unavailable,
 )
-from streamproc.ingest.auth import Agent, AgentStore
+from streamproc.ingest.auth import Agent, AgentStore, AuthThrottled
 from streamproc.ingest.compat import add_compat_routes
 from streamproc.ingest.decode import CONTENT_TYPES, EventDecoder, ItemError, Prepare
 from streamproc.ingest.openapi import build_spec
@@ -136,7 +136,14 @@ class Ingest:
         if scheme.lower() != "bearer" or not token.strip():
             raise Problem(401, "unauthorized", "missing bearer token", headers=challenge)
         try:
-            agent = await self.agents.authenticate(token.strip())
+            agent = await self.agents.authenticate(token.strip(), client=request.remote or "")
+        except AuthThrottled as e:  # counted by the rejections metric; not logged (a flood)
+            raise Problem(
+                429,
+                "too_many_failures",
+                f"too many unknown tokens from this address; retry in {e.retry_after_s}s",
+                headers={"Retry-After": str(e.retry_after_s)},
+            ) from None
         except _REDIS_FAILED as e:
             raise redis_unavailable(self.settings.retry_after_s, e) from e
         if agent is None:

@@ -8,8 +8,15 @@ One hash, ``Keys.agents()``, holds both directions so adding and revoking are on
 on one key: ``<name>`` → JSON ``{name, token_sha256, types, operator, created_at}`` and
 ``sha256:<hex>`` → ``<name>``. Agent names cannot contain ``:``, so the two never collide.
 
-Lookups are cached in memory for ``cache_s`` seconds (hits and misses): a revoked token is
-refused at most ``cache_s`` later by every ingest process.
+Lookups are cached in memory for ``cache_s`` seconds: a revoked token is refused at most
+``cache_s`` later by every ingest process. Known tokens and unknown ones are cached apart,
+each in its own bounded LRU (``max_cached`` and ``max_cached_misses`` entries): a flood of
+garbage tokens pushes out only other garbage, never an agent's cached token.
+
+``authenticate(token, client=...)`` also counts failures per client address
+(``FailureThrottle``, ``failures``): once a client is over it, its tokens that are not in the
+cache are refused with ``AuthThrottled`` (429) without a Redis lookup, while a cached agent
+from the same address (behind the same proxy) is still served.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -27,10 +35,11 @@ import msgspec
 import redis.asyncio as aioredis
 
 from streamproc._lua import Lua
-from streamproc.errors import ConfigError
+from streamproc.errors import ConfigError, StreamprocError
+from streamproc.ingest.ratelimit import FailureThrottle
 from streamproc.keys import Keys, check_name
 
-__all__ = ("Agent", "AgentStore", "hash_token", "new_token", "parse_types")
+__all__ = ("Agent", "AgentStore", "AuthThrottled", "hash_token", "new_token", "parse_types")
 
 _TOKEN_PREFIX = "spk_"
 _FIELD = "sha256:"
@@ -54,6 +63,16 @@ local name = redis.call('HGET', KEYS[1], 'sha256:' .. ARGV[1])
 if not name then return false end
 return redis.call('HGET', KEYS[1], name)
 """)
+
+
+class AuthThrottled(StreamprocError):
+    """The client failed to authenticate too often: refused before any lookup (429)."""
+
+    def __init__(self, client: str, retry_after_s: int) -> None:
+        self.client, self.retry_after_s = client, retry_after_s
+        super().__init__(
+            f"too many failed authentications from {client}; retry in {retry_after_s}s"
+        )
 
 
 class Agent(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,10 +115,24 @@ class AgentStore:
     """Adds, lists, revokes and authenticates agents; shares one client with its caller."""
 
     def __init__(
-        self, client: aioredis.Redis, keys: Keys, *, cache_s: float = 5.0, max_cached: int = 10_000
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        *,
+        cache_s: float = 5.0,
+        max_cached: int = 10_000,
+        max_cached_misses: int = 10_000,
+        failures: FailureThrottle | None = None,
     ) -> None:
-        self.client, self.keys, self.cache_s, self.max_cached = client, keys, cache_s, max_cached
-        self._cache: dict[str, tuple[float, Agent | None]] = {}
+        self.client, self.keys, self.cache_s = client, keys, cache_s
+        self.max_cached, self.max_cached_misses = max_cached, max_cached_misses
+        #: Known tokens: digest → (expiry, agent), least recently used first.
+        self._cache: OrderedDict[str, tuple[float, Agent]] = OrderedDict()
+        #: Unknown tokens: digest → expiry, apart so that garbage never evicts an agent.
+        self._misses: OrderedDict[str, float] = OrderedDict()
+        #: Failed authentications per client address (``authenticate(..., client=)``):
+        #: 300 at once, then 10 a second.
+        self.failures = failures or FailureThrottle(burst=300, refill_per_s=10.0)
         self._decoder = msgspec.json.Decoder(Agent)
 
     async def add(
@@ -142,25 +175,60 @@ class AgentStore:
             key=lambda a: a.name,
         )
 
-    async def authenticate(self, token: str) -> Agent | None:
-        """The agent owning ``token``, or None. Redis errors propagate (the caller says 503)."""
-        if not token.startswith(_TOKEN_PREFIX) or len(token) > 200:
-            return None
-        digest = hash_token(token)
+    async def authenticate(self, token: str, *, client: str | None = None) -> Agent | None:
+        """The agent owning ``token``, or None. Redis errors propagate (the caller says 503).
+
+        ``client``: the caller's address. A failure counts against it, and once it is over
+        its ``failures`` budget a token not in the cache raises ``AuthThrottled`` unlooked-up.
+        """
+        digest = hash_token(token) if _plausible(token) else None
         now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if digest is not None:
+            hit = self._cache.get(digest)
+            if hit is not None:
+                if hit[0] > now:
+                    self._cache.move_to_end(digest)
+                    return hit[1]
+                del self._cache[digest]
+        if client is not None:
+            wait_s = self.failures.retry_after_s(client)
+            if wait_s:
+                raise AuthThrottled(client, wait_s)
+        agent = None if digest is None else await self._lookup(digest, now)
+        if agent is None and client is not None:
+            self.failures.failed(client)
+        return agent
+
+    async def _lookup(self, digest: str, now: float) -> Agent | None:
+        missed = self._misses.get(digest)
+        if missed is not None:
+            if missed > now:
+                return None
+            del self._misses[digest]
         raw = await _LOOKUP_LUA(self.client, [self.keys.agents()], [digest])
         agent = self._decoder.decode(raw) if raw else None
         # The lookup was by digest; compare again in constant time before trusting it.
         if agent is not None and not hmac.compare_digest(agent.token_sha256, digest):
             agent = None
         if self.cache_s:
-            if len(self._cache) >= self.max_cached:
-                self._cache.clear()
-            self._cache[digest] = (now + self.cache_s, agent)
+            expiry = now + self.cache_s
+            if agent is not None:
+                _remember(self._cache, digest, (expiry, agent), self.max_cached)
+            else:
+                _remember(self._misses, digest, expiry, self.max_cached_misses)
         return agent
+
+
+def _plausible(token: str) -> bool:
+    return token.startswith(_TOKEN_PREFIX) and len(token) <= 200
+
+
+def _remember(lru: OrderedDict[str, Any], key: str, value: Any, most: int) -> None:
+    """Put ``key`` last in ``lru``; drop the least recently used beyond ``most``."""
+    lru[key] = value
+    lru.move_to_end(key)
+    while len(lru) > most:
+        lru.popitem(last=False)
 
 
 def parse_types(values: Iterable[str]) -> list[str]:

@@ -17,12 +17,19 @@ earlier request of the same call leased. ``lease_s=0`` turns leases off (every r
 
 Requests that reach Redis while a call is in flight share the next call
 (``_batch.Batcher``), each against its own agent's bucket, in arrival order.
+
+``FailureThrottle`` is the other limit: failed authentications (unknown tokens at the API,
+refused dashboard logins) per client address, a token bucket each, kept in this process.
+Nothing about a failing client is written to Redis: a flood of garbage must not cost Redis
+more than the lookups the throttle lets through.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
@@ -30,7 +37,7 @@ from streamproc._batch import Batcher
 from streamproc._lua import Lua
 from streamproc.keys import Keys
 
-__all__ = ("RateLimiter",)
+__all__ = ("FailureThrottle", "RateLimiter")
 
 # KEYS: one bucket hash per request (repeated for an agent with several requests).
 # ARGV: rate (tokens/s), burst, then per request: the least it needs, the most it takes.
@@ -117,3 +124,52 @@ class RateLimiter:
             args += [cost, cost + self.lease]
         reply = await _BUCKETS(self.client, keys, args)
         return [(int(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+
+class FailureThrottle:
+    """Failed attempts per client (an IP address): a token bucket each, in this process.
+
+    Each failure spends a token; a client with none left waits ``retry_after_s(client)``
+    seconds (Retry-After) while the bucket refills at ``refill_per_s``. A client that never
+    fails costs nothing; at most ``max_clients`` are remembered (the least recently seen go
+    first, which only forgives them). With N processes behind one port a client gets N
+    buckets: the limit bounds the work per process, which is what it protects.
+    """
+
+    def __init__(
+        self,
+        *,
+        burst: int,
+        refill_per_s: float,
+        max_clients: int = 65_536,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if burst < 1 or refill_per_s <= 0 or max_clients < 1:
+            raise ValueError("FailureThrottle needs burst >= 1, refill_per_s > 0, max_clients >= 1")
+        self.burst, self.refill_per_s, self.max_clients = burst, refill_per_s, max_clients
+        self._clock = clock
+        #: client → (tokens, when they were counted)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def _tokens(self, client: str, now: float) -> float:
+        tokens, at = self._buckets.get(client, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - at) * self.refill_per_s)
+
+    def retry_after_s(self, client: str) -> int:
+        """0 while ``client`` may fail again; else the whole seconds until it may."""
+        if client not in self._buckets:
+            return 0
+        tokens = self._tokens(client, self._clock())
+        if tokens >= 1:
+            return 0
+        return max(1, math.ceil((1 - tokens) / self.refill_per_s))
+
+    def failed(self, client: str) -> int:
+        """Count one failure of ``client``; then what ``retry_after_s`` says."""
+        now = self._clock()
+        tokens = max(0.0, self._tokens(client, now) - 1)
+        self._buckets[client] = (tokens, now)
+        self._buckets.move_to_end(client)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return 0 if tokens >= 1 else max(1, math.ceil((1 - tokens) / self.refill_per_s))
