@@ -96,7 +96,14 @@ redis_port=$(free_port)
 http_port=$(free_port)
 export INGEST_PORT=$(free_port)
 export STREAMPROC_IMAGE=$image REDIS_IMAGE=$base REDIS_PORT=$redis_port HTTP_PORT=$http_port
-export REDIS_URL="redis://127.0.0.1:$redis_port/0" STREAMPROC_PREFIX="ctest$$"
+export STREAMPROC_PREFIX="ctest$$" STREAMPROC_SECRETS="$work/secrets"
+# Redis users and passwords for this run (docker/redis_secrets.py); the commands run here
+# (publish, check, inspect, redis-cli) log in as the operator.
+python3 "$here/redis_secrets.py" --dir "$STREAMPROC_SECRETS" --host 127.0.0.1 \
+  --port "$redis_port" --prefix "$STREAMPROC_PREFIX" 2>/dev/null
+REDIS_URL=$(sed -n 's/^REDIS_URL=//p' "$STREAMPROC_SECRETS/operator.env")
+export REDIS_URL
+rcli() { redis-cli --no-auth-warning -u "$REDIS_URL" "$@"; }
 files=(-f "$root/docker/docker-compose.yml" -f "$root/docker/docker-compose.hostnet.yml")
 dc() { "${compose[@]}" -p "$project" "${files[@]}" "$@"; }
 down() {
@@ -155,10 +162,10 @@ say "a preview render in the renders container (its process pool, CPU), stored i
 run publish render.requested '{"kind":"preview","width":16,"height":12,"frames":1}' >/dev/null 2>&1
 done_key="$STREAMPROC_PREFIX:{renders-done}:stream"
 for _ in $(seq 90); do
-  [[ $(redis-cli -p "$redis_port" XLEN "$done_key" 2>/dev/null) -ge 1 ]] && break
+  [[ $(rcli XLEN "$done_key" 2>/dev/null) -ge 1 ]] && break
   sleep 1
 done
-location=$(redis-cli -p "$redis_port" XRANGE "$done_key" - + | grep -o 'file:///data/artefacts/[^"]*' | head -1)
+location=$(rcli XRANGE "$done_key" - + | grep -o 'file:///data/artefacts/[^"]*' | head -1)
 [[ -n $location ]] || { echo "FAIL: no render.done with a file in /data/artefacts" >&2; dc logs renders 2>&1 | tail -40 >&2; exit 1; }
 ctr=$($engine ps --format '{{.Names}}' | grep "$project" | grep renders | head -1)
 $engine exec "$ctr" test -s "${location#file://}" \
@@ -169,4 +176,10 @@ if [[ $engine == podman ]]; then
   ctr=$(podman ps --filter "label=io.podman.compose.project=$project" --format '{{.Names}}' | grep cluster-events | head -1)
   podman healthcheck run "$ctr" >/dev/null
 fi
+say "Redis refuses a client without a password, and the consumer's user FLUSHALL"
+[[ $(redis-cli -p "$redis_port" PING 2>&1) == *NOAUTH* ]] \
+  || { echo "FAIL: Redis answered without authentication" >&2; exit 1; }
+consumer_url=$(sed -n 's/^REDIS_URL=//p' "$STREAMPROC_SECRETS/consumer.env")
+[[ $(redis-cli --no-auth-warning -u "$consumer_url" FLUSHALL 2>&1) == *NOPERM* ]] \
+  || { echo "FAIL: the consumer user may FLUSHALL" >&2; exit 1; }
 echo "PASS: $engine ran redis + ${services[*]:1}; 3 events published, $acked acked; a render stored at $location"
