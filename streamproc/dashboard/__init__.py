@@ -8,7 +8,13 @@ site. See docs/dashboard.md.
 """
 
 from streamproc.dashboard.panels import Panel, PanelData
-from streamproc.dashboard.routes import DASHBOARD, Dashboard, DashboardSettings, add_dashboard
+from streamproc.dashboard.routes import (
+    DASHBOARD,
+    Dashboard,
+    DashboardSettings,
+    add_dashboard,
+    dashboard_settings_from_env,
+)
 from streamproc.dashboard.session import COOKIE, Session, SessionStore
 from streamproc.dashboard.snapshot import Sampler, Snapshot, build_snapshot
 
@@ -25,4 +31,5 @@ __all__ = (
     "Snapshot",
     "add_dashboard",
     "build_snapshot",
+    "dashboard_settings_from_env",
 )

@@ -10,6 +10,11 @@
 | ``GET /dashboard/api/dlq?topic=&group=`` | session | the group's oldest dead letters |
 | ``POST /dashboard/api/dlq/replay`` | session + CSRF | ``{topic, group, ids}`` → retry stream |
 | ``GET /dashboard/static/{name}`` | — | the page's JS and CSS (package data; no data in them) |
+
+Refused logins count per client address (``DashboardSettings.login_failures_*``); past the
+budget ``POST /dashboard/login`` answers 429 with Retry-After before looking at the token.
+The client address and the scheme come from the connection, or from ``X-Forwarded-For`` and
+``X-Forwarded-Proto`` when the connection comes from one of ``trusted_proxies``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import html
 import importlib.resources
-from collections.abc import Callable, Sequence
+import ipaddress
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +35,7 @@ from redis.exceptions import RedisError
 
 from streamproc import dlq
 from streamproc.concern import Concern
+from streamproc.config import settings_from_env
 from streamproc.connection import REDIS_DOWN
 from streamproc.dashboard.panels import Panel, PanelReader
 from streamproc.dashboard.session import COOKIE, Session, SessionStore, csrf_ok
@@ -36,11 +43,18 @@ from streamproc.dashboard.snapshot import Sampler
 from streamproc.errors import ConfigError
 from streamproc.ingest._http import Problem, json_response, redis_unavailable
 from streamproc.ingest.auth import AgentStore
+from streamproc.ingest.ratelimit import FailureThrottle
 from streamproc.keys import Keys, check_name
 from streamproc.schedule import Schedule
 from streamproc.settings import _Settings
 
-__all__ = ("DASHBOARD", "Dashboard", "DashboardSettings", "add_dashboard")
+__all__ = (
+    "DASHBOARD",
+    "Dashboard",
+    "DashboardSettings",
+    "add_dashboard",
+    "dashboard_settings_from_env",
+)
 
 log = structlog.get_logger("streamproc.dashboard")
 
@@ -62,8 +76,17 @@ class DashboardSettings(_Settings, frozen=True, kw_only=True):
     interval_s: float = 1.0
     #: A session ends this long after login.
     session_ttl_s: int = 8 * 3600
-    #: Cookie ``Secure`` flag; None = set it when the request came over HTTPS.
+    #: Cookie ``Secure`` flag: True always, False never (plain HTTP on a trusted network).
+    #: None (default): Secure when the request came over HTTPS (TLS on this socket, or
+    #: ``X-Forwarded-Proto: https`` from a trusted proxy) or reached this host on an address
+    #: that is not loopback; only a browser on this host over plain HTTP gets it without.
     secure_cookie: bool | None = None
+    #: Reverse proxies whose ``X-Forwarded-Proto`` and ``X-Forwarded-For`` are believed:
+    #: addresses or networks (``10.0.0.0/8``). Empty (default): those headers are ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Refused logins per client address: this many at once, then one per 1/refill s.
+    login_failures_burst: int = 10
+    login_failures_refill_per_s: float = 0.1
     #: Topics whose groups are shown as the render pool.
     render_topics: tuple[str, ...] = ("renders",)
     #: Dead letters listed per group.
@@ -73,6 +96,20 @@ class DashboardSettings(_Settings, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         self._positive("interval_s", "session_ttl_s", "dlq_page", "panel_timeout_s")
+        self._positive("login_failures_burst", "login_failures_refill_per_s")
+        self.proxy_networks()  # a bad entry is a ConfigError now, not at the first request
+
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        try:
+            return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
+        except ValueError as e:
+            raise ConfigError(f"DashboardSettings.trusted_proxies: {e}") from None
+
+
+def dashboard_settings_from_env(env: Mapping[str, str]) -> DashboardSettings:
+    """``STREAMPROC_DASHBOARD_<FIELD>`` (e.g. ``STREAMPROC_DASHBOARD_SECURE_COOKIE=true``,
+    ``STREAMPROC_DASHBOARD_TRUSTED_PROXIES=127.0.0.1,10.0.0.0/8``); for the entry point."""
+    return settings_from_env(DashboardSettings, "STREAMPROC_DASHBOARD_", env)
 
 
 class _Replay(msgspec.Struct, forbid_unknown_fields=True):
@@ -111,6 +148,11 @@ class Dashboard:
             panels=PanelReader(panels, timeout_s=s.panel_timeout_s) if panels else None,
         )
         self.draining = draining
+        self._proxies = s.proxy_networks()
+        #: Refused logins per client address.
+        self.logins = FailureThrottle(
+            burst=s.login_failures_burst, refill_per_s=s.login_failures_refill_per_s
+        )
         self._page = _asset("index.html").decode()
         self._login = _asset("login.html").decode()
         self._replay_decoder = msgspec.json.Decoder(_Replay)
@@ -144,14 +186,56 @@ class Dashboard:
             raise Problem(403, "csrf", "missing or wrong X-CSRF-Token")
         return session
 
-    def _html(self, body: str, *, status: int = 200) -> web.Response:
+    def _html(
+        self, body: str, *, status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> web.Response:
         return web.Response(
-            text=body, status=status, content_type="text/html", headers=_SECURITY_HEADERS
+            text=body,
+            status=status,
+            content_type="text/html",
+            headers={**_SECURITY_HEADERS, **(headers or {})},
         )
 
-    def _login_page(self, message: str = "", *, status: int = 200) -> web.Response:
+    def _login_page(
+        self, message: str = "", *, status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> web.Response:
         note = f'<p class="error" role="alert">{html.escape(message)}</p>' if message else ""
-        return self._html(self._login.replace("{{message}}", note), status=status)
+        return self._html(self._login.replace("{{message}}", note), status=status, headers=headers)
+
+    # ------------------------------------------------------------------ the client
+
+    def _proxied(self, request: web.Request) -> bool:
+        """The connection comes from a trusted proxy (so its X-Forwarded-* are believed)."""
+        return self._proxies != () and _in(request.remote, self._proxies)
+
+    def client_address(self, request: web.Request) -> str:
+        """The client's address: the peer's, or behind trusted proxies the nearest address
+        in ``X-Forwarded-For`` that is not one of them."""
+        peer = request.remote or ""
+        if not self._proxied(request):
+            return peer
+        hops = [
+            h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")
+        ]
+        for hop in reversed([h for h in hops if h]):
+            if not _in(hop, self._proxies):
+                return hop
+        return peer
+
+    def cookie_secure(self, request: web.Request) -> bool:
+        """Whether the session cookie gets ``Secure`` (see ``DashboardSettings.secure_cookie``)."""
+        if self.settings.secure_cookie is not None:
+            return self.settings.secure_cookie
+        if request.transport is not None and request.transport.get_extra_info("sslcontext"):
+            return True
+        if self._proxied(request):
+            # the value the nearest proxy (the one we trust) set or appended last
+            proto = request.headers.get("X-Forwarded-Proto", "").rpartition(",")[2]
+            if proto.strip().lower() == "https":
+                return True
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        local = sockname[0] if isinstance(sockname, tuple) and sockname else None
+        return isinstance(local, str) and not _loopback(local)
 
     async def page(self, request: web.Request) -> web.Response:
         session = await self._session(request)
@@ -162,6 +246,14 @@ class Dashboard:
 
     async def login(self, request: web.Request) -> web.Response:
         _same_origin(request)
+        client = self.client_address(request)
+        wait_s = self.logins.retry_after_s(client)
+        if wait_s:  # before reading the form: a refused client costs no lookup
+            return self._login_page(
+                f"Too many refused logins from this address: try again in {wait_s} s.",
+                status=429,
+                headers={"Retry-After": str(wait_s)},
+            )
         form = await request.post()
         token = form.get("token")
         if not isinstance(token, str) or not token.strip():
@@ -171,12 +263,12 @@ class Dashboard:
         except _REDIS_FAILED as e:
             raise redis_unavailable(1, e) from e
         if made is None:
-            log.warning("dashboard_login_refused", remote=request.remote)
+            self.logins.failed(client)
+            log.warning("dashboard_login_refused", remote=client)
             return self._login_page("Unknown, revoked or non-operator token.", status=401)
         sid, session = made
-        log.info("dashboard_login", agent=session.agent, remote=request.remote)
+        log.info("dashboard_login", agent=session.agent, remote=client)
         response = web.Response(status=303, headers={"Location": "/dashboard", **_SECURITY_HEADERS})
-        secure = self.settings.secure_cookie
         response.set_cookie(
             COOKIE,
             sid,
@@ -184,7 +276,7 @@ class Dashboard:
             max_age=self.settings.session_ttl_s,
             httponly=True,
             samesite="Strict",
-            secure=request.secure if secure is None else secure,
+            secure=self.cookie_secure(request),
         )
         return response
 
@@ -317,6 +409,26 @@ def _same_origin(request: web.Request) -> None:
     origin = request.headers.get("Origin")
     if origin is not None and urlsplit(origin).netloc != request.host:
         raise Problem(403, "cross_origin", f"Origin {origin!r} is not this site")
+
+
+def _in(
+    address: str | None, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address((address or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(ip in n for n in networks)
+
+
+def _loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 def _concern(topic: str, group: str) -> Concern:

@@ -8,8 +8,9 @@ answers with a cookie holding a random session id (``secrets.token_urlsafe(32)``
   ``{agent, token_sha256, csrf}`` with a TTL (``ttl_s``, fixed from login; no sliding).
 - Every request re-reads the agent: a revoked agent, or one re-issued with a new token, or one
   no longer an operator, ends its sessions at once (not after the API's 5 s cache).
-- The cookie is ``HttpOnly; SameSite=Strict; Path=/dashboard`` (``Secure`` over HTTPS): no
-  script can read it and no other site's page can make the browser send it.
+- The cookie is ``HttpOnly; SameSite=Strict; Path=/dashboard``, and ``Secure`` unless the
+  request reached a loopback address over plain HTTP (``DashboardSettings.secure_cookie``):
+  no script can read it and no other site's page can make the browser send it.
 - State-changing requests (replay, logout) also need the ``X-CSRF-Token`` header equal to the
   session's own random ``csrf`` value (given to the page in a ``<meta>`` tag) and, when the
   browser sends ``Origin``, an Origin equal to the request's own.
@@ -109,5 +110,14 @@ class SessionStore:
 
 
 def csrf_ok(session: Session, header: str | None) -> bool:
-    """The request's ``X-CSRF-Token`` matches the session's (constant time)."""
-    return bool(header) and bool(session.csrf) and hmac.compare_digest(session.csrf, header or "")
+    """The request's ``X-CSRF-Token`` matches the session's (constant time).
+
+    Compared as bytes: ``hmac.compare_digest`` refuses a ``str`` with non-ASCII characters
+    (TypeError), and a header is whatever bytes the client sent (aiohttp decodes them as
+    UTF-8 with surrogate escapes). ``surrogatepass`` encodes any ``str``, so a header that
+    is not the session's value is False, never an error.
+    """
+    if not header or not session.csrf:
+        return False
+    given = header.encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(session.csrf.encode("utf-8", "surrogatepass"), given)
