@@ -6,11 +6,14 @@ from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
+from streamproc._printable import NO_CONTROL_PATTERN
 from streamproc.event import Event
 
 __all__ = ("NodeNotReady", "OOMKilled", "PodPending", "SpotInterruption")
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
+#: A Kubernetes/AWS name: shown to people and the cluster route's ``key``, so no control
+#: characters either (a 422 naming the field at ingest).
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=NO_CONTROL_PATTERN)]
 
 
 class ClusterEvent(Event, frozen=True, kw_only=True):

@@ -19,6 +19,7 @@ from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
+from streamproc._printable import NO_CONTROL_PATTERN
 from streamproc.event import Event
 from streamproc.schedule import Tick
 
@@ -48,8 +49,8 @@ InstanceId = Annotated[str, msgspec.Meta(pattern=f"^{INSTANCE_RE.pattern}$", max
 Region = Annotated[str, msgspec.Meta(pattern=f"^{REGION_RE.pattern}$", max_length=32)]
 #: Empty = the account of the base credentials (those that assume the registered roles).
 AccountId = Annotated[str, msgspec.Meta(pattern=f"^({ACCOUNT_RE.pattern})?$", max_length=12)]
-#: Printable, one line.
-Name = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]*$", max_length=200)]
+#: Printable, one line (``$`` alone let a final newline through).
+Name = Annotated[str, msgspec.Meta(pattern=NO_CONTROL_PATTERN, max_length=200)]
 Percent = Annotated[float, msgspec.Meta(gt=0, le=100)]
 IntervalS = Annotated[int, msgspec.Meta(ge=5, le=86_400)]
 

@@ -33,6 +33,7 @@ import structlog
 
 from streamproc import dlq
 from streamproc._backoff import Backoff
+from streamproc._printable import printable, printable_json
 from streamproc._supervise import supervise
 from streamproc.app import App, load_app
 from streamproc.config import Config, load_config
@@ -277,19 +278,20 @@ def _cmd_dlq(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 new_ids = await dlq.replay(client, keys, concern, letters, to_topic=args.to_topic)
                 print(f"replayed {len(new_ids)} dead letters")
                 return 0
+            # A dead letter's fields are what a client posted: control characters in them are
+            # shown as escapes, never sent to the terminal raw.
             if args.action == "show" or args.json:
+                indent = orjson.OPT_INDENT_2 if args.action == "show" else 0
                 for d in letters:
-                    print(
-                        orjson.dumps(
-                            d.as_dict(), option=orjson.OPT_INDENT_2 if args.action == "show" else 0
-                        ).decode()
-                    )
+                    print(printable_json(orjson.dumps(d.as_dict(), option=indent).decode()))
                 return 0 if letters or args.action == "list" else 1
             print(f"{'dlq id':<17} {'topic':<10} {'type':<28} {'reason':<18} error")
             for d in letters:
+                kind, reason, error = (
+                    printable(d.get(f)) for f in ("type", "dlq_reason", "dlq_error")
+                )
                 print(
-                    f"{d.dlq_id:<17} {d.topic:<10} {d.get('type')[:28]:<28} "
-                    f"{d.get('dlq_reason')[:18]:<18} {d.get('dlq_error')[:60]}"
+                    f"{d.dlq_id:<17} {d.topic:<10} {kind[:28]:<28} {reason[:18]:<18} {error[:60]}"
                 )
             print(f"{len(letters)} dead letter(s)")
             return 0

@@ -16,13 +16,16 @@ ignored).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 import uuid_utils
 
-__all__ = ("DERIVED_ID_NS", "Event", "derived_id", "new_event_id", "utcnow")
+from streamproc._printable import NO_CONTROL_PATTERN
+
+__all__ = ("DERIVED_ID_NS", "Event", "derived_id", "new_event_id", "postable_types", "utcnow")
 
 #: The default namespace of ``derived_id``.
 DERIVED_ID_NS = uuid.UUID("6f1c3a52-8d7e-4c1b-9a53-2d0c7f1e9b11")
@@ -48,6 +51,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+#: Ids, sources and keys are shown to people (``streamproc tail``, ``dlq``, the dashboard) and
+#: go into key names: no control characters (``streamproc._printable``), refused at decode.
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_CONTROL_PATTERN)]
+_Text256 = Annotated[str, msgspec.Meta(max_length=256, pattern=NO_CONTROL_PATTERN)]
+
+
 class Event(
     msgspec.Struct,
     kw_only=True,
@@ -59,15 +68,13 @@ class Event(
     """Common envelope: identity, time, origin and ordering key."""
 
     #: Time-ordered event id (UUIDv7). The same event published twice keeps its id.
-    id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = msgspec.field(
-        default_factory=new_event_id
-    )
+    id: _Id = msgspec.field(default_factory=new_event_id)
     #: When it happened, timezone-aware (UTC on the wire).
     occurred_at: Annotated[datetime, msgspec.Meta(tz=True)] = msgspec.field(default_factory=utcnow)
     #: Who reported it (ingest sets the authenticated agent's name).
-    source: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    source: _Text256 = ""
     #: Ordering / partition key (e.g. the cluster id).
-    key: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    key: _Text256 = ""
     #: When the ingest service accepted it (set by the server; None when not from ingest).
     received_at: datetime | None = None
 
@@ -85,3 +92,10 @@ class Event(
         if not isinstance(tag, str):
             raise TypeError(f"{cls.__name__} has no tag: declare it with class X(Event, tag=...)")
         return tag
+
+
+def postable_types(types: Iterable[Any]) -> list[type[Event]]:
+    """The event types agents may post through the ingest service, in the given order: those
+    marked ``external``. A token's ``--types`` patterns (``*`` included) choose among these
+    only; the application's own events are refused whatever the patterns say."""
+    return [t for t in types if isinstance(t, type) and issubclass(t, Event) and t.external]

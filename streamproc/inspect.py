@@ -27,6 +27,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from streamproc._printable import printable
 from streamproc.breaker import BreakerState, breaker_states
 from streamproc.groups import GroupInfo, group_info, group_infos
 from streamproc.keys import Keys
@@ -499,4 +500,6 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
         )
     if problems:
         lines += ["", "SLO BREACHED:", *(f"  {p}" for p in problems)]
-    return "\n".join(lines)
+    # Names and errors read from Redis (a breaker's last error, a leader id) are shown with
+    # their control characters escaped.
+    return "\n".join(map(printable, lines))

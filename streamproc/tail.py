@@ -3,7 +3,8 @@
 ``follow`` yields decoded entries from a start id (``$`` = only what arrives from now on,
 resolved once to the stream's last id so nothing between two reads is missed). Entries that
 do not decode are yielded too, with the reason, so ``tail`` shows what consumers would
-dead-letter. ``format_pretty`` / ``format_json`` turn one into a line.
+dead-letter. ``format_pretty`` / ``format_json`` turn one into a line; both show control
+characters of the entry (an ESC in a key or id, say) as escapes, never raw on the terminal.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import msgspec
 import orjson
 import redis.asyncio as aioredis
 
+from streamproc._printable import printable, printable_json
 from streamproc.codec import Codec
 from streamproc.errors import DecodeError
 from streamproc.keys import Keys
@@ -91,19 +93,25 @@ async def follow(
 
 
 def format_json(entry: TailEntry) -> str:
-    """One JSON object per line (for ``jq``)."""
-    return orjson.dumps(msgspec.to_builtins(entry)).decode()
+    """One JSON object per line (for ``jq``).
+
+    JSON writes C0 controls as ``\\u001b``; the others (DEL, C1, bidi overrides) are
+    ``\\u`` escapes too, so a terminal shows the line as text and ``jq`` reads the same values.
+    """
+    return printable_json(orjson.dumps(msgspec.to_builtins(entry)).decode())
 
 
 def format_pretty(entry: TailEntry, *, color: bool = False) -> str:
-    """``time  type  key  id`` then the event's fields, compact."""
+    """``time  type  key  id`` then the event's fields, compact; every value from the entry
+    with its control characters escaped (only this function's own colours are raw)."""
     bold, dim, red, reset = ("\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[0m") if color else ("",) * 4
-    when = entry.ts[11:23] if len(entry.ts) >= 23 else entry.ts
+    ts, type_, key, id_ = map(printable, (entry.ts, entry.type, entry.key, entry.id))
+    when = ts[11:23] if len(ts) >= 23 else ts
     skip = {"id", "occurred_at", "key", "source"}
-    body = " ".join(
-        f"{k}={orjson.dumps(v).decode()}" for k, v in entry.data.items() if k not in skip
+    body = printable(
+        " ".join(f"{k}={orjson.dumps(v).decode()}" for k, v in entry.data.items() if k not in skip)
     )
-    head = f"{dim}{when}{reset} {bold}{entry.type}{reset} key={entry.key} {dim}{entry.id}{reset}"
+    head = f"{dim}{when}{reset} {bold}{type_}{reset} key={key} {dim}{id_}{reset}"
     if entry.error:
-        head += f" {red}UNDECODABLE ({entry.error}){reset}"
+        head += f" {red}UNDECODABLE ({printable(entry.error)}){reset}"
     return f"{head}\n    {body}" if body else head
