@@ -22,6 +22,10 @@ class Notification(Event, frozen=True, kw_only=True, tag="notify.notification"):
     """Something subscribers of a cluster should hear about."""
 
     topic: ClassVar[str] = "notify"
+    #: Notifications are the application's conclusions (``cluster-events``, the optimizer,
+    #: discovery, the monitors); an agent posting one would speak to any cluster's
+    #: subscribers in the application's name. The same for the two below.
+    external: ClassVar[bool] = False
     cluster_id: str
     severity: Literal["info", "warning", "critical"] = "info"
     title: Annotated[str, msgspec.Meta(max_length=512)]
@@ -34,6 +38,7 @@ class Notification(Event, frozen=True, kw_only=True, tag="notify.notification"):
 
 class RightSizingRecommendation(Event, frozen=True, kw_only=True, tag="notify.rightsizing"):
     topic: ClassVar[str] = "notify"
+    external: ClassVar[bool] = False
     cluster_id: str
     namespace: str
     workload: str
@@ -45,6 +50,7 @@ class RightSizingRecommendation(Event, frozen=True, kw_only=True, tag="notify.ri
 
 class PodPendingClassified(Event, frozen=True, kw_only=True, tag="notify.pod_pending"):
     topic: ClassVar[str] = "notify"
+    external: ClassVar[bool] = False
     cluster_id: str
     namespace: str
     pod: str

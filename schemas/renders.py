@@ -3,6 +3,10 @@
 ``render.requested`` on ``renders`` asks the render concern for a job; progress goes to
 ``render-progress`` (a stream clients follow with XREAD); outcomes are ``render.done`` and,
 for reports, ``report.ready`` on ``reports``.
+
+None is ``external``: the render concern asks for jobs itself (from the weekly-report tick) and
+operators with ``streamproc publish``; an agent's ``render.requested`` would take the GPU pool,
+a forged ``report.ready`` would mail any link to every subscriber.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class RenderRequested(Event, frozen=True, kw_only=True, tag="render.requested"):
     """Run one render job. The event id is the job id."""
 
     topic: ClassVar[str] = "renders"
+    external: ClassVar[bool] = False
     kind: RenderKind
     #: report: the end of the reported period (exclusive); default: when the request happened.
     period_end: datetime | None = None
@@ -41,6 +46,7 @@ class RenderProgress(Event, frozen=True, kw_only=True, tag="render.progress"):
     """A job's state, for clients following ``render-progress`` (advisory, not deduplicated)."""
 
     topic: ClassVar[str] = "render-progress"
+    external: ClassVar[bool] = False
     job_id: str
     kind: str
     state: Literal["queued", "running", "progress", "done", "failed"]
@@ -52,6 +58,7 @@ class RenderDone(Event, frozen=True, kw_only=True, tag="render.done"):
     """A frame/preview render finished and was stored."""
 
     topic: ClassVar[str] = "renders-done"
+    external: ClassVar[bool] = False
     job_id: str
     kind: str
     location: str
@@ -63,6 +70,7 @@ class ReportReady(Event, frozen=True, kw_only=True, tag="report.ready"):
     """A report was rendered and stored; ``location`` is its HTML summary."""
 
     topic: ClassVar[str] = "reports"
+    external: ClassVar[bool] = False
     job_id: str
     location: str
     #: Every stored file (charts and the summary).

@@ -75,6 +75,9 @@ class Tick(Event, frozen=True, kw_only=True, tag="tick"):
     """
 
     topic: ClassVar[str] = "ticks"
+    #: Only the ticker fires ticks (and operators, by ``/v1/schedules`` or ``streamproc
+    #: publish``): a posted one would run a scan, a report or a cleanup on anyone's say.
+    external: ClassVar[bool] = False
     schedule: str
     scheduled_for: datetime
     #: The leader's fencing token when it fired.

@@ -23,6 +23,7 @@ from streamproc.app import App
 from streamproc.cli import child_argv, install_stop_handlers, open_redis, run_async
 from streamproc.config import Config, settings_from_env
 from streamproc.errors import ConfigError
+from streamproc.event import postable_types
 from streamproc.ingest.app import Ingest, create_app
 from streamproc.ingest.auth import AgentStore, parse_types
 from streamproc.ingest.settings import IngestSettings
@@ -123,13 +124,16 @@ def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
             store = AgentStore(client, Keys(cfg.redis.key_prefix))
             if args.action == "add":
                 types = parse_types(args.types)
-                names = app.registry.names()
-                unknown = [p for p in types if not fnmatch.filter(names, p)]
+                # Patterns choose among the postable types only ('*' = all of those); the
+                # ingest refuses the application's own types whatever a token says.
+                postable = [t.type_name() for t in postable_types(app.registry.by_name.values())]
+                unknown = [p for p in types if not fnmatch.filter(postable, p)]
                 if unknown:
                     raise ConfigError(
-                        f"--types {', '.join(unknown)} match no event type; known: "
-                        + ", ".join(app.registry.names())
+                        f"--types {', '.join(unknown)} match no type agents may post (the others "
+                        "are the application's own); postable: " + ", ".join(sorted(postable))
                     )
+                covered = sorted(n for n in postable if any(fnmatch.fnmatch(n, p) for p in types))
                 clusters = parse_types(args.clusters)
                 submit = parse_types(args.submit)
                 task_types = sorted(app.task_types)
@@ -153,7 +157,8 @@ def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 )
                 print(token)
                 print(
-                    f"agent {agent.name!r} added (types: {', '.join(agent.types) or 'none'}; "
+                    f"agent {agent.name!r} added (types: {', '.join(agent.types) or 'none'}"
+                    f"{' = ' + ', '.join(covered) if covered != list(agent.types) else ''}; "
                     f"feeds: {', '.join(agent.clusters) or 'none'}; "
                     f"tasks: {', '.join(agent.submit) or 'none'}"
                     f"{'; operator' if agent.operator else ''}). The token is shown only now; "

@@ -57,6 +57,9 @@ class TaskRequested(Event, frozen=True, kw_only=True):
     """A task to run: its type names the function, its payload that function's argument."""
 
     topic: ClassVar[str] = "tasks.normal"
+    #: Tasks enter by the task API (``POST /v1/tasks``), which checks the submitter's task
+    #: scopes and writes the task's status hash; never by ``/v1/events``.
+    external: ClassVar[bool] = False
     task_type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
     payload: dict[str, Any] = msgspec.field(default_factory=dict)
     priority: Priority = "normal"
