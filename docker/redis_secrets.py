@@ -49,32 +49,35 @@ _CONNECTION = (
 )
 #: Lua scripts are loaded once and run by hash (streamproc/_lua.py); EVAL is not needed.
 _SCRIPTS = "evalsha script|load script|exists"
-#: Keys, strings, hashes, lists (task cancel signals, delivery logs), sorted sets, and sets
-#: (the registry set of issue 14 item 14).
+#: Keys, strings, hashes, lists (delivery logs, a task's cancel signal), sorted sets, and sets
+#: (the registry set of issue 17 item 14).
 _DATA = (
     "exists type ttl pttl expire pexpire persist del unlink scan "
     "get set mget incr incrby "
     "hget hset hmget hgetall hdel hexists hincrby hincrbyfloat hlen hkeys hscan "
-    "rpush lpush lrange ltrim llen blpop "
+    "rpush lpush lrange ltrim llen "
     "zadd zcard zcount zrange zrangebyscore zrevrange zrevrangebyscore zrank zrem "
     "zremrangebyrank zremrangebyscore zscore zmscore "
     "sadd srem smembers sismember scard sscan"
 )
-#: Publishing and trimming streams, reading them (dashboard, tail, feeds).
-_STREAMS_WRITE = "xadd xtrim xdel xlen xrange xrevrange xread xinfo|stream xinfo|groups"
-#: Consumer groups: create, read, claim (renewal, reclaim), ack, expire idle consumers.
-_STREAMS_GROUPS = (
-    "xgroup|create xgroup|createconsumer xgroup|delconsumer xreadgroup xack xclaim xautoclaim "
-    "xpending xinfo|consumers"
+#: Publishing, trimming and reading streams (dashboard, tail, feeds, DLQ replay); groups are
+#: created where they are first needed and looked at (lag, pending) by the dashboard.
+_STREAMS = (
+    "xadd xtrim xdel xlen xrange xrevrange xread xinfo|stream xinfo|groups xinfo|consumers "
+    "xgroup|create xpending"
 )
+#: Consuming: read, renew and reclaim (XCLAIM), ack, expire idle consumers; task runners wait
+#: for a cancel signal (BLPOP). Consumers and task runners only.
+_CONSUME = "xgroup|createconsumer xgroup|delconsumer xreadgroup xack xclaim xautoclaim blpop"
 #: The operator CLI's extra reach: memory per key (inspect), group repair, stream ids.
 _OPERATOR = "memory|usage xgroup|destroy xgroup|setid object|encoding"
 
+_BASE = f"{_CONNECTION} {_SCRIPTS} {_DATA} {_STREAMS}"
 _COMMANDS: dict[str, str] = {
-    "ingest": f"{_CONNECTION} {_SCRIPTS} {_DATA} {_STREAMS_WRITE} {_STREAMS_GROUPS}",
-    "consumer": f"{_CONNECTION} {_SCRIPTS} {_DATA} {_STREAMS_WRITE} {_STREAMS_GROUPS}",
-    "ticker": f"{_CONNECTION} {_SCRIPTS} {_DATA} {_STREAMS_WRITE} {_STREAMS_GROUPS}",
-    "operator": f"{_CONNECTION} {_SCRIPTS} {_DATA} {_STREAMS_WRITE} {_STREAMS_GROUPS} {_OPERATOR}",
+    "ingest": _BASE,
+    "consumer": f"{_BASE} {_CONSUME}",
+    "ticker": _BASE,
+    "operator": f"{_BASE} {_CONSUME} {_OPERATOR}",
 }
 
 

@@ -4,13 +4,17 @@ the compose stack's ACL users, each tried against a real ``redis-server`` on 127
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -501,3 +505,105 @@ def test_the_operator_cli_runs_as_its_user_and_ingest_cannot_add_agents(
         acl_redis.urls["operator"], acl_redis.prefix, "agents", "revoke", "cli-a1"
     )
     assert revoked.returncode == 0, revoked.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_roles_run_as_processes_on_their_users_as_under_compose(
+    acl_redis: AclRedis, tmp_path: Path
+) -> None:
+    """`streamproc ingest`, `consume cluster-events` and `ticker` as their compose users, a
+    token from the operator CLI: a POSTed spot interruption flags its pool, the ticker leads,
+    everything stops cleanly and no process was refused a command (NOPERM)."""
+    prefix, urls = acl_redis.prefix, acl_redis.urls
+    added = _streamproc(
+        urls["operator"], prefix, "agents", "add", "proc-a1", "--types", "cluster.*"
+    )
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    port = free_port()
+    roles = {
+        "ingest": ["ingest", "--port", str(port)],
+        "consumer": ["consume", "cluster-events"],
+        "ticker": ["ticker"],
+    }
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs = {role: tmp_path / f"{role}.log" for role in roles}
+    env = {**os.environ, "STREAMPROC_PREFIX": prefix, "STREAMPROC_LOG_JSON": "1"}
+    try:
+        for role, argv in roles.items():
+            with logs[role].open("wb") as out:
+                procs[role] = subprocess.Popen(
+                    [sys.executable, "-m", "streamproc", *argv],
+                    cwd=ROOT,
+                    env={**env, "REDIS_URL": urls[role]},
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+        flagged = leader = None
+        body = json.dumps({"type": "cluster.spot_interruption", **SPOT}).encode()
+        with redis.Redis.from_url(urls["operator"]) as op:
+            for _ in range(300):
+                if all(p.poll() is None for p in procs.values()):
+                    _post(port, body, token)
+                flagged = op.get(f"{prefix}:state:risky-pool:m5.large:eu-west-1a")
+                leader = op.get(f"{prefix}:ticker:{{ticker}}:lease")
+                if flagged and leader:
+                    break
+                time.sleep(0.2)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = {role: p.wait(timeout=60) for role, p in procs.items()}
+    output = {role: log.read_text(errors="replace") for role, log in logs.items()}
+    for role, text in output.items():
+        assert "NOPERM" not in text, (role, text[-3000:])
+        assert "no permissions" not in text, (role, text[-3000:])
+    assert codes == dict.fromkeys(roles, 0), output
+    assert flagged, output["consumer"][-3000:]
+    assert leader, output["ticker"][-3000:]
+
+
+SPOT = {
+    "cluster_id": "c1",
+    "instance_id": "i-proc",
+    "instance_type": "m5.large",
+    "availability_zone": "eu-west-1a",
+}
+
+
+def _post(port: int, body: bytes, token: str) -> None:
+    """POST one event to ingest; connection errors (not up yet) are ignored."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/events",
+        data=body,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            r.read()
+    except (OSError, urllib.error.HTTPError):
+        pass
+
+
+@pytest.mark.parametrize("role", ["ingest", "ticker"])
+async def test_ingest_and_the_ticker_may_not_consume_or_ack(
+    acl_redis: AclRedis, clients: dict[str, aioredis.Redis], role: str
+) -> None:
+    """Reading a group, acking and claiming are the consumers' (and the operator's)."""
+    stream = acl_redis.keys.stream("cluster")
+    op = clients["operator"]
+    await op.xgroup_create(stream, "g-ro", id="0", mkstream=True)
+    entry_id = await op.xadd(stream, {"type": "x"})
+    client = clients[role]
+    with pytest.raises(NoPermissionError):
+        await client.xreadgroup("g-ro", "c1", {stream: ">"}, count=1)
+    with pytest.raises(NoPermissionError):
+        await client.xack(stream, "g-ro", entry_id)
+    with pytest.raises(NoPermissionError):
+        await client.xclaim(stream, "g-ro", "c1", 0, [entry_id])
+    read: Any = await clients["consumer"].xreadgroup("g-ro", "c1", {stream: ">"}, count=1)
+    assert read[0][1][0][0] == entry_id
+    assert await clients["consumer"].xack(stream, "g-ro", entry_id) == 1
