@@ -11,6 +11,9 @@ Figures for the weekly report (``schemas.metrics``), on the UTC day the event oc
 ``spot_interruptions`` and ``oom_kills`` in the daily hash and the cluster's daily hash, and
 interruptions per pool (``<type>/<az>``), which the optimizer turns into a risk score.
 
+What it emits goes through ``schemas.notify.fit``: text from the agent (names, a node's
+reason) is cut to the notification's own limits, so every notification decodes downstream.
+
 Redis-side effects go through ``ctx.effect`` (applied once, atomically with the ack); events
 it emits get ids derived from the cause's id, so a handler that runs twice emits nothing new
 (producer-side dedup).
@@ -28,7 +31,7 @@ from schemas.metrics import (
     day_of,
     pool_interruptions_key,
 )
-from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation
+from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation, fit
 from streamproc.concern import Concern, Context
 from streamproc.event import derived_id
 from streamproc.settings import RetryPolicy
@@ -97,17 +100,19 @@ async def on_spot_interruption(event: SpotInterruption, ctx: Context) -> None:
         mark = ctx.keys.state("interrupted", event.cluster_id, node)
         ctx.effect("SET", mark, event.id, "EX", INTERRUPTION_MEMORY_S)
     await ctx.producer.publish(
-        Notification(
-            id=derived_id(event.id, "notify"),
-            key=event.cluster_id,
-            source="cluster-events",
-            cluster_id=event.cluster_id,
-            severity="warning",
-            cause_id=event.id,
-            title=f"Spot interruption: {event.instance_id} ({event.instance_type}, "
-            f"{event.availability_zone})",
-            body=f"Pool {event.instance_type}/{event.availability_zone} flagged risky for "
-            f"{RISKY_POOL_TTL_S // 3600} h.",
+        fit(
+            Notification(
+                id=derived_id(event.id, "notify"),
+                key=event.cluster_id,
+                source="cluster-events",
+                cluster_id=event.cluster_id,
+                severity="warning",
+                cause_id=event.id,
+                title=f"Spot interruption: {event.instance_id} ({event.instance_type}, "
+                f"{event.availability_zone})",
+                body=f"Pool {event.instance_type}/{event.availability_zone} flagged risky for "
+                f"{RISKY_POOL_TTL_S // 3600} h.",
+            )
         )
     )
 
@@ -118,17 +123,19 @@ async def on_oom_killed(event: OOMKilled, ctx: Context) -> None:
     )
     count_figure(ctx, event, "oom_kills")
     await ctx.producer.publish(
-        RightSizingRecommendation(
-            id=derived_id(event.id, "rightsizing"),
-            key=event.cluster_id,
-            source="cluster-events",
-            cluster_id=event.cluster_id,
-            namespace=event.namespace,
-            workload=event.workload or event.pod,
-            container=event.container,
-            current_limit_bytes=event.memory_limit_bytes,
-            recommended_limit_bytes=new_limit,
-            cause_id=event.id,
+        fit(
+            RightSizingRecommendation(
+                id=derived_id(event.id, "rightsizing"),
+                key=event.cluster_id,
+                source="cluster-events",
+                cluster_id=event.cluster_id,
+                namespace=event.namespace,
+                workload=event.workload or event.pod,
+                container=event.container,
+                current_limit_bytes=event.memory_limit_bytes,
+                recommended_limit_bytes=new_limit,
+                cause_id=event.id,
+            )
         )
     )
 
@@ -145,30 +152,34 @@ async def on_node_not_ready(event: NodeNotReady, ctx: Context) -> None:
     )
     if not interrupted:
         await ctx.producer.publish(
-            Notification(
-                id=derived_id(event.id, "notify"),
-                key=event.cluster_id,
-                source="cluster-events",
-                cluster_id=event.cluster_id,
-                severity="critical",
-                cause_id=event.id,
-                title=f"Node {event.node_name} not ready",
-                body=event.reason or "no spot interruption explains it",
+            fit(
+                Notification(
+                    id=derived_id(event.id, "notify"),
+                    key=event.cluster_id,
+                    source="cluster-events",
+                    cluster_id=event.cluster_id,
+                    severity="critical",
+                    cause_id=event.id,
+                    title=f"Node {event.node_name} not ready",
+                    body=event.reason or "no spot interruption explains it",
+                )
             )
         )
 
 
 async def on_pod_pending(event: PodPending, ctx: Context) -> None:
     await ctx.producer.publish(
-        PodPendingClassified(
-            id=derived_id(event.id, "pending"),
-            key=event.cluster_id,
-            source="cluster-events",
-            cluster_id=event.cluster_id,
-            namespace=event.namespace,
-            pod=event.pod,
-            category=classify_pending(event.message),  # type: ignore[arg-type]
-            cause_id=event.id,
+        fit(
+            PodPendingClassified(
+                id=derived_id(event.id, "pending"),
+                key=event.cluster_id,
+                source="cluster-events",
+                cluster_id=event.cluster_id,
+                namespace=event.namespace,
+                pod=event.pod,
+                category=classify_pending(event.message),  # type: ignore[arg-type]
+                cause_id=event.id,
+            )
         )
     )
 

@@ -27,7 +27,7 @@ import msgspec
 import media
 import qa
 from notifications import feed_keys
-from schemas.notify import Notification
+from schemas.notify import Notification, fit
 from schemas.tasks import QUEUES
 from spot import optimizer_pipeline as pipeline
 from spot.policy import Family, PolicyStore
@@ -144,20 +144,24 @@ async def run_optimizer(p: OptimizerRun, ctx: TaskContext) -> dict[str, Any]:
     )
     mode = "dry run" if dry_run else f"{len(applied)} group(s) updated"
     await ctx.producer.publish(
-        Notification(
-            id=derived_id(ctx.task_id, "optimizer"),
-            key=p.cluster_id,
-            source="tasks",
-            cluster_id=p.cluster_id,
-            severity="warning" if risky_pools or any(not a.applied for a in actions) else "info",
-            title=f"Optimizer run for {p.cluster_id}: {len(converts)} of {len(placed)} "
-            f"instances to spot (${hourly * 730:,.0f}/month), {mode}",
-            body="\n".join(
-                [f"{d.instance_id}: {d.action} ({d.reason})" for d in decisions[:50]]
-                + [f"risky pools: {', '.join(risky_pools)}"] * bool(risky_pools)
-                + [f"{a.asg}: {a.error}" for a in actions if not a.applied]
-            )[:8000],
-            cause_id=ctx.task_id,
+        fit(
+            Notification(
+                id=derived_id(ctx.task_id, "optimizer"),
+                key=p.cluster_id,
+                source="tasks",
+                cluster_id=p.cluster_id,
+                severity="warning"
+                if risky_pools or any(not a.applied for a in actions)
+                else "info",
+                title=f"Optimizer run for {p.cluster_id}: {len(converts)} of {len(placed)} "
+                f"instances to spot (${hourly * 730:,.0f}/month), {mode}",
+                body="\n".join(
+                    [f"{d.instance_id}: {d.action} ({d.reason})" for d in decisions[:50]]
+                    + [f"risky pools: {', '.join(risky_pools)}"] * bool(risky_pools)
+                    + [f"{a.asg}: {a.error}" for a in actions if not a.applied]
+                ),
+                cause_id=ctx.task_id,
+            )
         )
     )
     return {

@@ -63,7 +63,7 @@ from prometheus_client import Counter, Gauge
 
 from media._background import background_loop
 from schemas.hosts import DiskFigures, GpuFigures, HostResources
-from schemas.notify import Notification
+from schemas.notify import Notification, fit
 from schemas.ticks import ResourceMonitorTick
 from streamproc.app import AppContext
 from streamproc.concern import Concern, Context
@@ -431,15 +431,17 @@ def _notification(s: ResourceSettings, host: str, cause: str, a: Alert, since: s
     else:
         title = f"host {host}: {label} back to {a.value:.1f}%"
         body = f"Below {a.threshold - s.recovery_margin:g}% again (the alert opened at {since})."
-    return Notification(
-        id=derived_id(cause, f"host/{host}/{a.metric}/{kind}", namespace=_NS),
-        source="resource-monitor",
-        key=host,
-        cluster_id=s.alert_cluster_id,
-        severity="warning" if a.opened else "info",
-        title=title[:512],
-        body=body[:8000],
-        cause_id=cause,
+    return fit(
+        Notification(
+            id=derived_id(cause, f"host/{host}/{a.metric}/{kind}", namespace=_NS),
+            source="resource-monitor",
+            key=host,
+            cluster_id=s.alert_cluster_id,
+            severity="warning" if a.opened else "info",
+            title=title,
+            body=body,
+            cause_id=cause,
+        )
     )
 
 

@@ -1,12 +1,19 @@
-"""What the cluster-event processor emits: notifications and recommendations."""
+"""What the cluster-event processor emits: notifications and recommendations.
+
+Pass them through ``fit`` before publishing: their text comes from agents (a pod name, a
+node's reason), and a notification over its own schema's limits is published fine but
+refused by every consumer of ``notify`` (dead-lettered, never delivered).
+"""
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
+from streamproc._printable import NO_CONTROL_PATTERN, printable
 from streamproc.event import Event
 
 __all__ = (
@@ -15,7 +22,51 @@ __all__ = (
     "Notification",
     "PodPendingClassified",
     "RightSizingRecommendation",
+    "clip",
+    "fit",
 )
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def clip(text: str, max_length: int) -> str:
+    """``text`` cut to ``max_length`` characters, the cut marked with "…"."""
+    return text if len(text) <= max_length else text[: max_length - 1] + "…"
+
+
+@functools.cache
+def _text_limits(cls: type[msgspec.Struct]) -> tuple[tuple[str, int | None, bool], ...]:
+    """(field, max_length, printable only) of each string field of ``cls`` with a limit."""
+    info = msgspec.inspect.type_info(cls)
+    if not isinstance(info, msgspec.inspect.StructType):
+        raise TypeError(f"{cls.__name__} is not a msgspec Struct")
+    return tuple(
+        (f.name, f.type.max_length, f.type.pattern == NO_CONTROL_PATTERN)
+        for f in info.fields
+        if isinstance(f.type, msgspec.inspect.StrType)
+        and (f.type.max_length is not None or f.type.pattern == NO_CONTROL_PATTERN)
+    )
+
+
+def fit(obj: _S) -> _S:
+    """``obj`` with its string fields made to fit its own schema, whatever text they were built
+    from: each cut to its ``max_length`` (``clip``), control characters escaped where the
+    schema refuses them (``key``, ``source``). What it returns decodes wherever it is read.
+
+    Constructing a Struct checks no constraint (decoding does), so build it as usual and pass
+    it through this before publishing: ``fit(Notification(title=f"... {agent_text}"))``.
+    """
+    changes: dict[str, Any] = {}
+    for name, max_length, no_control in _text_limits(type(obj)):
+        value = getattr(obj, name)
+        if not isinstance(value, str):
+            continue
+        fitted = printable(value) if no_control else value
+        if max_length is not None:
+            fitted = clip(fitted, max_length)
+        if fitted is not value:
+            changes[name] = fitted
+    return msgspec.structs.replace(obj, **changes) if changes else obj
 
 
 class Notification(Event, frozen=True, kw_only=True, tag="notify.notification"):

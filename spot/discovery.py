@@ -39,7 +39,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from notifications import feed_keys
-from schemas.notify import Notification
+from schemas.notify import Notification, fit
 from schemas.ticks import DiscoveryTick
 from spot import _inventory as inv
 from spot import accounts, discovery_demo
@@ -294,14 +294,17 @@ async def _alert(
     ctx: Context, tick: DiscoveryTick, account: Account, what: str, severity: str, body: str
 ) -> None:
     await ctx.producer.publish(
-        Notification(
-            id=derived_id(tick.id, f"discovery/{account.id}/{what}", namespace=_NS),
-            source="discovery",
-            cluster_id="",  # about an account, not one cluster: the '*' subscribers get it
-            severity=severity,  # type: ignore[arg-type]
-            title=f"discovery of AWS account {account.id} ({account.name or 'unnamed'}): {what}",
-            body=body[:8000],
-            cause_id=tick.id,
+        fit(
+            Notification(
+                id=derived_id(tick.id, f"discovery/{account.id}/{what}", namespace=_NS),
+                source="discovery",
+                cluster_id="",  # about an account, not one cluster: the '*' subscribers get it
+                severity=severity,  # type: ignore[arg-type]
+                title=f"discovery of AWS account {account.id} "
+                f"({account.name or 'unnamed'}): {what}",
+                body=body,
+                cause_id=tick.id,
+            )
         )
     )
 

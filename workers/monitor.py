@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import structlog
 from prometheus_client import Counter, Histogram
 
-from schemas.notify import Notification
+from schemas.notify import Notification, fit
 from schemas.workers import (
     WORKER_ID_RE,
     WorkerCreated,
@@ -142,15 +142,17 @@ def _notification(rt: Runtime, tick: WorkerPollTick, w: Worker, a: Alert, status
             f"(alert opened at {_since(w, a.metric)})."
         )
     kind = "alert" if a.opened else "recovery"
-    return Notification(
-        id=derived_id(tick.id, f"worker/{w.id}/{a.metric}/{kind}", namespace=_NS),
-        source="worker-monitor",
-        key=w.id,
-        cluster_id=rt.settings.alert_cluster_id,
-        severity="warning" if a.opened else "info",
-        title=title[:512],
-        body=body[:8000],
-        cause_id=tick.id,
+    return fit(
+        Notification(
+            id=derived_id(tick.id, f"worker/{w.id}/{a.metric}/{kind}", namespace=_NS),
+            source="worker-monitor",
+            key=w.id,
+            cluster_id=rt.settings.alert_cluster_id,
+            severity="warning" if a.opened else "info",
+            title=title,
+            body=body,
+            cause_id=tick.id,
+        )
     )
 
 
