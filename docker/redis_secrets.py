@@ -4,6 +4,7 @@
     python3 docker/redis_secrets.py                 (before the first `docker compose up`)
     python3 docker/redis_secrets.py --host 127.0.0.1 --port 6380   (host networking)
     python3 docker/redis_secrets.py --force         (new passwords; restart the stack)
+    python3 docker/redis_secrets.py --rules | redis-cli …   (the same users on another Redis)
 
 Writes into ``docker/secrets/`` (or ``--dir``; 0700), only what is missing unless ``--force``:
 
@@ -116,6 +117,8 @@ def acl_file(hashes: dict[str, str], prefix: str) -> str:
     """The aclfile text; ``hashes`` maps each user (roles and ``health``) to its SHA-256."""
     # An aclfile has no comments: what it is says the folder's name and this script.
     lines = [
+        # resetpass: else the default user keeps its nopass flag, and protected mode then
+        # refuses every client that is not on loopback (the other containers), ACLs or not.
         "user default off resetpass resetkeys resetchannels -@all",
         f"user health on #{hashes['health']} resetkeys resetchannels -@all +ping +auth +hello",
     ]
@@ -160,9 +163,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=6379)
     p.add_argument("--prefix", default=os.environ.get("STREAMPROC_PREFIX", "sp"))
     p.add_argument("--force", action="store_true", help="new passwords even if files exist")
+    p.add_argument(
+        "--rules",
+        action="store_true",
+        help="print ACL SETUSER commands (password placeholders) for a Redis run elsewhere",
+    )
     args = p.parse_args(argv)
     if not args.prefix.replace("_", "").replace("-", "").replace(".", "").isalnum():
         p.error(f"--prefix {args.prefix!r}: letters, digits, '_', '.', '-' only")
+    if args.rules:
+        for role in ROLES:
+            # A selector is one argument: quoted for redis-cli.
+            rules = role_rules(role, args.prefix).replace("(", '"(').replace(")", ')"')
+            print(f"ACL SETUSER {role} reset on >CHANGE-ME-{role} {rules}")
+        return 0
     wrote = write_secrets(
         args.dir, host=args.host, port=args.port, prefix=args.prefix, force=args.force
     )

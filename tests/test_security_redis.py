@@ -607,3 +607,29 @@ async def test_ingest_and_the_ticker_may_not_consume_or_ack(
     read: Any = await clients["consumer"].xreadgroup("g-ro", "c1", {stream: ">"}, count=1)
     assert read[0][1][0][0] == entry_id
     assert await clients["consumer"].xack(stream, "g-ro", entry_id) == 1
+
+
+def test_the_printed_rules_make_the_same_users_on_another_redis(tmp_path: Path) -> None:
+    """`redis_secrets.py --rules | redis-cli`: the users for a Redis compose does not start."""
+    rules = subprocess.run(
+        [sys.executable, str(DOCKER / "redis_secrets.py"), "--prefix", "sp", "--rules"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    with EmbeddedRedis(tmp_path / "r", appendonly=False) as server:
+        loaded = subprocess.run(
+            ["redis-cli", "-p", str(server.port)],
+            input=rules,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert loaded.stdout.split() == ["OK"] * len(ROLES), loaded.stdout + loaded.stderr
+        url = f"redis://ingest:CHANGE-ME-ingest@127.0.0.1:{server.port}/0"
+        with redis.Redis.from_url(url) as ingest:
+            assert ingest.hget("sp:agents", "a") is None
+            with pytest.raises(NoPermissionError):
+                ingest.hset("sp:agents", "a", "b")
+            with pytest.raises(NoPermissionError):
+                ingest.flushall()
