@@ -43,11 +43,17 @@ class Problem(Exception):
         *,
         path: str | None = None,
         headers: dict[str, str] | None = None,
+        close: bool = False,
         **extra: Any,
     ) -> None:
         super().__init__(f"{status} {error}: {detail}")
         self.status, self.error, self.detail, self.path = status, error, detail, path
         self.headers, self.extra = headers, extra
+        #: How many items the refused request held, where it was counted: what the refusal
+        #: costs against the agent's rate (not sent).
+        self.items: int | None = None
+        #: Close the connection after the answer (a body that will not be read).
+        self.close = close
 
     def response(self) -> web.Response:
         body: dict[str, Any] = {"error": self.error, "detail": self.detail}

@@ -100,6 +100,8 @@ class Ingest:
         self._scopes: dict[tuple[str, ...], dict[str, bool]] = {}
         #: Requests being handled; ``drain`` waits for none.
         self.in_flight = 0
+        #: Bytes of request bodies read and not yet answered (``max_inflight_bytes``).
+        self.body_bytes = 0
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -172,21 +174,40 @@ class Ingest:
         return fmt
 
     async def read_body(self, request: web.Request) -> bytes:
-        """The body, refused with 413 past max_body_bytes (declared or streamed)."""
-        limit = self.settings.max_body_bytes
+        """The body, refused with 413 past max_body_bytes (declared, streamed or decompressed).
+
+        The bytes count against the process's ``max_inflight_bytes`` until the request ends
+        (503 with Retry-After past it), and the whole read must end within
+        ``body_read_timeout_s`` (408, and the connection is closed).
+        """
+        s = self.settings
+        limit = s.max_body_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
             raise _too_large(limit)
+        # With a Content-Encoding, Content-Length counts the compressed bytes while aiohttp
+        # hands over decompressed ones: then the length is known only at the end.
+        encoded = request.headers.get("Content-Encoding", "identity").lower() != "identity"
         try:
-            if declared is not None:  # the common case: one read of the declared length
-                return await request.content.readexactly(declared) if declared else b""
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in request.content.iter_chunked(1 << 16):
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                chunks.append(chunk)
+            async with asyncio.timeout(s.body_read_timeout_s):
+                if declared is not None and not encoded:  # the common case: one read
+                    self._hold(request, declared)
+                    return await request.content.readexactly(declared) if declared else b""
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in request.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    self._hold(request, len(chunk))
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise Problem(
+                408,
+                "body_timeout",
+                f"the body did not arrive within {s.body_read_timeout_s:g} s",
+                close=True,
+            ) from None
         except asyncio.IncompleteReadError as e:
             raise Problem(
                 400,
@@ -196,6 +217,33 @@ class Ingest:
         except HttpProcessingError as e:
             raise Problem(400, "bad_body", f"the body could not be read: {e.message}") from None
         return b"".join(chunks)
+
+    def _hold(self, request: web.Request, size: int) -> None:
+        """Count ``size`` more body bytes of ``request`` in flight; 503 past the limit."""
+        if self.body_bytes + size > self.settings.max_inflight_bytes:
+            raise Problem(
+                503,
+                "overloaded",
+                "this server holds as many request bodies as it may; retry later",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+        self.body_bytes += size
+        request[_HELD] = request.get(_HELD, 0) + size
+
+    async def _take(self, agent: Agent, events: int) -> None:
+        """Take ``events`` from the agent's rate bucket; 429 with Retry-After when over."""
+        try:
+            wait_s = await self.limiter.take(agent.name, events)
+        except _REDIS_FAILED as e:
+            raise redis_unavailable(self.settings.retry_after_s, e) from e
+        if wait_s:
+            raise Problem(
+                429,
+                "rate_limited",
+                f"agent {agent.name!r} is over its rate of {self.settings.rate_events_per_s:g} "
+                f"events/s (burst {self.settings.rate_burst}); retry in {wait_s}s",
+                headers={"Retry-After": str(wait_s)},
+            )
 
     def _allowed(self, agent: Agent) -> dict[str, bool]:
         allowed = self._scopes.get(agent.types)
@@ -243,36 +291,37 @@ class Ingest:
 
     async def _events(self, request: web.Request, cluster_id: str | None) -> web.Response:
         agent = await self.authenticate(request)
-        fmt = self.body_format(request)
-        idem = idempotency_key(request)
-        body = await self.read_body(request)
-        prepare: Prepare | None = None
-        if cluster_id is not None or idem is not None:
-            prepare = _preparer(cluster_id, agent.name, idem)
-        events, batch = self.decoder.decode(body, fmt, prepare=prepare)
-        allowed = self._allowed(agent)
-        denied = [(i, e.type_name()) for i, e in enumerate(events) if not allowed[e.type_name()]]
-        if denied:
-            i = denied[0][0]
-            raise Problem(
-                403,
-                "forbidden_type",
-                f"agent {agent.name!r} may not post {', '.join(sorted({n for _, n in denied}))}",
-                path=f"$[{i}].type" if batch else "$.type",
-                allowed=list(agent.types),
-            )
         try:
-            wait_s = await self.limiter.take(agent.name, len(events))
-        except _REDIS_FAILED as e:
-            raise redis_unavailable(self.settings.retry_after_s, e) from e
-        if wait_s:
-            raise Problem(
-                429,
-                "rate_limited",
-                f"agent {agent.name!r} is over its rate of {self.settings.rate_events_per_s:g} "
-                f"events/s (burst {self.settings.rate_burst}); retry in {wait_s}s",
-                headers={"Retry-After": str(wait_s)},
-            )
+            fmt = self.body_format(request)
+            idem = idempotency_key(request)
+            body = await self.read_body(request)
+            prepare: Prepare | None = None
+            if cluster_id is not None or idem is not None:
+                prepare = _preparer(cluster_id, agent.name, idem)
+            events, batch = self.decoder.decode(body, fmt, prepare=prepare)
+            allowed = self._allowed(agent)
+            denied = [
+                (i, e.type_name()) for i, e in enumerate(events) if not allowed[e.type_name()]
+            ]
+            if denied:
+                i = denied[0][0]
+                raise Problem(
+                    403,
+                    "forbidden_type",
+                    f"agent {agent.name!r} may not post "
+                    + ", ".join(sorted({n for _, n in denied})),
+                    path=f"$[{i}].type" if batch else "$.type",
+                    allowed=list(agent.types),
+                )
+        except Problem as p:
+            if 400 <= p.status < 500:
+                # A refused request costs the agent's rate what it carried (its items where
+                # they were counted, a whole batch past a size limit, else one event):
+                # garbage is no cheaper than events. Over the rate, the answer is 429.
+                cost = self.settings.max_batch if p.status == 413 else (p.items or 1)
+                await self._take(agent, max(1, min(cost, self.settings.max_batch)))
+            raise
+        await self._take(agent, len(events))
         now = datetime.now(UTC)
         events = [msgspec.structs.replace(e, source=agent.name, received_at=now) for e in events]
         idem_keys: list[str | None] | None = None
@@ -367,11 +416,13 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
     response: web.StreamResponse
     ingest = request.app[INGEST]
     ingest._enter()
+    close = False
     try:
         response = await handler(request)
     except Problem as p:
         metrics.REJECTIONS.labels(p.error).inc()
         response = p.response()
+        close = p.close
     except web.HTTPException as e:
         code = (e.reason or "error").lower().replace(" ", "_")
         metrics.REJECTIONS.labels(code).inc()
@@ -393,14 +444,24 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
         response = json_response({"error": "internal", "detail": "internal error"}, status=500)
     finally:
         ingest._leave()
+        ingest.body_bytes -= request.get(_HELD, 0)
     if ingest.draining:
         response.force_close()
     method = request.method if request.method in _METHODS else "other"
     metrics.answered(route, method, response.status, time.perf_counter() - started)
+    if close and request.protocol is not None:
+        # The rest of the body is not wanted: answer, then close at once (aiohttp would
+        # otherwise read and drop it for up to ``lingering_time``, 10 s).
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
     return response
 
 
 INGEST: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
+#: Body bytes a request holds against ``max_inflight_bytes``.
+_HELD: web.RequestKey[int] = web.RequestKey("held_body_bytes", int)
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:

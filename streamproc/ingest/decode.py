@@ -7,6 +7,14 @@ is 422 listing each bad item's index, JSON path and reason, and nothing is publi
 The happy path decodes the whole body with one typed msgspec decoder. Only when it fails, or
 when items must be changed before validation (the cluster id of the path, ids derived from an
 ``Idempotency-Key``), are items decoded one by one.
+
+The batch limit is checked before items become Python objects (a 2 MiB body of ``1\n`` is a
+million lines): a msgpack array's header says its length; NDJSON lines are found by one
+regular expression that stops at ``max_batch + 1``; a JSON array that could hold more than
+``max_batch`` items (as many commas) is counted by a decoder whose items are empty structs
+and scalars (at most ~8 bytes of memory per byte of body) before the per-item ``Raw`` decode.
+A typed decode that succeeds builds only valid events (~4x the body, bounded by
+``max_body_bytes``) before its count is checked.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ _AT = re.compile(r" - at `\$(.*)`$", re.S)
 _BYTE = re.compile(r"\(byte (\d+)\)")
 _MP_MAP = {0xDE, 0xDF, *range(0x80, 0x90)}
 _MP_ARRAY = {0xDC, 0xDD, *range(0x90, 0xA0)}
+#: A line with something other than whitespace on it (``bytes.strip``'s whitespace).
+_NDJSON_LINE = re.compile(rb"^[ \t\r\f\v]*+[^\s].*", re.M)
 
 #: Called on each item (its index and the decoded object) before validation.
 Prepare = Callable[[int, dict[str, Any]], None]
@@ -49,6 +59,19 @@ class _IdProbe(msgspec.Struct):
     """Only whether an item carries ``id`` (every other field is skipped)."""
 
     id: Any = msgspec.UNSET
+
+
+class _Counted(msgspec.Struct, gc=False):
+    """Any JSON object, fields skipped: what counting a batch costs per object item."""
+
+
+def _mp_array_len(body: bytes) -> int | None:
+    """The length a msgpack array's header declares (None when the header is cut short)."""
+    first = body[0]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F
+    size = 2 if first == 0xDC else 4
+    return int.from_bytes(body[1 : 1 + size], "big") if len(body) > size else None
 
 
 class ItemError(Exception):
@@ -79,7 +102,9 @@ def validation_problem(
     if any(e["error"] == "unknown_type" for e in errors):
         extra["known_types"] = list(known)
     prefix = f"{len(errors)} of {total} {what}s invalid, nothing published: " if total > 1 else ""
-    return Problem(422, first["error"], prefix + first["reason"], path=first["path"], **extra)
+    p = Problem(422, first["error"], prefix + first["reason"], path=first["path"], **extra)
+    p.items = total
+    return p
 
 
 class EventDecoder:
@@ -100,6 +125,8 @@ class EventDecoder:
         self._mp_many = msgspec.msgpack.Decoder(list[union])
         self._mp_raws = msgspec.msgpack.Decoder(list[msgspec.Raw])
         self._mp_any = msgspec.msgpack.Decoder()
+        #: Counts a JSON array's items without keeping them (see the module doc).
+        self._json_count = msgspec.json.Decoder(list[_Counted | bool | int | float | str | None])
         self._probe_json = msgspec.json.Decoder(_IdProbe | list[_IdProbe])
         self._probe_mp = msgspec.msgpack.Decoder(_IdProbe | list[_IdProbe])
 
@@ -132,7 +159,7 @@ class EventDecoder:
         escapes) has none: that test skips the probe for most bodies.
         """
         if fmt == "ndjson":
-            lines = [line for line in body.split(b"\n") if line.strip()]
+            lines = [line for _, line in self._lines(body)]
             return [self._probe_json.decode(line).id is not msgspec.UNSET for line in lines]
         if fmt == "json" and b'"id"' not in body and b"\\" not in body:
             probed: Any = None
@@ -163,6 +190,10 @@ class EventDecoder:
                     position=len(body) - len(body.lstrip()),
                 )
             batch = head == b"["
+        if msgpack and batch:
+            declared = _mp_array_len(body)
+            if declared is not None:  # else truncated: the decoders say so
+                self._check_count(declared)
         if prepare is None:
             try:
                 if batch:
@@ -178,6 +209,8 @@ class EventDecoder:
                 self._check_finite(events, batch)
                 return events, batch
         try:
+            if batch and not msgpack and body.count(b",") >= self.max_batch:
+                self._check_count(self._count_json(body))
             raws: list[Any] = (
                 (self._mp_raws if msgpack else self._json_raws).decode(body) if batch else [body]
             )
@@ -188,8 +221,33 @@ class EventDecoder:
         self._check_count(len(raws))
         return self._items(raws, batch, prepare, msgpack=msgpack, lines=None), batch
 
+    def _count_json(self, body: bytes) -> int:
+        """How many items a JSON array holds, keeping none; 422 for an item that is an array."""
+        try:
+            return len(self._json_count.decode(body))
+        except msgspec.ValidationError as e:
+            # An item no event can be (an array): refused at the first, the rest uncounted.
+            m = _AT.search(str(e))
+            path = "$" + (m.group(1) if m else "")
+            index = int(path[2:-1]) if path.startswith("$[") and path.endswith("]") else 0
+            reason = "Expected `object`, got `array`"
+            error = {"index": index, "path": path, "error": "invalid", "reason": reason}
+            raise validation_problem([error], 1, self.known) from None
+
+    def _lines(self, body: bytes) -> list[tuple[int, bytes]]:
+        """The non-blank lines (number, text) of an NDJSON body; 413 past ``max_batch``."""
+        lines: list[tuple[int, bytes]] = []
+        number, at = 1, 0
+        for m in _NDJSON_LINE.finditer(body):
+            if len(lines) == self.max_batch:
+                self._check_count(self.max_batch + 1, exact=False)
+            number += body.count(b"\n", at, m.start())
+            at = m.start()
+            lines.append((number, m.group()))
+        return lines
+
     def _ndjson(self, body: bytes, prepare: Prepare | None) -> list[Event]:
-        lines = [(n, line) for n, line in enumerate(body.split(b"\n"), 1) if line.strip()]
+        lines = self._lines(body)
         self._check_count(len(lines))
         return self._items(
             [line for _, line in lines], True, prepare, msgpack=False, lines=[n for n, _ in lines]
@@ -251,14 +309,17 @@ class EventDecoder:
 
     # ------------------------------------------------------------------ checks
 
-    def _check_count(self, n: int) -> None:
+    def _check_count(self, n: int, *, exact: bool = True) -> None:
         if n > self.max_batch:
-            raise Problem(
+            count = f"{n}" if exact else f"more than {self.max_batch}"
+            p = Problem(
                 413,
                 "batch_too_large",
-                f"{n} events in one request, over the limit of {self.max_batch}",
+                f"{count} events in one request, over the limit of {self.max_batch}",
                 limit=self.max_batch,
             )
+            p.items = n
+            raise p
         if n == 0:
             raise Problem(400, "empty_batch", "the batch holds no events")
 

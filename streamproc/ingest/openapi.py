@@ -78,12 +78,13 @@ def _error_responses(*codes: int) -> dict[str, Any]:
         401: "missing or bad bearer token",
         403: "outside the agent's scopes / not an operator",
         404: "no such task",
+        408: "the body did not arrive in time (the connection is closed)",
         409: "the task already finished",
         413: "body or batch too large",
         415: "unsupported Content-Type",
         422: "validation failed (JSON path and reason per item)",
         429: "rate limited (see Retry-After)",
-        503: "backpressure or Redis unavailable (see Retry-After)",
+        503: "backpressure, Redis unavailable or too many bodies in flight (see Retry-After)",
     }
     return {
         str(c): {
@@ -113,15 +114,15 @@ def _ok(status: int, ref: str, description: str) -> dict[str, Any]:
 
 def _compat_paths(op: list[dict[str, list[str]]], task_param: dict[str, Any]) -> dict[str, Any]:
     """Seed 003's worker-node routes (``streamproc.ingest.compat``)."""
-    submit_errors = _error_responses(400, 401, 403, 409, 413, 415, 422, 503)
+    submit_errors = _error_responses(400, 401, 403, 408, 409, 413, 415, 422, 503)
     submit_errors["409"] = {
         **submit_errors["409"],
         "description": "task_id belongs to another submitter's task",
     }
     submit_errors["503"] = {
         **submit_errors["503"],
-        "description": "every runner of the queue sheds load, backpressure or Redis "
-        "unavailable (see Retry-After)",
+        "description": "every runner of the queue sheds load, backpressure, Redis "
+        "unavailable or too many bodies in flight (see Retry-After)",
     }
     return {
         "/task/submit": {
@@ -205,7 +206,7 @@ def build_spec(
             {"type": "array", "items": union_schema, "minItems": 1, "maxItems": max_batch},
         ]
     }
-    events_errors = _error_responses(400, 401, 403, 413, 415, 422, 429, 503)
+    events_errors = _error_responses(400, 401, 403, 408, 413, 415, 422, 429, 503)
     post_events = {
         "summary": "Post one event (object) or a batch (array); all-or-nothing",
         "description": "Also accepts NDJSON (application/x-ndjson) and msgpack "
@@ -269,7 +270,7 @@ def build_spec(
                     "requestBody": _json_body({"$ref": "#/components/schemas/TaskSubmit"}, "task"),
                     "responses": {
                         **_ok(202, "TaskAccepted", "queued"),
-                        **_error_responses(400, 401, 403, 413, 415, 422, 503),
+                        **_error_responses(400, 401, 403, 408, 413, 415, 422, 503),
                     },
                 }
             },
@@ -326,7 +327,7 @@ def build_spec(
                     "responses": {
                         "200": {**plain, "description": "changed, or identical"},
                         "201": {**plain, "description": "created"},
-                        **_error_responses(400, 401, 403, 413, 415, 503),
+                        **_error_responses(400, 401, 403, 408, 413, 415, 503),
                     },
                 },
                 "delete": {
