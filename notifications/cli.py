@@ -20,6 +20,7 @@ from streamproc.app import App
 from streamproc.cli import open_redis, run_async
 from streamproc.config import Config
 from streamproc.keys import Keys
+from streamproc.printable import printable, printable_json
 
 __all__ = ("register",)
 
@@ -65,14 +66,16 @@ def _cmd_subscriptions(args: argparse.Namespace, cfg: Config, app: App) -> int:
             subs = await store.all(args.cluster)
             if args.json:
                 for s in subs:
-                    print(orjson.dumps(s.public()).decode())
+                    print(printable_json(orjson.dumps(s.public()).decode()))
                 return 0
             print(f"{'id':<21} {'cluster':<16} {'channel':<8} {'severity':<9} {'types':<20} to")
             for s in subs:
                 p = s.public()
                 print(
-                    f"{s.id:<21} {s.cluster:<16} {s.channel:<8} {s.min_severity:<9} "
-                    f"{','.join(s.types):<20} {p['destination']}"
+                    printable(
+                        f"{s.id:<21} {s.cluster:<16} {s.channel:<8} {s.min_severity:<9} "
+                        f"{','.join(s.types):<20} {p['destination']}"
+                    )
                 )
             print(f"{len(subs)} subscription(s)")
             return 0
@@ -106,9 +109,11 @@ def _cmd_notifications(args: argparse.Namespace, cfg: Config, app: App) -> int:
 
 
 def _print_attempts(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """The delivery log; an error holds the start of a destination's answer (anyone's text),
+    so control characters are printed as escapes."""
     if as_json:
         for r in rows:
-            print(orjson.dumps(r).decode())
+            print(printable_json(orjson.dumps(r).decode()))
         return
     print(
         f"{'at':<30} {'status':<14} {'http':<5} {'ms':>8}  {'subscription':<21} destination / error"
@@ -116,9 +121,11 @@ def _print_attempts(rows: list[dict[str, Any]], as_json: bool) -> None:
     for r in rows:
         extra = r["error"] or r["reference"]
         print(
-            f"{r['at']:<30} {r['status']:<14} {r['http_status'] or '-':<5} "
-            f"{r['latency_ms']:>8.1f}  {r['subscription_id']:<21} {r['destination']}"
-            + (f"  {extra[:120]}" if extra else "")
+            printable(
+                f"{r['at']:<30} {r['status']:<14} {r['http_status'] or '-':<5} "
+                f"{r['latency_ms']:>8.1f}  {r['subscription_id']:<21} {r['destination']}"
+                + (f"  {extra[:120]}" if extra else "")
+            )
         )
 
 

@@ -6,8 +6,8 @@ from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
-from streamproc._printable import NO_CONTROL_PATTERN
 from streamproc.event import Event
+from streamproc.printable import NO_CONTROL_PATTERN
 
 __all__ = ("NodeNotReady", "OOMKilled", "PodPending", "SpotInterruption")
 

@@ -13,8 +13,8 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
-from streamproc._printable import NO_CONTROL_PATTERN, printable
 from streamproc.event import Event
+from streamproc.printable import NO_CONTROL_PATTERN, printable
 
 __all__ = (
     "DeliveryRequested",

@@ -19,8 +19,8 @@ from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
-from streamproc._printable import NO_CONTROL_PATTERN
 from streamproc.event import Event
+from streamproc.printable import NO_CONTROL_PATTERN
 from streamproc.schedule import Tick
 
 __all__ = (

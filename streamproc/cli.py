@@ -33,7 +33,6 @@ import structlog
 
 from streamproc import dlq
 from streamproc._backoff import Backoff
-from streamproc._printable import printable, printable_json
 from streamproc._supervise import supervise
 from streamproc.app import App, load_app
 from streamproc.config import Config, load_config
@@ -49,6 +48,7 @@ from streamproc.errors import (
 )
 from streamproc.keys import Keys
 from streamproc.logs import configure_logging
+from streamproc.printable import printable, printable_json
 from streamproc.producer import Producer
 
 __all__ = (

@@ -23,7 +23,7 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 import uuid_utils
 
-from streamproc._printable import NO_CONTROL_PATTERN
+from streamproc.printable import NO_CONTROL_PATTERN
 
 __all__ = ("DERIVED_ID_NS", "Event", "derived_id", "new_event_id", "postable_types", "utcnow")
 
@@ -52,7 +52,7 @@ def utcnow() -> datetime:
 
 
 #: Ids, sources and keys are shown to people (``streamproc tail``, ``dlq``, the dashboard) and
-#: go into key names: no control characters (``streamproc._printable``), refused at decode.
+#: go into key names: no control characters (``streamproc.printable``), refused at decode.
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_CONTROL_PATTERN)]
 _Text256 = Annotated[str, msgspec.Meta(max_length=256, pattern=NO_CONTROL_PATTERN)]
 

@@ -27,10 +27,10 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from streamproc._printable import printable
 from streamproc.breaker import BreakerState, breaker_states
 from streamproc.groups import GroupInfo, group_info, group_infos
 from streamproc.keys import Keys
+from streamproc.printable import printable
 
 if TYPE_CHECKING:
     from streamproc.schedule import Schedule

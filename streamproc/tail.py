@@ -17,10 +17,10 @@ import msgspec
 import orjson
 import redis.asyncio as aioredis
 
-from streamproc._printable import printable, printable_json
 from streamproc.codec import Codec
 from streamproc.errors import DecodeError
 from streamproc.keys import Keys
+from streamproc.printable import printable, printable_json
 
 __all__ = ("TailEntry", "follow", "format_json", "format_pretty", "start_id")
 

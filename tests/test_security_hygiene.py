@@ -28,6 +28,8 @@ import redis.asyncio as aioredis
 
 from consumers import cluster_events
 from notifications import concern as notify
+from notifications.cli import _print_attempts as print_attempts
+from notifications.delivery_log import Attempt
 from notifications.feed_keys import feed_key
 from notifications.messages import message_of
 from schemas import REGISTRY, Notification
@@ -177,6 +179,29 @@ def test_inspect_escapes_names_and_errors_read_from_redis() -> None:
     assert not RAW_CONTROL.search(table), table
     assert "webhook\\x1b[2J" in table
     assert "\\x1b]0;owned\\x07" in table
+
+
+def test_the_delivery_log_prints_a_destinations_answer_escaped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A permanent failure logs the start of the destination's answer: anyone's text."""
+    attempt = Attempt(
+        notification_id="n-1",
+        delivery_id="d-1",
+        subscription_id="sub_1",
+        channel="webhook",
+        destination="https://hooks.example/x",
+        status="failed",
+        http_status=400,
+        error=f"HTTP 400: {CLEAR}{TITLE}",
+    )
+    row = msgspec.structs.asdict(attempt)
+    print_attempts([row], False)
+    print_attempts([row], True)
+    out = capsys.readouterr().out
+    assert not RAW_CONTROL.search(out), out
+    assert "HTTP 400: \\x1b[2J" in out
+    assert json.loads(out.splitlines()[-1])["error"] == attempt.error
 
 
 @pytest.mark.parametrize(
