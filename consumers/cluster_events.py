@@ -48,6 +48,9 @@ __all__ = (
 RISKY_POOL_TTL_S = 6 * 3600
 #: How long an interrupted node is remembered, to explain a later NotReady.
 INTERRUPTION_MEMORY_S = 15 * 60
+#: How long a NotReady node's classification is kept (one key per node, never a growing hash:
+#: every key an agent's input creates expires; issue 17).
+NOT_READY_MEMORY_S = 3600
 _MIB = 1 << 20
 
 
@@ -148,7 +151,11 @@ async def on_node_not_ready(event: NodeNotReady, ctx: Context) -> None:
     interrupted = any(await ctx.redis.mget(marks)) if marks else False
     category = "interruption" if interrupted else "unexpected"
     ctx.effect(
-        "HSET", ctx.keys.state("node-not-ready", event.cluster_id), event.node_name, category
+        "SET",
+        ctx.keys.state("node-not-ready", event.cluster_id, event.node_name),
+        category,
+        "EX",
+        NOT_READY_MEMORY_S,
     )
     if not interrupted:
         await ctx.producer.publish(
