@@ -50,6 +50,7 @@ from streamproc._lua import Lua
 from streamproc.codec import WIRE_FIELDS, Codec
 from streamproc.errors import ConfigError
 from streamproc.keys import Keys
+from streamproc.printable import NO_CONTROL_PATTERN, printable
 from streamproc.schedule import (
     Cron,
     Every,
@@ -70,6 +71,7 @@ log = structlog.get_logger("streamproc.scheduler")
 #: Runtime schedule names: like topic names, plus ':' (``worker:w-17``), up to 128 characters.
 SCHEDULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 _KEY_MAX = 256
+_NO_CONTROL_RE = re.compile(NO_CONTROL_PATTERN)
 _FIELDS = 2 * len(WIRE_FIELDS)
 
 # KEYS: defs, due. ARGV: name, definition, next ms. 1 = created or changed, 0 = unchanged.
@@ -353,6 +355,8 @@ def build_def(
         raise ConfigError("every / cron: give exactly one of them")
     if not isinstance(key, str) or len(key) > _KEY_MAX:
         raise ConfigError(f"key: at most {_KEY_MAX} characters")
+    if not _NO_CONTROL_RE.search(key):  # the ticks' key: Event.key refuses them when decoded
+        raise ConfigError(f"key: {printable(key)!r} holds control characters")
     if missed not in ("skip", "latest", "catch_up"):
         raise ConfigError(f"missed: {missed!r} is not skip, latest or catch_up")
     if not 1 <= catch_up_max <= 1000:

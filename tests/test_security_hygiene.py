@@ -35,11 +35,14 @@ from notifications.messages import message_of
 from schemas import REGISTRY, Notification
 from schemas.cluster import SpotInterruption
 from schemas.notify import Message, RightSizingRecommendation, fit
+from schemas.ticks import DiscoveryTick
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
 from streamproc.app import load_app
 from streamproc.breaker import BreakerState
+from streamproc.errors import ConfigError
 from streamproc.event import derived_id, postable_types
 from streamproc.inspect import Report, render_table
+from streamproc.scheduler import Scheduler
 from streamproc.tail import TailEntry, follow, format_json, format_pretty
 from tests.helpers import CliRun, cli_in_process
 from tests.test_ingest_support import Server, cluster_event, running_ingest
@@ -256,6 +259,15 @@ async def test_ids_and_keys_in_use_today_are_still_accepted(
     status, body, _ = await srv.post("/v1/events", accepted, token=token)
     assert status == 202, body
     assert await client.xlen(keys.stream("cluster")) == 4
+
+
+async def test_a_runtime_schedule_key_with_control_characters_is_refused(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    """Its ticks carry the key: every one would fail to decode and be dead-lettered."""
+    with pytest.raises(ConfigError, match=r"key: .* holds control characters"):
+        await Scheduler(client, keys).add("probe", event=DiscoveryTick, every=60, key=CLEAR)
+    assert await client.exists(keys.ticker_defs(), keys.ticker_due()) == 0
 
 
 # ---------------------------------------------------------------------- 13: notifications
