@@ -13,11 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import os
+import resource
+import subprocess
+import sys
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import orjson
 import pytest
@@ -28,6 +34,8 @@ from yarl import URL
 from schemas import REGISTRY
 from streamproc import Codec, Keys, Producer, RedisSettings, connect
 from streamproc.embedded import free_port
+from streamproc.ingest import AgentStore, Ingest, IngestSettings, create_app
+from streamproc.ingest._serve import GuardedSite, make_runner
 from tests.test_ingest_support import Server, cluster_event, running_ingest
 
 pytestmark = pytest.mark.timeout(120)
@@ -305,3 +313,202 @@ async def test_a_gzip_bomb_is_bounded_by_max_body_bytes_after_decompression(
         assert r.status == 413, answer
         assert answer["error"] == "body_too_large"
         assert peak[0] < 24 * MiB, peak[0] / MiB
+
+
+# ---------------------------------------------------------------------- item 6: slowloris
+
+
+@contextlib.asynccontextmanager
+async def guarded_ingest(
+    client: aioredis.Redis, keys: Keys, producer: Producer, **settings: Any
+) -> AsyncIterator[tuple[Ingest, str]]:
+    """Ingest served as ``streamproc ingest`` serves it: its runner and ``GuardedSite``."""
+    ingest = Ingest(
+        client=client,
+        registry=REGISTRY,
+        keys=keys,
+        producer=producer,
+        settings=IngestSettings(**{"auth_cache_s": 0.0, **settings}),
+    )
+    runner = make_runner(create_app(ingest), ingest.settings)
+    await runner.setup()
+    site = GuardedSite(runner, ingest.connections, host="127.0.0.1", port=0)
+    await site.start()
+    try:
+        yield ingest, f"http://127.0.0.1:{site.port}"
+    finally:
+        await runner.cleanup()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def idle_socket(port: int, first: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    if first:
+        writer.write(first)
+        await writer.drain()
+    return reader, writer
+
+
+async def drip(writer: asyncio.StreamWriter) -> None:
+    """Slowloris proper: one more header line every 50 ms, never the blank line."""
+    with contextlib.suppress(ConnectionError):
+        while not writer.is_closing():
+            writer.write(b"X-Drip: 1\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+
+async def until_closed(reader: asyncio.StreamReader) -> bytes:
+    """What the server sent before closing (a reset while a drip was writing: nothing)."""
+    try:
+        return await reader.read()
+    except ConnectionResetError:
+        return b""
+
+
+IDLE = 300  # sockets, each end in this process: 600 descriptors
+
+
+@pytest.mark.skipif(
+    resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2 * IDLE + 400,
+    reason="the open-files limit is too low for the idle sockets",
+)
+async def test_idle_and_dripping_connections_neither_block_clients_nor_leak(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """300 connections that never finish their headers: a real client is served meanwhile,
+    and each of them is closed by the server once its headers are late."""
+    fds = open_fds()
+    async with guarded_ingest(
+        client, keys, producer, header_read_timeout_s=1.0, keepalive_timeout_s=30.0
+    ) as (ingest, url):
+        port = URL(url).port
+        assert port is not None
+        token_ = (await AgentStore(client, keys).add("agent-1", types=["cluster.*"]))[1]
+        partial = b"POST /v1/events HTTP/1.1\r\nHost: x\r\n"
+        socks = [await idle_socket(port, b"" if n % 3 == 0 else partial) for n in range(IDLE)]
+        drips = [asyncio.create_task(drip(w)) for _, w in socks[2::3]]  # 100 of them
+        try:
+            async with aiohttp.ClientSession() as session:
+                h = {"Authorization": f"Bearer {token_}"}
+                async with session.post(url + "/v1/events", json=cluster_event(), headers=h) as r:
+                    assert r.status == 202, await r.text()
+                async with session.get(url + "/healthz") as r:
+                    assert r.status == 200
+            # Every idle one is closed by the server (EOF), the dripping ones included.
+            answers = await asyncio.gather(*(until_closed(reader) for reader, _ in socks))
+            assert answers == [b""] * IDLE  # closed without an answer
+        finally:
+            for task in drips:
+                task.cancel()
+            await asyncio.gather(*drips, return_exceptions=True)
+            for _, writer in socks:
+                writer.close()
+            await asyncio.gather(*(w.wait_closed() for _, w in socks), return_exceptions=True)
+        assert ingest.connections.timed_out >= IDLE
+        for _ in range(500):  # the client session's connection closes on its own
+            if not ingest.connections.open:
+                break
+            await asyncio.sleep(0.01)
+        assert ingest.connections.open == {}
+    assert open_fds() <= fds + 2  # no descriptor left behind
+
+
+async def test_past_max_connections_the_idlest_connection_makes_room(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """At the cap a new connection closes the one idle the longest: real clients get in."""
+    async with guarded_ingest(
+        client, keys, producer, max_connections=50, header_read_timeout_s=60.0
+    ) as (ingest, url):
+        port = URL(url).port
+        assert port is not None
+        socks = [await idle_socket(port, b"GET /healthz HTTP/1.1\r\n") for _ in range(120)]
+        try:
+            async with aiohttp.ClientSession() as session, session.get(url + "/healthz") as r:
+                assert r.status == 200
+                assert len(ingest.connections.open) <= 50
+            assert ingest.connections.evicted == 120 + 1 - 50
+            assert ingest.connections.refused == 0
+            assert await until_closed(socks[0][0]) == b""  # the idlest went first
+        finally:
+            for _, writer in socks:
+                writer.close()
+            await asyncio.gather(*(w.wait_closed() for _, w in socks), return_exceptions=True)
+
+
+async def test_a_connection_idle_after_its_answer_closes_after_keepalive_timeout_s(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    async with guarded_ingest(
+        client, keys, producer, keepalive_timeout_s=0.3, header_read_timeout_s=60.0
+    ) as (ingest, url):
+        port = URL(url).port
+        assert port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await until_closed(reader)  # kept alive, then closed by the server
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+            assert answer.endswith(b'{"status":"ok"}')
+            assert ingest.connections.timed_out == 0  # keep-alive closed it, not the header rule
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+def ingest_process(redis_url: str, keys: Keys, repo_root: Path) -> Iterator[int]:
+    """``streamproc ingest`` with a 0.5 s header deadline (from the environment): its port."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "STREAMPROC_PREFIX": keys.prefix,
+        "STREAMPROC_LOG_LEVEL": "warning",
+        "STREAMPROC_INGEST_HEADER_READ_TIMEOUT_S": "0.5",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamproc", "ingest", "--port", str(port)],
+        env=env,
+        cwd=repo_root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield port
+        assert proc.poll() is None, f"ingest exited with {proc.returncode}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_streamproc_ingest_serves_with_the_header_deadline_and_a_neutral_server(
+    ingest_process: int,
+) -> None:
+    """The entry point: settings from the environment, the guarded site, and aiohttp's own
+    400 for an unparsable request without versions in ``Server``."""
+    port = ingest_process
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
+                    assert r.headers["Server"] == "streamproc"
+                    break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+    answer = await until_closed(reader)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.0 400 "), answer
+    assert b"\r\nServer: streamproc\r\n" in answer
+    assert b"aiohttp" not in answer
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\n")
+    assert await until_closed(reader) == b""  # closed: its headers were late
+    writer.close()

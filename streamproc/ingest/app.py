@@ -40,6 +40,7 @@ from streamproc.ingest._http import (
     json_response,
     redis_unavailable,
 )
+from streamproc.ingest._serve import Connections, fd_cap
 from streamproc.ingest.auth import Agent, AgentStore, AuthThrottled
 from streamproc.ingest.compat import add_compat_routes
 from streamproc.ingest.decode import CONTENT_TYPES, EventDecoder, ItemError, Prepare
@@ -102,6 +103,12 @@ class Ingest:
         self.in_flight = 0
         #: Bytes of request bodies read and not yet answered (``max_inflight_bytes``).
         self.body_bytes = 0
+        #: Connections of a ``GuardedSite`` (header deadline, cap); the middleware tells it
+        #: when a request's headers are complete and when its answer is made.
+        self.connections = Connections(
+            header_read_timeout_s=s.header_read_timeout_s,
+            max_connections=fd_cap(s.max_connections),
+        )
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -416,6 +423,7 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
     response: web.StreamResponse
     ingest = request.app[INGEST]
     ingest._enter()
+    ingest.connections.request_started(request.transport)
     close = False
     try:
         response = await handler(request)
@@ -445,6 +453,7 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
     finally:
         ingest._leave()
         ingest.body_bytes -= request.get(_HELD, 0)
+        ingest.connections.request_ended(request.transport)
     if ingest.draining:
         response.force_close()
     method = request.method if request.method in _METHODS else "other"

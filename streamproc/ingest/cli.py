@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import msgspec
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import web_response
 
 from streamproc._supervise import supervise
 from streamproc.app import App
@@ -24,6 +24,8 @@ from streamproc.cli import child_argv, install_stop_handlers, open_redis, run_as
 from streamproc.config import Config, settings_from_env
 from streamproc.errors import ConfigError
 from streamproc.event import postable_types
+from streamproc.ingest._http import SERVER_NAME
+from streamproc.ingest._serve import GuardedSite, make_runner
 from streamproc.ingest.app import Ingest, create_app
 from streamproc.ingest.auth import AgentStore, parse_types
 from streamproc.ingest.settings import IngestSettings
@@ -65,17 +67,27 @@ async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool
         task_types=app.task_types,
         groups=app.declared_groups,
     )
-    runner = web.AppRunner(
+    # aiohttp's own answers (a request it cannot parse) name no versions either.
+    web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]
+    if ingest.connections.max_connections < settings.max_connections:
+        log.warning(
+            "max_connections_lowered",
+            wanted=settings.max_connections,
+            cap=ingest.connections.max_connections,
+            reason="the open-files limit (ulimit -n)",
+        )
+    runner = make_runner(
         create_app(ingest, schedules=app.schedules, routes=app.routes, panels=app.panels),
-        access_log=None,
-        shutdown_timeout=1.0,
+        settings,
     )
     await runner.setup()
     stop = asyncio.Event()
     install_stop_handlers(stop.set)  # before the hooks: a stop while they run still drains
     try:
         async with app.lifespan(role="ingest", redis=client, keys=keys, producer=producer):
-            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=2048)
+            site = GuardedSite(
+                runner, ingest.connections, host=host, port=port, reuse_port=reuse_port
+            )
             await site.start()
             log.info("ingest_listening", host=host, port=port, pid=os.getpid())
             if not await ingest.agents.list():
