@@ -29,6 +29,8 @@ __all__ = ("EmbeddedRedis", "free_port")
 
 #: ``maxmemory`` as redis.conf takes it: bytes, or a number with k/kb/m/mb/g/gb.
 _MAXMEMORY_RE = re.compile(r"^[0-9]+(?:[kmg]b?)?$", re.IGNORECASE)
+#: URL-safe and safe inside redis.conf's double quotes (``secrets.token_urlsafe`` makes these).
+_PASSWORD_RE = re.compile(r"^[A-Za-z0-9._~-]{16,}$")
 
 
 def free_port() -> int:
@@ -56,8 +58,8 @@ class EmbeddedRedis:
             raise ConfigError(f"appendfsync must be always|everysec|no, got {appendfsync!r}")
         if maxmemory is not None and not _MAXMEMORY_RE.fullmatch(maxmemory):
             raise ConfigError(f"maxmemory must be bytes or e.g. 512mb, 2gb; got {maxmemory!r}")
-        if password is not None and (not password or any(c.isspace() for c in password)):
-            raise ConfigError("the embedded Redis password must be non-empty, without spaces")
+        if password is not None and not _PASSWORD_RE.fullmatch(password):
+            raise ConfigError("the embedded Redis password must be letters, digits, '._~-'")
         self.data_dir, self.port = Path(data_dir), port or free_port()
         self.password, self.maxmemory = password, maxmemory
         self.appendfsync, self.appendonly = appendfsync, appendonly
@@ -134,7 +136,8 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                log = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
+                log_file = self.data_dir / "redis.log"
+                log = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
                 raise RedisUnavailable(f"redis-server exited with {self.proc.returncode}: {log}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:

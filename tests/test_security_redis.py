@@ -151,7 +151,9 @@ def test_embedded_redis_refuses_a_bad_maxmemory_or_password(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="maxmemory"):
         EmbeddedRedis(tmp_path, maxmemory="lots")
     with pytest.raises(ConfigError, match="password"):
-        EmbeddedRedis(tmp_path, password="two words")
+        EmbeddedRedis(tmp_path, password='two words and a quote"')
+    with pytest.raises(ConfigError, match="password"):
+        EmbeddedRedis(tmp_path, password="short")
 
 
 # ---------------------------------------------------------------------- compose: static
