@@ -440,6 +440,37 @@ async def test_past_max_connections_the_idlest_connection_makes_room(
             await asyncio.gather(*(w.wait_closed() for _, w in socks), return_exceptions=True)
 
 
+async def test_past_max_connections_with_every_one_busy_the_new_one_is_closed(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """Connections mid-request are never evicted: the newcomer is the one closed."""
+    async with guarded_ingest(client, keys, producer, max_connections=5) as (ingest, url):
+        port = URL(url).port
+        assert port is not None
+        token = (await AgentStore(client, keys).add("agent-1", types=["cluster.*"]))[1]
+        head = (
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Length: 100\r\n\r\n"
+        ).encode()
+        socks = [await idle_socket(port, head) for _ in range(5)]  # each waits for its body
+        try:
+            for _ in range(500):  # until all five are reading their bodies
+                if ingest.body_bytes == 500:
+                    break
+                await asyncio.sleep(0.01)
+            assert ingest.body_bytes == 500
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await until_closed(reader) == b""
+            writer.close()
+            assert ingest.connections.refused == 1
+            assert ingest.connections.evicted == 0
+            assert len(ingest.connections.open) == 5
+        finally:
+            for _, w in socks:
+                w.close()
+            await asyncio.gather(*(w.wait_closed() for _, w in socks), return_exceptions=True)
+
+
 async def test_a_connection_idle_after_its_answer_closes_after_keepalive_timeout_s(
     client: aioredis.Redis, keys: Keys, producer: Producer
 ) -> None:
