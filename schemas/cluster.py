@@ -14,6 +14,10 @@ __all__ = ("NodeNotReady", "OOMKilled", "PodPending", "SpotInterruption")
 #: A Kubernetes/AWS name: shown to people and the cluster route's ``key``, so no control
 #: characters either (a 422 naming the field at ingest).
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=NO_CONTROL_PATTERN)]
+#: The same, where the agent may leave it out (empty).
+OptionalName = Annotated[str, msgspec.Meta(max_length=253, pattern=NO_CONTROL_PATTERN)]
+#: Free text from an agent (a reason, a message): bounded, so no agent string is unbounded.
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
 
 
 class ClusterEvent(Event, frozen=True, kw_only=True):
@@ -27,7 +31,7 @@ class SpotInterruption(ClusterEvent, frozen=True, kw_only=True, tag="cluster.spo
     instance_id: Name
     instance_type: Name
     availability_zone: Name
-    node_name: str = ""
+    node_name: OptionalName = ""
     action: Literal["terminate", "stop", "hibernate"] = "terminate"
 
 
@@ -37,7 +41,7 @@ class OOMKilled(ClusterEvent, frozen=True, kw_only=True, tag="cluster.oom_killed
     namespace: Name
     pod: Name
     container: Name
-    workload: str = ""
+    workload: OptionalName = ""
     memory_limit_bytes: Annotated[int, msgspec.Meta(gt=0)]
     #: Peak usage seen before the kill, when the agent knows it.
     memory_peak_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -46,13 +50,13 @@ class OOMKilled(ClusterEvent, frozen=True, kw_only=True, tag="cluster.oom_killed
 
 class NodeNotReady(ClusterEvent, frozen=True, kw_only=True, tag="cluster.node_not_ready"):
     node_name: Name
-    instance_id: str = ""
-    reason: str = ""
+    instance_id: OptionalName = ""
+    reason: Text = ""
 
 
 class PodPending(ClusterEvent, frozen=True, kw_only=True, tag="cluster.pod_pending"):
     namespace: Name
     pod: Name
     #: The scheduler's message, e.g. "0/5 nodes are available: 3 Insufficient cpu."
-    message: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    message: Text = ""
     pending_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
