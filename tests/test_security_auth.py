@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,10 +35,11 @@ from streamproc.dashboard import (
     build_snapshot,
     dashboard_settings_from_env,
 )
+from streamproc.embedded import free_port
 from streamproc.errors import ConfigError
 from streamproc.groups import ensure_declared_groups
 from streamproc.ingest import AgentStore, Ingest, IngestSettings
-from streamproc.ingest.app import INGEST, _errors_and_metrics
+from streamproc.ingest.app import create_app
 from streamproc.ingest.ratelimit import FailureThrottle
 from tests.helpers import spot
 from tests.test_ingest_support import Server, cluster_event, running_ingest
@@ -50,8 +54,8 @@ pytestmark = pytest.mark.timeout(120)
 async def dashboard_server(
     client: aioredis.Redis, keys: Keys, producer: Producer, settings: DashboardSettings
 ) -> AsyncIterator[tuple[str, AgentStore]]:
-    """The dashboard's routes with ``settings`` on 127.0.0.1 (``create_app`` mounts it with
-    the defaults; the ingest's entry point passes what the environment says)."""
+    """The ingest app with the dashboard's ``settings`` on 127.0.0.1 (``streamproc ingest``
+    passes what ``STREAMPROC_DASHBOARD_*`` says; tested with a process below)."""
     ingest = Ingest(
         client=client,
         registry=REGISTRY,
@@ -59,10 +63,7 @@ async def dashboard_server(
         producer=producer,
         settings=IngestSettings(auth_cache_s=0.0),
     )
-    app = web.Application(middlewares=[_errors_and_metrics])
-    app[INGEST] = ingest
-    add_dashboard(app, client=client, keys=keys, agents=ingest.agents, settings=settings)
-    server = TestServer(app, host="127.0.0.1", port=0)
+    server = TestServer(create_app(ingest, dashboard=settings), host="127.0.0.1", port=0)
     await server.start_server()
     try:
         yield str(server.make_url("")).rstrip("/"), ingest.agents
@@ -366,3 +367,39 @@ async def test_repeated_bad_logins_get_429_with_retry_after(srv: Server) -> None
         assert set_cookie == ""
         async with b.get("/dashboard") as r:
             assert "csrf-token" not in await r.text()  # no session was made
+
+
+@pytest.mark.slow
+async def test_streamproc_ingest_reads_the_dashboard_settings_from_the_environment(
+    redis_url: str, keys: Keys, client: aioredis.Redis, repo_root: Path
+) -> None:
+    """STREAMPROC_DASHBOARD_SECURE_COOKIE=true reaches the process's dashboard."""
+    _, token = await AgentStore(client, keys).add("admin", operator=True)
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "STREAMPROC_PREFIX": keys.prefix,
+        "STREAMPROC_LOG_LEVEL": "warning",
+        "STREAMPROC_DASHBOARD_SECURE_COOKIE": "true",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamproc", "ingest", "--port", str(port), env=env, cwd=repo_root
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with browser(url) as b:
+            while True:  # until it listens
+                try:
+                    async with b.get("/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    assert proc.returncode is None, "streamproc ingest exited"
+                    await asyncio.sleep(0.1)
+            status, _, set_cookie = await login(b, token)
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert status == 303
+    assert "; Secure" in set_cookie

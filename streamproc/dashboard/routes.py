@@ -328,7 +328,10 @@ class Dashboard:
                     data = await self.sampler.encoded()
                     await response.write(b"event: snapshot\ndata: " + data + b"\n\n")
                 except _REDIS_FAILED as e:
-                    message = msgspec.json.encode({"error": "redis_unavailable", "detail": str(e)})
+                    log.warning("dashboard_snapshot_failed", error=str(e))  # where: logs only
+                    message = msgspec.json.encode(
+                        {"error": "redis_unavailable", "detail": "the event store does not answer"}
+                    )
                     await response.write(b"event: problem\ndata: " + message + b"\n\n")
                 await asyncio.sleep(self.settings.interval_s)
         except (ConnectionResetError, ConnectionError):

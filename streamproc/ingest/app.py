@@ -57,6 +57,7 @@ from streamproc.tasks.runner import TaskType
 
 if TYPE_CHECKING:
     from streamproc.dashboard.panels import Panel
+    from streamproc.dashboard.routes import DashboardSettings
 
 __all__ = ("INGEST", "Ingest", "create_app")
 
@@ -484,8 +485,11 @@ def create_app(
     schedules: Sequence[Schedule] = (),
     routes: Sequence[Callable[[web.Application, Ingest], None]] = (),
     panels: Sequence[Panel] = (),
+    dashboard: DashboardSettings | None = None,
 ) -> web.Application:
     """The aiohttp application (the caller owns the Redis client and closes it).
+
+    ``dashboard``: the dashboard's settings (cookie, proxies, login throttle); defaults if None.
 
     ``schedules``: the application's ticker table, for the dashboard's next fire times.
     ``panels``: the application's dashboard panels (``App.panels``).
@@ -512,6 +516,7 @@ def create_app(
         client=ingest.client,
         keys=ingest.keys,
         agents=ingest.agents,
+        settings=dashboard,
         schedules=schedules,
         panels=panels,
         draining=lambda: ingest.draining,

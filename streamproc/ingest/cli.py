@@ -12,6 +12,7 @@ import fnmatch
 import os
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import msgspec
 import orjson
@@ -31,6 +32,9 @@ from streamproc.ingest.auth import AgentStore, parse_types
 from streamproc.ingest.settings import IngestSettings
 from streamproc.keys import Keys
 from streamproc.producer import Producer
+
+if TYPE_CHECKING:
+    from streamproc.dashboard.routes import DashboardSettings
 
 __all__ = ("UP_ROLE", "ingest_settings_from_env", "register")
 
@@ -77,7 +81,13 @@ async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool
             reason="the open-files limit (ulimit -n)",
         )
     runner = make_runner(
-        create_app(ingest, schedules=app.schedules, routes=app.routes, panels=app.panels),
+        create_app(
+            ingest,
+            schedules=app.schedules,
+            routes=app.routes,
+            panels=app.panels,
+            dashboard=_dashboard_settings(),
+        ),
         settings,
     )
     await runner.setup()
@@ -252,3 +262,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rev = asub.add_parser("revoke", help="delete an agent and its token")
     rev.add_argument("name")
     a.set_defaults(func=_cmd_agents)
+
+
+def _dashboard_settings() -> DashboardSettings:
+    """``STREAMPROC_DASHBOARD_*`` (cookie, trusted proxies, login throttle)."""
+    # Imported here: the dashboard's modules import the ingest's.
+    from streamproc.dashboard.routes import dashboard_settings_from_env
+
+    return dashboard_settings_from_env(os.environ)
