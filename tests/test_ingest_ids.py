@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from schemas import REGISTRY
 from streamproc import Keys, Producer
+from streamproc.ingest.app import agent_event_id, idem_marker
 from streamproc.ingest.decode import EventDecoder
 from tests.test_ingest_support import Server, cluster_event, running_ingest
 
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.timeout(60)
 
 ID_A = "0190d0b6-0000-7000-8000-00000000000a"
 ID_B = "0190d0b6-0000-7000-8000-00000000000b"
+#: What the ingest stores for agent-1's ids: ids scoped to the agent (issue 17 item 2).
+SA, SB = agent_event_id("agent-1", ID_A), agent_event_id("agent-1", ID_B)
 NDJSON = {"Content-Type": "application/x-ndjson"}
 MSGPACK = {"Content-Type": "application/msgpack"}
 JSON = {"Content-Type": "application/json"}
@@ -80,12 +83,12 @@ async def test_an_event_with_its_own_id_is_marked_and_its_retry_adds_nothing(
     ev = cluster_event(id=ID_A)
     status, first, _ = await srv.post("/v1/events", ev, token=token)
     assert status == 202, first
-    assert await markers(client, keys) == {ID_A}
-    marker = await client.get(keys.published_prefix("cluster") + ID_A)
+    assert await markers(client, keys) == {SA}
+    marker = await client.get(keys.published_prefix("cluster") + SA)
     assert marker == first["events"][0]["entry_id"].encode()
     status, again, _ = await srv.post("/v1/events", ev, token=token)
     assert status == 202, again
-    assert again["events"] == first["events"] == [{"id": ID_A, "entry_id": entry_ids(first)[0]}]
+    assert again["events"] == first["events"] == [{"id": SA, "entry_id": entry_ids(first)[0]}]
     assert await client.xlen(keys.stream("cluster")) == 1
 
 
@@ -95,7 +98,7 @@ async def test_a_json_batch_marks_exactly_the_items_with_ids(
     batch = [cluster_event(id=ID_A), cluster_event(), cluster_event(id=ID_B), cluster_event()]
     status, first, _ = await srv.post("/v1/events", batch, token=token)
     assert status == 202, first
-    assert await markers(client, keys) == {ID_A, ID_B}
+    assert await markers(client, keys) == {SA, SB}
     status, again, _ = await srv.post("/v1/events", batch, token=token)
     assert status == 202, again
     # the items with ids are duplicates of the first post; the others are new events
@@ -103,7 +106,7 @@ async def test_a_json_batch_marks_exactly_the_items_with_ids(
     assert entry_ids(again)[2] == entry_ids(first)[2]
     assert not set(entry_ids(again)[1::2]) & set(entry_ids(first))
     assert await client.xlen(keys.stream("cluster")) == 6
-    assert await markers(client, keys) == {ID_A, ID_B}
+    assert await markers(client, keys) == {SA, SB}
 
 
 async def test_ndjson_marks_exactly_the_lines_with_ids(
@@ -114,8 +117,8 @@ async def test_ndjson_marks_exactly_the_lines_with_ids(
     data += b"\n".join(orjson.dumps(e) for e in lines[2:]) + b"\n"
     status, first, _ = await srv.post("/v1/events", data=data, token=token, headers=NDJSON)
     assert status == 202, first
-    assert ids(first)[1::2] == [ID_A, ID_B]
-    assert await markers(client, keys) == {ID_A, ID_B}
+    assert ids(first)[1::2] == [SA, SB]
+    assert await markers(client, keys) == {SA, SB}
     status, again, _ = await srv.post("/v1/events", data=data, token=token, headers=NDJSON)
     assert status == 202, again
     assert entry_ids(again)[1::2] == entry_ids(first)[1::2]
@@ -130,13 +133,13 @@ async def test_msgpack_marks_exactly_the_items_with_ids(
         "/v1/events", data=msgspec.msgpack.encode(batch), token=token, headers=MSGPACK
     )
     assert status == 202, body
-    assert await markers(client, keys) == {ID_A}
+    assert await markers(client, keys) == {SA}
     for single in (cluster_event(), cluster_event(id=ID_B)):
         status, body, _ = await srv.post(
             "/v1/events", data=msgspec.msgpack.encode(single), token=token, headers=MSGPACK
         )
         assert status == 202, body
-    assert await markers(client, keys) == {ID_A, ID_B}
+    assert await markers(client, keys) == {SA, SB}
     assert await client.xlen(keys.stream("cluster")) == 5
 
 
@@ -147,8 +150,8 @@ async def test_an_id_key_written_with_an_escape_still_counts_as_given(
     assert b'"id"' not in data
     status, first, _ = await srv.post("/v1/events", data=data, token=token, headers=JSON)
     assert status == 202, first
-    assert ids(first) == [ID_A]
-    assert await markers(client, keys) == {ID_A}
+    assert ids(first) == [SA]
+    assert await markers(client, keys) == {SA}
     status, again, _ = await srv.post("/v1/events", data=data, token=token, headers=JSON)
     assert again["events"] == first["events"]
     assert await client.xlen(keys.stream("cluster")) == 1
@@ -175,13 +178,17 @@ async def test_the_cluster_route_and_idempotency_keys_keep_their_markers(
         "/clusters/prod-7/events", [ev, {**ev, "id": ID_A}], token=token
     )
     assert status == 202, body
-    assert await markers(client, keys) == {ID_A}
+    assert await markers(client, keys) == {SA}
     h = {"Idempotency-Key": "req-9"}
     status, body, _ = await srv.post(
         "/v1/events", [ev | {"cluster_id": "c"}] * 2, token=token, headers=h
     )
     assert status == 202, body
-    assert await markers(client, keys) == {ID_A, "agent-1:req-9:0", "agent-1:req-9:1"}
+    assert await markers(client, keys) == {
+        SA,
+        idem_marker("agent-1", "req-9", 0),
+        idem_marker("agent-1", "req-9", 1),
+    }
 
 
 # ---------------------------------------------------------------------- EventDecoder.ids_given

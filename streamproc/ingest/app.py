@@ -11,6 +11,7 @@ unexpected exception is logged and answered 500 without stopping the server.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections import Counter
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from streamproc.dashboard.panels import Panel
     from streamproc.dashboard.routes import DashboardSettings
 
-__all__ = ("INGEST", "Ingest", "create_app")
+__all__ = ("INGEST", "Ingest", "agent_event_id", "create_app", "idem_marker")
 
 log = structlog.get_logger("streamproc.ingest")
 
@@ -321,6 +322,7 @@ class Ingest:
                     path=f"$[{i}].type" if batch else "$.type",
                     allowed=list(agent.types),
                 )
+            _check_clusters(agent, events, batch)
         except Problem as p:
             if 400 <= p.status < 500:
                 # A refused request costs the agent's rate what it carried (its items where
@@ -331,14 +333,28 @@ class Ingest:
             raise
         await self._take(agent, len(events))
         now = datetime.now(UTC)
-        events = [msgspec.structs.replace(e, source=agent.name, received_at=now) for e in events]
+        # An id the sender chose is its own: it becomes an id scoped to the agent (another
+        # agent's same text is another event), of fixed length. Ids minted here (or derived
+        # from an Idempotency-Key, already the agent's) stay as they are.
+        given = self.decoder.ids_given(body, fmt, len(events))
+        events = [
+            msgspec.structs.replace(
+                e,
+                id=agent_event_id(agent.name, e.id) if given[i] else e.id,
+                source=agent.name,
+                received_at=now,
+            )
+            for i, e in enumerate(events)
+        ]
         idem_keys: list[str | None] | None = None
         dedup: list[bool] | None = None
         if idem is not None:
-            base = f"{agent.name}:{idem}"
-            idem_keys = [f"{base}:{i}" if batch else base for i in range(len(events))]
+            # The marker of an Idempotency-Key: its own namespace (k:), the agent's, hashed.
+            idem_keys = [
+                idem_marker(agent.name, idem, i if batch else None) for i in range(len(events))
+            ]
         else:  # ids minted here cannot come again: no dedup marker for them
-            dedup = self.decoder.ids_given(body, fmt, len(events))
+            dedup = given
         entry_ids = await self.publish(events, idem_keys, dedup)
         if len(events) == 1:
             metrics.events(events[0].type_name()).inc()
@@ -388,10 +404,46 @@ class Ingest:
         return web.Response(body=self.spec, content_type="application/json")
 
 
+def _check_clusters(agent: Agent, events: Sequence[Event], batch: bool) -> None:
+    """403 at the first event whose ``cluster_id`` the agent may not speak for (issue 17
+    item 3): an event type with a ``cluster_id`` field is about that cluster, and only an agent
+    whose ``--clusters`` match it (or an operator) posts it. Types without one are unaffected.
+    """
+    for i, e in enumerate(events):
+        cluster_id = getattr(e, "cluster_id", None)
+        if isinstance(cluster_id, str) and not agent.may_speak_for(cluster_id):
+            raise Problem(
+                403,
+                "forbidden_cluster",
+                f"agent {agent.name!r} may not post events for cluster {cluster_id[:80]!r}: "
+                "its token needs the cluster in --clusters",
+                path=f"$[{i}].cluster_id" if batch else "$.cluster_id",
+                allowed=list(agent.clusters),
+            )
+
+
 def _too_large(limit: int) -> Problem:
     return Problem(
         413, "body_too_large", f"the body is over the limit of {limit} bytes", limit=limit
     )
+
+
+#: Namespace of the event ids that stand for the ids agents chose.
+_AGENT_ID_NS = uuid.UUID("5e0c7a1d-93b4-4f62-a8d1-2c7e9b40f6a3")
+
+
+def agent_event_id(agent: str, client_id: str) -> str:
+    """The event id for the id ``client_id`` that agent ``agent`` chose: a UUID of the two, so
+    agents cannot name (and so dedup away) each other's events, and no text an agent chose goes
+    into a Redis key name."""
+    return str(uuid.uuid5(_AGENT_ID_NS, f"{agent}\0{client_id}"))
+
+
+def idem_marker(agent: str, key: str, index: int | None) -> str:
+    """The producer's dedup marker of ``agent``'s Idempotency-Key (item ``index`` of a batch):
+    ``k:`` and a SHA-256, apart from event ids and from other agents' keys, fixed length."""
+    raw = f"{agent}\0{key}" + ("" if index is None else f"\0{index}")
+    return "k:" + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _preparer(cluster_id: str | None, agent: str, idem: str | None) -> Prepare:
