@@ -4,7 +4,9 @@
 they are fanned out, and progress that concerns it. Every entry has the fields ``type`` (what
 happened: ``notify.notification``, ``task.progress`` ...) and ``data`` (a JSON object); its
 stream entry id is the SSE event id, so a viewer that reconnects with ``Last-Event-ID``
-resumes right after the last entry it saw. The stream is trimmed to about ``maxlen`` entries.
+resumes right after the last entry it saw. The stream is trimmed to about ``maxlen`` entries
+and expires ``FEED_TTL_S`` after its last entry: cluster ids come from agents, so a feed nobody
+writes to any more goes (issue 17 item 5).
 
 Writers: ``feed_effect`` inside a handler (the entry is written once, atomically with the
 event's ack, however often the handler runs), or ``append`` elsewhere.
@@ -21,7 +23,10 @@ import redis.asyncio as aioredis
 from streamproc.concern import Context
 from streamproc.keys import NAME_RE, Keys
 
-__all__ = ("append", "feed_effect", "feed_key", "trim")
+__all__ = ("FEED_TTL_S", "append", "feed_effect", "feed_key", "trim")
+
+#: A feed expires this long after its last entry.
+FEED_TTL_S = 7 * 24 * 3600
 
 
 def feed_key(keys: Keys, cluster_id: str) -> str:
@@ -41,7 +46,9 @@ def _fields(kind: str, data: dict[str, Any]) -> tuple[str, bytes]:
 def feed_effect(ctx: Context, cluster_id: str, kind: str, data: dict[str, Any]) -> None:
     """Append to the cluster's feed once, with the handled event's ack."""
     kind, body = _fields(kind, data)
-    ctx.effect("XADD", feed_key(ctx.keys, cluster_id), "*", "type", kind, "data", body)
+    key = feed_key(ctx.keys, cluster_id)
+    ctx.effect("XADD", key, "*", "type", kind, "data", body)
+    ctx.effect("EXPIRE", key, FEED_TTL_S)
 
 
 async def append(
@@ -55,9 +62,11 @@ async def append(
 ) -> str:
     """Append now (outside a handler's effects); the entry id."""
     kind, body = _fields(kind, data)
-    entry: Any = await client.xadd(
-        feed_key(keys, cluster_id), {"type": kind, "data": body}, maxlen=maxlen, approximate=True
-    )
+    key = feed_key(keys, cluster_id)
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.xadd(key, {"type": kind, "data": body}, maxlen=maxlen, approximate=True)
+        pipe.expire(key, FEED_TTL_S)
+        entry, _ = await pipe.execute()
     return entry.decode() if isinstance(entry, bytes) else str(entry)
 
 

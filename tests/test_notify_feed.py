@@ -333,7 +333,8 @@ async def test_a_tenant_never_reads_another_clusters_feed(srv: Server) -> None:
     status, body, _ = await get_status(srv, "/clusters/cluster-b/feed", token_a)
     assert status == 403
     assert body["error"] == "forbidden_cluster"
-    poster = await srv.token("poster", ["cluster.*"])  # posts events, reads no feed
+    # An agent speaks for (posts events of, reads the feeds of) its --clusters only.
+    poster = await srv.token("poster", ["cluster.*"], clusters=["cluster-b"])
     assert (await get_status(srv, "/clusters/cluster-a/feed", poster))[0] == 403
     async with open_feed(srv, "cluster-a", token_a) as sse:
         await sse.opening()
@@ -543,3 +544,12 @@ async def test_a_redis_failure_ends_the_feed_cleanly_and_a_reconnect_resumes(
                     assert ids(await s2.events(2)) == missed
         finally:
             await through.aclose()
+
+
+async def test_a_feed_expires_a_week_after_its_last_entry(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    """Cluster ids come from agents: no feed key lives forever (issue 17 item 5)."""
+    await feed_keys.append(client, keys, "c-expiring", "notify.notification", {"n": 1})
+    ttl = await client.ttl(feed_keys.feed_key(keys, "c-expiring"))
+    assert 0 < ttl <= feed_keys.FEED_TTL_S == 7 * 24 * 3600

@@ -302,6 +302,7 @@ async def test_a_hostile_cluster_event_gives_a_notification_that_fits_and_is_fan
     await run_all(consumer_of(notify.FANOUT, client, keys, producer))
     assert await client.xlen(keys.dlq("notify", "notify-fanout")) == 0
     assert await client.xlen(feed_key(keys, "c1")) == 2
+    assert 0 < await client.ttl(feed_key(keys, "c1")) <= 7 * 24 * 3600  # the feed expires
 
 
 def test_fit_cuts_every_limited_string_and_escapes_the_envelope() -> None:
@@ -402,7 +403,7 @@ async def test_a_wildcard_agent_cannot_post_the_applications_own_types(
 
 
 def test_agents_add_star_covers_the_postable_types_only(run_cli: Callable[..., CliRun]) -> None:
-    added = run_cli("agents", "add", "star", "--types", "*")
+    added = run_cli("agents", "add", "star", "--types", "*", "--clusters", "*")
     assert added.returncode == 0, added.stderr
     assert f"types: * = {', '.join(POSTABLE)};" in added.stderr
     for internal in ("tick.", "notify.", "render.", "task."):
