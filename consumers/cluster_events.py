@@ -1,7 +1,9 @@
 """The cluster-event processor (WORKLOADS.md §1): highest priority, 10 parallel workers.
 
-- spot interruption → flag the pool (instance type + AZ) as risky for every client, with a
-  TTL; remember the interrupted node for a while; notify the cluster's subscribers.
+- spot interruption → flag the pool (instance type + AZ) as risky for the reporting cluster,
+  and for every cluster once ``MIN_REPORTERS`` distinct clusters and agents reported it
+  (``schemas.risky_pools``), with a TTL; remember the interrupted node for a while; notify the
+  cluster's subscribers.
 - OOMKilled → a right-sizing recommendation: the new memory limit from the observed one.
 - node not ready → interruption-related when that node (or instance) was interrupted in the
   last ``INTERRUPTION_MEMORY_S``; a critical notification otherwise.
@@ -14,6 +16,15 @@ interruptions per pool (``<type>/<az>``), which the optimizer turns into a risk 
 What it emits goes through ``schemas.notify.fit``: text from the agent (names, a node's
 reason) is cut to the notification's own limits, so every notification decodes downstream.
 
+Tenancy (issue 17 item 3): an event is acted on only when its ``source`` may speak for its
+cluster. The ingest stamps ``source`` with the posting agent's name and checks its
+``--clusters`` already; here the agent's record is read again (``AgentStore.get``, cached
+``AGENT_CACHE_S``) so that a scope narrowed since, or an event that entered by another route,
+changes nothing. Refused events are acked and ignored (log ``cluster_event_refused``, metric
+``streamproc_cluster_events_refused_total``), never dead-lettered: a hostile agent must not fill
+the DLQ. An event whose source names no agent is the application's own (only the roles that
+hold a Redis password can write the stream without the ingest's stamp) and is acted on.
+
 Redis-side effects go through ``ctx.effect`` (applied once, atomically with the ack); events
 it emits get ids derived from the cause's id, so a handler that runs twice emits nothing new
 (producer-side dedup).
@@ -22,6 +33,12 @@ it emits get ids derived from the cause's id, so a handler that runs twice emits
 from __future__ import annotations
 
 import re
+import time
+import weakref
+from typing import Any
+
+import structlog
+from prometheus_client import Counter
 
 from schemas.cluster import ClusterEvent, NodeNotReady, OOMKilled, PodPending, SpotInterruption
 from schemas.metrics import (
@@ -32,8 +49,17 @@ from schemas.metrics import (
     pool_interruptions_key,
 )
 from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation, fit
+from schemas.risky_pools import (
+    MAX_REPORTS,
+    RISKY_POOL_TTL_S,
+    PoolReports,
+    report_member,
+    reports_key,
+    risky_pool_key,
+)
 from streamproc.concern import Concern, Context
 from streamproc.event import derived_id
+from streamproc.ingest.auth import AgentStore
 from streamproc.settings import RetryPolicy
 
 __all__ = (
@@ -42,10 +68,21 @@ __all__ = (
     "classify_pending",
     "count_figure",
     "recommend_memory_limit",
+    "speaks_for",
 )
 
-#: How long a pool stays flagged risky after an interruption.
-RISKY_POOL_TTL_S = 6 * 3600
+log = structlog.get_logger("consumers.cluster_events")
+
+#: Events refused because their source may not speak for their cluster.
+REFUSED = Counter(
+    "streamproc_cluster_events_refused",
+    "cluster events acked and ignored: their source (agent) may not speak for the cluster",
+    ["type"],
+)
+#: How long an agent's record is cached by this concern (a narrowed scope applies after it).
+AGENT_CACHE_S = 5.0
+#: One AgentStore (and cache) per Redis client.
+_STORES: weakref.WeakKeyDictionary[Any, AgentStore] = weakref.WeakKeyDictionary()
 #: How long an interrupted node is remembered, to explain a later NotReady.
 INTERRUPTION_MEMORY_S = 15 * 60
 #: How long a NotReady node's classification is kept (one key per node, never a growing hash:
@@ -92,9 +129,54 @@ def count_figure(ctx: Context, event: ClusterEvent, field: str) -> None:
         ctx.effect("EXPIRE", key, DAILY_TTL_S)
 
 
+async def speaks_for(event: ClusterEvent, ctx: Context) -> bool:
+    """May the event's source act for its cluster (see the module's Tenancy paragraph)?"""
+    store = _STORES.get(ctx.redis)
+    if store is None:
+        store = _STORES[ctx.redis] = AgentStore(ctx.redis, ctx.keys, cache_s=AGENT_CACHE_S)
+    agent = await store.get(event.source) if event.source else None
+    if agent is None or agent.may_speak_for(event.cluster_id):
+        return True
+    REFUSED.labels(event.type_name()).inc()
+    log.warning(
+        "cluster_event_refused",
+        event_id=event.id,
+        type=event.type_name(),
+        source=event.source,
+        cluster_id=event.cluster_id,
+        reason="the source may not speak for this cluster",
+    )
+    return False
+
+
+def _tenant(handler: Any) -> Any:
+    """Run ``handler`` only for events whose source may speak for their cluster."""
+
+    async def checked(event: ClusterEvent, ctx: Context) -> None:
+        if await speaks_for(event, ctx):
+            await handler(event, ctx)
+
+    checked.__name__ = checked.__qualname__ = handler.__name__
+    checked.__doc__ = handler.__doc__
+    return checked
+
+
 async def on_spot_interruption(event: SpotInterruption, ctx: Context) -> None:
-    pool = ctx.keys.state("risky-pool", event.instance_type, event.availability_zone)
-    ctx.effect("SET", pool, event.id, "EX", RISKY_POOL_TTL_S)
+    itype, az = event.instance_type, event.availability_zone
+    # Risky for this cluster now; for every cluster once the quorum of schemas.risky_pools
+    # is met (the optimizer applies the same rule to the reports when it reads them).
+    reports = reports_key(ctx.keys, itype, az)
+    now_ms = int(time.time() * 1000)
+    member = report_member(event.source, event.cluster_id)
+    ctx.effect("ZADD", reports, now_ms, member)
+    ctx.effect("EXPIRE", reports, RISKY_POOL_TTL_S)
+    # Old and surplus reports go now (idempotent, so not an effect of this event).
+    await ctx.redis.zremrangebyscore(reports, "-inf", now_ms - RISKY_POOL_TTL_S * 1000)
+    await ctx.redis.zremrangebyrank(reports, 0, -MAX_REPORTS)
+    seen = PoolReports([*await ctx.redis.zrange(reports, 0, -1), member])
+    for_all = seen.risky_for_all()
+    if for_all:
+        ctx.effect("SET", risky_pool_key(ctx.keys, itype, az), event.id, "EX", RISKY_POOL_TTL_S)
     per_pool = pool_interruptions_key(ctx.keys, day_of(event.occurred_at))
     ctx.effect("HINCRBY", per_pool, f"{event.instance_type}/{event.availability_zone}", 1)
     ctx.effect("EXPIRE", per_pool, DAILY_TTL_S)
@@ -114,6 +196,7 @@ async def on_spot_interruption(event: SpotInterruption, ctx: Context) -> None:
                 title=f"Spot interruption: {event.instance_id} ({event.instance_type}, "
                 f"{event.availability_zone})",
                 body=f"Pool {event.instance_type}/{event.availability_zone} flagged risky for "
+                f"{'every cluster' if for_all else 'this cluster'} for "
                 f"{RISKY_POOL_TTL_S // 3600} h.",
             )
         )
@@ -195,10 +278,10 @@ CONCERN = Concern(
     group="cluster-events",
     topics=("cluster",),
     handlers={
-        SpotInterruption: on_spot_interruption,
-        OOMKilled: on_oom_killed,
-        NodeNotReady: on_node_not_ready,
-        PodPending: on_pod_pending,
+        SpotInterruption: _tenant(on_spot_interruption),
+        OOMKilled: _tenant(on_oom_killed),
+        NodeNotReady: _tenant(on_node_not_ready),
+        PodPending: _tenant(on_pod_pending),
     },
     concurrency=10,
     retry=RetryPolicy(max_retries=3, base_s=0.5, cap_s=30.0),

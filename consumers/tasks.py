@@ -94,7 +94,9 @@ async def run_optimizer(p: OptimizerRun, ctx: TaskContext) -> dict[str, Any]:
     risks: list[pipeline.PoolRisk] = []
     risky = 0
     for i, pool in enumerate(pools, 1):
-        [risk] = await pipeline.pool_risks(ctx.redis, ctx.keys, [pool], now)
+        [risk] = await pipeline.pool_risks(
+            ctx.redis, ctx.keys, [pool], now, cluster_id=p.cluster_id
+        )
         risks.append(risk)
         risky += risk.score >= pipeline.RISK_LIMIT
         await _report(

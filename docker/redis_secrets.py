@@ -110,6 +110,10 @@ def role_rules(role: str, prefix: str) -> str:
     if role == "ingest":
         # Token lookups (HGET, inside a script) read the agents hash; nothing may write it.
         return f"{rules} %R~{agents} (~{agents} +evalsha)"
+    if role == "consumer":
+        # The cluster-event processor reads an event's source agent (HGET <p>:agents <name>,
+        # issue 17 item 3): read-only, and not through the token-lookup script.
+        return f"{rules} %R~{agents}"
     return rules
 
 

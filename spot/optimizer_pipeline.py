@@ -4,8 +4,9 @@
    ``Instance.cluster`` = the cluster), running ones only.
 2. **Candidate pools**: (instance type, AZ) for the policy's families (else the families the
    cluster runs) in every size it runs on demand, times the AZs it runs in.
-3. **Risk per pool** (0..1): 1.0 while the cluster-event processor's risky flag is up (a spot
-   interruption in the last 6 h); else ``RISK_PER_INTERRUPTION`` per interruption of that pool
+3. **Risk per pool** (0..1): 1.0 while the pool is risky for this cluster (``schemas.risky_pools``:
+   it reported a spot interruption of the pool in the last 6 h, or clusters of at least two
+   other agents did); else ``RISK_PER_INTERRUPTION`` per interruption of that pool
    in the last ``RISK_WINDOW_DAYS`` days (every client's), at most 0.9.
 4. **Decisions**: each running on-demand instance either ``convert`` to the cheapest pool of its
    size under ``RISK_LIMIT`` (its own AZ first) — while the cluster's spot share stays within
@@ -34,6 +35,7 @@ import redis.asyncio as aioredis
 from schemas.inventory import Instance
 from schemas.metrics import DAILY_TTL_S, cluster_daily_key, daily_key, day_of
 from schemas.metrics import pool_interruptions_key as _pool_key
+from schemas.risky_pools import RISKY_POOL_TTL_S, PoolReports, reports_key, risky_pool_key
 from spot.aws import AccountStore, Aws
 from spot.policy import Policy
 from spot.prices import hourly_usd
@@ -171,22 +173,41 @@ def candidate_pools(
 
 
 async def pool_risks(
-    redis: aioredis.Redis, keys: Keys, pools: Sequence[tuple[str, str]], now: datetime
+    redis: aioredis.Redis,
+    keys: Keys,
+    pools: Sequence[tuple[str, str]],
+    now: datetime,
+    *,
+    cluster_id: str | None = None,
 ) -> list[PoolRisk]:
-    """Each pool's risk from its risky flag and its recent interruptions (one round trip)."""
+    """Each pool's risk from its risky flags and its recent interruptions (one round trip).
+
+    Flagged: risky for every cluster (the flag, or the reports meet the quorum), or reported
+    by ``cluster_id`` itself within the window (``schemas.risky_pools``).
+    """
     if not pools:
         return []
     names = [f"{t}/{az}" for t, az in pools]
     days = [day_of(now - timedelta(days=i)) for i in range(RISK_WINDOW_DAYS)]
+    since_ms = int(now.timestamp() * 1000) - RISKY_POOL_TTL_S * 1000
     pipe = redis.pipeline(transaction=False)
-    pipe.mget([keys.state("risky-pool", t, az) for t, az in pools])
+    pipe.mget([risky_pool_key(keys, t, az) for t, az in pools])
+    for t, az in pools:
+        pipe.zrangebyscore(reports_key(keys, t, az), since_ms, "+inf")
     for day in days:
         pipe.hmget(_pool_key(keys, day), names)
-    flags, *counts = await pipe.execute()
+    flags, *rest = await pipe.execute()
+    reports = [PoolReports(r) for r in rest[: len(pools)]]
+    counts = rest[len(pools) :]
     out = []
     for i, ((itype, az), name) in enumerate(zip(pools, names, strict=True)):
         n = sum(int(c[i] or 0) for c in counts)
-        flagged = flags[i] is not None
+        seen = reports[i]
+        flagged = (
+            flags[i] is not None
+            or seen.risky_for_all()
+            or (cluster_id is not None and seen.risky_for(cluster_id))
+        )
         score = 1.0 if flagged else min(0.9, RISK_PER_INTERRUPTION * n)
         out.append(
             PoolRisk(

@@ -257,7 +257,16 @@ def test_up_runs_everything_on_an_embedded_redis(tmp_path: Path) -> None:
                 )
                 published = r.returncode == 0
             got = subprocess.run(
-                ["redis-cli", "-p", str(port), "GET", "sp:state:risky-pool:m5.large:eu-west-1a"],
+                # One cluster's interruption: the pool is risky for that cluster (its report).
+                [
+                    "redis-cli",
+                    "-p",
+                    str(port),
+                    "ZRANGE",
+                    "sp:state:risky-pool-reports:m5.large:eu-west-1a",
+                    "0",
+                    "-1",
+                ],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -288,7 +297,7 @@ def test_one_shot_commands_write_for_people(env: dict[str, str]) -> None:
     """`agents add` prints the token alone on stdout and a sentence on stderr: no JSON log
     lines, even with JSON logs on; `--verbose` shows them (the Redis server line)."""
     env = {**env, "STREAMPROC_LOG_JSON": "1"}
-    r = cli("agents", "add", "people-agent", "--types", "cluster.*", env=env)
+    r = cli("agents", "add", "people-agent", "--types", "cluster.*", "--clusters", "*", env=env)
     assert r.returncode == 0, r.stderr
     [token] = r.stdout.splitlines()
     assert len(token) >= 32

@@ -64,17 +64,22 @@ async def test_spot_interruption_flags_the_pool_and_notifies_once(
     keys: Keys,
     codec: Codec[Any],
 ) -> None:
+    """One cluster's interruption makes the pool risky for that cluster (its report); the
+    flag for every cluster waits for a second cluster and source (schemas.risky_pools)."""
     event = spot(1, node_name="ip-10-0-0-1")
     await producer.publish(event)
     await run_all(processor)
     pool = keys.state("risky-pool", "m5.large", "eu-west-1a")
-    assert await client.get(pool) == event.id.encode()
-    assert 0 < await client.ttl(pool) <= cluster_events.RISKY_POOL_TTL_S
+    reports = keys.state("risky-pool-reports", "m5.large", "eu-west-1a")
+    assert await client.get(pool) is None
+    assert await client.zrange(reports, 0, -1) == [b'["","c1"]']
+    assert 0 < await client.ttl(reports) <= cluster_events.RISKY_POOL_TTL_S
     [note] = await emitted(client, keys, codec)
     assert isinstance(note, Notification)
     assert note.id == derived_id(event.id, "notify")
     assert note.cause_id == event.id
     assert note.severity == "warning"
+    assert "risky for this cluster" in note.body
     # the same interruption reported again (agent retry): no second notification
     await client.xadd(keys.stream("cluster"), codec.encode(event))  # type: ignore[arg-type]
     await run_all(processor)

@@ -51,8 +51,12 @@ class Server:
         *,
         operator: bool = False,
         submit: Sequence[str] = (),
+        clusters: Sequence[str] = ("*",),
     ) -> str:
-        _, token = await self.agents.add(name, types=types, operator=operator, submit=submit)
+        """A token for ``name``; by default it posts every type for every cluster."""
+        _, token = await self.agents.add(
+            name, types=types, operator=operator, submit=submit, clusters=clusters
+        )
         return token
 
     async def post(

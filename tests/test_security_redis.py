@@ -365,7 +365,8 @@ async def test_only_the_operator_may_write_the_agents_hash(
     acl_redis: AclRedis, clients: dict[str, aioredis.Redis], role: str
 ) -> None:
     """HSET <p>:agents is refused to ingest, consumers and tickers, directly and through the
-    agents' own Lua script; the operator CLI's user adds agents; only ingest reads them."""
+    agents' own Lua script; the operator CLI's user adds agents; only ingest looks tokens up
+    (consumers may read an agent's record by name, not through the lookup script)."""
     keys = acl_redis.keys
     _, token = await AgentStore(clients["operator"], keys).add("op-made", types=["cluster.*"])
     with pytest.raises(NoPermissionError):
@@ -488,6 +489,8 @@ def test_the_operator_cli_runs_as_its_user_and_ingest_cannot_add_agents(
         "cli-a1",
         "--types",
         "cluster.*",
+        "--clusters",
+        "*",
     )
     assert added.returncode == 0, added.stderr
     listed = _streamproc(acl_redis.urls["operator"], acl_redis.prefix, "agents", "list")
@@ -496,7 +499,15 @@ def test_the_operator_cli_runs_as_its_user_and_ingest_cannot_add_agents(
     assert inspected.returncode in (0, 1), inspected.stderr  # 1 = an SLO breach, not NOPERM
     assert "permission" not in inspected.stderr.lower()
     refused = _streamproc(
-        acl_redis.urls["ingest"], acl_redis.prefix, "agents", "add", "cli-a2", "--types", "*"
+        acl_redis.urls["ingest"],
+        acl_redis.prefix,
+        "agents",
+        "add",
+        "cli-a2",
+        "--types",
+        "*",
+        "--clusters",
+        "*",
     )
     assert refused.returncode != 0
     assert (
@@ -519,7 +530,15 @@ def test_the_roles_run_as_processes_on_their_users_as_under_compose(
     everything stops cleanly and no process was refused a command (NOPERM)."""
     prefix, urls = acl_redis.prefix, acl_redis.urls
     added = _streamproc(
-        urls["operator"], prefix, "agents", "add", "proc-a1", "--types", "cluster.*"
+        urls["operator"],
+        prefix,
+        "agents",
+        "add",
+        "proc-a1",
+        "--types",
+        "cluster.*",
+        "--clusters",
+        "c1",
     )
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip()
@@ -549,7 +568,9 @@ def test_the_roles_run_as_processes_on_their_users_as_under_compose(
             for _ in range(300):
                 if all(p.poll() is None for p in procs.values()):
                     _post(port, body, token)
-                flagged = op.get(f"{prefix}:state:risky-pool:m5.large:eu-west-1a")
+                # One cluster's report: risky for that cluster (schemas.risky_pools); the
+                # consumer read the agent's record (HGET <p>:agents) to act on it.
+                flagged = op.zcard(f"{prefix}:state:risky-pool-reports:m5.large:eu-west-1a")
                 leader = op.get(f"{prefix}:ticker:{{ticker}}:lease")
                 if flagged and leader:
                     break

@@ -57,6 +57,12 @@ if not rec then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1], 'sha256:' .. cjson.decode(rec)['token_sha256'])
 return 1
 """)
+# KEYS[1] agents hash. ARGV: name, the record read, the new record. 0 if it changed since.
+_REPLACE_LUA = Lua("""
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+""")
 # KEYS[1] agents hash. ARGV: token sha256. The agent's record, or nil.
 _LOOKUP_LUA = Lua("""
 local name = redis.call('HGET', KEYS[1], 'sha256:' .. ARGV[1])
@@ -84,8 +90,10 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True):
     types: tuple[str, ...] = ()
     #: May use the task API (and later the dashboard).
     operator: bool = False
-    #: fnmatch patterns of the clusters whose feeds it may read; empty = none. A token with
-    #: clusters and no types is a viewer: it reads feeds and posts nothing.
+    #: fnmatch patterns of the clusters it speaks for: it reads their feeds and posts events
+    #: whose ``cluster_id`` they match (``may_speak_for``); empty = none, so an agent without
+    #: clusters posts no cluster event. A token with clusters and no types is a viewer: it
+    #: reads feeds and posts nothing.
     clusters: tuple[str, ...] = ()
     #: fnmatch patterns of the task types it may submit (``crawl.*``), and read and cancel
     #: its own tasks of; empty = none. Operators submit any type and see every task.
@@ -100,6 +108,11 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True):
 
     def may_read(self, cluster_id: str) -> bool:
         """May it read this cluster's feed (operators read every cluster's)."""
+        return self.operator or any(fnmatch.fnmatchcase(cluster_id, p) for p in self.clusters)
+
+    def may_speak_for(self, cluster_id: str) -> bool:
+        """May it post events about this cluster (its ``clusters`` patterns; operators may
+        for every cluster). Which types it posts is ``may_post``'s question."""
         return self.operator or any(fnmatch.fnmatchcase(cluster_id, p) for p in self.clusters)
 
 
@@ -130,6 +143,8 @@ class AgentStore:
         self._cache: OrderedDict[str, tuple[float, Agent]] = OrderedDict()
         #: Unknown tokens: digest → expiry, apart so that garbage never evicts an agent.
         self._misses: OrderedDict[str, float] = OrderedDict()
+        #: ``get`` by name: name → (expiry, agent or None).
+        self._by_name: OrderedDict[str, tuple[float, Agent | None]] = OrderedDict()
         #: Failed authentications per client address (``authenticate(..., client=)``):
         #: 300 at once, then 10 a second.
         self.failures = failures or FailureThrottle(burst=300, refill_per_s=10.0)
@@ -164,6 +179,35 @@ class AgentStore:
         if not added:
             raise ConfigError(f"agent {name!r} exists: revoke it first to issue a new token")
         return agent, token
+
+    async def set_clusters(self, name: str, clusters: Sequence[str]) -> Agent | None:
+        """Replace an agent's ``clusters`` (its token stays); None if there is no such agent.
+
+        Ingest processes see the change within their ``cache_s``.
+        """
+        while True:
+            raw: Any = await self.client.hget(self.keys.agents(), name)
+            if raw is None:
+                return None
+            agent = msgspec.structs.replace(self._decoder.decode(raw), clusters=tuple(clusters))
+            if await _REPLACE_LUA(
+                self.client, [self.keys.agents()], [name, raw, msgspec.json.encode(agent)]
+            ):
+                return agent
+
+    async def get(self, name: str) -> Agent | None:
+        """The agent called ``name`` (no token needed), cached ``cache_s`` like tokens: what
+        consumers use to check an event's ``source``. Redis errors propagate."""
+        now = time.monotonic()
+        hit = self._by_name.get(name)
+        if hit is not None and hit[0] > now:
+            self._by_name.move_to_end(name)
+            return hit[1]
+        raw: Any = None if ":" in name else await self.client.hget(self.keys.agents(), name)
+        agent = self._decoder.decode(raw) if raw else None
+        if self.cache_s:
+            _remember(self._by_name, name, (now + self.cache_s, agent), self.max_cached)
+        return agent
 
     async def revoke(self, name: str) -> bool:
         return bool(await _REVOKE_LUA(self.client, [self.keys.agents()], [name]))

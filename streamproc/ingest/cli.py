@@ -168,7 +168,18 @@ def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 if not types and not clusters and not submit and not args.operator:
                     raise ConfigError(
                         "the agent could do nothing: give --types (events it posts), --clusters "
-                        "(feeds it reads), --submit (tasks it submits) or --operator"
+                        "(clusters it speaks for), --submit (tasks it submits) or --operator"
+                    )
+                # An event about a cluster is posted only for the agent's --clusters (issue 17
+                # item 3): without them such types would be refused at every POST.
+                about = [
+                    n for n in covered if "cluster_id" in app.registry.by_name[n].__struct_fields__
+                ]
+                if about and not clusters and not args.operator:
+                    raise ConfigError(
+                        f"--types cover events about a cluster ({', '.join(about)}): give "
+                        "--clusters, the clusters it speaks for (fnmatch patterns; '*' for "
+                        "every cluster)"
                     )
                 agent, token = await store.add(
                     args.name,
@@ -181,11 +192,21 @@ def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 print(
                     f"agent {agent.name!r} added (types: {', '.join(agent.types) or 'none'}"
                     f"{' = ' + ', '.join(covered) if covered != list(agent.types) else ''}; "
-                    f"feeds: {', '.join(agent.clusters) or 'none'}; "
+                    f"clusters: {', '.join(agent.clusters) or 'none'}; "
                     f"tasks: {', '.join(agent.submit) or 'none'}"
                     f"{'; operator' if agent.operator else ''}). The token is shown only now; "
                     "Redis keeps its SHA-256.",
                     file=sys.stderr,
+                )
+                return 0
+            if args.action == "set-clusters":
+                changed = await store.set_clusters(args.name, parse_types(args.clusters))
+                if changed is None:
+                    print(f"streamproc: no agent {args.name!r}", file=sys.stderr)
+                    return 1
+                print(
+                    f"agent {args.name!r} speaks for: {', '.join(changed.clusters) or 'no cluster'}"
+                    " (ingest caches apply it within a few s; its token is unchanged)"
                 )
                 return 0
             if args.action == "revoke":
@@ -201,7 +222,9 @@ def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
                     del rec["token_sha256"]
                     print(orjson.dumps(rec).decode())
                 return 0
-            print(f"{'name':<24} {'operator':<9} {'created':<26} {'feeds':<20} {'tasks':<20} types")
+            print(
+                f"{'name':<24} {'operator':<9} {'created':<26} {'clusters':<20} {'tasks':<20} types"
+            )
             for a in agents:
                 print(
                     f"{a.name:<24} {'yes' if a.operator else 'no':<9} {a.created_at:<26} "
@@ -244,7 +267,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="extend",
         default=[],
         metavar="C",
-        help="clusters whose live feed it may read (fnmatch patterns); alone: a viewer token",
+        help="clusters it speaks for (fnmatch patterns, '*' = all): posts events about them and "
+        "reads their feeds; needed with --types that cover cluster events; alone: a viewer token",
     )
     add.add_argument(
         "--submit",
@@ -259,6 +283,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     lst = asub.add_parser("list", help="list agents (never tokens)")
     lst.add_argument("--json", action="store_true")
+    sc = asub.add_parser(
+        "set-clusters", help="replace the clusters an agent speaks for (its token stays)"
+    )
+    sc.add_argument("name")
+    sc.add_argument(
+        "--clusters", nargs="*", action="extend", default=[], metavar="C", help="none = no cluster"
+    )
     rev = asub.add_parser("revoke", help="delete an agent and its token")
     rev.add_argument("name")
     a.set_defaults(func=_cmd_agents)
