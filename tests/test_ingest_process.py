@@ -70,7 +70,7 @@ async def test_sigkill_mid_load_never_loses_an_acknowledged_event(
     ingest_proc: tuple[str, Any], client: aioredis.Redis, keys: Keys
 ) -> None:
     url, proc = ingest_proc
-    _, token = await AgentStore(client, keys).add("loader", types=["cluster.*"])
+    _, token = await AgentStore(client, keys).add("loader", types=["cluster.*"], clusters=["*"])
     acked: list[str] = []
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as session:
@@ -107,7 +107,7 @@ async def test_sigterm_lets_an_in_flight_request_finish(
     ingest_proc: tuple[str, Any], client: aioredis.Redis, keys: Keys
 ) -> None:
     url, proc = ingest_proc
-    _, token = await AgentStore(client, keys).add("slow", types=["cluster.*"])
+    _, token = await AgentStore(client, keys).add("slow", types=["cluster.*"], clusters=["*"])
     body = orjson.dumps(cluster_event())
     half_sent = asyncio.Event()
     go_on = asyncio.Event()
@@ -159,11 +159,11 @@ def test_agents_cli_prints_a_token_once_and_keeps_only_its_hash(
         overrides = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
         return cli_in_process(monkeypatch, capsys, overrides, "agents", *args)
 
-    added = cli("add", "edge-1", "--types", "cluster.*")
+    added = cli("add", "edge-1", "--types", "cluster.*", "--clusters", "edge-*")
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip()
     assert token.startswith("spk_")
-    exists = refused("add", "edge-1", "--types", "cluster.*")
+    exists = refused("add", "edge-1", "--types", "cluster.*", "--clusters", "*")
     assert exists.returncode == 2
     assert "exists" in exists.stderr
     useless = refused("add", "idle")

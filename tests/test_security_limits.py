@@ -387,7 +387,9 @@ async def test_idle_and_dripping_connections_neither_block_clients_nor_leak(
     ) as (ingest, url):
         port = URL(url).port
         assert port is not None
-        token_ = (await AgentStore(client, keys).add("agent-1", types=["cluster.*"]))[1]
+        token_ = (
+            await AgentStore(client, keys).add("agent-1", types=["cluster.*"], clusters=["*"])
+        )[1]
         partial = b"POST /v1/events HTTP/1.1\r\nHost: x\r\n"
         socks = [await idle_socket(port, b"" if n % 3 == 0 else partial) for n in range(IDLE)]
         drips = [asyncio.create_task(drip(w)) for _, w in socks[2::3]]  # 100 of them
@@ -447,7 +449,9 @@ async def test_past_max_connections_with_every_one_busy_the_new_one_is_closed(
     async with guarded_ingest(client, keys, producer, max_connections=5) as (ingest, url):
         port = URL(url).port
         assert port is not None
-        token = (await AgentStore(client, keys).add("agent-1", types=["cluster.*"]))[1]
+        token = (
+            await AgentStore(client, keys).add("agent-1", types=["cluster.*"], clusters=["*"])
+        )[1]
         head = (
             "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Authorization: Bearer {token}\r\nContent-Length: 100\r\n\r\n"

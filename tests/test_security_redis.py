@@ -397,7 +397,9 @@ async def test_ingest_publishes_and_a_consumer_retries_acks_and_dead_letters_as_
     for role in ("ingest", "consumer"):
         info = await check_server(clients[role])
         assert info.maxmemory_policy == "noeviction"
-    _, token = await AgentStore(clients["operator"], keys).add("a1", types=["cluster.*"])
+    _, token = await AgentStore(clients["operator"], keys).add(
+        "a1", types=["cluster.*"], clusters=["*"]
+    )
     ingest_producer = Producer(clients["ingest"], codec, keys, ProducerSettings())
     async with running_ingest(clients["ingest"], keys, ingest_producer, rate_burst=1000) as srv:
         for body in (cluster_event(instance_id="i-flaky"), cluster_event(instance_id="i-bad")):
