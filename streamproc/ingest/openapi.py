@@ -18,6 +18,7 @@ from streamproc.ingest.compat import (
 )
 from streamproc.ingest.schedules import ScheduleIn
 from streamproc.ingest.tasks import TaskAccepted, TaskSubmit
+from streamproc.printable import NO_CONTROL_PATTERN
 from streamproc.scheduler import SCHEDULE_NAME_RE, ScheduleInfo
 from streamproc.tasks.store import TaskView
 
@@ -83,16 +84,33 @@ def _error_responses(*codes: int) -> dict[str, Any]:
         413: "body or batch too large",
         415: "unsupported Content-Type",
         422: "validation failed (JSON path and reason per item)",
-        429: "rate limited (see Retry-After)",
+        429: "rate_limited: over the agent's rate; too_many_failures: too many unknown tokens "
+        "from this address (see Retry-After)",
         503: "backpressure, Redis unavailable or too many bodies in flight (see Retry-After)",
     }
-    return {
-        str(c): {
-            "description": why[c],
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
-        }
-        for c in codes
+    return {str(c): _error(c, why[c]) for c in codes}
+
+
+def _error(status: int, description: str) -> dict[str, Any]:
+    """One refusal: an ``ErrorBody``, with the headers that status carries."""
+    out: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
     }
+    header = _HEADERS.get(status)
+    if header is not None:
+        out["headers"] = {header[0]: {"description": header[1], "schema": {"type": "string"}}}
+    return out
+
+
+_HEADERS = {
+    401: ("WWW-Authenticate", 'Bearer realm="streamproc"'),
+    429: ("Retry-After", "seconds"),
+    503: ("Retry-After", "seconds"),
+}
+#: Every route that takes a bearer token may answer these: no/bad token, too many unknown
+#: tokens from the caller's address (``Ingest.authenticate``), Redis down during the lookup.
+_AUTH = (401, 429, 503)
 
 
 def _json_body(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -103,62 +121,217 @@ def _json_body(schema: dict[str, Any], description: str) -> dict[str, Any]:
     }
 
 
-def _ok(status: int, ref: str, description: str) -> dict[str, Any]:
+def _ok(status: int, ref: str | dict[str, Any], description: str) -> dict[str, Any]:
+    schema = {"$ref": f"#/components/schemas/{ref}"} if isinstance(ref, str) else ref
     return {
         str(status): {
             "description": description,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+            "content": {"application/json": {"schema": schema}},
         }
     }
 
 
-def _compat_paths(op: list[dict[str, list[str]]], task_param: dict[str, Any]) -> dict[str, Any]:
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(required: Sequence[str] = (), **props: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": props, "required": list(required)}
+
+
+# ---------------------------------------------------------------------- schema fixes
+
+
+def _datetimes(types: Sequence[Any], components: dict[str, Any]) -> None:
+    """``format: date-time`` on every datetime field of the structs' schemas.
+
+    msgspec leaves it out where a naive datetime is accepted too (``datetime | None``); the
+    server wants RFC 3339 there all the same, so a client must be told.
+    """
+    seen: set[type] = set()
+
+    def walk(t: Any, schema: dict[str, Any] | None) -> None:
+        mi = msgspec.inspect
+        if isinstance(t, mi.DateTimeType):
+            if schema is not None and schema.get("type") == "string":
+                schema.setdefault("format", "date-time")
+        elif isinstance(t, mi.UnionType):
+            for member in t.types:
+                for branch in (schema or {}).get("anyOf", [schema]):
+                    if isinstance(member, mi.DateTimeType) and branch is not None:
+                        walk(member, branch)
+                    elif not isinstance(member, mi.DateTimeType):
+                        walk(member, None)
+        elif isinstance(t, mi.StructType) and t.cls not in seen:
+            seen.add(t.cls)
+            own = components.get(t.cls.__name__, {}).get("properties", {})
+            for f in t.fields:
+                walk(f.type, own.get(f.encode_name))
+        elif isinstance(t, mi.ListType | mi.VarTupleType | mi.SetType | mi.FrozenSetType):
+            walk(t.item_type, None)
+        elif isinstance(t, mi.DictType):
+            walk(t.value_type, None)
+
+    for info in msgspec.inspect.multi_type_info(list(types)):
+        walk(info, None)
+
+
+def _int_bounds(node: Any) -> None:
+    """msgspec decodes an integer only within 64 bits (a larger one is a float, refused where
+    an int is wanted): every integer without bounds gets them."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node.setdefault("minimum", -(2**63))
+            node.setdefault("maximum", 2**64 - 1)
+        for v in node.values():
+            _int_bounds(v)
+    elif isinstance(node, list):
+        for v in node:
+            _int_bounds(v)
+
+
+def _without_cluster_id(union: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
+    """The event union for ``/clusters/{cluster_id}/events``: no ``cluster_id`` in the body.
+
+    The path names the cluster; a body that repeats it must repeat it exactly (else 422
+    ``cluster_mismatch``), which JSON Schema cannot say, so the document leaves it out.
+    """
+    out: list[dict[str, str]] = []
+    mapping: dict[str, str] = {}
+    for ref in union["anyOf"]:
+        name = ref["$ref"].rsplit("/", 1)[1]
+        schema = components[name]
+        props = schema.get("properties", {})
+        if "cluster_id" in props:
+            name += "AtCluster"
+            components[name] = {
+                **schema,
+                "title": name,
+                "properties": {k: v for k, v in props.items() if k != "cluster_id"},
+                "required": [r for r in schema.get("required", []) if r != "cluster_id"],
+            }
+        out.append(_ref(name))
+        tag = props["type"]["enum"][0]
+        mapping[tag] = f"#/components/schemas/{name}"
+    return {"anyOf": out, "discriminator": {"propertyName": "type", "mapping": mapping}}
+
+
+def _payload_schema(payload_type: Any, components: dict[str, Any]) -> tuple[Any, bool]:
+    """A task type's payload schema, and whether a body must carry it (no usable default)."""
+    if payload_type is dict:
+        return {"type": "object"}, False
+    try:
+        msgspec.convert({}, payload_type)
+    except msgspec.ValidationError:
+        required = True
+    else:
+        required = False
+    return _ref(payload_type.__name__), required
+
+
+def _takes_function(payload_type: Any) -> bool:
+    """Can ``payload.function`` name the type (seed 003's body)? A dict, or a struct with a
+    ``function`` field or that allows unknown fields."""
+    if payload_type is dict:
+        return True
+    fields = getattr(payload_type, "__struct_fields__", ())
+    config = getattr(payload_type, "__struct_config__", None)
+    return "function" in fields or not getattr(config, "forbid_unknown_fields", True)
+
+
+def _task_bodies(
+    task_types: Mapping[str, TaskType], components: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The bodies of ``POST /v1/tasks`` and ``POST /task/submit``: one variant per task type
+    (its name and its payload's schema), so a schema-valid body names a known type."""
+    if not task_types:
+        return _ref("TaskSubmit"), _ref("CompatSubmit")
+    v1, compat = [], []
+    base, seed = components["TaskSubmit"], components["CompatSubmit"]
+    for name, tt in sorted(task_types.items()):
+        payload, must = _payload_schema(tt.payload_type, components)
+        v1.append(
+            {
+                **base,
+                "title": f"TaskSubmit[{name}]",
+                "properties": {**base["properties"], "type": {"const": name}, "payload": payload},
+                "required": ["type", *(["payload"] if must else [])],
+            }
+        )
+        compat.append(
+            {
+                **seed,
+                "title": f"CompatSubmit[{name}]",
+                "properties": {
+                    **seed["properties"],
+                    "task_type": {"const": name},
+                    "payload": payload,
+                },
+                "required": ["payload", "task_type"],
+            }
+        )
+        if _takes_function(tt.payload_type):
+            named = {"allOf": [payload, _obj(["function"], function={"const": name})]}
+            props = {k: v for k, v in seed["properties"].items() if k != "task_type"}
+            compat.append(
+                {
+                    **seed,
+                    "title": f"CompatSubmit[{name}] (payload.function)",
+                    "properties": {**props, "task_type": {"type": "null"}, "payload": named},
+                    "required": ["payload"],
+                }
+            )
+    return {"oneOf": v1}, {"oneOf": compat}
+
+
+# ---------------------------------------------------------------------- paths
+
+
+def _compat_paths(
+    op: list[dict[str, list[str]]],
+    task_param: dict[str, Any],
+    idem: list[dict[str, Any]],
+    body: dict[str, Any],
+) -> dict[str, Any]:
     """Seed 003's worker-node routes (``streamproc.ingest.compat``)."""
-    submit_errors = _error_responses(400, 401, 403, 408, 409, 413, 415, 422, 503)
-    submit_errors["409"] = {
-        **submit_errors["409"],
-        "description": "task_id belongs to another submitter's task",
-    }
-    submit_errors["503"] = {
-        **submit_errors["503"],
-        "description": "every runner of the queue sheds load, backpressure, Redis "
-        "unavailable or too many bodies in flight (see Retry-After)",
+    submit_errors = _error_responses(400, *_AUTH, 403, 408, 409, 413, 415, 422)
+    submit_errors["409"] = _error(409, "task_id belongs to another submitter's task")
+    submit_errors["503"] = _error(
+        503,
+        "every runner of the queue sheds load, backpressure, Redis unavailable or too many "
+        "bodies in flight (see Retry-After)",
+    )
+    get_task = {
+        "summary": "A task in seed 003's fields (a cancelled task: status failed, "
+        "state cancelled), then ours; another agent's task is a 404",
+        "security": op,
+        "parameters": [task_param],
+        "responses": {
+            **_ok(200, "CompatTask", "the task"),
+            **_error_responses(*_AUTH, 403, 404),
+        },
     }
     return {
         "/task/submit": {
             "post": {
                 "summary": "Submit a task with seed 003's body (operator or submit token)",
-                "description": "The type is `task_type`, else `payload.function`; the payload "
-                "goes to the type as it is (a type taking `{function, args, kwargs}` declares "
-                "SeedCall). A client-chosen `task_id` (or an Idempotency-Key) names the same "
-                "task again: no second run. 422s give the JSON path of the bad value.",
+                "description": "The type is `task_type`, else `payload.function` (only for a "
+                "type whose payload can carry it: SeedCall or an object); the payload goes to "
+                "the type as it is. A client-chosen `task_id` (or an Idempotency-Key) names the "
+                "same task again: no second run. 422s give the JSON path of the bad value.",
                 "security": op,
-                "parameters": [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                    }
-                ],
-                "requestBody": _json_body(
-                    {"$ref": "#/components/schemas/CompatSubmit"}, "the seed's task request"
-                ),
+                "parameters": idem,
+                "requestBody": _json_body(body, "the seed's task request"),
                 "responses": {**_ok(200, "CompatAccepted", "queued"), **submit_errors},
-            }
-        },
-        "/task/{task_id}": {
+            },
+            # `/task/{task_id}` matches this path too: GET reads the task named "submit".
             "get": {
-                "summary": "A task in seed 003's fields (a cancelled task: status failed, "
-                "state cancelled), then ours; another agent's task is a 404",
-                "security": op,
-                "parameters": [task_param],
-                "responses": {
-                    **_ok(200, "CompatTask", "the task"),
-                    **_error_responses(401, 403, 404, 503),
-                },
-            }
+                **get_task,
+                "summary": "The task whose id is `submit` (GET /task/{task_id})",
+                "parameters": [],
+            },
         },
+        "/task/{task_id}": {"get": get_task},
         "/health": {
             "get": {
                 "summary": "Seed 003's health over the live task runners and this ingest "
@@ -166,7 +339,7 @@ def _compat_paths(op: list[dict[str, list[str]]], task_param: dict[str, Any]) ->
                 "security": op,
                 "responses": {
                     **_ok(200, "CompatHealth", "healthy or degraded"),
-                    **_error_responses(401, 403, 503),
+                    **_error_responses(*_AUTH, 403),
                 },
             }
         },
@@ -176,103 +349,191 @@ def _compat_paths(op: list[dict[str, list[str]]], task_param: dict[str, Any]) ->
 def build_spec(
     event_types: Sequence[type[Event]], task_types: Mapping[str, TaskType], *, max_batch: int
 ) -> dict[str, Any]:
+    """The document: every route of the ingest service itself (``create_app``), not the
+    application's (``App.routes``, e.g. subscriptions, feeds, media jobs) nor the dashboard's:
+    see docs/ingest.md."""
     union: Any = None
     for t in event_types:
         union = t if union is None else union | t
     payloads = [t.payload_type for t in task_types.values() if t.payload_type is not dict]
+    types = [
+        union,
+        ErrorBody,
+        EventsAccepted,
+        TaskSubmit,
+        TaskAccepted,
+        TaskView,
+        ScheduleIn,
+        ScheduleInfo,
+        CompatSubmit,
+        CompatAccepted,
+        CompatTask,
+        CompatHealth,
+        CompatMetrics,
+        SeedCall,
+        *payloads,
+    ]
     (union_schema, *_), components = msgspec.json.schema_components(
-        [
-            union,
-            ErrorBody,
-            EventsAccepted,
-            TaskSubmit,
-            TaskAccepted,
-            TaskView,
-            ScheduleIn,
-            ScheduleInfo,
-            CompatSubmit,
-            CompatAccepted,
-            CompatTask,
-            CompatHealth,
-            CompatMetrics,
-            SeedCall,
-            *payloads,
-        ],
-        ref_template="#/components/schemas/{name}",
+        types, ref_template="#/components/schemas/{name}"
     )
-    events_body = {
-        "anyOf": [
-            union_schema,
-            {"type": "array", "items": union_schema, "minItems": 1, "maxItems": max_batch},
-        ]
-    }
-    events_errors = _error_responses(400, 401, 403, 408, 413, 415, 422, 429, 503)
-    post_events = {
-        "summary": "Post one event (object) or a batch (array); all-or-nothing",
-        "description": "Also accepts NDJSON (application/x-ndjson) and msgpack "
+    _datetimes(types, components)
+    _int_bounds(components)
+    v1_task_body, compat_body = _task_bodies(task_types, components)
+
+    def events_body(items: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "anyOf": [
+                items,
+                {"type": "array", "items": items, "minItems": 1, "maxItems": max_batch},
+            ]
+        }
+
+    idem = [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "1-200 printable ASCII characters, no spaces",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[!-~]+$"},
+        }
+    ]
+    events_errors = _error_responses(400, *_AUTH, 403, 408, 413, 415, 422)
+    events_errors["403"] = _error(403, "a type outside the agent's scopes (forbidden_type)")
+    events_doc = (
+        "Also accepts NDJSON (application/x-ndjson) and msgpack "
         "(application/msgpack). `source` and `received_at` are set by the server. An "
         "`Idempotency-Key` header (per item `KEY:index` in a batch) makes a retry return the "
-        "same ids without a second entry.",
+        "same ids without a second entry. Over the agent's rate, or past the batch limit, "
+        "a refused request costs its items too."
+    )
+    post_events = {
+        "summary": "Post one event (object) or a batch (array); all-or-nothing",
+        "description": events_doc,
         "security": [{"bearer": []}],
-        "parameters": [
-            {
-                "name": "Idempotency-Key",
-                "in": "header",
-                "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-            }
-        ],
-        "requestBody": _json_body(events_body, "an event, or an array of events"),
+        "parameters": idem,
+        "requestBody": _json_body(events_body(union_schema), "an event, or an array of events"),
         "responses": {**_ok(202, "EventsAccepted", "published"), **events_errors},
     }
+    cluster_errors = dict(events_errors)
+    cluster_errors["422"] = _error(
+        422,
+        "validation failed (JSON path and reason per item); cluster_mismatch: an item's "
+        "cluster_id differs from the path's",
+    )
     cluster_param = {
         "name": "cluster_id",
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "minLength": 1, "maxLength": 253},
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 253,
+            "pattern": NO_CONTROL_PATTERN,
+        },
     }
     task_param = {
         "name": "task_id",
         "in": "path",
         "required": True,
+        "description": "a malformed id is a 404 like an unknown one",
         "schema": {"type": "string", "minLength": 1, "maxLength": 128},
     }
+    name_pattern = f"^(?:{SCHEDULE_NAME_RE.pattern})$"
     schedule_param = {
         "name": "name",
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "pattern": SCHEDULE_NAME_RE.pattern},
+        "schema": {"type": "string", "pattern": name_pattern},
     }
     op: list[dict[str, list[str]]] = [{"bearer": []}]
     task_types_doc = ", ".join(
         f"`{n}` (payload: {getattr(t.payload_type, '__name__', 'object')})"
         for n, t in sorted(task_types.items())
     )
-    plain = {"content": {"application/json": {"schema": {"type": "object"}}}}
+    statuses = {"type": "array", "items": {"enum": ["completed", "failed", "cancelled", ""]}}
+    query_int = {"type": "integer"}
+    schedule_info = _ref("ScheduleInfo")
+    ready = _obj(
+        ["ready", "redis"],
+        ready={"type": "boolean"},
+        redis={"type": "boolean"},
+        missing_groups={"type": "array", "items": {"type": "string"}},
+        detail={"type": "string"},
+    )
     return {
         "openapi": "3.1.0",
-        "info": {"title": "streamproc ingest", "version": "1"},
+        "info": {
+            "title": "streamproc ingest",
+            "version": "1",
+            "description": "The ingest service's own routes. An application's routes "
+            "(`App.routes`) and the dashboard are mounted on the same server and are "
+            "documented with them, not here.",
+        },
         "paths": {
             "/v1/events": {"post": post_events},
             "/clusters/{cluster_id}/events": {
                 "post": {
                     **post_events,
                     "summary": "The seed agents' route: the path's cluster id goes into each event",
-                    "parameters": [*post_events["parameters"], cluster_param],
+                    "description": events_doc + " Each event's `cluster_id` "
+                    "is the path's (a body that carries one must carry the same: 422 "
+                    "`cluster_mismatch`); an empty `key` becomes the cluster id.",
+                    "parameters": [*idem, cluster_param],
+                    "requestBody": _json_body(
+                        events_body(_without_cluster_id(union_schema, components)),
+                        "an event, or an array of events, without cluster_id",
+                    ),
+                    "responses": {**_ok(202, "EventsAccepted", "published"), **cluster_errors},
                 }
             },
             "/v1/tasks": {
                 "post": {
-                    "summary": "Submit a task (operator token)",
+                    "summary": "Submit a task (operator, or a submit token for the type)",
                     "description": f"Task types: {task_types_doc or 'none'}.",
                     "security": op,
-                    "parameters": post_events["parameters"],
-                    "requestBody": _json_body({"$ref": "#/components/schemas/TaskSubmit"}, "task"),
+                    "parameters": idem,
+                    "requestBody": _json_body(v1_task_body, "task"),
                     "responses": {
                         **_ok(202, "TaskAccepted", "queued"),
-                        **_error_responses(400, 401, 403, 408, 413, 415, 422, 503),
+                        **_error_responses(400, *_AUTH, 403, 408, 409, 413, 415, 422),
                     },
-                }
+                },
+                "get": {
+                    "summary": "Finished tasks, newest first (an operator: all; a submit "
+                    "token: its own), and the link to the next page",
+                    "security": op,
+                    "parameters": [
+                        {"name": "status", "in": "query", "schema": statuses},
+                        {
+                            "name": "type",
+                            "in": "query",
+                            "schema": {"type": "array", "items": {"type": "string"}},
+                        },
+                        {"name": "submitted_by", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {**query_int, "minimum": 1, "maximum": 500},
+                        },
+                        {
+                            "name": "before",
+                            "in": "query",
+                            "schema": {**query_int, "minimum": 0, "maximum": 2**62},
+                        },
+                    ],
+                    "responses": {
+                        **_ok(
+                            200,
+                            _obj(
+                                ["tasks", "next"],
+                                tasks={"type": "array", "items": _ref("TaskView")},
+                                next={"type": ["string", "null"]},
+                            ),
+                            "a page",
+                        ),
+                        **_error_responses(400, *_AUTH, 403),
+                    },
+                },
             },
             "/v1/tasks/{task_id}": {
                 "get": {
@@ -281,7 +542,7 @@ def build_spec(
                     "parameters": [task_param],
                     "responses": {
                         **_ok(200, "TaskView", "the task"),
-                        **_error_responses(401, 403, 404, 503),
+                        **_error_responses(*_AUTH, 403, 404),
                     },
                 },
                 "delete": {
@@ -291,43 +552,86 @@ def build_spec(
                     "responses": {
                         **_ok(200, "TaskView", "cancelled"),
                         **_ok(202, "TaskView", "cancelling"),
-                        **_error_responses(401, 403, 404, 409, 503),
+                        **_error_responses(*_AUTH, 403, 404, 409),
                     },
                 },
             },
             "/v1/schedules": {
                 "get": {
-                    "summary": "Runtime schedules, a page: {schedules: [ScheduleInfo], cursor, "
-                    "total} (operator token; query: prefix, limit 1..1000, cursor)",
+                    "summary": "Runtime schedules, a page (operator token); cursor 0 at the end",
                     "security": op,
+                    "parameters": [
+                        {
+                            "name": "prefix",
+                            "in": "query",
+                            "schema": {
+                                "type": "string",
+                                "pattern": f"^(?:{SCHEDULE_NAME_RE.pattern})?$",
+                            },
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {**query_int, "minimum": 1, "maximum": 1000},
+                        },
+                        {
+                            "name": "cursor",
+                            "in": "query",
+                            "schema": {**query_int, "minimum": 0},
+                        },
+                    ],
                     "responses": {
-                        "200": {**plain, "description": "a page; cursor 0 at the end"},
-                        **_error_responses(400, 401, 403, 503),
+                        **_ok(
+                            200,
+                            _obj(
+                                ["schedules", "cursor", "total"],
+                                schedules={"type": "array", "items": schedule_info},
+                                cursor={"type": "integer"},
+                                total={"type": "integer"},
+                            ),
+                            "a page",
+                        ),
+                        **_error_responses(400, *_AUTH, 403),
                     },
                 }
             },
             "/v1/schedules/{name}": {
                 "get": {
-                    "summary": "One runtime schedule: {schedule: ScheduleInfo}",
+                    "summary": "One runtime schedule",
                     "security": op,
                     "parameters": [schedule_param],
                     "responses": {
-                        "200": {**plain, "description": "the schedule"},
-                        **_error_responses(400, 401, 403, 404, 503),
+                        **_ok(200, _obj(["schedule"], schedule=schedule_info), "the schedule"),
+                        **_error_responses(400, *_AUTH, 403, 404),
                     },
                 },
                 "put": {
-                    "summary": "Create (201) or change (200) a runtime schedule: "
-                    "{schedule: ScheduleInfo, changed}",
+                    "summary": "Create (201) or change (200) a runtime schedule",
+                    "description": "`event` is a tick type of the application; exactly one of "
+                    "`every` and `cron` (400 naming the field otherwise).",
                     "security": op,
                     "parameters": [schedule_param],
-                    "requestBody": _json_body(
-                        {"$ref": "#/components/schemas/ScheduleIn"}, "the schedule"
-                    ),
+                    "requestBody": _json_body(_ref("ScheduleIn"), "the schedule"),
                     "responses": {
-                        "200": {**plain, "description": "changed, or identical"},
-                        "201": {**plain, "description": "created"},
-                        **_error_responses(400, 401, 403, 408, 413, 415, 503),
+                        **_ok(
+                            200,
+                            _obj(
+                                ["schedule", "changed"],
+                                schedule={"anyOf": [schedule_info, {"type": "null"}]},
+                                changed={"type": "boolean"},
+                            ),
+                            "changed, or identical (changed false)",
+                        ),
+                        **_ok(
+                            201,
+                            _obj(
+                                ["schedule", "changed"],
+                                schedule={"anyOf": [schedule_info, {"type": "null"}]},
+                                changed={"type": "boolean"},
+                            ),
+                            "created",
+                        ),
+                        **_error_responses(400, *_AUTH, 403, 408, 413, 415),
                     },
                 },
                 "delete": {
@@ -336,19 +640,27 @@ def build_spec(
                     "parameters": [schedule_param],
                     "responses": {
                         "204": {"description": "removed"},
-                        **_error_responses(400, 401, 403, 404, 503),
+                        **_error_responses(400, *_AUTH, 403, 404),
                     },
                 },
             },
             "/healthz": {
-                "get": {"summary": "alive", "responses": {"200": {**plain, "description": "alive"}}}
+                "get": {
+                    "summary": "alive",
+                    "responses": _ok(200, _obj(["status"], status={"const": "ok"}), "alive"),
+                }
             },
             "/readyz": {
                 "get": {
                     "summary": "Redis reachable and the consumer groups exist",
                     "responses": {
-                        "200": {**plain, "description": "ready"},
-                        "503": {**plain, "description": "not ready"},
+                        **_ok(200, ready, "ready"),
+                        "503": {
+                            **_ok(503, ready, "")["503"],
+                            "description": "not ready: Redis does not answer (Retry-After, "
+                            "detail) or groups are missing (missing_groups)",
+                            "headers": {"Retry-After": {"schema": {"type": "string"}}},
+                        },
                     },
                 }
             },
@@ -361,16 +673,20 @@ def build_spec(
                             "description": "exposition format, or CompatMetrics",
                             "content": {
                                 "text/plain": {"schema": {"type": "string"}},
-                                "application/json": {
-                                    "schema": {"$ref": "#/components/schemas/CompatMetrics"}
-                                },
+                                "application/json": {"schema": _ref("CompatMetrics")},
                             },
                         },
-                        **_error_responses(401, 403, 503),
+                        **_error_responses(*_AUTH, 403),
                     },
                 }
             },
-            **_compat_paths(op, task_param),
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": _ok(200, {"type": "object"}, "OpenAPI 3.1"),
+                }
+            },
+            **_compat_paths(op, task_param, idem, compat_body),
         },
         "components": {
             "schemas": components,
