@@ -51,6 +51,7 @@ from schemas.metrics import (
 from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation, fit
 from schemas.risky_pools import (
     MAX_REPORTS,
+    REPORTS_KEPT_S,
     RISKY_POOL_TTL_S,
     PoolReports,
     report_member,
@@ -169,11 +170,12 @@ async def on_spot_interruption(event: SpotInterruption, ctx: Context) -> None:
     now_ms = int(time.time() * 1000)
     member = report_member(event.source, event.cluster_id)
     ctx.effect("ZADD", reports, now_ms, member)
-    ctx.effect("EXPIRE", reports, RISKY_POOL_TTL_S)
+    ctx.effect("EXPIRE", reports, REPORTS_KEPT_S)
     # Old and surplus reports go now (idempotent, so not an effect of this event).
-    await ctx.redis.zremrangebyscore(reports, "-inf", now_ms - RISKY_POOL_TTL_S * 1000)
+    await ctx.redis.zremrangebyscore(reports, "-inf", now_ms - REPORTS_KEPT_S * 1000)
     await ctx.redis.zremrangebyrank(reports, 0, -MAX_REPORTS)
-    seen = PoolReports([*await ctx.redis.zrange(reports, 0, -1), member])
+    kept: Any = await ctx.redis.zrange(reports, 0, -1, withscores=True)
+    seen = PoolReports([*kept, (member, now_ms)], now_ms)
     for_all = seen.risky_for_all()
     if for_all:
         ctx.effect("SET", risky_pool_key(ctx.keys, itype, az), event.id, "EX", RISKY_POOL_TTL_S)

@@ -5,9 +5,10 @@
 2. **Candidate pools**: (instance type, AZ) for the policy's families (else the families the
    cluster runs) in every size it runs on demand, times the AZs it runs in.
 3. **Risk per pool** (0..1): 1.0 while the pool is risky for this cluster (``schemas.risky_pools``:
-   it reported a spot interruption of the pool in the last 6 h, or clusters of at least two
-   other agents did); else ``RISK_PER_INTERRUPTION`` per interruption of that pool
-   in the last ``RISK_WINDOW_DAYS`` days (every client's), at most 0.9.
+   it reported a spot interruption of the pool in the last 6 h, or two clusters of two
+   different agents did); else ``RISK_PER_INTERRUPTION`` per interruption of that pool
+   in the last ``RISK_WINDOW_DAYS`` days (every client's), at most 0.9 — and below
+   ``RISK_LIMIT`` when the pool's kept reports neither name this cluster nor meet that quorum.
 4. **Decisions**: each running on-demand instance either ``convert`` to the cheapest pool of its
    size under ``RISK_LIMIT`` (its own AZ first) — while the cluster's spot share stays within
    the policy's ``max_spot_share`` — or ``keep``, with the reason. A type missing from the
@@ -35,7 +36,7 @@ import redis.asyncio as aioredis
 from schemas.inventory import Instance
 from schemas.metrics import DAILY_TTL_S, cluster_daily_key, daily_key, day_of
 from schemas.metrics import pool_interruptions_key as _pool_key
-from schemas.risky_pools import RISKY_POOL_TTL_S, PoolReports, reports_key, risky_pool_key
+from schemas.risky_pools import REPORTS_KEPT_S, PoolReports, reports_key, risky_pool_key
 from spot.aws import AccountStore, Aws
 from spot.policy import Policy
 from spot.prices import hourly_usd
@@ -189,15 +190,17 @@ async def pool_risks(
         return []
     names = [f"{t}/{az}" for t, az in pools]
     days = [day_of(now - timedelta(days=i)) for i in range(RISK_WINDOW_DAYS)]
-    since_ms = int(now.timestamp() * 1000) - RISKY_POOL_TTL_S * 1000
+    now_ms = int(now.timestamp() * 1000)
     pipe = redis.pipeline(transaction=False)
     pipe.mget([risky_pool_key(keys, t, az) for t, az in pools])
     for t, az in pools:
-        pipe.zrangebyscore(reports_key(keys, t, az), since_ms, "+inf")
+        pipe.zrangebyscore(
+            reports_key(keys, t, az), now_ms - REPORTS_KEPT_S * 1000, "+inf", withscores=True
+        )
     for day in days:
         pipe.hmget(_pool_key(keys, day), names)
     flags, *rest = await pipe.execute()
-    reports = [PoolReports(r) for r in rest[: len(pools)]]
+    reports = [PoolReports(r, now_ms) for r in rest[: len(pools)]]
     counts = rest[len(pools) :]
     out = []
     for i, ((itype, az), name) in enumerate(zip(pools, names, strict=True)):
@@ -209,6 +212,9 @@ async def pool_risks(
             or (cluster_id is not None and seen.risky_for(cluster_id))
         )
         score = 1.0 if flagged else min(0.9, RISK_PER_INTERRUPTION * n)
+        if not flagged and cluster_id is not None and not seen.counts_for(cluster_id):
+            # One tenant's reports alone: its counts never lift another cluster to the limit.
+            score = min(score, RISK_LIMIT - RISK_PER_INTERRUPTION / 3)
         out.append(
             PoolRisk(
                 pool=name,

@@ -26,6 +26,7 @@ from schemas.metrics import (
     day_of,
     pool_interruptions_key,
 )
+from schemas.risky_pools import REPORTS_KEPT_S
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
 from streamproc.event import derived_id
 from tests.helpers import entries, spot
@@ -73,7 +74,7 @@ async def test_spot_interruption_flags_the_pool_and_notifies_once(
     reports = keys.state("risky-pool-reports", "m5.large", "eu-west-1a")
     assert await client.get(pool) is None
     assert await client.zrange(reports, 0, -1) == [b'["","c1"]']
-    assert 0 < await client.ttl(reports) <= cluster_events.RISKY_POOL_TTL_S
+    assert 0 < await client.ttl(reports) <= REPORTS_KEPT_S
     [note] = await emitted(client, keys, codec)
     assert isinstance(note, Notification)
     assert note.id == derived_id(event.id, "notify")

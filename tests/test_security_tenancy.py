@@ -29,7 +29,7 @@ from structlog.testing import capture_logs
 from consumers import cluster_events
 from schemas import REGISTRY
 from schemas.cluster import SpotInterruption
-from spot.optimizer_pipeline import pool_risks
+from spot.optimizer_pipeline import RISK_LIMIT, pool_risks
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
 from streamproc.ingest import AgentStore
 from streamproc.ingest.auth import Agent, hash_token
@@ -220,6 +220,25 @@ async def test_one_tenant_flags_a_pool_for_its_own_clusters_only(
     assert await flagged("z-other-tenant")
     notes = [f for _, f in await entries(client, keys.stream("notify"))]
     assert len(notes) == 3
+
+
+async def test_one_tenant_repeating_an_interruption_keeps_others_below_the_risk_limit(
+    srv: Server, processor: Consumer, client: aioredis.Redis, keys: Keys
+) -> None:
+    """The shared daily counts (0.15 each) would reach the limit after 4 reports from anyone;
+    from one tenant alone they stay below it for every other cluster."""
+    a = await tenant(srv, "tenant-a", "a-1")
+    for i in range(6):
+        body = cluster_event(cluster_id="a-1", instance_id=f"i-{i}")
+        assert (await srv.post("/v1/events", body, token=a))[0] == 202
+    await run_all(processor)
+    now = datetime.now(UTC)
+    [other] = await pool_risks(client, keys, [POOL], now, cluster_id="z-other-tenant")
+    assert other.interruptions == 6
+    assert not other.flagged
+    assert other.score < RISK_LIMIT
+    [own] = await pool_risks(client, keys, [POOL], now, cluster_id="a-1")
+    assert own.flagged
 
 
 async def test_the_quorum_is_read_from_the_reports_even_without_the_flag(

@@ -10,7 +10,7 @@ IPORT=$(.venv/bin/python -c "from streamproc.embedded import free_port; print(fr
 redis-server --port $PORT --save "" --appendonly no --daemonize yes --pidfile ${TMPDIR:-/tmp}/redis.pid >/dev/null
 sleep 0.3
 export REDIS_URL=redis://127.0.0.1:$PORT/0 STREAMPROC_LOG_LEVEL=warning STREAMPROC_INGEST_RATE_EVENTS_PER_S=${RATE:-0}
-TOKEN=$(.venv/bin/streamproc agents add bench --types '*' 2>/dev/null | grep -o 'spk_[A-Za-z0-9_-]*' | head -1)
+TOKEN=$(.venv/bin/streamproc agents add bench --types '*' --clusters '*' 2>/dev/null | grep -o 'spk_[A-Za-z0-9_-]*' | head -1)
 .venv/bin/streamproc ingest --port $IPORT > ${TMPDIR:-/tmp}/ingest.log 2>&1 &
 IPID=$!
 sleep 4

@@ -45,6 +45,7 @@ UP_ROLE = ["ingest"]
 
 _FIRST_TOKEN_HINT = (
     "no ingest agents yet: create one with  {env}streamproc agents add NAME --types 'cluster.*'"
+    " --clusters 'prod-*'"
     "  (and an operator for the task API:  {env}streamproc agents add admin --operator)"
 )
 
