@@ -196,9 +196,12 @@ def _without_cluster_id(union: dict[str, Any], components: dict[str, Any]) -> di
     The path names the cluster; a body that repeats it must repeat it exactly (else 422
     ``cluster_mismatch``), which JSON Schema cannot say, so the document leaves it out.
     """
+    refs = union.get("anyOf", [union] if "$ref" in union else [])
+    if not refs:  # no postable type: nothing is valid on either route
+        return union
     out: list[dict[str, str]] = []
     mapping: dict[str, str] = {}
-    for ref in union["anyOf"]:
+    for ref in refs:
         name = ref["$ref"].rsplit("/", 1)[1]
         schema = components[name]
         props = schema.get("properties", {})
