@@ -176,25 +176,13 @@ def _datetimes(types: Sequence[Any], components: dict[str, Any]) -> None:
         walk(info, None)
 
 
-def _int_bounds(node: Any) -> None:
-    """msgspec decodes an integer only within 64 bits (a larger one is a float, refused where
-    an int is wanted): every integer without bounds gets them."""
-    if isinstance(node, dict):
-        if node.get("type") == "integer":
-            node.setdefault("minimum", -(2**63))
-            node.setdefault("maximum", 2**64 - 1)
-        for v in node.values():
-            _int_bounds(v)
-    elif isinstance(node, list):
-        for v in node:
-            _int_bounds(v)
-
-
 def _without_cluster_id(union: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]:
-    """The event union for ``/clusters/{cluster_id}/events``: no ``cluster_id`` in the body.
+    """The event union for ``/clusters/{cluster_id}/events``: no ``cluster_id`` in the body,
+    and ``key`` may be null.
 
     The path names the cluster; a body that repeats it must repeat it exactly (else 422
-    ``cluster_mismatch``), which JSON Schema cannot say, so the document leaves it out.
+    ``cluster_mismatch``), which JSON Schema cannot say, so the document leaves it out. An
+    empty or null ``key`` becomes the cluster id.
     """
     refs = union.get("anyOf", [union] if "$ref" in union else [])
     if not refs:  # no postable type: nothing is valid on either route
@@ -205,14 +193,17 @@ def _without_cluster_id(union: dict[str, Any], components: dict[str, Any]) -> di
         name = ref["$ref"].rsplit("/", 1)[1]
         schema = components[name]
         props = schema.get("properties", {})
-        if "cluster_id" in props:
-            name += "AtCluster"
-            components[name] = {
-                **schema,
-                "title": name,
-                "properties": {k: v for k, v in props.items() if k != "cluster_id"},
-                "required": [r for r in schema.get("required", []) if r != "cluster_id"],
-            }
+        name += "AtCluster"
+        components[name] = {
+            **schema,
+            "title": name,
+            "properties": {
+                **{k: v for k, v in props.items() if k != "cluster_id"},
+                # Empty or null: the path's cluster id (per-cluster ordering).
+                "key": {"anyOf": [props["key"], {"type": "null"}]},
+            },
+            "required": [r for r in schema.get("required", []) if r != "cluster_id"],
+        }
         out.append(_ref(name))
         tag = props["type"]["enum"][0]
         mapping[tag] = f"#/components/schemas/{name}"
@@ -380,7 +371,6 @@ def build_spec(
         types, ref_template="#/components/schemas/{name}"
     )
     _datetimes(types, components)
-    _int_bounds(components)
     v1_task_body, compat_body = _task_bodies(task_types, components)
 
     def events_body(items: dict[str, Any]) -> dict[str, Any]:
@@ -580,7 +570,7 @@ def build_spec(
                         {
                             "name": "cursor",
                             "in": "query",
-                            "schema": {**query_int, "minimum": 0},
+                            "schema": {**query_int, "minimum": 0, "maximum": 2**64 - 1},
                         },
                     ],
                     "responses": {

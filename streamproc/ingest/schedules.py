@@ -93,8 +93,8 @@ class ScheduleApi:
             cursor = int(q.get("cursor", "0"))
         except ValueError:
             raise Problem(400, "invalid", "limit and cursor are integers", path="query") from None
-        if cursor < 0:
-            raise Problem(400, "invalid", "cursor: >= 0", path="cursor")
+        if not 0 <= cursor < 2**64:  # Redis' cursors are 64-bit: a larger one was a 500
+            raise Problem(400, "invalid", "cursor: 0 to 2**64-1", path="cursor")
         try:
             page, nxt = await self.scheduler.list(
                 prefix=q.get("prefix", ""), limit=limit, cursor=cursor
