@@ -457,7 +457,7 @@ def _preparer(cluster_id: str | None, agent: str, idem: str | None) -> Prepare:
                     "cluster_mismatch",
                 )
             obj["cluster_id"] = cluster_id
-            if not obj.get("key"):
+            if obj.get("key") in (None, ""):  # a key of another type stays, refused (422)
                 obj["key"] = cluster_id
         if idem is not None and "id" not in obj:
             obj["id"] = str(uuid.uuid5(_IDEM_NS, f"{agent}:{idem}:{index}"))
