@@ -54,7 +54,7 @@ class ServerThread:
             task_types=TASK_TYPES,
         )
         agents = AgentStore(client, self.keys)
-        self.tokens["agent"] = (await agents.add("fuzz-agent", types=["*"]))[1]
+        self.tokens["agent"] = (await agents.add("fuzz-agent", types=["*"], clusters=["*"]))[1]
         self.tokens["submit"] = (await agents.add("fuzz-submit", submit=["*"]))[1]
         self.tokens["operator"] = (await agents.add("fuzz-op", types=["*"], operator=True))[1]
         runner = web.AppRunner(create_app(ingest), access_log=None)
@@ -88,8 +88,8 @@ def server(redis_url: str, keys: Keys) -> Iterator[ServerThread]:
         yield s
 
 
-#: Who calls: an agent that may post every postable type, a token that may submit every task
-#: type (and read its own tasks) and nothing else, and an operator.
+#: Who calls: an agent that may post every postable type for every cluster, a token that may
+#: submit every task type (and read its own tasks) and nothing else, and an operator.
 ROLES = ("agent", "submit", "operator")
 
 

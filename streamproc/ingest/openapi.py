@@ -391,7 +391,11 @@ def build_spec(
         }
     ]
     events_errors = _error_responses(400, *_AUTH, 403, 408, 413, 415, 422)
-    events_errors["403"] = _error(403, "a type outside the agent's scopes (forbidden_type)")
+    events_errors["403"] = _error(
+        403,
+        "forbidden_type: a type outside the agent's --types; forbidden_cluster: a cluster_id "
+        "outside its --clusters (path of the first, allowed)",
+    )
     events_doc = (
         "Also accepts NDJSON (application/x-ndjson) and msgpack "
         "(application/msgpack). `source` and `received_at` are set by the server. An "
