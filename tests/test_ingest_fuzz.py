@@ -109,11 +109,6 @@ _UNKNOWN_QUERY = "unknown query parameters are ignored, not refused (400)"
 #: Checks not run on an operation, each with the reason: a behaviour bug outside the
 #: document, or a rule no schema keyword can say (remove the entry with the fix).
 _PENDING: dict[str, dict[str, str]] = {
-    "POST /clusters/{cluster_id}/events": {
-        "negative_data_rejection": "the path's cluster_id is not validated when no posted "
-        "type has a cluster_id field (worker.*): 202 for a path of 300 characters or "
-        "control characters",
-    },
     "POST /v1/tasks": {"positive_data_acceptance": _PAYLOAD_RULES},
     "POST /task/submit": {"positive_data_acceptance": _PAYLOAD_RULES},
     "GET /v1/tasks": {"negative_data_rejection": _UNKNOWN_QUERY},

@@ -8,9 +8,12 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 import pytest
+import redis.asyncio as aioredis
 
 from schemas import REGISTRY
 from schemas.cluster import NodeNotReady
+from streamproc import Keys, Producer
+from tests.test_ingest_support import running_ingest
 
 
 def _unbounded(t: mi.Type, path: str) -> list[str]:
@@ -48,3 +51,25 @@ def test_a_huge_reason_is_refused_with_its_path() -> None:
     )
     with pytest.raises(msgspec.ValidationError, match=r"\$\.reason"):
         msgspec.json.decode(body, type=NodeNotReady)
+
+
+async def test_the_cluster_routes_path_is_checked_whatever_the_types_posted(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """worker.* events have no cluster_id field: the path's text was carried on unchecked."""
+    worker = {
+        "type": "worker.created",
+        "worker_id": "w-1",
+        "instance_id": "i-1",
+        "region": "eu-west-1",
+    }
+    async with running_ingest(client, keys, producer) as srv:
+        token = await srv.token("a", ["worker.*"])
+        for bad in ("c" * 300, "c%1B%5B2J"):
+            status, body, _ = await srv.post(f"/clusters/{bad}/events", worker, token=token)
+            assert (status, body.get("error"), body.get("path")) == (
+                422,
+                "invalid_cluster_id",
+                "cluster_id",
+            ), body
+    assert await client.exists(keys.stream("workers")) == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 import uuid
 from collections import Counter
@@ -51,6 +52,7 @@ from streamproc.ingest.schedules import ScheduleApi
 from streamproc.ingest.settings import IngestSettings
 from streamproc.ingest.tasks import TaskApi
 from streamproc.keys import Keys
+from streamproc.printable import CONTROL_CHARS
 from streamproc.producer import Producer
 from streamproc.schedule import Schedule
 from streamproc.tasks.events import TaskRequested
@@ -301,6 +303,15 @@ class Ingest:
     async def _events(self, request: web.Request, cluster_id: str | None) -> web.Response:
         agent = await self.authenticate(request)
         try:
+            if cluster_id is not None and not _PATH_CLUSTER_RE.fullmatch(cluster_id):
+                # Checked here, not only by the events' schemas: a type without a cluster_id
+                # field (worker.*) would carry the path's text on unchecked, into the key.
+                raise Problem(
+                    422,
+                    "invalid_cluster_id",
+                    "the path's cluster id must be 1-253 characters without control characters",
+                    path="cluster_id",
+                )
             fmt = self.body_format(request)
             idem = idempotency_key(request)
             body = await self.read_body(request)
@@ -427,6 +438,9 @@ def _too_large(limit: int) -> Problem:
         413, "body_too_large", f"the body is over the limit of {limit} bytes", limit=limit
     )
 
+
+#: A cluster id in the path: what the events' names allow (1-253, no control characters).
+_PATH_CLUSTER_RE = re.compile(f"[^{CONTROL_CHARS}]{{1,253}}")
 
 #: Namespace of the event ids that stand for the ids agents chose.
 _AGENT_ID_NS = uuid.UUID("5e0c7a1d-93b4-4f62-a8d1-2c7e9b40f6a3")
