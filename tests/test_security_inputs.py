@@ -73,3 +73,18 @@ async def test_the_cluster_routes_path_is_checked_whatever_the_types_posted(
                 "cluster_id",
             ), body
     assert await client.exists(keys.stream("workers")) == 0
+
+
+async def test_an_unknown_query_parameter_is_refused_not_ignored(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """``?stauts=failed`` listed everything: a typo looked like an answer (issue 17 item 18)."""
+    async with running_ingest(client, keys, producer) as srv:
+        op = await srv.token("op", [], operator=True)
+        for path in ("/v1/tasks?stauts=failed", "/v1/schedules?prefx=a"):
+            status, body, _ = await srv.post(path, token=op, method="GET")
+            assert (status, body["error"], body["path"]) == (
+                400,
+                "invalid_query",
+                path[path.index("?") + 1 : path.index("=")],
+            )

@@ -384,7 +384,7 @@ async def test_a_submit_token_submits_its_types_and_sees_only_its_own_tasks(
     assert [t["id"] for t in page["tasks"]] == [theirs, mine]  # operators see all, newest first
     status, page, _ = await srv.post("/v1/tasks?status=completed", token=op, method="GET")
     assert [t["id"] for t in page["tasks"]] == [theirs]
-    for bad in ("status=nope", "limit=0", "limit=x", "before=-1"):
+    for bad in ("status=nope", "limit=0", "limit=x", "before=-1", "stauts=failed"):
         status, answer, _ = await srv.post(f"/v1/tasks?{bad}", token=op, method="GET")
         assert (status, answer["error"]) == (400, "invalid_query"), bad
 

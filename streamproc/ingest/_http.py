@@ -8,7 +8,14 @@ import orjson
 import structlog
 from aiohttp import web
 
-__all__ = ("SERVER_NAME", "Problem", "idempotency_key", "json_response", "redis_unavailable")
+__all__ = (
+    "SERVER_NAME",
+    "Problem",
+    "check_query",
+    "idempotency_key",
+    "json_response",
+    "redis_unavailable",
+)
 
 log = structlog.get_logger("streamproc.ingest")
 
@@ -90,3 +97,17 @@ def idempotency_key(request: web.Request) -> str | None:
             "Idempotency-Key must be 1-200 printable ASCII characters without spaces",
         )
     return key
+
+
+def check_query(request: web.Request, allowed: frozenset[str]) -> None:
+    """400 ``invalid_query`` naming the first query parameter the route does not take: an
+    ignored parameter would hide a client's typo (``?stauts=failed`` listing everything)."""
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        raise Problem(
+            400,
+            "invalid_query",
+            f"unknown query parameter {unknown[0][:64]!r}; this route takes "
+            + ", ".join(sorted(allowed)),
+            path=unknown[0][:64],
+        )

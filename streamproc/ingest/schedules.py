@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 
 from streamproc.errors import ConfigError
-from streamproc.ingest._http import Problem, json_response
+from streamproc.ingest._http import Problem, check_query, json_response
 from streamproc.schedule import Tick
 from streamproc.scheduler import SCHEDULE_NAME_RE, ScheduleInfo, Scheduler
 
@@ -87,6 +87,7 @@ class ScheduleApi:
 
     async def list(self, request: web.Request) -> web.Response:
         await self.ingest.authenticate(request, operator=True)
+        check_query(request, frozenset({"prefix", "limit", "cursor"}))
         q = request.query
         try:
             limit = int(q.get("limit", "100"))

@@ -30,7 +30,13 @@ from redis.exceptions import RedisError
 from streamproc.connection import REDIS_DOWN
 from streamproc.event import new_event_id
 from streamproc.groups import group_info
-from streamproc.ingest._http import Problem, idempotency_key, json_response, redis_unavailable
+from streamproc.ingest._http import (
+    Problem,
+    check_query,
+    idempotency_key,
+    json_response,
+    redis_unavailable,
+)
 from streamproc.ingest.auth import Agent
 from streamproc.ingest.decode import validation_problem
 from streamproc.tasks.events import PRIORITIES, Priority, task_event_class, task_group
@@ -58,6 +64,7 @@ TASK_ID = Annotated[
 #: How long the runners' shedding state is cached by a submitting ingest process.
 SHED_CACHE_S = 1.0
 _STATUSES = ("completed", "failed", "cancelled")
+_LIST_QUERY = frozenset({"status", "type", "submitted_by", "limit", "before"})
 
 
 class TaskSubmit(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -325,6 +332,7 @@ class TaskApi:
     async def list(self, request: web.Request) -> web.Response:
         """Finished tasks, newest first: ``?status=&type=&submitted_by=&limit=&before=``."""
         agent = await self.submitter(request)
+        check_query(request, _LIST_QUERY)
         q = request.query
         statuses = [s for s in q.getall("status", []) if s]
         bad = [s for s in statuses if s not in _STATUSES]
