@@ -16,6 +16,8 @@ __all__ = ("NodeNotReady", "OOMKilled", "PodPending", "SpotInterruption")
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=NO_CONTROL_PATTERN)]
 #: The same, where the agent may leave it out (empty).
 OptionalName = Annotated[str, msgspec.Meta(max_length=253, pattern=NO_CONTROL_PATTERN)]
+#: The largest integer an agent may send: what every consumer (and Redis' counters) can hold.
+INT64_MAX = 2**63 - 1
 #: Free text from an agent (a reason, a message): bounded, so no agent string is unbounded.
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 
@@ -42,10 +44,10 @@ class OOMKilled(ClusterEvent, frozen=True, kw_only=True, tag="cluster.oom_killed
     pod: Name
     container: Name
     workload: OptionalName = ""
-    memory_limit_bytes: Annotated[int, msgspec.Meta(gt=0)]
+    memory_limit_bytes: Annotated[int, msgspec.Meta(gt=0, le=INT64_MAX)]
     #: Peak usage seen before the kill, when the agent knows it.
-    memory_peak_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
-    restart_count: Annotated[int, msgspec.Meta(ge=0)] = 0
+    memory_peak_bytes: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] = 0
+    restart_count: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)] = 0
 
 
 class NodeNotReady(ClusterEvent, frozen=True, kw_only=True, tag="cluster.node_not_ready"):
