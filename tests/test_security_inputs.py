@@ -1,5 +1,6 @@
-"""Issue 17 item 7: every string an agent can send is bounded by the schema, so no agent input
-reaches Redis, a consumer or a notification unbounded."""
+"""Issue 17 item 7: every string, integer and container an agent can send is bounded by the
+schema, so no agent input reaches Redis, a consumer or a notification unbounded, and no event
+ingest accepts can pass the consumers' 1 MiB limit (``streamproc.codec.MAX_DATA_BYTES``)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ def _unbounded(t: mi.Type, path: str) -> list[str]:
     if isinstance(t, mi.UnionType):
         return [p for u in t.types for p in _unbounded(u, path)]
     if isinstance(t, mi.ListType | mi.SetType | mi.FrozenSetType | mi.VarTupleType):
-        return _unbounded(t.item_type, f"{path}[]")
+        own = [] if t.max_length is not None else [f"{path}[] (length)"]
+        return own + _unbounded(t.item_type, f"{path}[]")
     if isinstance(t, mi.DictType):
-        return _unbounded(t.key_type, f"{path}{{key}}") + _unbounded(t.value_type, f"{path}{{}}")
+        own = [] if t.max_length is not None else [f"{path}{{}} (length)"]
+        return (
+            own + _unbounded(t.key_type, f"{path}{{key}}") + _unbounded(t.value_type, f"{path}{{}}")
+        )
     if isinstance(t, mi.StructType | mi.DataclassType | mi.TypedDictType | mi.NamedTupleType):
         return [p for f in t.fields for p in _unbounded(f.type, f"{path}.{f.name}")]
     return []
