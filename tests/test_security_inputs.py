@@ -77,7 +77,7 @@ async def test_the_cluster_routes_path_is_checked_whatever_the_types_posted(
             assert (status, body.get("error"), body.get("path")) == (
                 422,
                 "invalid_cluster_id",
-                "cluster_id",
+                "$.cluster_id",
             ), body
     assert await client.exists(keys.stream("workers")) == 0
 

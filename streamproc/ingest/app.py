@@ -310,7 +310,7 @@ class Ingest:
                     422,
                     "invalid_cluster_id",
                     "the path's cluster id must be 1-253 characters without control characters",
-                    path="cluster_id",
+                    path="$.cluster_id",  # it is every posted event's cluster_id
                 )
             fmt = self.body_format(request)
             idem = idempotency_key(request)
