@@ -10,9 +10,7 @@ VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 APT_PACKAGES_RUN := redis-server redis-tools ffmpeg espeak-ng
 APT_PACKAGES_TEST := $(APT_PACKAGES_RUN) chromium
-# Four pytest workers (pytest-xdist): the suite mostly waits (subprocesses, timeouts, Redis),
-# so on 2 cores 4 workers take it from 13.5 to under 6 minutes. PYTEST_ARGS= runs it serially.
-PYTEST_ARGS ?= -n 4
+PYTEST_ARGS ?=
 
 .PHONY: run test lint bench setup-run setup-test venv clean
 
