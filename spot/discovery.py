@@ -44,6 +44,7 @@ from schemas.ticks import DiscoveryTick
 from spot import _inventory as inv
 from spot import accounts, discovery_demo
 from spot.aws import Account, AccountStore, Aws, AwsSettings
+from streamproc._aio import stop
 from streamproc._lua import Lua
 from streamproc.breaker import BreakerOpen
 from streamproc.concern import Concern, Context
@@ -309,8 +310,14 @@ async def _alert(
     )
 
 
-async def _watch(ctx: Context, tick: DiscoveryTick, account: Account, limit_s: float) -> None:
+async def _watch(
+    ctx: Context, tick: DiscoveryTick, account: Account, limit_s: float, alerting: asyncio.Event
+) -> None:
+    """After ``limit_s``, the "slow" warning. Once it is being published (``alerting`` set)
+    the scan waits for it instead of cancelling it: a scan that ends while its warning is
+    in flight no longer loses the warning."""
     await asyncio.sleep(limit_s)
+    alerting.set()
     log.warning("scan_slow", account=account.id, limit_s=limit_s)
     try:
         await _alert(
@@ -335,7 +342,8 @@ async def _scan_account(rt: _Runtime, ctx: Context, tick: DiscoveryTick, account
         return "skipped"
     started = time.monotonic()
     keeper = asyncio.create_task(lease.keep())
-    watchdog = asyncio.create_task(_watch(ctx, tick, account, rt.settings.scan_alert_s))
+    alerting = asyncio.Event()
+    watchdog = asyncio.create_task(_watch(ctx, tick, account, rt.settings.scan_alert_s, alerting))
     outcome = "transient"
     try:
         for region in account.regions:
@@ -348,11 +356,9 @@ async def _scan_account(rt: _Runtime, ctx: Context, tick: DiscoveryTick, account
         outcome = "lost"
         raise
     finally:
-        for t in (keeper, watchdog):
-            t.cancel()
-        for t in (keeper, watchdog):
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if alerting.is_set():  # bounded by the producer's retry timeout
+            await asyncio.wait([watchdog])
+        await stop(keeper, watchdog)
         with contextlib.suppress(Exception):
             await lease.release()
         elapsed = time.monotonic() - started

@@ -26,6 +26,7 @@ is deferred 5 s, without using an attempt). One tick, in order:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ from spot.hibernation_store import (
     sizes_text,
 )
 from spot.prices import hourly_usd
+from streamproc._aio import stop
 from streamproc._lua import Lua
 from streamproc.breaker import BreakerOpen
 from streamproc.concern import Concern, Context
@@ -376,8 +378,8 @@ async def on_tick(tick: HibernationTick, ctx: Context) -> None:
     try:
         await _handle(tick, ctx, rt, hk)
     finally:
-        keeper.cancel()
-        await asyncio.gather(keeper, return_exceptions=True)
+        with contextlib.suppress(Exception):  # a keeper that failed: the lease expires
+            await stop(keeper)
         await lease.release()
 
 

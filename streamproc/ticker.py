@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
-from streamproc._aio import wait_event
+from streamproc._aio import stop, wait_event
 from streamproc._backoff import Backoff, backoff_delay_s
 from streamproc._lease import Lease
 from streamproc._lua import Lua
@@ -233,9 +233,7 @@ class Ticker:
                     delay = _next_delay_s(backoff)
                 await self._sleep(min(delay, self.lease.remaining_s()))
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            await stop(renewer)
             TICKER_LEADER.set(0)
             if not self._stop.is_set():
                 log.warning("ticker_lease_lost", node=self.settings.node)

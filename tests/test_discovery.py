@@ -492,6 +492,48 @@ async def test_a_scan_past_its_limit_raises_a_warning(
     assert a.id in warning.title
 
 
+async def test_a_slow_warning_in_flight_when_the_scan_ends_is_still_published(
+    client: aioredis.Redis,
+    producer: Producer,
+    keys: Keys,
+    moto_url: str,
+    proxy: type[_Proxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scan ended while its "slow" warning was being published: the scan used to cancel
+    the watchdog mid-publish and the warning was lost (seen in CI on a loaded machine)."""
+    discovery.use_settings(
+        DiscoverySettings(scan_alert_s=0.05, lease_ttl_s=1.0),
+        AwsSettings(endpoint_url=proxy.url),  # type: ignore[attr-defined]
+    )
+    a = await asyncio.to_thread(AwsAccount, moto_url, account_id())
+    await add_account(client, keys, a)
+    real_scan, real_publish = discovery._scan_region, producer.publish
+    regions_done = asyncio.Event()
+    scanned: list[str] = []
+
+    async def slow(*args: Any) -> None:
+        await asyncio.sleep(0.1)
+        await real_scan(*args)
+        scanned.append(args[4])
+        if len(scanned) == len(REGIONS):
+            regions_done.set()
+
+    async def publish_after_the_scan(event: Any, *args: Any, **kw: Any) -> str:
+        await regions_done.wait()  # the warning goes out only once the last region is done
+        return await real_publish(event, *args, **kw)
+
+    monkeypatch.setattr(discovery, "_scan_region", slow)
+    monkeypatch.setattr(producer, "publish", publish_after_the_scan)
+    try:
+        await run_scan(client, producer, keys, tick(1))
+    finally:
+        discovery.use_settings(DiscoverySettings())
+    [warning] = await stream(client, keys, "notify")
+    assert "slow" in warning.title
+    assert a.id in warning.title
+
+
 async def test_a_published_tick_is_scanned_by_the_discovery_group(
     client: aioredis.Redis,
     codec: Codec[Any],

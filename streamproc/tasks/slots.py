@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from streamproc import _gate
+from streamproc._aio import stop
 from streamproc._backoff import Backoff
 from streamproc._lua import Lua
 from streamproc.keys import Keys
@@ -154,9 +155,7 @@ class QueueSlots:
         try:
             yield
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            await stop(renewer)
             try:
                 await self.give(member)
             except Exception as e:  # Redis down: the lease expires by itself
