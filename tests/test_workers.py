@@ -311,10 +311,14 @@ async def test_cpu_over_the_threshold_raises_one_alert_and_one_recovery(
     await mon.poll("w-hot")
     await mon.poll("w-hot")
     sent = await mon.notifications()
-    assert [(n.severity, n.title) for n in sent] == [
+    assert [(n.severity, n.title.split(" back to ")[0]) for n in sent] == [
         ("warning", "worker w-hot (hot): CPU 96.0% above 90%"),
-        ("info", f"worker w-hot (hot): CPU back to {(await mon.worker('w-hot')).cpu:.1f}%"),
+        ("info", "worker w-hot (hot): CPU"),
     ]
+    # The figure is the average the closing poll read: 96 and 10s in the interval's window
+    # (31.5 on a quick machine, 53.0 in CI once the window had slid), below 90 - 5 either way.
+    back = float(sent[1].title.split(" back to ")[1].removesuffix("%"))
+    assert 10.0 <= back < 85.0
     assert (await mon.worker("w-hot")).alert_cpu == "ok"
     assert len({n.id for n in sent}) == 2
 
