@@ -10,6 +10,10 @@ VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 APT_PACKAGES_RUN := redis-server redis-tools ffmpeg espeak-ng
 APT_PACKAGES_TEST := $(APT_PACKAGES_RUN) chromium
+# The suite mostly waits (subprocesses, timeouts, Redis), so it runs on pytest-xdist workers;
+# tests marked `serial` (1,000 sockets at once, kill -9 chaos) run after them, alone, so the
+# others' load cannot starve them. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 3
 PYTEST_ARGS ?=
 
 .PHONY: run test lint bench setup-run setup-test venv clean
@@ -29,7 +33,8 @@ run: setup-run
 	exec $(VENV)/bin/streamproc up
 
 test: setup-test
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) -m "not serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(VENV)/bin/pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: venv
 	$(VENV)/bin/ruff check .

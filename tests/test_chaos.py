@@ -44,7 +44,7 @@ from streamproc.errors import PublishError
 from tests.helpers import entries, spot
 from tests.tcpproxy import TcpProxy
 
-pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.serial]
 
 SCALE = float(os.environ.get("STREAMPROC_CHAOS_SCALE", "1"))
 SEED = int(os.environ.get("STREAMPROC_CHAOS_SEED", "7"))

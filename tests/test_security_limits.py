@@ -362,16 +362,18 @@ async def drip(writer: asyncio.StreamWriter) -> None:
 
 
 async def until_closed(reader: asyncio.StreamReader) -> bytes:
-    """What the server sent before closing (a reset while a drip was writing: nothing)."""
+    """What the server sent before closing (nothing when a drip was writing as it closed:
+    a reset, or a broken pipe when the drip's write came after the server's close)."""
     try:
         return await reader.read()
-    except ConnectionResetError:
+    except ConnectionError:  # reset or broken pipe; CI under load saw the broken pipe
         return b""
 
 
 IDLE = 1000  # sockets (the issue's figure), each end in this process: 2,000 descriptors
 
 
+@pytest.mark.serial  # 2,000 descriptors and 1 s header deadlines: not beside other workers
 @pytest.mark.skipif(
     resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2 * IDLE + 400,
     reason="the open-files limit is too low for the idle sockets",
