@@ -15,6 +15,7 @@ markers) share the hash tag ``{<topic>}`` so the same scripts run on Redis Clust
 | ``<p>:{<topic>}:pub:<event id or idem. key>`` | string, PX | producer dedup: first entry id |
 | ``<p>:{<topic>}:failed:<group>:<s|r>:<id>`` | string, PX | this failure's retry/DLQ is written |
 | ``<p>:{<topic>}:upkeep:<group>`` | hash | group clock: last renewal ``tick``, ``outage_end`` |
+| ``<p>:{<topic>}:replays:<group>`` | hash | operator replays/resets of the group: counts, last |
 | ``<p>:consumer:<group>:<name>`` | string, PX | a live consumer's claim on its name |
 | ``<p>:state:<name>…`` | any | state kept by handlers (e.g. risky spot pools) |
 | ``<p>:ticker:{ticker}:lease`` | string, PX | ticker leader: ``<node>/<fence>`` |
@@ -93,6 +94,11 @@ class Keys:
     def upkeep(self, topic: str, group: str) -> str:
         """Hash: the group's upkeep clock (``tick``, ``outage_end``: Redis' time, ms)."""
         return f"{self.prefix}:{{{topic}}}:upkeep:{group}"
+
+    def replays(self, topic: str, group: str) -> str:
+        """Hash: what ``streamproc replay`` / ``group reset`` did to the group on this topic
+        (``replayed``, ``runs``, ``resets``, ``marks_cleared``, ``last_ms``, ``last``)."""
+        return f"{self.prefix}:{{{topic}}}:replays:{group}"
 
     def consumer_lease(self, group: str, consumer: str) -> str:
         """A live consumer's claim on its name in a group: ``<host>/<pid>/<token>``, PX."""
