@@ -76,6 +76,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "streamproc.ingest.cli",
     "streamproc.bench.cli",
     "streamproc.tasks.cli",
+    "streamproc.schema_cli",
+    "streamproc.replay_cli",
 )
 
 

@@ -1,0 +1,300 @@
+"""``streamproc replay GROUP`` and ``streamproc group reset GROUP``: guarded, dry run by default.
+
+Without ``--yes`` both print what they would do (entries per topic and type, the range or the
+positions, how many the group's dedup would drop) and write nothing. Exit codes: 0 done or
+dry run, 1 refused at run time (live consumers during a reset, without ``--force``), 2 bad
+arguments (unknown group or type, a bad time or id, ``--from`` after ``--to``, a range over
+``--max``), 3 Redis unreachable. See ``streamproc.replay`` for how each works.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import msgspec
+
+from streamproc import replay as _replay
+from streamproc.app import App
+from streamproc.cli import open_redis, run_async
+from streamproc.config import Config
+from streamproc.errors import ConfigError, StreamprocError
+from streamproc.keys import Keys
+from streamproc.printable import printable
+from streamproc.settings import ConsumerSettings
+
+__all__ = ("register",)
+
+
+def register(sub: Any) -> None:
+    r = sub.add_parser(
+        "replay",
+        help="re-deliver a range of a group's topics to that group only (dry run unless --yes)",
+    )
+    r.add_argument("group", metavar="GROUP")
+    r.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        metavar="TIME|ID",
+        help="first entry: ISO-8601 time (UTC unless it has a zone), epoch ms, or an entry id",
+    )
+    r.add_argument(
+        "--to",
+        dest="end",
+        default="latest",
+        metavar="TIME|ID",
+        help="last entry, inclusive (default: latest, the last entry now)",
+    )
+    r.add_argument(
+        "--types",
+        "--type",
+        dest="types",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="TYPE",
+        help="only these event types",
+    )
+    _guards(r, what="the range")
+    r.set_defaults(func=_cmd_replay)
+
+    g = sub.add_parser("group", help="consumer-group operations (reset: move a group's position)")
+    actions = g.add_subparsers(dest="group_action", required=True, metavar="ACTION")
+    rs = actions.add_parser(
+        "reset",
+        help="move a group on its topics, like Kafka's offset reset (dry run unless --yes)",
+    )
+    rs.add_argument("group", metavar="GROUP")
+    rs.add_argument(
+        "--to",
+        required=True,
+        metavar="TIME|ID|latest|earliest",
+        help="where the group's next read starts (that entry included); latest: skip "
+        "everything there now; earliest: re-read everything still in the stream",
+    )
+    rs.add_argument(
+        "--force",
+        action="store_true",
+        help="reset although consumers of the group look alive",
+    )
+    _guards(rs, what="a topic's re-read part")
+    rs.set_defaults(func=_cmd_reset)
+
+
+def _guards(p: argparse.ArgumentParser, *, what: str) -> None:
+    p.add_argument("--yes", action="store_true", help="do it (without: a dry run)")
+    p.add_argument(
+        "--ignore-dedup",
+        action="store_true",
+        help="handle entries the group already handled again (deletes its dedup marks)",
+    )
+    p.add_argument(
+        "--max",
+        type=int,
+        default=_replay.DEFAULT_MAX,
+        help=f"refuse when {what} holds more entries (default %(default)s)",
+    )
+
+
+def _consumer_settings(cfg: Config, app: App, group: str) -> ConsumerSettings:
+    concern = app.concerns.get(group)
+    if concern is None or not concern.settings:
+        return cfg.consumer
+    merged = {**msgspec.structs.asdict(cfg.consumer), **concern.settings}
+    out: ConsumerSettings = ConsumerSettings.from_mapping(merged)
+    return out
+
+
+def _check_max(n: int) -> None:
+    if n < 1:
+        raise ConfigError("--max must be >= 1")
+
+
+# ---------------------------------------------------------------------- replay
+
+
+def _cmd_replay(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    concern = app.concerns.get(args.group)
+    if concern is None:
+        raise ConfigError(f"unknown group {args.group!r}; known: {', '.join(sorted(app.concerns))}")
+    _check_max(args.max)
+    start = _replay.parse_position(args.start)
+    end = None if args.end == "latest" else _replay.parse_position(args.end, end=True)
+    if end is not None and start > end:
+        raise ConfigError(f"--from {args.start} is after --to {args.end}")
+    for t in args.types:
+        cls = app.registry.get(t) if t in app.registry else None
+        if cls is None:
+            raise ConfigError(f"unknown event type {t!r}; known: {', '.join(app.registry.names())}")
+        if cls.topic not in concern.topics:
+            raise ConfigError(
+                f"{t} is published to topic {cls.topic}, which group {args.group} does not read"
+            )
+    dedup = bool(_consumer_settings(cfg, app, args.group).dedup_window_ms)
+    handled = {cls.type_name() for cls in concern.handlers}
+    keys = Keys(cfg.redis.key_prefix)
+
+    async def go() -> int:
+        client, _ = await open_redis(cfg, wait_s=5)
+        try:
+            plan = await _replay.plan_replay(
+                client,
+                keys,
+                args.group,
+                concern.topics,
+                start=start,
+                end=end,
+                types=args.types,
+                handled=handled,
+                dedup=dedup,
+                max_entries=args.max,
+            )
+            _print_replay(plan, args)
+            if not args.yes or not plan.total:
+                return 0
+            done = await _replay.apply_replay(client, keys, plan, ignore_dedup=args.ignore_dedup)
+        finally:
+            await client.aclose()
+        replayed = sum(n for n, _ in done.values())
+        cleared = sum(c for _, c in done.values())
+        print(
+            f"replayed {replayed} entries to group {args.group}"
+            + (f" ({cleared} dedup marks deleted)" if args.ignore_dedup else "")
+        )
+        return 0
+
+    return run_async(go())
+
+
+def _print_replay(plan: _replay.ReplayPlan, args: argparse.Namespace) -> None:
+    mode = "" if args.yes else " (dry run: nothing written; add --yes to replay)"
+    print(f"replay to group {plan.group}{mode}")
+    end = "latest" if plan.end is None else f"{_replay.fmt(plan.end)} ({_replay.when(plan.end)})"
+    print(f"range: {_replay.fmt(plan.start)} ({_replay.when(plan.start)}) .. {end}, inclusive")
+    print(f"types: {', '.join(sorted(plan.types)) or 'all'}")
+    for t in plan.topics:
+        print(f"topic {t.topic}: {t.matched} of {t.scanned} entries in range -> {t.target}")
+        for kind, n in sorted(t.by_type.items()):
+            print(f"  {printable(kind)[:60]:<40} {n}")
+        if t.unhandled:
+            print(f"  ({t.unhandled} of a type without a handler in this group: acked unread)")
+    print(f"total: {plan.total} entries")
+    if not plan.total:
+        print("nothing to replay")
+    elif not plan.dedup:
+        print("dedup: off for this group (dedup_window_ms = 0): every entry is handled again")
+    elif args.ignore_dedup:
+        print(
+            f"dedup: ignored: the group's marks of the {plan.marked} entries it already "
+            "handled are deleted, so every entry is handled again"
+        )
+    else:
+        print(
+            f"dedup: {plan.marked} of {plan.total} entries were already handled by this group "
+            "(dedup mark present): it drops them as duplicates; --ignore-dedup handles them again"
+        )
+
+
+# ---------------------------------------------------------------------- group reset
+
+
+def _cmd_reset(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    declared = app.declared_groups
+    topics = sorted(t for t, groups in declared.items() if args.group in groups)
+    if not topics:
+        known = sorted({g for gs in declared.values() for g in gs})
+        raise ConfigError(f"unknown group {args.group!r}; known: {', '.join(known)}")
+    _check_max(args.max)
+    to = args.to.strip().lower()
+    if to not in ("latest", "earliest"):
+        _replay.parse_position(args.to)  # a bad one fails here, before Redis
+        to = args.to.strip()
+    ours = args.group in app.concerns
+    if args.ignore_dedup and not ours:
+        raise ConfigError(
+            f"group {args.group} is read by an outside system (App.extra_groups): its dedup, "
+            "if any, is not streamproc's; --ignore-dedup does not apply"
+        )
+    settings = _consumer_settings(cfg, app, args.group)
+    dedup = ours and bool(settings.dedup_window_ms)
+    keys = Keys(cfg.redis.key_prefix)
+
+    async def go() -> int:
+        client, _ = await open_redis(cfg, wait_s=5)
+        try:
+            plan = await _replay.plan_reset(
+                client,
+                keys,
+                args.group,
+                topics,
+                to=to,
+                dedup=dedup,
+                live_idle_ms=settings.min_idle_ms,
+                max_entries=args.max,
+            )
+            _print_reset(plan, args, ours=ours, dedup=dedup)
+            if not args.yes:
+                return 0
+            if plan.live and not args.force:
+                raise StreamprocError(
+                    f"group {args.group} has live consumers ({', '.join(plan.live)}): stop "
+                    "them first (they would go on from where they are), or add --force"
+                )
+            cleared = await _replay.apply_reset(client, keys, plan, ignore_dedup=args.ignore_dedup)
+        finally:
+            await client.aclose()
+        moved = sum(1 for t in plan.topics if t.exists)
+        print(
+            f"reset group {args.group} on {moved} topic(s)"
+            + (f" ({cleared} dedup marks deleted)" if args.ignore_dedup else "")
+        )
+        return 0
+
+    return run_async(go())
+
+
+def _count(n: int | None, limit: int) -> str:
+    return f"more than {limit}" if n is None else str(n)
+
+
+def _print_reset(
+    plan: _replay.ResetPlan, args: argparse.Namespace, *, ours: bool, dedup: bool
+) -> None:
+    mode = "" if args.yes else " (dry run: nothing written; add --yes to reset)"
+    print(f"reset group {plan.group} to {plan.to}{mode}")
+    for t in plan.topics:
+        if not t.exists:
+            print(f"topic {t.topic}: no stream yet, nothing to move")
+            continue
+        now = t.last_delivered if t.group_exists else "(group not created yet: created here)"
+        print(
+            f"topic {t.topic}: last delivered {now} -> {t.target}; "
+            f"re-read {_count(t.reread, args.max)}, skip {_count(t.skipped, args.max)}, "
+            f"pending {t.pending}"
+        )
+    if any(t.pending for t in plan.topics):
+        print(
+            "pending entries stay pending (their consumers may still ack them); those in a "
+            "re-read range are delivered again by the next read"
+        )
+    if not ours:
+        print("dedup: outside reader (App.extra_groups): streamproc keeps no marks for it")
+    elif not dedup:
+        print("dedup: off for this group (dedup_window_ms = 0): re-read entries run again")
+    elif args.ignore_dedup:
+        print(
+            f"dedup: ignored: the marks of the {plan.marked} re-read entries the group handled "
+            "are deleted first, so they are handled again"
+        )
+    elif plan.reread:
+        print(
+            f"dedup: {plan.marked} of {plan.reread} re-read entries were already handled by "
+            "this group (dedup mark present): their handlers run again but their effects are "
+            "not applied again (settled as duplicates); --ignore-dedup applies them again"
+        )
+    if plan.live:
+        print(
+            f"live consumers: {', '.join(plan.live)} — the reset refuses unless they are "
+            "stopped or --force is given"
+        )
