@@ -28,8 +28,9 @@ class Lua:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     def queue(self, pipe: Any, keys: Sequence[Any], args: Sequence[Any]) -> None:
-        """Add an EVALSHA of this script to a pipeline."""
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        """Add an EVALSHA of this script to a pipeline (a Redis Cluster pipeline, which
+        blocks ``evalsha``, sends it to the node of the first key's slot)."""
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def __call__(
         self, client: aioredis.Redis, keys: Sequence[Any], args: Sequence[Any]

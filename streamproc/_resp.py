@@ -11,6 +11,12 @@ connection failure the connection is closed, so no unread reply is left on it.
 an XADD again after a connection error, whatever the client's ``retry`` setting), and it asks
 for the commands only once it holds a connected connection, so the caller decides what goes
 out at the last moment (the producer leaves out callers cancelled while it waited).
+
+On a Redis Cluster (``connect`` with a ``redis+cluster://`` URL) each command goes to the
+master of its ``route`` key's slot: a connection to every master is taken and connected
+first, then ``build`` runs, then each node gets its commands in one write. A MOVED or ASK
+reply (a failover or a resharding moved the slot: the command did not run) updates the slot
+map and raises ``SlotMoved``, a connection error: the caller's retry reaches the new master.
 """
 
 from __future__ import annotations
@@ -19,9 +25,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection
+from redis.exceptions import AskError, MovedError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ("Command", "bulk", "execute")
+__all__ = ("Command", "SlotMoved", "bulk", "execute")
+
+
+class SlotMoved(RedisConnectionError):
+    """A cluster node answered MOVED/ASK: the slot map was stale and is updated; send again."""
 
 
 def bulk(value: bytes) -> bytes:
@@ -32,11 +45,13 @@ def bulk(value: bytes) -> bytes:
 class Command:
     """A command assembled from arguments and already packed runs of arguments."""
 
-    __slots__ = ("argc", "chunks")
+    __slots__ = ("argc", "chunks", "route")
 
-    def __init__(self, *args: bytes) -> None:
+    def __init__(self, *args: bytes, route: bytes = b"") -> None:
         self.argc = len(args)
         self.chunks: list[bytes] = [bulk(a) for a in args]
+        #: The key whose slot decides the node on a Redis Cluster (the first key it touches).
+        self.route = route
 
     def add(self, *args: bytes) -> None:
         self.argc += len(args)
@@ -60,6 +75,8 @@ async def execute(client: aioredis.Redis, build: Callable[[], Sequence[Command]]
     place as a ``ResponseError`` (the others still count); a connection failure raises, and
     that connection is closed. Nothing is sent again.
     """
+    if isinstance(client, RedisCluster):
+        return await _execute_on_cluster(client, build)
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
@@ -79,3 +96,66 @@ async def execute(client: aioredis.Redis, build: Callable[[], Sequence[Command]]
         raise
     finally:
         await pool.release(conn)
+
+
+async def _execute_on_cluster(
+    client: RedisCluster, build: Callable[[], Sequence[Command]]
+) -> list[Any]:
+    """``execute`` on a Redis Cluster: per master, its commands in one write."""
+    await client.initialize()  # a no-op unless a connection error asked for a new slot map
+    taken: dict[str, tuple[ClusterNode, Connection]] = {}
+
+    async def take(node: ClusterNode) -> Connection:
+        held = taken.get(node.name)
+        if held is None:
+            held = taken[node.name] = (node, node.acquire_connection())
+        await held[1].connect()  # type: ignore[no-untyped-call]
+        return held[1]
+
+    try:
+        for node in client.get_primaries():
+            await take(node)
+        commands = build()
+        if not commands:
+            return []
+        by_node: dict[str, list[int]] = {}
+        for i, c in enumerate(commands):
+            if not c.route:
+                raise ValueError("a command sent to a Redis Cluster needs its route key")
+            target = client.get_node_from_key(c.route)  # type: ignore[arg-type]
+            if target is None:  # pragma: no cover - only replica lookups answer None
+                raise RedisConnectionError(f"no node serves the slot of {c.route!r}")
+            by_node.setdefault(target.name, []).append(i)
+            if target.name not in taken:  # the slot map changed since the masters were listed
+                await take(target)
+        for name, idx in by_node.items():
+            await taken[name][1].send_packed_command(
+                [commands[i].packed() for i in idx], check_health=False
+            )
+        replies: list[Any] = [None] * len(commands)
+        for name, idx in by_node.items():
+            conn = taken[name][1]
+            for i in idx:
+                try:
+                    replies[i] = await conn.read_response()
+                except ResponseError as e:  # read whole: the connection stays in step
+                    replies[i] = e
+        moved = [r for r in replies if isinstance(r, (MovedError, AskError))]
+        if moved:
+            for r in moved:
+                if isinstance(r, MovedError):
+                    await client.nodes_manager.move_slot(r)
+            raise SlotMoved(f"{len(moved)} of {len(commands)} commands were redirected: {moved[0]}")
+        return replies
+    except SlotMoved:
+        raise
+    except BaseException:
+        for _, conn in taken.values():
+            await conn.disconnect(nowait=True)
+        # As redis-py's own commands do after a connection error: reload the slot map first
+        # the next time (a master may have died and its replica been promoted).
+        client._initialize = True
+        raise
+    finally:
+        for node, conn in taken.values():
+            node.release(conn)

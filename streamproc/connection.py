@@ -7,19 +7,20 @@ ticker retry where it is safe, with their own capped backoff.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streamproc.errors import RedisUnavailable, ServerTooOld, UnsafeServerConfig
+from streamproc.errors import ConfigError, RedisUnavailable, ServerTooOld, UnsafeServerConfig
 from streamproc.settings import RedisSettings
 
 __all__ = (
@@ -28,6 +29,8 @@ __all__ = (
     "check_eviction",
     "check_server",
     "connect",
+    "connect_cluster",
+    "is_cluster",
     "server_info",
 )
 
@@ -104,7 +107,14 @@ def connect(settings: RedisSettings, *, for_reading: bool = False) -> aioredis.R
     """A client with a bounded pool that waits for a free connection instead of failing.
 
     ``for_reading`` clients hold a connection per blocked XREADGROUP; give each reader its own.
+
+    A ``redis+cluster://host:port`` URL gives redis-py's asyncio ``RedisCluster`` instead
+    (see ``connect_cluster``), typed as ``Redis``: it has the same command methods, routes
+    each command by the slot of its first key, and its pipelines split by node. Code that
+    needs what only a single Redis has (its connection pool) asks ``is_cluster`` first.
     """
+    if settings.cluster:
+        return cast(aioredis.Redis, connect_cluster(settings))
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.url,
         max_connections=settings.max_connections,
@@ -116,6 +126,43 @@ def connect(settings: RedisSettings, *, for_reading: bool = False) -> aioredis.R
     )
     pool.connection_class = _FAST_PACK.get(pool.connection_class, pool.connection_class)
     return aioredis.Redis.from_pool(pool)
+
+
+def connect_cluster(settings: RedisSettings) -> RedisCluster:
+    """A ``RedisCluster`` client for a ``redis+cluster://`` (or ``rediss+cluster://``) URL.
+
+    Like ``connect``'s clients it never sends a command again by itself (``retry`` off): an
+    XADD that timed out may have been applied. MOVED and ASK redirects are still followed
+    (the command was not run where it was refused), and after a connection error the next
+    command first reloads the slot map, so callers that retry (the producer, the consumer)
+    reach the promoted replica after a failover. Each node's pool holds up to
+    ``max_connections``; a full pool raises instead of waiting (redis-py's cluster nodes
+    have no blocking pool), so size it for the readers' blocked XREADGROUPs.
+    """
+    scheme, sep, rest = settings.url.partition("+cluster://")
+    if not sep:
+        raise ConfigError(f"not a cluster URL: {settings.url!r}")
+    client = RedisCluster.from_url(
+        f"{scheme}://{rest}",
+        max_connections=settings.max_connections,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.connect_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    # Nodes found later are built from these kwargs (the same dict the nodes manager holds);
+    # the startup node was built already.
+    kwargs = client.get_connection_kwargs()
+    cls: type[Any] = kwargs.get("connection_class") or aioredis.Connection
+    kwargs["connection_class"] = _FAST_PACK.get(cls, cls)
+    for node in client.startup_nodes:
+        node.connection_class = _FAST_PACK.get(node.connection_class, node.connection_class)
+    return client
+
+
+def is_cluster(client: Any) -> bool:
+    """The client is a ``RedisCluster`` (``connect`` with a ``redis+cluster://`` URL)."""
+    return isinstance(client, RedisCluster)
 
 
 def parse_version(text: str) -> tuple[int, int, int]:

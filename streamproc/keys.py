@@ -18,6 +18,7 @@ markers) share the hash tag ``{<topic>}`` so the same scripts run on Redis Clust
 | ``<p>:{<topic>}:replays:<group>`` | hash | operator replays/resets of the group: counts, last |
 | ``<p>:consumer:<group>:<name>`` | string, PX | a live consumer's claim on its name |
 | ``<p>:state:<name>…`` | any | state kept by handlers (e.g. risky spot pools) |
+| ``<p>:{<topic>}:state:<name>…`` | any | state effects write (``ctx.effect``), topic slot |
 | ``<p>:ticker:{ticker}:lease`` | string, PX | ticker leader: ``<node>/<fence>`` |
 | ``<p>:ticker:{ticker}:fence`` | string | fencing counter (INCR per lease acquired) |
 | ``<p>:ticker:{ticker}:last`` | hash | schedule → last fired scheduled time (epoch ms) |
@@ -110,6 +111,13 @@ class Keys:
 
     def state(self, *parts: str) -> str:
         return ":".join((self.prefix, "state", *parts))
+
+    def topic_state(self, topic: str, *parts: str) -> str:
+        """State that the effects of ``topic``'s events write (``ctx.effect``): the settle
+        script applies effects with the ack, so on Redis Cluster their keys must live in the
+        slot of the topic's stream, which this tag gives them: in a handler,
+        ``ctx.effect("HINCRBY", ctx.keys.topic_state(ctx.topic, "counts"), field, 1)``."""
+        return ":".join((f"{self.prefix}:{{{topic}}}", "state", *parts))
 
     def ticker(self, *parts: str) -> str:
         return ":".join((self.prefix, "ticker", *parts))

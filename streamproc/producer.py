@@ -274,7 +274,14 @@ class Producer:
             for topic, parts in by_topic.items():
                 keys = [self.keys.stream(topic).encode()]
                 keys += [m.encode() for part in parts for m in part.markers]
-                call = Command(b"EVALSHA", _PUBLISH.sha.encode(), b"%d" % len(keys), *keys, window)
+                call = Command(
+                    b"EVALSHA",
+                    _PUBLISH.sha.encode(),
+                    b"%d" % len(keys),
+                    *keys,
+                    window,
+                    route=keys[0],
+                )
                 for part in parts:
                     call.add_packed(b"".join(part.args), part.size * _ARGS_PER_EVENT)
                 calls.append(call)

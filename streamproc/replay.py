@@ -192,7 +192,11 @@ class TopicRange:
     marked: int = 0
     #: Matched entries of types this group has no handler for (acked unread).
     unhandled: int = 0
-    #: The last entry in the range when planned: the write stops there.
+    #: Entries in range the group has not been delivered yet (after its last-delivered id,
+    #: or all when the group is not on the stream yet): it reads them from the topic anyway,
+    #: so they are not replayed (they would arrive twice).
+    undelivered: int = 0
+    #: The last entry to replay when planned: the write stops there.
     last_id: str | None = None
 
 
@@ -239,14 +243,20 @@ async def plan_replay(
     for topic in topics:
         tr = TopicRange(topic, keys.stream(topic), keys.retry_stream(topic, group))
         prefix = keys.seen_prefix(topic, group).encode()
-        async for rows in _pages(client, tr.stream, fmt(start), hi):
-            scanned += len(rows)
+        g = await group_info(client, tr.stream, group)
+        ld = _pos(g.last_delivered_id) if g is not None else None
+        async for page in _pages(client, tr.stream, fmt(start), hi):
+            scanned += len(page)
             if scanned > max_entries:
                 raise RangeTooLarge(
                     f"the range holds more than {max_entries:,} entries (--max): narrow it "
                     "with --from/--to, or raise --max"
                 )
-            tr.scanned += len(rows)
+            tr.scanned += len(page)
+            rows = [(i, f) for i, f in page if ld is not None and _pos(i) <= ld]
+            tr.undelivered += len(page) - len(rows)
+            if not rows:
+                continue
             tr.last_id = rows[-1][0].decode()
             hit = [(i, f) for i, f in rows if not want or _type(f) in want]
             for _, f in hit:
@@ -441,13 +451,13 @@ async def _count_reset(
     tr.marked = len(tr.marks)
     if complete:
         tr.reread, tr.skipped = reread, skipped
-        if isinstance(added, int):
-            tr.entries_read = max(0, added - after)
+        if isinstance(added, int):  # entries after the target: re-read ones and later ones
+            tr.entries_read = max(0, added - reread - after)
         return
     # Cut short: a count whose part of the stream the scan passed is still exact.
     tr.reread = reread if last >= ld else None
     tr.skipped = skipped if last >= target else None
-    if tr.reread is None:
+    if tr.reread is None or tr.reread > max_entries:
         raise RangeTooLarge(
             f"topic {tr.topic}: the reset would re-read more than {max_entries:,} entries "
             "(--max): choose a later --to, or raise --max"

@@ -179,6 +179,11 @@ def _print_replay(plan: _replay.ReplayPlan, args: argparse.Namespace) -> None:
             print(f"  {printable(kind)[:60]:<40} {n}")
         if t.unhandled:
             print(f"  ({t.unhandled} of a type without a handler in this group: acked unread)")
+        if t.undelivered:
+            print(
+                f"  ({t.undelivered} in range not delivered to the group yet: left out, it "
+                "reads them from the topic)"
+            )
     print(f"total: {plan.total} entries")
     if not plan.total:
         print("nothing to replay")
@@ -290,8 +295,8 @@ def _print_reset(
     elif plan.reread:
         print(
             f"dedup: {plan.marked} of {plan.reread} re-read entries were already handled by "
-            "this group (dedup mark present): their handlers run again but their effects are "
-            "not applied again (settled as duplicates); --ignore-dedup applies them again"
+            "this group (dedup mark present): their handlers run again, but their effects "
+            "(ctx.effect) are not applied again; --ignore-dedup applies them again"
         )
     if plan.live:
         print(

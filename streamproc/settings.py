@@ -32,7 +32,12 @@ class _Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
+_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+
+
 class RedisSettings(_Settings, frozen=True, kw_only=True):
+    #: ``redis+cluster://host:port`` (``rediss+cluster://`` with TLS) connects to a Redis
+    #: Cluster through any one of its nodes; the others are discovered.
     url: str = "redis://127.0.0.1:6379/0"
     #: Socket timeout for ordinary commands. Readers use ``block_ms`` well under it.
     socket_timeout_s: float = 5.0
@@ -46,11 +51,17 @@ class RedisSettings(_Settings, frozen=True, kw_only=True):
     allow_eviction: bool = False
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+        if not self.url.startswith(_SCHEMES):
             raise ConfigError(
-                f"Redis URL {self.url!r} must start with redis://, rediss:// or unix://"
+                f"Redis URL {self.url!r} must start with redis://, rediss://, unix://, "
+                "redis+cluster:// or rediss+cluster://"
             )
         self._positive("socket_timeout_s", "connect_timeout_s", "max_connections")
+
+    @property
+    def cluster(self) -> bool:
+        """The URL names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
+        return self.url.startswith(("redis+cluster://", "rediss+cluster://"))
 
 
 class RetryPolicy(_Settings, frozen=True, kw_only=True):

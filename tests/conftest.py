@@ -29,6 +29,10 @@ from streamproc import (
 )
 from streamproc.embedded import EmbeddedRedis
 
+#: The local Redis Cluster's fixtures (``local_cluster``, ``cluster_client`` ...): started only
+#: by the tests that ask for them (tests/test_cluster.py).
+pytest_plugins = ("tests.cluster_support",)
+
 
 def _docker_redis() -> Iterator[str] | None:
     if os.environ.get("STREAMPROC_TEST_NO_DOCKER"):

@@ -16,9 +16,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.crc import key_slot
 
 from streamproc._lua import with_scripts
 from streamproc.concern import DeadLetterInfo, OnDeadLetter
+from streamproc.connection import is_cluster
 from streamproc.consumer._handle import failure
 from streamproc.consumer._records import dead_letter_fields, retry_record
 from streamproc.consumer._scripts import FAIL, SUCCEED
@@ -47,6 +49,28 @@ _SCRIPTS = (SUCCEED, FAIL)
 _OK_KINDS = (Acked, Duplicate, Empty, Skipped)
 
 
+def _in_slot(o: Outcome, policy: RetryPolicy) -> Outcome:
+    """On a Redis Cluster: an Acked whose effects touch a key outside its stream's slot
+    becomes a dead letter (``effect_failed``), since the settle script, which runs on the
+    stream's node, cannot write it; the script would fail the whole batch instead."""
+    if type(o) is not Acked or not o.effects:
+        return o
+    slot = key_slot(o.entry.stream.encode())
+    for cmd in o.effects:
+        key = cmd[1] if len(cmd) > 1 else b""
+        key = key if isinstance(key, bytes) else str(key).encode()
+        if key_slot(key) != slot:
+            detail = (
+                f"effect {str(cmd[0]).upper()} on {key.decode(errors='replace')!r}: on Redis "
+                f"Cluster an effect's key must share the hash tag of its topic "
+                f"{{{o.entry.topic}}}; build it with keys.topic_state(topic, ...)"
+            )
+            return failure(
+                o.entry, policy, "EffectError", detail, permanent=True, reason="effect_failed"
+            )
+    return o
+
+
 class Settler:
     def __init__(
         self,
@@ -67,6 +91,8 @@ class Settler:
         self.on_dead_letter, self.after_settle = on_dead_letter, after_settle
         self._release = release
         self._prefixes: dict[str, bytes] = {}
+        #: On a Redis Cluster, effects on keys outside the stream's slot are refused here.
+        self._cluster = is_cluster(client)
 
     def _seen_prefix(self, topic: str) -> bytes:
         prefix = self._prefixes.get(topic)
@@ -76,7 +102,7 @@ class Settler:
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
         """Settle a batch (and the retries of effects Redis refused), then release it."""
-        todo = list(outcomes)
+        todo = [_in_slot(o, self.policy) for o in outcomes] if self._cluster else list(outcomes)
         done: list[Outcome] = []
         while todo:
             replies = await with_scripts(self.client, _SCRIPTS, lambda: self._send(todo))  # noqa: B023

@@ -1,0 +1,207 @@
+"""The core delivery flow on a real Redis Cluster (3 masters + 3 replicas, started locally).
+
+Publish, consume, ack, retry, dead-letter and effects applied once, with redis-py's
+``RedisCluster`` (``connect`` with a ``redis+cluster://`` URL); and, per Lua script that
+touches several keys, a regression test that its keys share one slot (CROSSSLOT otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from schemas import REGISTRY, SpotInterruption
+from streamproc import (
+    Codec,
+    Concern,
+    Consumer,
+    ConsumerSettings,
+    Context,
+    Keys,
+    Permanent,
+    Producer,
+    ProducerSettings,
+    RetryPolicy,
+)
+from streamproc.connection import is_cluster
+from tests.helpers import entries, spot
+
+pytestmark = pytest.mark.cluster
+
+FAST = RetryPolicy(max_retries=2, base_s=0.01, cap_s=0.02)
+
+
+@pytest.fixture
+def codec() -> Codec[Any]:
+    return Codec(REGISTRY)
+
+
+@pytest.fixture
+def cproducer(cluster_client: aioredis.Redis, codec: Codec[Any], cluster_keys: Keys) -> Producer:
+    return Producer(cluster_client, codec, cluster_keys, ProducerSettings())
+
+
+def consumer_on(
+    client: aioredis.Redis,
+    codec: Codec[Any],
+    keys: Keys,
+    producer: Producer,
+    handler: Any,
+    *,
+    name: str = "c1",
+    retry: RetryPolicy = FAST,
+    **settings: Any,
+) -> Consumer:
+    concern = Concern(
+        group="g", topics=("cluster",), handlers={SpotInterruption: handler}, retry=retry
+    )
+    return Consumer(
+        concern,
+        client=client,
+        codec=codec,
+        keys=keys,
+        producer=producer,
+        settings=ConsumerSettings(consumer=name, **settings),
+    )
+
+
+async def drain(consumer: Consumer, *, rounds: int = 200) -> None:
+    """process_once until nothing is read and no retry is waiting."""
+    idle = 0
+    for _ in range(rounds):
+        if await consumer.process_once():
+            idle = 0
+            continue
+        idle += 1
+        waiting = await consumer.client.zcard(consumer.keys.delayed("cluster", consumer.group))
+        if not waiting and idle > 1:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"did not drain: {consumer.stats.as_dict()}")
+
+
+async def pending(client: aioredis.Redis, keys: Keys) -> int:
+    return int((await client.xpending(keys.stream("cluster"), "g"))["pending"])
+
+
+async def test_the_client_is_a_redis_cluster_client(cluster_client: aioredis.Redis) -> None:
+    assert is_cluster(cluster_client)
+
+
+async def test_publish_consume_and_ack(
+    cluster_client: aioredis.Redis, codec: Codec[Any], cluster_keys: Keys, cproducer: Producer
+) -> None:
+    seen: list[str] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        seen.append(event.instance_id)
+
+    consumer = consumer_on(cluster_client, codec, cluster_keys, cproducer, handle)
+    await consumer.ensure_groups()
+    await cproducer.publish(spot(0))
+    await cproducer.publish_many([spot(i) for i in range(1, 20)])
+    await drain(consumer)
+    assert seen == [f"i-{i}" for i in range(20)]
+    assert consumer.stats.acked == 20
+    assert await pending(cluster_client, cluster_keys) == 0
+
+
+async def test_a_transient_failure_is_retried_then_succeeds(
+    cluster_client: aioredis.Redis, codec: Codec[Any], cluster_keys: Keys, cproducer: Producer
+) -> None:
+    attempts: list[int] = []
+
+    async def flaky(event: SpotInterruption, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt < 1:
+            raise ConnectionResetError("upstream hiccup")
+
+    consumer = consumer_on(cluster_client, codec, cluster_keys, cproducer, flaky)
+    await consumer.ensure_groups()
+    await cproducer.publish(spot(1))
+    await drain(consumer)
+    assert attempts == [0, 1]
+    assert (consumer.stats.retried, consumer.stats.acked) == (1, 1)
+    assert await cluster_client.xlen(cluster_keys.dlq("cluster", "g")) == 0
+    assert await pending(cluster_client, cluster_keys) == 0
+
+
+async def test_exhausted_retries_and_permanent_errors_are_dead_lettered(
+    cluster_client: aioredis.Redis, codec: Codec[Any], cluster_keys: Keys, cproducer: Producer
+) -> None:
+    async def broken(event: SpotInterruption, ctx: Context) -> None:
+        if event.instance_id == "i-1":
+            raise Permanent("bad config")
+        raise TimeoutError("AWS did not answer")
+
+    consumer = consumer_on(cluster_client, codec, cluster_keys, cproducer, broken)
+    await consumer.ensure_groups()
+    await cproducer.publish_many([spot(1), spot(2)])
+    await drain(consumer)
+    rows = await entries(cluster_client, cluster_keys.dlq("cluster", "g"))
+    reasons = {
+        f[b"instance_id"] if b"instance_id" in f else f[b"id"]: f[b"dlq_reason"] for _, f in rows
+    }
+    assert sorted(reasons.values()) == [b"permanent", b"retries_exhausted"]
+    assert consumer.stats.dead_lettered == 2
+    assert consumer.stats.retried == 2  # i-2: two retries, then the DLQ
+    assert await pending(cluster_client, cluster_keys) == 0
+
+
+async def test_effects_apply_once_across_a_crash_and_a_copy(
+    cluster_client: aioredis.Redis, codec: Codec[Any], cluster_keys: Keys, cproducer: Producer
+) -> None:
+    """A consumer read the event and died before settling; its restart runs the handler
+    again and a second copy of the event arrives: the effect is applied once."""
+    keys = cluster_keys
+    runs = 0
+
+    async def count(event: SpotInterruption, ctx: Context) -> None:
+        nonlocal runs
+        runs += 1
+        ctx.effect("HINCRBY", ctx.keys.topic_state(ctx.topic, "effects"), event.id, 1)
+
+    consumer = consumer_on(cluster_client, codec, keys, cproducer, count)
+    await consumer.ensure_groups()
+    event = spot(1)
+    await cproducer.publish(event)
+    # the first life: read, then killed before its settle
+    await cluster_client.xreadgroup("g", "c1", {keys.stream("cluster"): ">"})
+    # a copy (a producer that retried without its dedup marker)
+    await cluster_client.xadd(keys.stream("cluster"), codec.encode(event))  # type: ignore[arg-type]
+    await drain(consumer)
+    assert runs == 2  # the recovered entry, and the copy (its settle finds the mark)
+    assert await cluster_client.hgetall(keys.topic_state("cluster", "effects")) == {
+        event.id.encode(): b"1"
+    }
+    assert consumer.stats.duplicates == 1
+    assert await pending(cluster_client, keys) == 0
+
+
+async def test_an_effect_on_a_key_outside_the_topics_slot_is_dead_lettered_not_fatal(
+    cluster_client: aioredis.Redis, codec: Codec[Any], cluster_keys: Keys, cproducer: Producer
+) -> None:
+    """``keys.state(...)`` has no hash tag: on a cluster its slot is not the stream's, and the
+    settle script could not touch it. The event fails with reason effect_failed and says how to
+    fix it; the other events of the batch are acked."""
+    keys = cluster_keys
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        if event.instance_id == "i-1":
+            ctx.effect("SET", ctx.keys.state("untagged"), "x")
+        else:
+            ctx.effect("SET", ctx.keys.topic_state(ctx.topic, event.instance_id), "x")
+
+    consumer = consumer_on(cluster_client, codec, keys, cproducer, handle)
+    await consumer.ensure_groups()
+    await cproducer.publish_many([spot(i) for i in range(3)])
+    await drain(consumer)
+    [(_, dead)] = await entries(cluster_client, keys.dlq("cluster", "g"))
+    assert dead[b"dlq_reason"] == b"effect_failed"
+    assert b"topic_state" in dead[b"dlq_error"]
+    assert consumer.stats.acked == 2
+    assert await cluster_client.get(keys.topic_state("cluster", "i-2")) == b"x"
+    assert await pending(cluster_client, keys) == 0

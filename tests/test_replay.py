@@ -1,0 +1,362 @@
+"""`streamproc replay` and `streamproc group reset` against a real Redis: one group only,
+dry runs write nothing, dedup holds unless --ignore-dedup, bad input is exit 2."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from schemas import REGISTRY, NodeNotReady, SpotInterruption
+from streamproc import Concern, Consumer, Context, Keys, Producer
+from streamproc.app import App
+from streamproc.errors import ConfigError
+from streamproc.replay import MAX_SEQ, parse_position
+from tests.helpers import CliRun, MakeConsumer, cli_in_process, entries, spot
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _nothing(event: Any, ctx: Context) -> None:
+    pass
+
+
+#: The application the commands load: two groups on topic "cluster" (the consumers the tests
+#: drive are built by ``make_consumer`` with the same group names), and an outside reader.
+APP = App(
+    registry=REGISTRY,
+    concerns=[
+        Concern(group="g", topics=("cluster",), handlers={SpotInterruption: _nothing}),
+        Concern(group="h", topics=("cluster",), handlers={SpotInterruption: _nothing}),
+    ],
+    extra_groups={"cluster": ("outside",)},
+)
+
+Cli = Callable[..., Awaitable[CliRun]]
+
+
+@pytest.fixture
+def env(redis_url: str, keys: Keys) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "STREAMPROC_PREFIX": keys.prefix,
+        "STREAMPROC_APP": "tests.test_replay:APP",
+    }
+
+
+@pytest.fixture
+def run(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Cli:
+    """``streamproc ARGS`` by ``main`` in this process (its own event loop: in a thread)."""
+
+    async def go(*args: str) -> CliRun:
+        return await asyncio.to_thread(cli_in_process, monkeypatch, capsys, env, *args)
+
+    return go
+
+
+class Recorder:
+    """A consumer of topic ``cluster`` in ``group`` that records the instance ids it handled
+    and counts them in Redis through an effect (applied once per event id by dedup)."""
+
+    def __init__(self, make_consumer: MakeConsumer, keys: Keys, group: str) -> None:
+        self.seen: list[str] = []
+        self.counter = keys.state("test", group, "handled")
+
+        async def handle(event: SpotInterruption, ctx: Context) -> None:
+            self.seen.append(event.instance_id)
+            ctx.effect("INCR", self.counter)
+
+        self.consumer: Consumer = make_consumer({SpotInterruption: handle}, group=group)
+
+    async def effects(self, client: aioredis.Redis) -> int:
+        """How many times the handler's effect was applied."""
+        value: Any = await client.get(self.counter)
+        return int(value or 0)
+
+    async def drain(self) -> list[str]:
+        """Handle everything there is; what was handled in this call."""
+        before = len(self.seen)
+        while await self.consumer.process_once():
+            pass
+        return self.seen[before:]
+
+
+async def _published(producer: Producer, n: int) -> list[str]:
+    return [await producer.publish(spot(i)) for i in range(1, n + 1)]
+
+
+async def test_replay_redelivers_a_range_to_one_group_and_no_other(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    g, h = Recorder(make_consumer, keys, "g"), Recorder(make_consumer, keys, "h")
+    ids = await _published(producer, 5)
+    assert await g.drain() == [f"i-{i}" for i in range(1, 6)]
+    assert len(await h.drain()) == 5
+
+    r = await run("replay", "g", "--from", ids[1], "--to", ids[3], "--yes", "--ignore-dedup")
+    assert r.returncode == 0, r.stderr
+    assert "replayed 3 entries to group g (3 dedup marks deleted)" in r.stdout
+
+    assert await g.drain() == ["i-2", "i-3", "i-4"]
+    assert await h.drain() == []
+    assert await client.xlen(keys.retry_stream("cluster", "h")) == 0
+    # The effects ran again for the replayed three only; the marks are set again, so a
+    # redelivery of a replayed entry would be a duplicate.
+    assert await g.effects(client) == 8
+    assert await h.effects(client) == 5
+    replayed = await entries(client, keys.retry_stream("cluster", "g"))
+    assert [f[b"origin"].decode() for _, f in replayed] == ids[1:4]
+    counts = await client.hgetall(keys.replays("cluster", "g"))
+    assert counts[b"replayed"] == b"3"
+    assert counts[b"runs"] == b"1"
+    assert counts[b"marks_cleared"] == b"3"
+
+
+async def test_by_default_dedup_drops_replayed_entries_the_group_handled(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    g = Recorder(make_consumer, keys, "g")
+    events = [spot(i) for i in range(1, 5)]
+    ids = await producer.publish_many(events)
+    await g.drain()
+    await client.delete(keys.seen_prefix("cluster", "g") + events[3].id)  # out of the window
+    await producer.publish(spot(5))  # not delivered to g yet: left to the topic stream
+
+    r = await run("replay", "g", "--from", ids[0], "--yes")
+    assert r.returncode == 0, r.stderr
+    assert "dedup: 3 of 4 entries were already handled by this group" in r.stdout
+    assert "1 in range not delivered to the group yet" in r.stdout
+    assert "replayed 4 entries to group g" in r.stdout
+    # Three dropped before their handler; i-4 (no mark) handled again; i-5 once, from the topic.
+    assert sorted(await g.drain()) == ["i-4", "i-5"]
+    assert g.consumer.stats.duplicates == 3
+    assert await g.effects(client) == 6
+
+
+async def test_types_filter_replays_only_those_types(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    first = await producer.publish(spot(1))
+    await producer.publish(NodeNotReady(cluster_id="c1", node_name="n1"))
+    await producer.publish(spot(2))
+    await Recorder(make_consumer, keys, "g").drain()
+    r = await run("replay", "g", "--from", first, "--types", "cluster.node_not_ready", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert "topic cluster: 1 of 3 entries in range" in r.stdout
+    assert "of a type without a handler in this group" in r.stdout
+    replayed = await entries(client, keys.retry_stream("cluster", "g"))
+    assert [f[b"type"] for _, f in replayed] == [b"cluster.node_not_ready"]
+
+
+async def test_a_time_range_is_read_from_the_entry_ids(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, keys: Keys
+) -> None:
+    ids = await _published(producer, 3)
+    await Recorder(make_consumer, keys, "g").drain()
+    ms = int(ids[2].split("-")[0])
+    # ISO-8601 of the last entry's millisecond: only entries of that ms on (one, or more if
+    # they share it) are in range; an epoch-ms --to of the first covers its whole ms.
+    from datetime import UTC, datetime
+
+    iso = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    r = await run("replay", "g", "--from", iso)
+    expected = sum(1 for i in ids if int(i.split("-")[0]) >= ms)
+    assert f"total: {expected} entries" in r.stdout, r.stdout
+    first_ms = ids[0].split("-")[0]
+    r = await run("replay", "g", "--from", "0", "--to", first_ms)
+    expected = sum(1 for i in ids if i.split("-")[0] == first_ms)
+    assert f"total: {expected} entries" in r.stdout, r.stdout
+
+
+async def test_dry_runs_write_nothing(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    g = Recorder(make_consumer, keys, "g")
+    ids = await _published(producer, 3)
+    await g.drain()
+    before = sorted(await client.keys(f"{keys.prefix}:*"))
+    group_before = await client.xinfo_groups(keys.stream("cluster"))
+
+    r = await run("replay", "g", "--from", ids[0], "--ignore-dedup")
+    assert r.returncode == 0, r.stderr
+    assert "dry run: nothing written" in r.stdout
+    assert "topic cluster: 3 of 3 entries in range" in r.stdout
+    assert "cluster.spot_interruption" in r.stdout
+    r = await run("group", "reset", "g", "--to", "earliest", "--ignore-dedup")
+    assert r.returncode == 0, r.stderr
+    assert "dry run: nothing written" in r.stdout
+    assert f"last delivered {ids[2]} -> 0-0; re-read 3, skip 0, pending 0" in r.stdout
+
+    assert sorted(await client.keys(f"{keys.prefix}:*")) == before
+    assert await client.xinfo_groups(keys.stream("cluster")) == group_before
+    assert await g.drain() == []
+
+
+async def test_reset_back_to_an_id_rereads_from_there(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    g, h = Recorder(make_consumer, keys, "g"), Recorder(make_consumer, keys, "h")
+    ids = await _published(producer, 5)
+    await g.drain()
+    await h.drain()
+
+    r = await run("group", "reset", "g", "--to", ids[2], "--yes", "--force", "--ignore-dedup")
+    assert r.returncode == 0, r.stderr
+    assert "reset group g on 1 topic(s) (3 dedup marks deleted)" in r.stdout
+    [info] = [i for i in await client.xinfo_groups(keys.stream("cluster")) if i["name"] == b"g"]
+    assert info["lag"] == 3  # ENTRIESREAD kept the lag known
+    assert await g.drain() == ["i-3", "i-4", "i-5"]
+    assert await g.effects(client) == 8
+    assert await h.drain() == []
+    counts = await client.hgetall(keys.replays("cluster", "g"))
+    assert counts[b"resets"] == b"1"
+
+
+async def test_reset_back_keeps_effects_once_unless_dedup_is_ignored(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    """Re-read entries of the topic stream are checked by the settle script: the handler
+    runs, its effects are not applied again."""
+    g = Recorder(make_consumer, keys, "g")
+    ids = await _published(producer, 3)
+    await g.drain()
+    r = await run("group", "reset", "g", "--to", "earliest", "--yes", "--force")
+    assert r.returncode == 0, r.stderr
+    assert "dedup: 3 of 3 re-read entries were already handled" in r.stdout
+    assert await g.drain() == ["i-1", "i-2", "i-3"]
+    assert await g.effects(client) == 3
+    assert await client.xpending(keys.stream("cluster"), "g") == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
+    r = await run("group", "reset", "g", "--to", ids[1], "--yes", "--force", "--ignore-dedup")
+    assert "dedup: ignored: the marks of the 2 re-read entries" in r.stdout
+    assert await g.drain() == ["i-2", "i-3"]
+    assert await g.effects(client) == 5
+
+
+async def test_reset_to_latest_skips_what_is_there(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    g = Recorder(make_consumer, keys, "g")
+    await g.consumer.ensure_groups()
+    ids = await _published(producer, 4)
+    r = await run("group", "reset", "g", "--to", "latest", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert f"last delivered 0-0 -> {ids[-1]}; re-read 0, skip 4, pending 0" in r.stdout
+    assert await g.drain() == []
+    await producer.publish(spot(9))
+    assert await g.drain() == ["i-9"]
+
+
+async def test_reset_refuses_while_consumers_are_live_unless_forced(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    g = Recorder(make_consumer, keys, "g")
+    await _published(producer, 2)
+    await g.drain()  # Redis saw consumer c1 just now
+    last = (await client.xinfo_groups(keys.stream("cluster")))[0]["last-delivered-id"]
+    r = await run("group", "reset", "g", "--to", "earliest", "--yes")
+    assert r.returncode == 1
+    assert "group g has live consumers (c1 (idle" in r.stderr
+    assert (await client.xinfo_groups(keys.stream("cluster")))[0]["last-delivered-id"] == last
+
+
+async def test_reset_of_a_group_not_created_yet_creates_it_at_the_target(
+    run: Cli, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    ids = await _published(producer, 3)
+    r = await run("group", "reset", "outside", "--to", ids[1], "--yes")
+    assert r.returncode == 0, r.stderr
+    assert "group not created yet" in r.stdout
+    [info] = await client.xinfo_groups(keys.stream("cluster"))
+    assert info["name"] == b"outside"
+    assert info["lag"] == 2
+    got: Any = await client.xreadgroup("outside", "o1", {keys.stream("cluster"): ">"})
+    assert [i.decode() for i, _ in got[0][1]] == ids[1:]
+
+
+async def test_a_range_over_max_is_refused_before_writing(
+    run: Cli, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    ids = await _published(producer, 3)
+    r = await run("replay", "g", "--from", ids[0], "--max", "2", "--yes")
+    assert r.returncode == 2
+    assert "more than 2 entries (--max)" in r.stderr
+    assert await client.exists(keys.retry_stream("cluster", "g")) == 0
+    await client.xgroup_create(keys.stream("cluster"), "g", id="$")
+    r = await run("group", "reset", "g", "--to", "earliest", "--max", "2", "--yes")
+    assert r.returncode == 2
+    assert "would re-read more than 2 entries" in r.stderr
+
+
+BAD: list[tuple[list[str], str]] = [
+    (["replay", "nope", "--from", "0"], "unknown group 'nope'; known: g, h"),
+    (["replay", "g", "--from", "yesterday"], "invalid time or id 'yesterday'"),
+    (["replay", "g", "--from", "1-2-3"], "invalid time or id '1-2-3'"),
+    (["replay", "g", "--from", "99999999999999999999999"], "invalid time or id"),
+    (["replay", "g", "--from", "2000-0", "--to", "1000-0"], "--from 2000-0 is after --to"),
+    (
+        ["replay", "g", "--from", "2026-12-01T10:00:00Z", "--to", "2026-12-01T09:00:00Z"],
+        "is after --to",
+    ),
+    (["replay", "g", "--from", "0", "--types", "cluster.nope"], "unknown event type"),
+    (
+        ["replay", "g", "--from", "0", "--types", "notify.notification"],
+        "published to topic notify, which group g does not read",
+    ),
+    (["replay", "g", "--from", "0", "--max", "0"], "--max must be >= 1"),
+    (["group", "reset", "nope", "--to", "latest"], "unknown group 'nope'; known: g, h, outside"),
+    (["group", "reset", "g", "--to", "soon"], "invalid time or id 'soon'"),
+    (
+        ["group", "reset", "outside", "--to", "latest", "--ignore-dedup"],
+        "--ignore-dedup does not apply",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD)
+async def test_bad_input_is_exit_2_with_one_line(run: Cli, args: list[str], message: str) -> None:
+    r = await run(*args)
+    assert r.returncode == 2, r
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_positions_parse_as_stream_ids() -> None:
+    assert parse_position("1700000000000-5") == (1700000000000, 5)
+    assert parse_position("1700000000000") == (1700000000000, 0)
+    assert parse_position("1700000000000", end=True) == (1700000000000, MAX_SEQ)
+    assert parse_position("2023-11-14T22:13:20Z") == (1700000000000, 0)
+    assert parse_position("2023-11-14T23:13:20+01:00") == (1700000000000, 0)
+    assert parse_position("2023-11-14T22:13:20") == (1700000000000, 0)  # naive: UTC
+    with pytest.raises(ConfigError):
+        parse_position("1969-12-31T23:59:59Z")
+
+
+def test_replay_dry_run_as_an_operator_runs_it(env: dict[str, str]) -> None:
+    """The real process: `python -m streamproc replay` prints the summary, exit 0."""
+    r = subprocess.run(
+        [sys.executable, "-m", "streamproc", "replay", "g", "--from", "0"],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        env={**os.environ, **env},
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "replay to group g (dry run" in r.stdout
+    assert "nothing to replay" in r.stdout
