@@ -253,8 +253,7 @@ def _type(path: str, old: Any, new: Any) -> list[Problem]:
         news = new.get("anyOf", [new])
         if not isinstance(olds, list) or not isinstance(news, list):
             return [changed]
-        accepted = all(any(not _type(path, o, n) for n in news) for o in olds)
-        return [] if accepted else [changed]
+        return _union(path, olds, news, changed)
     problems: list[Problem] = []
     structs = isinstance(old.get("properties"), dict) and isinstance(new.get("properties"), dict)
     if structs:
@@ -276,6 +275,21 @@ def _type(path: str, old: Any, new: Any) -> list[Problem]:
         else:
             narrowed = narrowed or not _loosened(key, was, now)
     return [changed, *problems] if narrowed else problems
+
+
+def _union(path: str, olds: list[Any], news: list[Any], changed: Problem) -> list[Problem]:
+    """Every old alternative must be accepted by a new one. One that is not is reported in
+    detail against the one new alternative of the same JSON type (a nested object's fields),
+    else as ``changed``."""
+    problems: list[Problem] = []
+    for o in olds:
+        found = [(n, _type(path, o, n)) for n in news]
+        if any(not p for _, p in found):
+            continue
+        kind = o.get("type") if isinstance(o, dict) else None
+        same = [p for n, p in found if isinstance(n, dict) and kind and n.get("type") == kind]
+        problems += same[0] if len(same) == 1 else [changed]
+    return list(dict.fromkeys(problems))
 
 
 def _loosened(key: str, was: Any, now: Any) -> bool:
