@@ -40,6 +40,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
+	$(VENV)/bin/streamproc schema check
 
 bench: setup-run
 	$(VENV)/bin/python benchmarks/throughput.py
