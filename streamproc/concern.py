@@ -69,8 +69,20 @@ class Concern:
     topics: tuple[str, ...]
     #: Handler per event class; event types on the topics without a handler are acked unread.
     handlers: Mapping[type[Event], Handler]
-    #: Handlers running at once in one consumer process (per-key order is not kept above 1).
+    #: Handlers running at once in one consumer process. Above 1, events run in any order
+    #: unless ``ordered`` is set: then events of one key still run one after another.
     concurrency: int = 10
+    #: Per-key order (docs/writing-an-app.md, "Per-key order"): within this consumer, entries
+    #: of a topic with the same event ``key`` are handled one after another in stream order,
+    #: different keys in parallel up to ``concurrency``. Events with an empty key are not
+    #: ordered. Across consumer processes of the group, order needs one owner per key
+    #: (partitions); the retry holds below are kept by every consumer.
+    ordered: bool = False
+    #: With ``ordered``: a keyed entry that is retried (or deferred) holds back the later
+    #: entries of its key, parked in Redis behind it, until it is acked or dead-lettered
+    #: (a dead letter lets the rest go on). False: the later entries go on meanwhile and the
+    #: retry runs when it is due, out of order.
+    hold_on_retry: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: Exceptions that mean "will never succeed": dead-lettered at once, never retried.
     permanent_errors: tuple[type[BaseException], ...] = ()
@@ -90,6 +102,8 @@ class Concern:
             check_name("topic", t)
         if self.concurrency < 1:
             raise ConfigError(f"concern {self.group!r}: concurrency must be >= 1")
+        if not self.hold_on_retry and not self.ordered:
+            raise ConfigError(f"concern {self.group!r}: hold_on_retry=False needs ordered=True")
         for event_type in self.handlers:
             if event_type.topic not in self.topics:
                 raise ConfigError(

@@ -15,6 +15,8 @@ markers) share the hash tag ``{<topic>}`` so the same scripts run on Redis Clust
 | ``<p>:{<topic>}:pub:<event id or idem. key>`` | string, PX | producer dedup: first entry id |
 | ``<p>:{<topic>}:failed:<group>:<s|r>:<id>`` | string, PX | this failure's retry/DLQ is written |
 | ``<p>:{<topic>}:upkeep:<group>`` | hash | group clock: last renewal ``tick``, ``outage_end`` |
+| ``<p>:{<topic>}:hold:<group>`` | hash | ordered groups: event key → origin entry id of its head |
+| ``<p>:{<topic>}:parked:<group>:<event key>`` | list | retry records parked behind the head |
 | ``<p>:{<topic>}:replays:<group>`` | hash | operator replays/resets of the group: counts, last |
 | ``<p>:consumer:<group>:<name>`` | string, PX | a live consumer's claim on its name |
 | ``<p>:state:<name>…`` | any | state kept by handlers (e.g. risky spot pools) |
@@ -100,6 +102,16 @@ class Keys:
         """Hash: what ``streamproc replay`` / ``group reset`` did to the group on this topic
         (``replayed``, ``runs``, ``resets``, ``marks_cleared``, ``last_ms``, ``last``)."""
         return f"{self.prefix}:{{{topic}}}:replays:{group}"
+
+    def hold(self, topic: str, group: str) -> str:
+        """Hash of an ordered group (``Concern(ordered=True)``): event key → the origin entry id
+        of the entry that holds the key back (retrying, or released from the parked list)."""
+        return f"{self.prefix}:{{{topic}}}:hold:{group}"
+
+    def parked(self, topic: str, group: str, event_key: bytes) -> bytes:
+        """List: retry records of one key's entries parked behind its head, in stream order.
+        Bytes: an event key comes from the entry and need not be UTF-8."""
+        return f"{self.prefix}:{{{topic}}}:parked:{group}:".encode() + event_key
 
     def consumer_lease(self, group: str, consumer: str) -> str:
         """A live consumer's claim on its name in a group: ``<host>/<pid>/<token>``, PX."""

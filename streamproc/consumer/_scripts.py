@@ -14,6 +14,7 @@ __all__ = (
     "CLAIM_NAME",
     "EXPIRE_CONSUMERS",
     "FAIL",
+    "PARK",
     "PUMP",
     "RECLAIM",
     "RELEASE_NAME",
@@ -143,21 +144,62 @@ local function apply(cmds)
 end
 """
 
+# Per-key order (``Concern(ordered=True)``): the hold hash maps an event key to the origin
+# entry id of its head, the entry that holds the key back; later entries of the key wait in
+# the key's parked list. Releasing the head (acked or dead-lettered) hands the key to the next
+# parked entry, moved to the group's retry stream at once, or clears the hold when none is
+# left. Only the head releases: a resent settle finds the hold moved on and does nothing.
+_RELEASE = r"""
+local function release(hold, parked, retry, k, origin)
+  if redis.call('HGET', hold, k) ~= origin then return 0 end
+  while true do
+    local m = redis.call('LPOP', parked)
+    if not m then
+      redis.call('HDEL', hold, k)
+      return 1
+    end
+    local ok, f = pcall(cmsgpack.unpack, m)
+    if ok and type(f) == 'table' and #f >= 2 and #f % 2 == 0 then
+      local o = nil
+      for j = 1, #f - 1, 2 do
+        if f[j] == 'origin' then o = f[j + 1] end
+      end
+      if o then
+        redis.call('XADD', retry, '*', unpack(f))
+        redis.call('HSET', hold, k, o)
+        return 2
+      end
+    end
+  end
+end
+"""
+
 # Success for a batch of entries of one stream.
-# KEYS[1] stream, KEYS[2..] dedup marks. ARGV: group, window ms, then per entry: id, index of
-# its mark in KEYS (0: no dedup), number of effect commands, and per command: number of
-# arguments, arguments. Per entry the reply holds: 1 acked; 0 not pending any more (with a mark
-# its effects were applied once; without one they were not applied); 2 duplicate (the mark
-# was there: effects not applied again); or the text of the error Redis gave an effect (then
-# nothing of it applied, no mark, not acked).
+# KEYS[1] stream, KEYS[2..] dedup marks and parked lists. ARGV: group, window ms, index in KEYS
+# of the hold hash and of the retry stream (0: no holds in this batch), then per entry: id,
+# index of its mark in KEYS (0: no dedup), index of its key's parked list (0: releases no
+# hold), number of effect commands, then (parked list given) event key and origin id, and per
+# command: number of arguments, arguments. Per entry the reply holds: 1 acked; 0 not pending
+# any more (with a mark its effects were applied once; without one they were not applied); 2
+# duplicate (the mark was there: effects not applied again); or the text of the error Redis
+# gave an effect (then nothing of it applied, no mark, not acked). An entry acked (1 or 2)
+# that heads its key releases the hold.
 SUCCEED = Lua(
     _EFFECTS
+    + _RELEASE
     + r"""
 local group, window = ARGV[1], ARGV[2]
-local out, i = {}, 3
+local hold, retry = KEYS[tonumber(ARGV[3])], KEYS[tonumber(ARGV[4])]
+local out, i = {}, 5
 while i <= #ARGV do
-  local id, mark, ncmd = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  i = i + 3
+  local id, mark, rel, ncmd = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]),
+    tonumber(ARGV[i + 3])
+  i = i + 4
+  local ek, origin
+  if rel > 0 then
+    ek, origin = ARGV[i], ARGV[i + 1]
+    i = i + 2
+  end
   local cmds = {}
   for c = 1, ncmd do
     local n = tonumber(ARGV[i])
@@ -184,6 +226,7 @@ while i <= #ARGV do
       status = 0
     end
   end
+  if rel > 0 and (status == 1 or status == 2) then release(hold, KEYS[rel], retry, ek, origin) end
   out[#out + 1] = status
 end
 return out
@@ -194,23 +237,71 @@ return out
 # settle already did (a marker per failed entry, set first: resends and a second consumer that
 # ran the same entry schedule nothing more). Scheduling does not depend on the entry still
 # being pending: one that left the pending list is never lost.
-# KEYS[1] stream, KEYS[2] failure marker, KEYS[3] delayed zset (retry) or DLQ stream (dlq).
-# ARGV: group, id, marker ms, 'retry'|'dlq', then delay ms, member (retry) | field, value...
-# Returns {acked, scheduled}.
+# KEYS[1] stream, KEYS[2] failure marker, KEYS[3] delayed zset (retry) or DLQ stream (dlq);
+# for an ordered group's keyed entry also KEYS[4] hold hash, KEYS[5] its key's parked list,
+# KEYS[6] retry stream, and then ARGV[5], ARGV[6] are the event key and origin id (the rest
+# moves up by two). ARGV: group, id, marker ms, 'retry'|'dlq', then delay ms, member (retry)
+# | field, value... A retry takes the hold of its key (or keeps it); if another entry holds
+# the key, the retry is parked behind it instead. A dead letter releases the hold it had.
+# Returns {acked, scheduled}: scheduled is 0 (a copy did it), 1, or 2 (parked).
 FAIL = Lua(
-    r"""
+    _RELEASE
+    + r"""
+local held = #KEYS >= 6
+local a, ek, origin = 5, nil, nil
+if held then
+  ek, origin, a = ARGV[5], ARGV[6], 7
+end
 local first = redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[3])
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if not first then return {acked, 0} end
 if ARGV[4] == 'retry' then
+  if held then
+    local cur = redis.call('HGET', KEYS[4], ek)
+    if not cur then
+      redis.call('HSET', KEYS[4], ek, origin)
+    elseif cur ~= origin then
+      redis.call('RPUSH', KEYS[5], ARGV[a + 1])
+      return {acked, 2}
+    end
+  end
   """
     + _NOW
     + r"""
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[6])
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[a]), ARGV[a + 1])
 else
-  redis.call('XADD', KEYS[3], '*', unpack(ARGV, 5))
+  redis.call('XADD', KEYS[3], '*', unpack(ARGV, a))
+  if held then release(KEYS[4], KEYS[5], KEYS[6], ek, origin) end
 end
 return {acked, 1}
+"""
+)
+
+# Park entries of an ordered group behind the head of their key, in the order given: each is
+# acked in its stream and its retry record appended to the key's parked list, while the key
+# is held by another entry. Stops at the first entry whose key is not held any more (-1: run
+# it and the rest in order here) or that is the head itself (-2). KEYS[1] hold hash, KEYS[2]
+# the key's parked list, KEYS[3..] streams. ARGV: group, event key, then per entry: index of
+# its stream in KEYS, id, origin id, retry record. Returns per entry handled: 1 parked, 0 not
+# pending any more (a resent park, or another consumer took it), then -1 or -2 if it stopped.
+PARK = Lua(
+    r"""
+local cur = redis.call('HGET', KEYS[1], ARGV[2])
+local out = {}
+for i = 3, #ARGV, 4 do
+  if not cur then
+    out[#out + 1] = -1
+    return out
+  end
+  if cur == ARGV[i + 2] then
+    out[#out + 1] = -2
+    return out
+  end
+  local acked = redis.call('XACK', KEYS[tonumber(ARGV[i])], ARGV[1], ARGV[i + 1])
+  if acked == 1 then redis.call('RPUSH', KEYS[2], ARGV[i + 3]) end
+  out[#out + 1] = acked
+end
+return out
 """
 )
 

@@ -85,11 +85,15 @@ class Settler:
         on_dead_letter: OnDeadLetter | None,
         after_settle: AfterSettle | None,
         release: Callable[[list[Any]], None],
+        holds: bool = False,
     ) -> None:
         self.client, self.keys, self.group, self.name = client, keys, group, name
         self.settings, self.policy, self.stats = settings, policy, stats
         self.on_dead_letter, self.after_settle = on_dead_letter, after_settle
         self._release = release
+        #: Per-key order across retries (``Concern(ordered=True)``): a keyed entry's retry
+        #: takes its key's hold, and the head's ack or dead letter releases it (_scripts.py).
+        self._holds = holds
         self._prefixes: dict[str, bytes] = {}
         #: On a Redis Cluster, effects on keys outside the stream's slot are refused here.
         self._cluster = is_cluster(client)
@@ -125,51 +129,62 @@ class Settler:
                 if isinstance(o, _OK_KINDS):
                     batch = ok.get(e.stream)
                     if batch is None:
-                        batch = ok[e.stream] = ([e.stream], [self.group, s.dedup_window_ms], [])
+                        batch = ok[e.stream] = self._succeed_batch(e)
                     keys, args, members = batch
                     members.append(o)
+                    rel: tuple[Any, ...] = (0,)
+                    ek = e.fields.get(b"key") if args[2] else None
+                    if ek:  # a retried entry of an ordered group may head its key
+                        keys.append(self.keys.parked(e.topic, self.group, ek))
+                        rel = (len(keys), ek, e.origin)
                     if type(o) is Acked:
                         effects = o.effects
                         mark = 0
                         if dedup and o.event_id:
                             keys.append(self._seen_prefix(e.topic) + o.event_id)
                             mark = len(keys)
-                        args += (e.entry_id, mark, len(effects))
+                        args += (e.entry_id, mark, rel[0], len(effects), *rel[1:])
                         for cmd in effects:
                             args += (len(cmd), *cmd)
                     else:
-                        args += (e.entry_id, 0, 0)
+                        args += (e.entry_id, 0, rel[0], 0, *rel[1:])
                 elif isinstance(o, RetryLater):
+                    hk, ha = self._fail_holds(o)
                     FAIL.queue(
                         pipe,
                         [
                             e.stream,
                             self.keys.failed(e.stream, self.group, e.entry_id),
                             self.keys.delayed(e.topic, self.group),
+                            *hk,
                         ],
                         [
                             self.group,
                             e.entry_id,
                             s.fail_mark_ms,
                             "retry",
+                            *ha,
                             o.delay_ms,
                             retry_record(o),
                         ],
                     )
                     order.append(o)
                 else:
+                    hk, ha = self._fail_holds(o)
                     FAIL.queue(
                         pipe,
                         [
                             e.stream,
                             self.keys.failed(e.stream, self.group, e.entry_id),
                             self.keys.dlq(e.topic, self.group),
+                            *hk,
                         ],
                         [
                             self.group,
                             e.entry_id,
                             s.fail_mark_ms,
                             "dlq",
+                            *ha,
                             *dead_letter_fields(o, self.name, self.group),
                         ],
                     )
@@ -179,6 +194,32 @@ class Settler:
                 order.append(members)
             replies: list[Any] = await pipe.execute()
         return list(zip(order, replies, strict=True))
+
+    def _succeed_batch(self, e: Any) -> tuple[list[Any], list[Any], list[Outcome]]:
+        """KEYS and ARGV heads of a SUCCEED batch: with the hold hash and the retry stream
+        when its entries may head their keys (an ordered group's retry stream)."""
+        args: list[Any] = [self.group, self.settings.dedup_window_ms, 0, 0]
+        if not self._holds or e.stream == self.keys.stream(e.topic):
+            return [e.stream], args, []
+        args[2:] = (2, 3)
+        hold, retry = (
+            self.keys.hold(e.topic, self.group),
+            self.keys.retry_stream(e.topic, self.group),
+        )
+        return [e.stream, hold, retry], args, []
+
+    def _fail_holds(self, o: Outcome) -> tuple[list[Any], list[Any]]:
+        """FAIL's extra KEYS and ARGV for a keyed entry of an ordered group (else none)."""
+        e = o.entry
+        ek = e.fields.get(b"key") if self._holds else None
+        if not ek:
+            return [], []
+        keys = [
+            self.keys.hold(e.topic, self.group),
+            self.keys.parked(e.topic, self.group, ek),
+            self.keys.retry_stream(e.topic, self.group),
+        ]
+        return keys, [ek, e.origin]
 
     def _apply(self, replies: list[Any], done: list[Outcome]) -> list[Outcome]:
         """Record what each script did; returns the follow-ups (refused effects) to settle."""

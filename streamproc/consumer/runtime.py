@@ -12,6 +12,12 @@ consumers; the retry pump; the safe trimmer; the stats writer. Shutdown has two 
 stop reading and drain within ``grace_s``, then cancel; entries cut off stay pending
 without counting a delivery.
 ``process_once()`` runs one pump → read → reclaim → handle → settle step, for tests.
+
+An ordered concern (``Concern(ordered=True)``) puts each entry read into its key's lane
+(``_lanes``) between the read and the work queue: an entry waits until the one before it of
+its key is settled. With ``hold_on_retry``, each batch read is first checked against the
+group's hold hash (one HMGET), and lanes whose key is held are parked in Redis by the park
+task (the PARK script) instead of run; see ``_lanes`` for the whole design.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Collection, Mapping
 from typing import Any
 
 import anyio
@@ -34,21 +40,25 @@ import structlog
 from redis.exceptions import ResponseError
 
 from streamproc._aio import wait_event
+from streamproc._lua import with_scripts
 from streamproc.codec import Codec
 from streamproc.concern import Concern, Scope
 from streamproc.consumer._guard import GaveUp, RedisGuard, error_text, is_not_now
 from streamproc.consumer._handle import Handlers
+from streamproc.consumer._lanes import LaneKey, Lanes
 from streamproc.consumer._reader import Item, Reader
+from streamproc.consumer._records import retry_record
 from streamproc.consumer._scripts import (
     CLAIM_NAME,
     EXPIRE_CONSUMERS,
+    PARK,
     PUMP,
     RELEASE_NAME,
     RENEW,
     UNCOUNT,
 )
 from streamproc.consumer._settler import AfterSettle, Settler
-from streamproc.consumer.outcomes import Entry, Outcome
+from streamproc.consumer.outcomes import Entry, Outcome, RetryLater, Settled
 from streamproc.consumer.stats import LATENCY_BOUNDS_MS, ConsumerStats
 from streamproc.errors import ConsumerNameTaken
 from streamproc.keys import Keys
@@ -118,7 +128,12 @@ class Consumer:
             on_dead_letter=concern.on_dead_letter,
             after_settle=after_settle,
             release=self.reader.release,
+            holds=concern.ordered and concern.hold_on_retry,
         )
+        # Per-key order: the lanes, and whether retries hold their key (checked at each read).
+        self._lanes = Lanes() if concern.ordered else None
+        self._gated = concern.ordered and concern.hold_on_retry
+        self._park_wakeup = asyncio.Event()
         self.guard.on_nogroup = self._on_nogroup
         self._token = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._claimed = False
@@ -219,6 +234,8 @@ class Consumer:
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._reclaim_loop)
                 tg.start_soon(self._retry_loop)
+                if self._lanes is not None:
+                    tg.start_soon(self._park_loop)
                 if self.settings.trim_interval_ms:
                     tg.start_soon(self._trim_loop)
                 if self.settings.stats_interval_ms:
@@ -288,11 +305,28 @@ class Consumer:
             async with sem:
                 return await self.handlers.run(item)
 
+        if self._lanes is not None:
+            await self._process_ordered(items, run)
+            return len(items)
         outcomes = list(await asyncio.gather(*(run(i) for i in items)))
         if outcomes:
             await self.settler.settle(outcomes)
             self._note_retries(outcomes)
         return len(items)
+
+    async def _process_ordered(self, items: list[Item], run: Any) -> None:
+        """process_once's handle and settle steps for an ordered concern: rounds of the
+        lanes' runnable entries, each settled before the next of its key runs."""
+        holds = await self._holds(items)
+        ready, outcomes = self._into_lanes(items, holds)
+        while True:
+            ready += await self._park()
+            if not ready and not outcomes:
+                return
+            outcomes += await asyncio.gather(*(run(e) for e in ready))
+            await self.settler.settle(outcomes)
+            self._note_retries(outcomes)
+            ready, outcomes = self._settled(outcomes), []
 
     # ------------------------------------------------------------------ upkeep steps
 
@@ -382,22 +416,149 @@ class Consumer:
 
     # ------------------------------------------------------------------ loops
 
-    def _dispatch(self, items: list[Item]) -> None:
+    def _dispatch(self, items: list[Item], holds: Mapping[LaneKey, bytes] | None = None) -> None:
         work, settle = self._work, self._to_settle
-        for item in items:
-            if isinstance(item, Entry):
-                work.append(item)
-            else:
-                settle.append(item)
-        wake = len(work)
+        if self._lanes is not None:
+            ready, done = self._into_lanes(items, holds or {})
+            work += ready
+            settle += done
+        else:
+            for item in items:
+                if isinstance(item, Entry):
+                    work.append(item)
+                else:
+                    settle.append(item)
+        self._wake_workers()
+        if settle:
+            self._settle_wakeup.set()
+
+    def _wake_workers(self) -> None:
+        wake = len(self._work)
         idle = self._idle
         while wake and idle:
             waiter = idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 wake -= 1
-        if settle:
-            self._settle_wakeup.set()
+
+    # ------------------------------------------------------------------ per-key order
+
+    async def _take(self, fetch: Awaitable[list[Item]]) -> tuple[list[Item], dict[LaneKey, bytes]]:
+        """A read or reclaim, and (ordered, holding on retry) the holds of its keys."""
+        items = await fetch
+        return items, await self._holds(items)
+
+    async def _holds(self, items: list[Item]) -> dict[LaneKey, bytes]:
+        """The hold hash's values for the keys of these entries (one HMGET per topic). If
+        Redis fails, the entries are let go (re-read later), as a failed read's are."""
+        if not self._gated:
+            return {}
+        by_topic: dict[str, dict[bytes, None]] = {}
+        for i in items:
+            if isinstance(i, Entry) and (k := i.fields.get(b"key")):
+                by_topic.setdefault(i.topic, {})[k] = None
+        if not by_topic:
+            return {}
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for topic, ks in by_topic.items():
+                    pipe.hmget(self.keys.hold(topic, self.group), list(ks))
+                replies: list[Any] = await pipe.execute()
+        except BaseException:
+            self.reader.let_go([i if isinstance(i, Entry) else i.entry for i in items])
+            raise
+        out: dict[LaneKey, bytes] = {}
+        for (topic, ks), values in zip(by_topic.items(), replies, strict=True):
+            for k, v in zip(ks, values, strict=True):
+                if v is not None:
+                    out[(topic, k)] = v
+        return out
+
+    def _into_lanes(
+        self, items: list[Item], holds: Mapping[LaneKey, bytes]
+    ) -> tuple[list[Entry], list[Outcome]]:
+        """Entries that may run now, and outcomes to settle; the rest wait in their lanes."""
+        assert self._lanes is not None
+        ready: list[Entry] = []
+        done: list[Outcome] = []
+        for item in items:
+            if isinstance(item, Entry):
+                if (run := self._lanes.add(item, holds)) is not None:
+                    ready.append(run)
+            else:
+                done.append(item)
+        if self._lanes.to_park:
+            self._park_wakeup.set()
+        return ready, done
+
+    def _settled(self, outcomes: list[Outcome]) -> list[Entry]:
+        """After a settle: the next entry of each lane whose entry was settled may run (or,
+        after a retry that holds its key, the lane's queue is parked first)."""
+        lanes = self._lanes
+        if lanes is None:
+            return []
+        ready: list[Entry] = []
+        for o in outcomes:
+            # An Acked the settler turned into a failure (refused effects) stays PENDING here.
+            retried = self._gated and (isinstance(o, RetryLater) or o.status is Settled.PENDING)
+            if (run := lanes.settled(o.entry, retried)) is not None:
+                ready.append(run)
+        if lanes.to_park:
+            self._park_wakeup.set()
+        return ready
+
+    async def _park(self) -> list[Entry]:
+        """Park the queues of blocked lanes behind their key's head (one PARK per lane, one
+        pipeline). Returns the entries that may run now (their key was free, or they head it)."""
+        lanes = self._lanes
+        if lanes is None:
+            return []
+        todo = lanes.parking()
+        if not todo:
+            return []
+
+        async def send() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for (topic, ek), batch in todo:
+                    streams: dict[str, int] = {}
+                    args: list[Any] = [self.group, ek]
+                    for e in batch:
+                        idx = streams.setdefault(e.stream, len(streams) + 3)
+                        rec = retry_record(RetryLater(e, counts=False))
+                        args += (idx, e.entry_id, e.origin, rec)
+                    hold = self.keys.hold(topic, self.group)
+                    parked = self.keys.parked(topic, self.group, ek)
+                    PARK.queue(pipe, [hold, parked, *streams], args)
+                return list(await pipe.execute())
+
+        try:
+            replies = await with_scripts(self.client, (PARK,), send)
+        except BaseException:
+            lanes.retry_parking([k for k, _ in todo])
+            raise
+        ready: list[Entry] = []
+        gone: list[Entry] = []
+        for (k, batch), reply in zip(todo, replies, strict=True):
+            codes = [int(c) for c in reply]
+            self.stats.parked += codes.count(1)
+            left, run = lanes.parked(k, batch, codes)
+            gone += left
+            if run is not None:
+                ready.append(run)
+        if gone:
+            log.info("parked_behind_retry", entries=len(gone))
+            self.reader.release(gone)
+        return ready
+
+    async def _park_loop(self) -> None:
+        """Park what the lanes ask for, whenever they ask."""
+        while True:
+            await self._park_wakeup.wait()
+            self._park_wakeup.clear()
+            ready = await self.guard.until_up("park", self._park)
+            if ready:
+                self._work += ready
+                self._wake_workers()
 
     async def _reader_loop(self) -> None:
         """Read until stopping. A blocked read is never cancelled: it ends with its BLOCK."""
@@ -407,14 +568,14 @@ class Consumer:
                 if self._stopping.is_set():
                     return
             try:
-                items = await self.guard.until_up(
+                items, holds = await self.guard.until_up(
                     "read",
-                    lambda: self.reader.read(self.settings.block_ms),
+                    lambda: self._take(self.reader.read(self.settings.block_ms)),
                     give_up=self._stopping.is_set,
                 )
             except GaveUp:
                 return
-            self._dispatch(items)
+            self._dispatch(items, holds)
 
     async def _until_stopping(self, waiting: Any) -> None:
         task = asyncio.ensure_future(waiting)
@@ -464,6 +625,9 @@ class Consumer:
                     log.warning("settle_abandoned_at_stop", entries=len(batch))
                     continue
             self._note_retries(batch)
+            if self._lanes is not None and (ready := self._settled(batch)):
+                self._work += ready
+                self._wake_workers()
 
     async def _heartbeat_loop(self) -> None:
         """Every renewal period: renew held entries, tick the group clock, keep the name.
@@ -485,14 +649,14 @@ class Consumer:
             if not self._stopping.is_set() and self.guard.may_reclaim():
                 for stream in self.reader.streams:
                     try:  # one try per round: a failure lets go of what it took
-                        items = await self.guard.until_up(
+                        items, holds = await self.guard.until_up(
                             "reclaim",
-                            lambda s=stream: self.reader.reclaim(s),  # type: ignore[misc]
+                            lambda s=stream: self._take(self.reader.reclaim(s)),  # type: ignore[misc]
                             once=True,
                         )
                     except GaveUp:
                         break
-                    self._dispatch(items)
+                    self._dispatch(items, holds)
             if rounds % 30 == 0:
                 with contextlib.suppress(GaveUp):  # tried again in 30 rounds
                     await self.guard.until_up("expire", self.expire_consumers, once=True)

@@ -40,7 +40,8 @@ class ConsumerStats:
       (then retried or dead-lettered like a handler error);
     - ``empty``: payload trimmed, acked unread; ``skipped``: no handler for its type;
       ``read``: entries taken in (new, recovered, reclaimed); ``reclaimed``: of those, taken
-      from another consumer; ``lost``: held entries a renewal found owned by someone else.
+      from another consumer; ``lost``: held entries a renewal found owned by someone else;
+      ``parked``: entries of an ordered group parked behind their key's retrying head.
 
     ``latency_counts[i]`` counts acked events whose time from XADD (the entry id's
     milliseconds, Redis' clock) to their ack was at most ``LATENCY_BUCKETS_S[i]`` and above
@@ -57,6 +58,7 @@ class ConsumerStats:
         "latency_counts",
         "latency_sum_s",
         "lost",
+        "parked",
         "read",
         "reclaimed",
         "refused",
@@ -67,7 +69,7 @@ class ConsumerStats:
     def __init__(self) -> None:
         self.read = self.acked = self.duplicates = self.retried = self.dead_lettered = 0
         self.reclaimed = self.empty = self.skipped = self.refused = self.lost = 0
-        self.already_scheduled = self.effect_errors = 0
+        self.already_scheduled = self.effect_errors = self.parked = 0
         self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
         self.latency_sum_s = 0.0
 
