@@ -436,3 +436,29 @@ def test_a_bad_snapshot_file_exits_2_with_the_reason(
     assert "Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert "\x1b" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {"anyOf": 5},
+        {"anyOf": [{"anyOf": "x"}, 3]},
+        {"properties": [1], "required": 7, "type": "object"},
+        {"properties": {"a": 5}, "required": [{"x": 1}], "type": "object"},
+        {"type": ["integer"], "maximum": "big", "items": 4, "additionalProperties": 1},
+        {"prefixItems": [1, {"type": "integer"}], "type": "array"},
+    ],
+)
+def test_a_strange_type_in_the_snapshot_is_a_change_not_a_crash(
+    run: Any, tmp_path: Path, hostile: dict[str, Any]
+) -> None:
+    path = tmp_path / "snapshot.json"
+    doc = _tiny_snapshot(run, tmp_path)
+    doc["types"]["tiny.ping"]["fields"]["n"]["type"] = hostile
+    path.write_text(json.dumps(doc))
+    result = run("--app", TINY, "schema", "check", "--snapshot", str(path))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(
+        "streamproc schema check: tiny.ping.n: type narrowed or changed from "
+    )
+    assert len(result.stderr.splitlines()) == 1
