@@ -112,7 +112,8 @@ def fmt(pos: Pos) -> str:
 def when(pos: Pos) -> str:
     """The time of an entry id, ISO-8601 UTC (ms)."""
     try:
-        return (_EPOCH + timedelta(milliseconds=pos[0])).isoformat(timespec="milliseconds")
+        moment = _EPOCH + timedelta(milliseconds=pos[0])
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     except OverflowError:
         return "(beyond year 9999)"
 
@@ -192,10 +193,12 @@ class TopicRange:
     marked: int = 0
     #: Matched entries of types this group has no handler for (acked unread).
     unhandled: int = 0
-    #: Entries in range the group has not been delivered yet (after its last-delivered id,
-    #: or all when the group is not on the stream yet): it reads them from the topic anyway,
-    #: so they are not replayed (they would arrive twice).
-    undelivered: int = 0
+    #: The group's last-delivered id on the topic stream (None: the group is not on it yet).
+    #: Entries after it are not replayed: the group reads them from the topic anyway (they
+    #: would arrive twice), and the range is read up to it only.
+    delivered: str | None = None
+    #: How many entries the group has not been delivered yet (its lag), when Redis knows.
+    undelivered: int | None = None
     #: The last entry to replay when planned: the write stops there.
     last_id: str | None = None
 
@@ -232,31 +235,34 @@ async def plan_replay(
     dedup: bool = True,
     max_entries: int = DEFAULT_MAX,
 ) -> ReplayPlan:
-    """Count what a replay of ``start..end`` (both inclusive) would re-deliver; writes nothing.
+    """Count what a replay of ``start..end`` (both inclusive; None: up to the last entry the
+    group was delivered) would re-deliver; writes nothing.
 
     Raises RangeTooLarge when the range holds more than ``max_entries`` entries in all.
     """
     want = frozenset(types)
     plan = ReplayPlan(group, start, end, want, dedup, [])
-    hi = "+" if end is None else fmt(end)
     scanned = 0
     for topic in topics:
         tr = TopicRange(topic, keys.stream(topic), keys.retry_stream(topic, group))
         prefix = keys.seen_prefix(topic, group).encode()
+        plan.topics.append(tr)
         g = await group_info(client, tr.stream, group)
-        ld = _pos(g.last_delivered_id) if g is not None else None
-        async for page in _pages(client, tr.stream, fmt(start), hi):
-            scanned += len(page)
+        if g is None:
+            continue
+        tr.delivered, tr.undelivered = g.last_delivered_id, g.lag
+        upto = _pos(g.last_delivered_id)
+        last = upto if end is None else min(end, upto)
+        if last < start:
+            continue
+        async for rows in _pages(client, tr.stream, fmt(start), fmt(last)):
+            scanned += len(rows)
             if scanned > max_entries:
                 raise RangeTooLarge(
                     f"the range holds more than {max_entries:,} entries (--max): narrow it "
                     "with --from/--to, or raise --max"
                 )
-            tr.scanned += len(page)
-            rows = [(i, f) for i, f in page if ld is not None and _pos(i) <= ld]
-            tr.undelivered += len(page) - len(rows)
-            if not rows:
-                continue
+            tr.scanned += len(rows)
             tr.last_id = rows[-1][0].decode()
             hit = [(i, f) for i, f in rows if not want or _type(f) in want]
             for _, f in hit:
@@ -267,7 +273,6 @@ async def plan_replay(
             tr.matched += len(hit)
             if dedup:
                 tr.marked += len(await _marked(client, prefix, hit))
-        plan.topics.append(tr)
     return plan
 
 

@@ -179,10 +179,15 @@ def _print_replay(plan: _replay.ReplayPlan, args: argparse.Namespace) -> None:
             print(f"  {printable(kind)[:60]:<40} {n}")
         if t.unhandled:
             print(f"  ({t.unhandled} of a type without a handler in this group: acked unread)")
-        if t.undelivered:
+        if t.delivered is None:
+            print("  (the group is not on this stream yet: it will read all of it)")
+        elif (plan.end is None and t.undelivered != 0) or (
+            plan.end is not None and plan.end > _replay.parse_position(t.delivered)
+        ):
+            later = "later entries" if t.undelivered is None else f"{t.undelivered} later"
             print(
-                f"  ({t.undelivered} in range not delivered to the group yet: left out, it "
-                "reads them from the topic)"
+                f"  (read up to {t.delivered}, the group's last delivered entry; {later} it "
+                "has not read yet come from the topic)"
             )
     print(f"total: {plan.total} entries")
     if not plan.total:
@@ -193,6 +198,11 @@ def _print_replay(plan: _replay.ReplayPlan, args: argparse.Namespace) -> None:
         print(
             f"dedup: ignored: the group's marks of the {plan.marked} entries it already "
             "handled are deleted, so every entry is handled again"
+        )
+    elif not plan.marked:
+        print(
+            f"dedup: none of the {plan.total} entries has this group's dedup mark (handled "
+            "longer ago than its dedup window, or never): all are handled again"
         )
     else:
         print(
