@@ -44,7 +44,7 @@ def register(sub: Any) -> None:
         dest="end",
         default="latest",
         metavar="TIME|ID",
-        help="last entry, inclusive (default: latest, the last entry now)",
+        help="last entry, inclusive (default: the last entry the group was delivered)",
     )
     r.add_argument(
         "--types",
