@@ -231,6 +231,35 @@ async def test_dead_lettering_the_head_releases_the_rest_in_order(
     assert await client.hlen(keys.hold("cluster", "g")) == 0
 
 
+async def test_an_entry_whose_effects_redis_refuses_holds_back_its_key(
+    make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    """The handler of a-0 returns, but Redis refuses its effect at settle (a retry then):
+    a-1 must wait for that settle, not only for a-0's handler, and then for a-0's retry."""
+    target = keys.state("n")
+    await client.hset(target, "x", "1")  # INCR on a hash: WRONGTYPE at settle
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        if seq_of(event) == 0:
+            ctx.effect("INCR", target if 0 not in seen else keys.state("m"))
+        seen.append(seq_of(event))
+        if len(seen) == 4:
+            done.set()
+
+    consumer = make_consumer(
+        {SpotInterruption: handle}, concurrency=10, concern=ORDERED, block_ms=50
+    )
+    await consumer.ensure_groups()
+    await producer.publish_many([ev("a", i) for i in range(3)])
+    await run_until(consumer, done)
+    assert seen == [0, 0, 1, 2]
+    assert consumer.stats.effect_errors == 1
+    assert consumer.stats.parked == 2
+    assert await client.get(keys.state("m")) == b"1"
+
+
 async def test_a_hold_is_kept_by_every_consumer_of_the_group(
     make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
 ) -> None:

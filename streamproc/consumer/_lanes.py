@@ -2,12 +2,14 @@
 
 Within one consumer, entries of one topic with the same ``key`` field run one after another
 in the order they were read (stream order), entries of other keys in parallel up to the
-concern's ``concurrency``. A lane lets its next entry run only when the one before it is
-settled (acked, dead-lettered or scheduled for retry), not merely handled: a handler whose
-effects Redis refuses turns into a retry at settle time, and the next entry must not have run
-by then. Entries with an empty key are not ordered (no lane). Waiting entries are held by the
-reader like running ones: they count against ``max_in_flight`` and are renewed, so memory
-stays bounded and a crash leaves them pending for a successor.
+concern's ``concurrency``. A lane lets its next entry run as soon as the one before it was
+handled, when that outcome is final (acked without effects, dead-lettered, a duplicate...);
+after an outcome its settle may still turn into a retry (effects, which Redis may refuse) or
+that is a retry, the next entry waits for the settle, so that it never runs before a retry
+of the entry ahead of it is held. Entries with an empty key are not ordered (no lane).
+Waiting entries are held by the reader like running ones: they count against
+``max_in_flight`` and are renewed, so memory stays bounded and a crash leaves them pending
+for a successor.
 
 Across retries (``hold_on_retry``, the default) the order is kept in Redis, so that every
 consumer of the group respects it: the settle script that schedules a keyed entry's retry
@@ -87,6 +89,17 @@ class Lanes:
             lane.queue.append(entry)
         self.waiting += 1
         return self._advance(k, lane)
+
+    def handled(self, entry: Entry) -> Entry | None:
+        """The entry's handler ended in an outcome its settle cannot turn into a retry (the
+        caller decides): the next entry of the key may run now, before that settle. Not in a
+        blocked lane, whose head's settle must first release the key."""
+        k = lane_key(entry)
+        lane = self._lanes.get(k) if k is not None else None
+        if lane is None or lane.running is not entry or lane.blocked:
+            return None
+        lane.running = None
+        return self._advance(k, lane)  # type: ignore[arg-type]
 
     def settled(self, entry: Entry, retried: bool) -> Entry | None:
         """The entry's settle is done; ``retried``: it was (or may have been) scheduled for

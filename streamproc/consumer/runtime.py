@@ -58,7 +58,7 @@ from streamproc.consumer._scripts import (
     UNCOUNT,
 )
 from streamproc.consumer._settler import AfterSettle, Settler
-from streamproc.consumer.outcomes import Entry, Outcome, RetryLater, Settled
+from streamproc.consumer.outcomes import Acked, Entry, Outcome, RetryLater, Settled
 from streamproc.consumer.stats import LATENCY_BOUNDS_MS, ConsumerStats
 from streamproc.errors import ConsumerNameTaken
 from streamproc.keys import Keys
@@ -601,6 +601,15 @@ class Consumer:
             outcome = await self.handlers.run(entry)
             self._to_settle.append(outcome)
             self._settle_wakeup.set()
+            lanes = self._lanes
+            if lanes is not None and self._final(outcome) and (nxt := lanes.handled(entry)):
+                self._work.append(nxt)  # this worker takes it next
+
+    def _final(self, o: Outcome) -> bool:
+        """Can its settle not turn it into a retry? Then the next of its key may run now."""
+        if type(o) is Acked:
+            return not o.effects
+        return not isinstance(o, RetryLater) or not self._gated
 
     async def _settler_loop(self) -> None:
         while True:
