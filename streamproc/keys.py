@@ -4,6 +4,14 @@ An operator can find all of them with ``redis-cli --scan --pattern '<prefix>:*'`
 one atomic step touches together (a stream, its groups' retry schedules, dead letters and dedup
 markers) share the hash tag ``{<topic>}`` so the same scripts run on Redis Cluster.
 
+**Partitioned topics.** A topic declared with N partitions (``Keys(partitions={"cluster": 6})``)
+is N topics on the wire: ``<topic>.p00`` … ``<topic>.p05`` (two digits at least), each with its
+own stream, groups, retries, DLQs and markers under the tag ``{<topic>.pNN}``, so each lives on
+one slot and the partitions spread over a cluster's masters. An event goes to partition
+``crc32(key) mod N`` (zlib's CRC-32 of the key's UTF-8 bytes: stable across processes,
+languages and restarts); one with an empty key to ``crc32(id) mod N`` (no order to keep: it is
+spread). Every key of the table below is then built with the partition's name as ``<topic>``.
+
 | key | type | what |
 |---|---|---|
 | ``<p>:{<topic>}:stream`` | stream | the events of a topic |
@@ -41,10 +49,15 @@ markers) share the hash tag ``{<topic>}`` so the same scripts run on Redis Clust
 from __future__ import annotations
 
 import re
+import zlib
+from collections.abc import Iterable, Mapping
 
 from streamproc.errors import ConfigError
 
-__all__ = ("NAME_RE", "Keys", "check_name")
+__all__ = ("MAX_PARTITIONS", "NAME_RE", "Keys", "check_name", "partition_index")
+
+#: The most partitions a topic may have.
+MAX_PARTITIONS = 1024
 
 #: Topic, group and consumer names: short, printable, no hash-tag or separator characters.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
@@ -60,13 +73,50 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def partition_index(event_key: str, event_id: str, partitions: int) -> int:
+    """The partition of an event: CRC-32 of its key mod ``partitions``; of its id when the
+    key is empty."""
+    return zlib.crc32((event_key or event_id).encode()) % partitions
+
+
 class Keys:
-    """Builds key names under one prefix (tests use a unique prefix each)."""
+    """Builds key names under one prefix (tests use a unique prefix each).
 
-    __slots__ = ("prefix",)
+    ``partitions``: topic -> number of partitions, for the topics that have them; every role
+    (producers, consumers, operator tools) must be given the same mapping.
+    """
 
-    def __init__(self, prefix: str = "sp") -> None:
+    __slots__ = ("_names", "partitions", "prefix")
+
+    def __init__(self, prefix: str = "sp", *, partitions: Mapping[str, int] | None = None) -> None:
         self.prefix = check_name("key prefix", prefix)
+        self.partitions: dict[str, int] = {}
+        self._names: dict[str, tuple[str, ...]] = {}
+        for topic, n in (partitions or {}).items():
+            check_name("topic", topic)
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_PARTITIONS:
+                raise ConfigError(
+                    f"topic {topic!r}: partitions must be an integer 1..{MAX_PARTITIONS}, got {n!r}"
+                )
+            width = max(2, len(str(n - 1)))
+            names = tuple(f"{topic}.p{i:0{width}d}" for i in range(n))
+            check_name("partition", names[-1])
+            self.partitions[topic], self._names[topic] = n, names
+
+    def partitions_of(self, topic: str) -> tuple[str, ...]:
+        """The names the topic is stored under: its partitions', or ``(topic,)`` itself."""
+        return self._names.get(topic) or (topic,)
+
+    def all_partitions(self, topics: Iterable[str]) -> list[str]:
+        """``partitions_of`` every topic, in order."""
+        return [p for t in topics for p in self.partitions_of(t)]
+
+    def partition(self, topic: str, event_key: str, event_id: str) -> str:
+        """The name an event of ``topic`` is stored under (``partition_index``)."""
+        names = self._names.get(topic)
+        if names is None:
+            return topic
+        return names[partition_index(event_key, event_id, len(names))]
 
     def stream(self, topic: str) -> str:
         return f"{self.prefix}:{{{topic}}}:stream"

@@ -6,6 +6,9 @@ returns the first entry id and adds nothing. Before writing, the producer looks 
 the groups reading the topic (cached briefly) and waits, then raises BackpressureError, while a
 group is above the high watermark.
 
+A partitioned topic (``Keys(partitions=...)``) is written per partition: each event goes to
+``Keys.partition(topic, key, id)``, its own stream and markers (its own slot on a cluster).
+
 Group commit: calls made while a write is in flight wait for it and then go out together, one
 script call per topic for all of them (up to ``coalesce_max_events``). A lone caller writes at
 once; under load, many concurrent callers (the ingest's requests) share one round trip instead
@@ -185,7 +188,9 @@ class Producer:
             raise ValueError("idempotency_keys must match events one to one")
         if dedup is not None and len(dedup) != len(events):
             raise ValueError("dedup must match events one to one")
-        topics = {e.topic for e in events}
+        # the names events are stored under: a partitioned topic's partitions (Keys.partition)
+        where = self._where(events)
+        topics = set(where)
         backoff = Backoff(cap_s=1.0)
         deadline = time.monotonic() + self.retry_timeout_s
         while True:
@@ -194,7 +199,7 @@ class Producer:
                     await self._register(topics - self._registered)
                 for topic in topics:
                     await self.wait_for_capacity(topic)
-                return await self._queue(events, idempotency_keys, dedup)
+                return await self._queue(events, idempotency_keys, dedup, where)
             except REDIS_DOWN as e:
                 # Safe to send again: the dedup marker makes a repeated XADD a no-op, and with
                 # producer dedup off consumers still drop the copy by event id.
@@ -214,18 +219,25 @@ class Producer:
             log.warning("topic_registry_refused", topics=sorted(topics), error=str(e))
         self._registered |= topics
 
+    def _where(self, events: Sequence[Event]) -> list[str]:
+        """Per event, the topic (or partition of a partitioned topic) it is stored under."""
+        if not self.keys.partitions:
+            return [e.topic for e in events]
+        return [self.keys.partition(e.topic, e.key, e.id) for e in events]
+
     def _encode(
         self,
         events: Sequence[Event],
         idempotency_keys: Sequence[str | None] | None,
         dedup: Sequence[bool] | None,
+        where: Sequence[str],
     ) -> _Write:
         window = bool(self.settings.dedup_window_ms)
         encode = self.codec.encode_resp
         parts: dict[str, _Part] = {}
         order: list[tuple[str, int]] = []
         for i, event in enumerate(events):
-            topic = event.topic
+            topic = where[i]
             part = parts.get(topic)
             if part is None:
                 part = parts[topic] = _Part()
@@ -245,8 +257,9 @@ class Producer:
         events: Sequence[Event],
         idempotency_keys: Sequence[str | None] | None,
         dedup: Sequence[bool] | None,
+        where: Sequence[str],
     ) -> asyncio.Future[list[Produced]]:
-        write = self._encode(events, idempotency_keys, dedup)
+        write = self._encode(events, idempotency_keys, dedup, where)
         write.caller = self._batcher.submit(write)
         return write.caller
 

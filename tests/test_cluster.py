@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from schemas import REGISTRY, SpotInterruption
 from streamproc import (
@@ -81,6 +83,10 @@ async def drain(consumer: Consumer, *, rounds: int = 200) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"did not drain: {consumer.stats.as_dict()}")
+
+
+def slot(key: str) -> int:
+    return key_slot(key.encode())
 
 
 async def pending(client: aioredis.Redis, keys: Keys) -> int:
@@ -205,3 +211,131 @@ async def test_an_effect_on_a_key_outside_the_topics_slot_is_dead_lettered_not_f
     assert consumer.stats.acked == 2
     assert await cluster_client.get(keys.topic_state("cluster", "i-2")) == b"x"
     assert await pending(cluster_client, keys) == 0
+
+
+# ---------------------------------------------------------------------- partitioned topics
+
+
+def keyed(i: int, key: str) -> SpotInterruption:
+    return SpotInterruption(
+        cluster_id=key,
+        key=key,
+        instance_id=f"i-{i}",
+        instance_type="m5.large",
+        availability_zone="eu-west-1a",
+    )
+
+
+@pytest.fixture
+def pkeys(cluster_keys: Keys) -> Keys:
+    """The test's prefix, with topic ``cluster`` in 6 partitions."""
+    return Keys(cluster_keys.prefix, partitions={"cluster": 6})
+
+
+async def test_a_partitioned_topic_is_routed_by_key_and_read_whole_in_key_order(
+    cluster_client: aioredis.Redis, codec: Codec[Any], pkeys: Keys
+) -> None:
+    producer = Producer(cluster_client, codec, pkeys, ProducerSettings())
+    seen: dict[str, list[int]] = {}
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        assert ctx.topic == pkeys.partition("cluster", event.key, event.id)
+        seen.setdefault(event.key, []).append(int(event.instance_id[2:]))
+        ctx.effect("HINCRBY", ctx.keys.topic_state(ctx.topic, "n"), event.key, 1)
+
+    consumer = Consumer(
+        Concern(group="g", topics=("cluster",), handlers={SpotInterruption: handle}, retry=FAST),
+        client=cluster_client,
+        codec=codec,
+        keys=pkeys,
+        producer=producer,
+        settings=ConsumerSettings(consumer="c1"),
+    )
+    await consumer.ensure_groups()
+    events = [keyed(i, f"c{i % 10}") for i in range(60)]
+    await producer.publish_many(events[:30])
+    for e in events[30:]:
+        await producer.publish(e)
+    by_partition: dict[str, set[str]] = {}
+    for e in events:
+        part = pkeys.partition("cluster", e.key, e.id)
+        by_partition.setdefault(part, set()).add(e.key)
+        rows = await entries(cluster_client, pkeys.stream(part))
+        assert e.id.encode() in {f[b"id"] for _, f in rows}
+    assert len(by_partition) >= 3  # ten keys over six partitions
+    assert isinstance(cluster_client, RedisCluster)
+    nodes = {
+        cluster_client.nodes_manager.get_node_from_slot(slot(pkeys.stream(p))).name
+        for p in by_partition
+    }
+    assert len(nodes) >= 2  # the partitions' slots are on different masters
+    await drain(consumer)
+    assert sum(len(v) for v in seen.values()) == 60
+    for key, order in seen.items():
+        assert order == sorted(order), key  # one stream per key: read in publish order
+    for part, ks in by_partition.items():
+        counts = await cluster_client.hgetall(pkeys.topic_state(part, "n"))
+        assert counts == {k.encode(): b"6" for k in ks}
+
+
+async def test_a_running_consumer_follows_every_partition_on_the_cluster(
+    cluster_client: aioredis.Redis, codec: Codec[Any], pkeys: Keys
+) -> None:
+    """Consumer.run: blocking reads per slot, renewals, reclaim scans and the retry pump,
+    all on the cluster; events published while it blocks arrive; stop returns."""
+    producer = Producer(cluster_client, codec, pkeys, ProducerSettings())
+    got: list[str] = []
+    done = asyncio.Event()
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        if event.instance_id == "i-3" and ctx.attempt == 0:
+            raise ConnectionResetError("once")
+        got.append(event.instance_id)
+        if len(got) == 40:
+            done.set()
+
+    consumer = Consumer(
+        Concern(group="g", topics=("cluster",), handlers={SpotInterruption: handle}, retry=FAST),
+        client=cluster_client,
+        codec=codec,
+        keys=pkeys,
+        producer=producer,
+        settings=ConsumerSettings(consumer="c1", block_ms=200, min_idle_ms=600),
+    )
+    started = asyncio.Event()
+    running = asyncio.create_task(consumer.run(started=started))
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.sleep(0.3)  # its reads are blocked now
+    for i in range(40):
+        await producer.publish(keyed(i, f"k{i % 7}"))
+    await asyncio.wait_for(done.wait(), 20)
+    consumer.stop()
+    await asyncio.wait_for(running, 10)
+    assert sorted(got) == sorted(f"i-{i}" for i in range(40))
+    assert consumer.stats.retried == 1
+    for part in pkeys.partitions_of("cluster"):
+        assert int((await cluster_client.xpending(pkeys.stream(part), "g"))["pending"]) == 0
+
+
+async def test_a_dead_consumers_entries_are_reclaimed_on_the_cluster(
+    cluster_client: aioredis.Redis, codec: Codec[Any], cluster_keys: Keys, cproducer: Producer
+) -> None:
+    """RECLAIM (stream + the group's clock, one slot) and the delivery count it reads."""
+    handled: list[int] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        handled.append(ctx.deliveries)
+
+    live = consumer_on(cluster_client, codec, cluster_keys, cproducer, handle, min_idle_ms=300)
+    await live.ensure_groups()
+    await cproducer.publish(spot(1))
+    await cluster_client.xreadgroup("g", "dead", {cluster_keys.stream("cluster"): ">"})
+    await live.process_once()  # starts the group's clock; nothing idle long enough yet
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        await live.process_once()
+        if handled:
+            break
+    assert handled == [2]
+    assert live.stats.reclaimed == 1
+    assert await pending(cluster_client, cluster_keys) == 0

@@ -15,7 +15,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.crc import key_slot
 
+from streamproc.connection import is_cluster
 from streamproc.consumer._guard import RedisGuard
 from streamproc.consumer._scripts import RECLAIM
 from streamproc.consumer.outcomes import DeadLettered, Duplicate, Empty, Entry, Outcome, Skipped
@@ -65,6 +67,17 @@ class Reader:
         #: Deliveries of an entry that ended cleanly (released after a blip): not counted.
         self._credit: dict[tuple[str, bytes], int] = {}
         self.groups_ok = False
+        #: The streams by hash slot: one XREADGROUP each on a Redis Cluster (a read across
+        #: slots is refused there); one group of all of them on a single Redis.
+        self._slots: list[list[str]] = [list(self.streams)]
+        if is_cluster(client):
+            by_slot: dict[int, list[str]] = {}
+            for stream in self.streams:
+                by_slot.setdefault(key_slot(stream.encode()), []).append(stream)
+            self._slots = list(by_slot.values())
+        #: Blocked per-slot reads still under way (index in ``_slots``): never cancelled,
+        #: collected by a later read.
+        self._outstanding: dict[int, asyncio.Task[Any]] = {}
 
     # ------------------------------------------------------------------ in flight
 
@@ -154,6 +167,8 @@ class Reader:
         # XREADGROUP's COUNT is per stream: ask each for a share of the free room (near the
         # bound, one each can pass it by at most ``streams - 1``).
         per = min(self.settings.batch, max(1, free // len(self.streams)))
+        if len(self._slots) > 1:
+            return await self._read_slots(per, block_ms)
         try:
             reply = await self._reserve(
                 per * len(self.streams),
@@ -172,6 +187,74 @@ class Reader:
         for stream_name, rows in reply or ():
             out += await self._admit(stream_name.decode(), rows, redelivered=False)
         return out
+
+    def _start_read(self, i: int, per: int, block_ms: int | None) -> asyncio.Task[Any]:
+        """XREADGROUP ``>`` of the streams of one slot, as a task holding its room."""
+        streams = self._slots[i]
+        call = self.client.xreadgroup(
+            self.group, self.name, dict.fromkeys(streams, ">"), count=per, block=block_ms
+        )
+        task = asyncio.ensure_future(self._reserve(per * len(streams), call))
+        self._outstanding[i] = task
+        return task
+
+    async def _collect(self) -> list[Item]:
+        """Admit what the finished per-slot reads delivered."""
+        rows: list[Any] = []
+        failed: BaseException | None = None
+        for i, task in list(self._outstanding.items()):
+            if task.done():
+                del self._outstanding[i]
+                if task.cancelled():
+                    failed = failed or asyncio.CancelledError()
+                elif task.exception() is not None:
+                    failed = failed or task.exception()
+                else:
+                    rows += task.result() or ()
+        if failed is not None:
+            self.recover_all()  # a read that failed may have been delivered: re-read with 0
+            raise failed
+        out: list[Item] = []
+        for stream_name, entries in rows:
+            out += await self._admit(stream_name.decode(), entries, redelivered=False)
+        return out
+
+    async def _read_slots(self, per: int, block_ms: int | None) -> list[Item]:
+        """New entries on a Redis Cluster whose streams span several slots: first one
+        non-blocking XREADGROUP per slot (together); if none had anything, one blocking read
+        per slot, returning as soon as one of them delivers. The others stay under way, are
+        never cancelled, and are collected by the next call (or by ``finish_reads``)."""
+        now = [
+            self._start_read(i, per, None)
+            for i in range(len(self._slots))
+            if i not in self._outstanding
+        ]
+        if now:
+            try:
+                await asyncio.wait(now)  # without BLOCK: each answers at once
+            except BaseException:
+                self.recover_all()
+                raise
+        out = await self._collect()
+        if out or block_ms is None:
+            return out
+        for i in range(len(self._slots)):
+            if i not in self._outstanding:
+                self._start_read(i, per, block_ms)
+        await asyncio.wait(list(self._outstanding.values()), return_when=asyncio.FIRST_COMPLETED)
+        return await self._collect()
+
+    async def finish_reads(self) -> None:
+        """Wait for the blocked per-slot reads still under way (each ends with its BLOCK) and
+        let go of what they delivered: it is re-read with ``0`` by the next start."""
+        if not self._outstanding:
+            return
+        await asyncio.wait(list(self._outstanding.values()))
+        try:
+            items = await self._collect()
+        except Exception:
+            return  # recover_all was called: the entries are re-read with 0
+        self.let_go([i if isinstance(i, Entry) else i.entry for i in items])
 
     async def _reserve(self, n: int, call: Any) -> Any:
         self._reserved += n

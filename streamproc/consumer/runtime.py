@@ -104,8 +104,10 @@ class Consumer:
         self.handlers = Handlers(
             concern, codec=codec, consumer=self.name, client=client, producer=producer, keys=keys
         )
-        streams = {keys.stream(t): t for t in concern.topics}
-        streams.update({keys.retry_stream(t, self.group): t for t in concern.topics})
+        # every partition of a partitioned topic is a topic of its own here (Keys.partition)
+        self._topics = keys.all_partitions(concern.topics)
+        streams = {keys.stream(t): t for t in self._topics}
+        streams.update({keys.retry_stream(t, self.group): t for t in self._topics})
         self.reader = Reader(
             client=client,
             keys=keys,
@@ -243,6 +245,7 @@ class Consumer:
                 if self.concern.background is not None:
                     tg.start_soon(self._background_loop)
                 await self._reader_loop()
+                await self.reader.finish_reads()  # a cluster's per-slot reads still blocked
                 if not await wait_event(self.reader.drained, self.settings.grace_s):
                     log.warning("grace_expired", in_flight=self.reader.in_flight)
                 tg.cancel_scope.cancel()
@@ -373,7 +376,7 @@ class Consumer:
         """Move due retries into this group's retry streams. Returns seconds until the next
         waiting retry is due (Redis' clock), at most 1."""
         wait_s = 1.0
-        for topic in self.concern.topics:
+        for topic in self._topics:
             moved, wait_ms = await PUMP(
                 self.client,
                 [

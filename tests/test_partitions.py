@@ -1,0 +1,87 @@
+"""Partitioned topics on a single Redis: names, routing by key, a group reading every partition.
+
+The cluster versions (partitions spread over masters, blocking per-slot reads) are in
+tests/test_cluster.py.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from schemas import SpotInterruption
+from streamproc import Codec, Concern, Consumer, ConsumerSettings, Context, Keys, Producer
+from streamproc.errors import ConfigError
+from streamproc.keys import partition_index
+
+
+def keyed(i: int, key: str) -> SpotInterruption:
+    return SpotInterruption(
+        cluster_id=key or "c",
+        key=key,
+        instance_id=f"i-{i}",
+        instance_type="m5.large",
+        availability_zone="eu-west-1a",
+    )
+
+
+def test_partition_names_and_tags() -> None:
+    keys = Keys("sp", partitions={"cluster": 3, "big": 120})
+    assert keys.partitions_of("cluster") == ("cluster.p00", "cluster.p01", "cluster.p02")
+    assert keys.partitions_of("big")[-1] == "big.p119"
+    assert keys.partitions_of("other") == ("other",)
+    assert keys.stream("cluster.p01") == "sp:{cluster.p01}:stream"
+    assert keys.all_partitions(["other", "cluster"])[:2] == ["other", "cluster.p00"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1025, 2.0, True, "3"])
+def test_a_partition_count_outside_1_to_1024_is_refused(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="partitions must be"):
+        Keys("sp", partitions={"cluster": bad})
+
+
+def test_routing_is_crc32_of_the_key_and_of_the_id_without_one() -> None:
+    """Documented so that any language can route the same way: zlib/IEEE CRC-32 mod N."""
+    keys = Keys("sp", partitions={"cluster": 6})
+    assert partition_index("c1", "e1", 6) == zlib.crc32(b"c1") % 6 == 5
+    assert keys.partition("cluster", "c1", "anything") == "cluster.p05"
+    assert keys.partition("cluster", "", "e1") == f"cluster.p{zlib.crc32(b'e1') % 6:02d}"
+    assert keys.partition("other", "c1", "e1") == "other"  # not partitioned
+    spread = {keys.partition("cluster", "", f"e{i}") for i in range(100)}
+    assert len(spread) == 6  # events without a key are spread, not piled on one partition
+
+
+async def test_a_group_reads_every_partition_each_key_in_order(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys
+) -> None:
+    pkeys = Keys(keys.prefix, partitions={"cluster": 4})
+    producer = Producer(client, codec, pkeys)
+    seen: dict[str, list[int]] = {}
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        seen.setdefault(event.key, []).append(int(event.instance_id[2:]))
+
+    consumer = Consumer(
+        Concern(group="g", topics=("cluster",), handlers={SpotInterruption: handle}),
+        client=client,
+        codec=codec,
+        keys=pkeys,
+        producer=producer,
+        settings=ConsumerSettings(consumer="c1"),
+    )
+    await consumer.ensure_groups()
+    events = [keyed(i, f"k{i % 5}" if i % 10 else "") for i in range(50)]
+    await producer.publish_many(events)
+    lengths = [int(await client.xlen(pkeys.stream(p))) for p in pkeys.partitions_of("cluster")]
+    assert sum(lengths) == 50
+    assert sum(1 for n in lengths if n) >= 2
+    assert await client.exists(pkeys.stream("cluster")) == 0  # no unpartitioned stream
+    while await consumer.process_once():
+        pass
+    assert sum(len(v) for v in seen.values()) == 50
+    for key, order in seen.items():
+        if key:
+            assert order == sorted(order), key
