@@ -21,7 +21,7 @@ each of its topic streams to just before the first entry to read next (a time, a
 stays right. Pending entries stay pending; those inside a re-read range are delivered again
 by the next read. Moving back re-reads entries on the topic stream itself, where the consumer
 checks marks in the settle script: a handler runs, and the effects of an event the group
-already applied are not applied again (it settles as a duplicate). ``ignore_dedup`` deletes
+already applied are not applied again. ``ignore_dedup`` deletes
 the marks of the re-read range first.
 
 Both count what they did in ``Keys.replays`` (a hash per topic and group) and log it.
