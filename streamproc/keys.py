@@ -32,8 +32,8 @@ spread). Every key of the table below is then built with the partition's name as
 | ``<p>:ticker:{ticker}:lease`` | string, PX | ticker leader: ``<node>/<fence>`` |
 | ``<p>:ticker:{ticker}:fence`` | string | fencing counter (INCR per lease acquired) |
 | ``<p>:ticker:{ticker}:last`` | hash | schedule → last fired scheduled time (epoch ms) |
-| ``<p>:breaker:<name>`` | hash | a circuit breaker: state, failures, opened/hold times |
-| ``<p>:breakers`` | zset | every breaker used (member = name, score = last change ms) |
+| ``<p>:{breakers}:<name>`` | hash | a circuit breaker: state, failures, opened/hold times |
+| ``<p>:{breakers}`` | zset | every breaker used (member = name, score = last change ms) |
 | ``<p>:agents`` | hash | ingest agents: name → JSON (sha256 of token, scopes); sha256 → name |
 | ``<p>:ratelimit:<agent>`` | hash | ingest: the agent's token bucket (tokens, ms) |
 | ``<p>:{task:<id>}:state`` | hash, 24 h | a task's status, progress, result, timestamps |
@@ -209,12 +209,13 @@ class Keys:
         return "/".join(("renders", *parts))
 
     def breaker(self, name: str) -> str:
-        """Hash: the circuit breaker of one outside destination (``streamproc.breaker``)."""
-        return f"{self.prefix}:breaker:{name}"
+        """Hash: the circuit breaker of one outside destination (``streamproc.breaker``).
+        Tagged ``{breakers}`` with the index: one script updates both (Redis Cluster)."""
+        return f"{self.prefix}:{{breakers}}:{name}"
 
     def breakers(self) -> str:
         """Sorted set: every breaker name, scored by its last change (Redis time, ms)."""
-        return f"{self.prefix}:breakers"
+        return f"{self.prefix}:{{breakers}}"
 
     def agents(self) -> str:
         return f"{self.prefix}:agents"

@@ -339,3 +339,19 @@ async def test_a_dead_consumers_entries_are_reclaimed_on_the_cluster(
     assert handled == [2]
     assert live.stats.reclaimed == 1
     assert await pending(cluster_client, cluster_keys) == 0
+
+
+async def test_a_circuit_breaker_opens_on_the_cluster(
+    cluster_client: aioredis.Redis, cluster_keys: Keys
+) -> None:
+    """The breaker's scripts touch its hash and the index of breakers: both tagged
+    ``{breakers}`` (they were in two slots: CROSSSLOT)."""
+    from streamproc.breaker import Breaker, BreakerOpen
+
+    breaker = Breaker(cluster_client, cluster_keys, "aws", threshold=2, cooldown_s=60)
+    await breaker.admit()
+    await breaker.failure("boom")
+    await breaker.failure("boom")
+    with pytest.raises(BreakerOpen):
+        await breaker.admit()
+    assert await cluster_client.zscore(cluster_keys.breakers(), "aws") is not None

@@ -85,3 +85,32 @@ async def test_a_group_reads_every_partition_each_key_in_order(
     for key, order in seen.items():
         if key:
             assert order == sorted(order), key
+
+
+@pytest.mark.parametrize("topic", ["cluster", "cluster.p03", "a-b_c.d"])
+def test_every_key_a_topics_scripts_touch_shares_the_streams_slot(topic: str) -> None:
+    """CROSSSLOT regression: publish (stream + markers), settle (stream + seen marks + hold +
+    parked + effect state), fail (stream + failed marker + delayed / DLQ), pump (delayed +
+    retry stream + DLQ), renew / reclaim (stream + clock) and DLQ replay each run as one
+    script on the stream's node, so every key they get must hash to the stream's slot."""
+    from redis.crc import key_slot
+
+    keys = Keys("sp")
+    slot = key_slot(keys.stream(topic).encode())
+    built: list[str | bytes] = [
+        keys.retry_stream(topic, "g"),
+        keys.delayed(topic, "g"),
+        keys.dlq(topic, "g"),
+        keys.seen_prefix(topic, "g") + "01J-event-id",
+        keys.published_prefix(topic) + "idem{tag}",
+        keys.failed(keys.stream(topic), "g", b"1-0"),
+        keys.failed(keys.retry_stream(topic, "g"), "g", b"1-0"),
+        keys.upkeep(topic, "g"),
+        keys.hold(topic, "g"),
+        keys.parked(topic, "g", b"key{x}"),
+        keys.replays(topic, "g"),
+        keys.topic_state(topic, "effects", "{other}"),
+    ]
+    for key in built:
+        raw = key if isinstance(key, bytes) else key.encode()
+        assert key_slot(raw) == slot, key
