@@ -18,7 +18,7 @@ from streamproc.codec import Codec
 from streamproc.errors import ConfigError
 from streamproc.keys import Keys
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # benchmark scripts: timed subprocesses
 
 
 def _bench(repo_root: Path, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:

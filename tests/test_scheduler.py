@@ -374,6 +374,7 @@ async def wait_until(cond: Any, timeout_s: float = 90.0) -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # SIGKILL and lease failover of processes: not beside other workers
 @pytest.mark.timeout(400)  # process starts are slow on a loaded 2-core machine
 async def test_sigkilled_leaders_and_a_full_restart_fire_every_scheduled_time_once(
     redis_url: str,

@@ -219,6 +219,7 @@ async def wait_for(cond: Any, timeout_s: float = 15.0) -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # SIGKILL and lease failover of processes: not beside other workers
 @pytest.mark.parametrize("replicas", [2, 3])
 async def test_failover_after_sigkill_fires_each_scheduled_time_exactly_once(
     replicas: int,
