@@ -562,6 +562,8 @@ class Consumer:
             if ready:
                 self._work += ready
                 self._wake_workers()
+            if self._lanes is not None and self._lanes.to_park:  # queued behind a head meanwhile
+                self._park_wakeup.set()
 
     async def _reader_loop(self) -> None:
         """Read until stopping. A blocked read is never cancelled: it ends with its BLOCK."""
