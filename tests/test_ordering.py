@@ -19,6 +19,8 @@ import redis.asyncio as aioredis
 from schemas import SpotInterruption
 from streamproc import ConfigError, Context, Keys, Permanent, Producer, Retry, RetryPolicy
 from streamproc.concern import Concern
+from streamproc.consumer._lanes import Lanes
+from streamproc.consumer.outcomes import Entry
 from tests.helpers import MakeConsumer, entries, pending
 
 ORDERED = {"ordered": True, "retry": RetryPolicy(max_retries=1000, base_s=0.01, cap_s=0.02)}
@@ -345,3 +347,45 @@ async def test_events_without_a_key_are_not_held_back(
 def test_hold_on_retry_needs_ordered() -> None:
     with pytest.raises(ConfigError, match="needs ordered"):
         Concern(group="g", topics=("cluster",), handlers={}, hold_on_retry=False)
+
+
+def entry(key: bytes, n: int, origin: bytes | None = None) -> Entry:
+    fields = {b"key": key, b"type": b"t"}
+    if origin is not None:
+        fields[b"origin"] = origin
+    return Entry("s", "cluster", f"{n}-0".encode(), fields)
+
+
+def test_lanes_run_one_entry_per_key_and_the_next_after_it() -> None:
+    """The lane state machine alone (no Redis): what may run after each step."""
+    lanes = Lanes()
+    a0, a1, b0, n0 = entry(b"a", 1), entry(b"a", 2), entry(b"b", 3), entry(b"", 4)
+    assert [lanes.add(e, {}) for e in (a0, a1, b0, n0)] == [a0, None, b0, n0]
+    assert lanes.waiting == 1
+    assert lanes.handled(a0) is a1  # a final outcome: a-1 may run before a-0's settle
+    assert lanes.settled(a0, retried=False) is None  # already released
+    assert lanes.settled(a1, retried=False) is None
+    assert lanes.settled(b0, retried=False) is None
+    assert len(lanes) == 0  # empty lanes are dropped
+
+
+def test_lanes_park_behind_a_retry_and_run_the_head_first() -> None:
+    lanes = Lanes()
+    a0, a1, a2 = entry(b"a", 1), entry(b"a", 2), entry(b"a", 3)
+    assert lanes.add(a0, {}) is a0
+    assert lanes.add(a1, {}) is None
+    assert lanes.settled(a0, retried=True) is None  # the key may be held: park, not run
+    assert lanes.add(a2, {("cluster", b"a"): b"1-0"}) is None
+    assert lanes.parking() == [(("cluster", b"a"), [a1, a2])]
+    gone, run = lanes.parked(("cluster", b"a"), [a1, a2], [1, 1])
+    assert (gone, run, lanes.waiting, len(lanes)) == ([a1, a2], None, 0, 0)
+    # a-0's retry comes back: it heads the key and runs, the next read entry waits behind it
+    head = entry(b"a", 9, origin=b"1-0")
+    a3 = entry(b"a", 10)
+    holds = {("cluster", b"a"): b"1-0"}
+    assert lanes.add(a3, holds) is None
+    assert lanes.add(head, holds) is head
+    assert lanes.parking() == [(("cluster", b"a"), [a3])]
+    # the head was acked meanwhile and nothing else was parked: the key is free, a-3 runs
+    assert lanes.parked(("cluster", b"a"), [a3], [-1]) == ([], None)  # head still running
+    assert lanes.settled(head, retried=False) is a3
