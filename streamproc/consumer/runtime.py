@@ -15,9 +15,10 @@ without counting a delivery.
 
 An ordered concern (``Concern(ordered=True)``) puts each entry read into its key's lane
 (``_lanes``) between the read and the work queue: an entry waits until the one before it of
-its key is settled. With ``hold_on_retry``, each batch read is first checked against the
-group's hold hash (one HMGET), and lanes whose key is held are parked in Redis by the park
-task (the PARK script) instead of run; see ``_lanes`` for the whole design.
+its key was handled, and settled when that settle may still make it a retry. With
+``hold_on_retry``, each batch read is first checked against the group's hold hash (one
+HMGET), and lanes whose key is held are parked in Redis by the park task (the PARK script)
+instead of run; see ``_lanes`` for the whole design.
 """
 
 from __future__ import annotations
