@@ -179,6 +179,45 @@ async def test_a_retrying_entry_holds_back_its_key_and_not_other_keys(
     assert await pending(client, keys) == 0
 
 
+@pytest.mark.parametrize("seed", [5, 6, 7])
+async def test_random_retries_under_concurrency_keep_every_keys_order(
+    make_consumer: MakeConsumer,
+    producer: Producer,
+    client: aioredis.Redis,
+    keys: Keys,
+    seed: int,
+) -> None:
+    """20 keys x 15 events, concurrency 10, random delays; a fifth of the events ask for a
+    retry once or twice (some deferred), so heads, parked runs and releases interleave."""
+    events = interleaved([f"k{i}" for i in range(20)], 15, seed=seed)
+    t = Tracker(len(events))
+    rng = random.Random(seed)
+    fails = {e.id: rng.choice((1, 1, 2)) for e in events if rng.random() < 0.2}
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        async def body() -> None:
+            await asyncio.sleep(rng.random() * 0.002)
+            if fails.get(event.id, 0) > 0:
+                fails[event.id] -= 1
+                raise Retry("flaky", delay_s=rng.random() * 0.03, counts=rng.random() < 0.5)
+
+        await t.around(event, body)
+        t.handled(event)
+
+    consumer = make_consumer(
+        {SpotInterruption: handle}, concurrency=10, concern=ORDERED, block_ms=50
+    )
+    await consumer.ensure_groups()
+    await producer.publish_many(events)
+    await run_until(consumer, t.done)
+    for key, seqs in t.order.items():
+        assert seqs == list(range(15)), key
+    assert t.same_key_overlaps == 0
+    assert consumer.stats.parked > 0
+    assert await client.hlen(keys.hold("cluster", "g")) == 0
+    assert await pending(client, keys) == 0
+
+
 async def test_without_hold_on_retry_later_events_pass_a_retrying_one(
     make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
 ) -> None:
