@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -22,9 +22,19 @@ INT64_MAX = 2**63 - 1
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 
 
+def key_by_cluster(event: Any) -> None:
+    """An event about one cluster is ordered and partitioned by it: its ``key`` is the
+    cluster id unless the sender chose another (from any source: ingest, the CLI, code)."""
+    if not event.key:
+        msgspec.structs.force_setattr(event, "key", event.cluster_id)
+
+
 class ClusterEvent(Event, frozen=True, kw_only=True):
     topic: ClassVar[str] = "cluster"
     cluster_id: Name
+
+    def __post_init__(self) -> None:
+        key_by_cluster(self)
 
 
 class SpotInterruption(ClusterEvent, frozen=True, kw_only=True, tag="cluster.spot_interruption"):

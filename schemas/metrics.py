@@ -20,6 +20,7 @@ from typing import Annotated, Any, ClassVar
 
 import msgspec
 
+from schemas.cluster import key_by_cluster
 from streamproc.event import Event
 from streamproc.keys import Keys
 
@@ -86,6 +87,9 @@ class ClusterMetrics(Event, frozen=True, kw_only=True, tag="cluster.metrics"):
     external: ClassVar[bool] = False
     cluster_id: Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
     samples: Annotated[list[MetricSample], msgspec.Meta(min_length=1, max_length=MAX_SAMPLES)]
+
+    def __post_init__(self) -> None:
+        key_by_cluster(self)
 
 
 #: Every event type of this module (registered in ``schemas.REGISTRY``).

@@ -79,7 +79,10 @@ async def test_publish_adds_a_validated_event(
     [(entry_id, fields)] = await entries(client, keys.stream("cluster"))
     assert entry_id.decode() == out["entry_id"]
     assert fields[b"id"].decode() == out["id"]
-    assert json.loads(fields[b"data"])["source"] == "cli"
+    data = json.loads(fields[b"data"])
+    assert data["source"] == "cli"
+    # ordered and partitioned by its cluster (the key was empty before, from the CLI)
+    assert data["key"] == SPOT["cluster_id"]
 
 
 PUBLISH_REFUSED: list[tuple[list[str], str]] = [
