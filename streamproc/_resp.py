@@ -27,7 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
-from redis.exceptions import AskError, MovedError, ResponseError
+from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 __all__ = ("Command", "SlotMoved", "bulk", "execute")
@@ -140,6 +140,10 @@ async def _execute_on_cluster(
                     replies[i] = await conn.read_response()
                 except ResponseError as e:  # read whole: the connection stays in step
                     replies[i] = e
+        down = [r for r in replies if isinstance(r, ClusterDownError)]
+        if down:  # CLUSTERDOWN / MASTERDOWN: a failover under way; nothing of it ran there
+            client._initialize = True  # a new slot map before the caller sends again
+            raise down[0]
         moved = [r for r in replies if isinstance(r, (MovedError, AskError))]
         if moved:
             for r in moved:
@@ -147,7 +151,7 @@ async def _execute_on_cluster(
                     await client.nodes_manager.move_slot(r)
             raise SlotMoved(f"{len(moved)} of {len(commands)} commands were redirected: {moved[0]}")
         return replies
-    except SlotMoved:
+    except (SlotMoved, ClusterDownError):
         raise
     except BaseException:
         for _, conn in taken.values():

@@ -17,6 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, ClusterError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -36,8 +37,18 @@ __all__ = (
 
 log = structlog.get_logger("streamproc.connection")
 
-#: Exceptions that mean "Redis is not reachable right now".
-REDIS_DOWN: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Exceptions that mean "Redis is not reachable right now". On a Redis Cluster also: the
+#: cluster is down or a slot has no master for the moment (a failover under way), and a command
+#: redirected more times than redis-py allows (``ClusterError``: TTL exhausted); none of them
+#: ran the command, so it is safe to send again.
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    ClusterError,
+    SlotNotCoveredError,
+)
 
 MIN_VERSION = (7, 0, 0)
 

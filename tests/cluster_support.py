@@ -108,6 +108,8 @@ class LocalCluster:
                 str(node_dir / "nodes.conf"),
                 "--cluster-node-timeout",
                 "2000",
+                "--repl-diskless-sync-delay",
+                "0",
                 "--port",
                 str(port),
                 "--bind",
@@ -173,7 +175,32 @@ class LocalCluster:
         if create.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {create.stdout[-2000:]!r}")
         self._wait(b"cluster_state:ok", b"CLUSTER INFO", timeout_s)
+        self.wait_for_replicas(timeout_s)
         return self
+
+    def wait_for_replicas(self, timeout_s: float = 30.0) -> None:
+        """Until every replica's link to its master is up (synced once) and every node knows
+        them as replicas: a replica that never synced, or that the other masters do not know
+        as one, is not promoted when its master dies."""
+        deadline = time.monotonic() + timeout_s
+        want = self.count // (1 + self.replicas) * self.replicas
+        while True:
+            synced, views = 0, []
+            for port in self.ports:
+                if self.procs[port].poll() is not None:
+                    continue
+                try:
+                    info = _ask(port, b"INFO replication")
+                    views.append(_ask(port, b"CLUSTER NODES").count(b"slave "))
+                except OSError:
+                    continue
+                if b"role:slave" in info and b"master_link_status:up" in info:
+                    synced += 1
+            if synced >= want and views and min(views) >= want:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {synced} replicas in sync after {timeout_s}s")
+            time.sleep(0.05)
 
     def kill(self, port: int) -> None:
         """SIGKILL one node started here."""
