@@ -83,8 +83,14 @@ def _ask(port: int, command: bytes, timeout_s: float = 0.5) -> bytes:
 class LocalCluster:
     """Start six nodes and join them; ``stop`` (or ``kill``) ends exactly those PIDs."""
 
-    def __init__(self, data_dir: Path, *, masters: int = 3, replicas: int = 1) -> None:
+    def __init__(
+        self, data_dir: Path, *, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 5000
+    ) -> None:
         self.data_dir = data_dir
+        #: How long a node may not answer before the others fail it over. The shared
+        #: cluster's 5 s keeps a loaded CI machine (xdist workers) from spurious failovers;
+        #: the failover test's own cluster uses 2 s.
+        self.node_timeout_ms = node_timeout_ms
         self.count = masters * (1 + replicas)
         self.replicas = replicas
         self.ports = free_cluster_ports(self.count)
@@ -107,7 +113,7 @@ class LocalCluster:
                 "--cluster-config-file",
                 str(node_dir / "nodes.conf"),
                 "--cluster-node-timeout",
-                "2000",
+                str(self.node_timeout_ms),
                 "--repl-diskless-sync-delay",
                 "0",
                 "--port",

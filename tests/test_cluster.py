@@ -367,6 +367,7 @@ async def test_a_circuit_breaker_opens_on_the_cluster(
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a 2 s node timeout: run alone, not beside the xdist workers
 async def test_a_master_killed_under_load_fails_over_and_the_loss_is_measured(
     tmp_path: Any, codec: Codec[Any]
 ) -> None:
@@ -377,7 +378,7 @@ async def test_a_master_killed_under_load_fails_over_and_the_loss_is_measured(
     lost (a redelivery). Both are measured and bounded by what was in flight at the kill."""
     from tests.cluster_support import LocalCluster
 
-    cluster = LocalCluster(tmp_path)
+    cluster = LocalCluster(tmp_path, node_timeout_ms=2000)
     cluster.start()
     keys = Keys("failover")
     client = connect_cluster_client(cluster.url)
