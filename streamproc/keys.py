@@ -32,6 +32,7 @@ spread). Every key of the table below is then built with the partition's name as
 | ``<p>:ticker:{ticker}:lease`` | string, PX | ticker leader: ``<node>/<fence>`` |
 | ``<p>:ticker:{ticker}:fence`` | string | fencing counter (INCR per lease acquired) |
 | ``<p>:ticker:{ticker}:last`` | hash | schedule → last fired scheduled time (epoch ms) |
+| ``<p>:ticker:{ticker}:outbox`` | stream | cluster only: runtime ticks not yet published |
 | ``<p>:{breakers}:<name>`` | hash | a circuit breaker: state, failures, opened/hold times |
 | ``<p>:{breakers}`` | zset | every breaker used (member = name, score = last change ms) |
 | ``<p>:agents`` | hash | ingest agents: name → JSON (sha256 of token, scopes); sha256 → name |
@@ -203,6 +204,11 @@ class Keys:
     def ticker_due(self) -> str:
         """Sorted set: runtime schedule name, scored by its next scheduled time (epoch ms)."""
         return self.ticker("{ticker}", "due")
+
+    def ticker_outbox(self) -> str:
+        """Stream (Redis Cluster only): runtime ticks fired and not yet published to their
+        topics (``streamproc.scheduler``)."""
+        return self.ticker("{ticker}", "outbox")
 
     def render_artefact(self, *parts: str) -> str:
         """Object-store key (not a Redis key) of a render's artefact: ``renders/<parts>``."""

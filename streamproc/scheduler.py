@@ -28,6 +28,13 @@ leader that dies before the script leaves the score as it was (its successor fir
 time), one that dies after has fired and recorded. A schedule removed or changed between the
 two scripts is left alone (its score moved). Tick ids are ``tick_id(name, scheduled time)``.
 
+**On Redis Cluster** the topic streams are in other slots than the ``{ticker}`` keys, so the
+fire script writes the ticks to the leader's outbox ``<p>:ticker:{ticker}:outbox`` (a stream
+in the ``{ticker}`` slot) with the same atomic record, and the leader then moves them to their
+topics through a Producer (dedup by tick id) and deletes them from the outbox. A leader that
+dies in between leaves them in the outbox: the next leader's step publishes them first, and a
+tick published twice is one entry (the producer's marker), within its dedup window.
+
 Runtime ticks skip the producer's backpressure wait (like the static table's, they are small
 and a poll missed while a group lags is what ``missed="latest"`` is for).
 """
@@ -48,9 +55,11 @@ import structlog
 from streamproc._lease import Lease
 from streamproc._lua import Lua
 from streamproc.codec import WIRE_FIELDS, Codec
+from streamproc.connection import is_cluster
 from streamproc.errors import ConfigError
 from streamproc.keys import Keys
 from streamproc.printable import NO_CONTROL_PATTERN, printable
+from streamproc.producer import Producer
 from streamproc.schedule import (
     Cron,
     Every,
@@ -444,6 +453,10 @@ class RuntimeFirer:
         self._next_ms = float("inf")
         self._keys = [keys.ticker_defs(), keys.ticker_due()]
         self._unknown: set[str] = set()
+        #: On a Redis Cluster: ticks go through the outbox and this producer (module doc).
+        self._outbox: Producer | None = None
+        if is_cluster(client):
+            self._outbox = Producer(client, codec, keys)
 
     async def next_due_s(self) -> float:
         """Seconds until the earliest runtime schedule known after the last step, at least
@@ -457,6 +470,8 @@ class RuntimeFirer:
         lease; stops when the lease is lost (the fire script refuses a stale token)."""
         out = FireResult()
         self._next_ms = float("inf")
+        if self._outbox is not None and self.lease.held():
+            await self._drain_outbox()  # a previous leader's ticks first
         while self.lease.held():
             at = now or datetime.now(UTC)
             raw: Any = await _CLAIM(self.client, self._keys, [_ms(at), self.batch])
@@ -488,8 +503,25 @@ class RuntimeFirer:
         except (msgspec.DecodeError, ConfigError):
             return None
 
+    async def _drain_outbox(self, count: int = 1000) -> int:
+        """Publish the ticks in the outbox (Redis Cluster) to their topics, then delete them.
+        Returns how many moved. The producer's marker makes a tick published again one entry."""
+        assert self._outbox is not None
+        key, moved = self.keys.ticker_outbox(), 0
+        while True:
+            rows: Any = await self.client.xrange(key, count=count)
+            if not rows:
+                return moved
+            events = [self.codec.decode(fields) for _, fields in rows]
+            await self._outbox.append(events)
+            await self.client.xdel(key, *[i for i, _ in rows])
+            moved += len(rows)
+            if len(rows) < count:
+                return moved
+
     async def _fire(self, raw: Sequence[Any], now: datetime, out: FireResult) -> bool:
         streams: dict[str, int] = {}
+        tick_index_at: list[int] = []  # where in argv each tick's stream index is
         argv: list[Any] = [self.lease.token]
         on_time: list[float] = []
         registry = self.codec.registry
@@ -538,6 +570,7 @@ class RuntimeFirer:
                     missed=skipped if j == last else 0,
                     catch_up=late_ms > grace_ms,
                 )
+                tick_index_at.append(len(argv))
                 argv.append(index)
                 argv += encode(event)
                 if late_ms <= grace_ms:
@@ -545,7 +578,12 @@ class RuntimeFirer:
         if len(argv) == 1:
             return True
         keys = [self.lease.keys.ticker_lease(), self._keys[1], self._keys[0]]
-        keys += [self.keys.stream(t) for t in sorted(streams, key=streams.__getitem__)]
+        if self._outbox is not None:  # one stream, in the {ticker} slot: every tick's index 4
+            keys.append(self.keys.ticker_outbox())
+            for i in tick_index_at:
+                argv[i] = 4
+        else:
+            keys += [self.keys.stream(t) for t in sorted(streams, key=streams.__getitem__)]
         if not self.lease.held():
             return False
         result: Any = await _FIRE(self.client, keys, argv)
@@ -553,6 +591,8 @@ class RuntimeFirer:
             log.warning("ticker_fenced_off", fence=self.lease.fence)
             self.lease.lose()
             return False
+        if self._outbox is not None:
+            await self._drain_outbox()
         published = time.time()
         out.fired += int(result[0])
         out.lateness_ms += [(published - t) * 1000 for t in on_time]

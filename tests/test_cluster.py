@@ -428,3 +428,71 @@ async def test_a_master_killed_under_load_fails_over_and_the_loss_is_measured(
     finally:
         await client.aclose()
         cluster.stop()
+
+
+# ---------------------------------------------------------------------- runtime schedules
+
+
+async def test_runtime_schedules_fire_once_through_the_outbox_on_the_cluster(
+    cluster_client: aioredis.Redis, cluster_keys: Keys
+) -> None:
+    """The fire script records and writes the ticks in the {ticker} slot (the outbox); the
+    leader then publishes them to their topic's slot and empties the outbox. A stale leader
+    writes nothing; a tick left in the outbox by a leader that died is published by the next
+    one, once."""
+    from datetime import timedelta
+
+    from streamproc.codec import Registry
+    from streamproc.schedule import Tick, tick_id
+    from streamproc.scheduler import Scheduler
+    from streamproc.ticker import Ticker, TickerSettings
+    from tests.test_scheduler import PollTick
+
+    keys = cluster_keys
+    tcodec: Codec[Any] = Codec(Registry([Tick, PollTick]))
+
+    def leader(node: str) -> Ticker:
+        return Ticker(
+            (),
+            client=cluster_client,
+            producer=Producer(cluster_client, tcodec, keys),
+            keys=keys,
+            settings=TickerSettings(node=node, lease_ttl_ms=2000),
+        )
+
+    async def ticks() -> list[Any]:
+        return [
+            tcodec.decode(f) for _, f in await entries(cluster_client, keys.stream("entity-ticks"))
+        ]
+
+    s = Scheduler(cluster_client, keys)
+    await s.add("worker.w1", every=10, event=PollTick, key="w1")
+    info = await s.get("worker.w1")
+    assert info is not None
+    assert info.next_at is not None
+    due = info.next_at
+    a = leader("a")
+    assert await a.lease.acquire()
+    assert await a.fire_runtime(due) == 1
+    assert await a.fire_runtime(due) == 0  # moved on
+    [tick] = await ticks()
+    assert tick.id == tick_id("worker.w1", due)
+    assert await cluster_client.xlen(keys.ticker_outbox()) == 0
+
+    # a leader that died between the fire script and publishing: its tick waits in the outbox
+    nxt = due + timedelta(seconds=10)
+    assert a.runtime is not None
+    a.runtime._drain_outbox = _no_drain  # type: ignore[method-assign]
+    assert await a.fire_runtime(nxt) == 1
+    assert await cluster_client.xlen(keys.ticker_outbox()) == 1
+    await cluster_client.delete(keys.ticker_lease())  # its lease ran out
+    b = leader("b")
+    assert await b.lease.acquire()
+    assert await a.fire_runtime(nxt + timedelta(seconds=10)) == 0  # fenced off: nothing
+    assert await b.fire_runtime(nxt) == 0  # nothing due at nxt any more; the outbox drained
+    assert [t.scheduled_for for t in await ticks()] == [due, nxt]
+    assert await cluster_client.xlen(keys.ticker_outbox()) == 0
+
+
+async def _no_drain(count: int = 1000) -> int:
+    return 0
