@@ -36,7 +36,7 @@ spread). Every key of the table below is then built with the partition's name as
 | ``<p>:{breakers}:<name>`` | hash | a circuit breaker: state, failures, opened/hold times |
 | ``<p>:{breakers}`` | zset | every breaker used (member = name, score = last change ms) |
 | ``<p>:agents`` | hash | ingest agents: name → JSON (sha256 of token, scopes); sha256 → name |
-| ``<p>:ratelimit:<agent>`` | hash | ingest: the agent's token bucket (tokens, ms) |
+| ``<p>:{ratelimit}:<agent>`` | hash | ingest: the agent's token bucket (tokens, ms) |
 | ``<p>:{task:<id>}:state`` | hash, 24 h | a task's status, progress, result, timestamps |
 | ``<p>:{task:<id>}:cancel`` | list | a running task's cancel signal (BLPOP by its runner) |
 | ``<p>:{tasks:<queue>}:slots`` | zset | a queue's running tasks (member → lease expiry, ms) |
@@ -227,7 +227,9 @@ class Keys:
         return f"{self.prefix}:agents"
 
     def rate_limit(self, agent: str) -> str:
-        return f"{self.prefix}:ratelimit:{agent}"
+        """Hash: an agent's token bucket. All agents' share the tag ``{ratelimit}``: the
+        ingest takes the buckets of a batch of requests in one script (Redis Cluster)."""
+        return f"{self.prefix}:{{ratelimit}}:{agent}"
 
     def task(self, task_id: str) -> str:
         return f"{self.prefix}:{{task:{task_id}}}:state"

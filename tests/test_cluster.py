@@ -496,3 +496,14 @@ async def test_runtime_schedules_fire_once_through_the_outbox_on_the_cluster(
 
 async def _no_drain(count: int = 1000) -> int:
     return 0
+
+
+async def test_the_ingest_rate_limit_takes_several_agents_buckets_in_one_script(
+    cluster_client: aioredis.Redis, cluster_keys: Keys
+) -> None:
+    """Every agent's bucket is tagged ``{ratelimit}``: one script for a batch of agents."""
+    from streamproc.ingest.ratelimit import RateLimiter
+
+    limiter = RateLimiter(cluster_client, cluster_keys, rate_per_s=1, burst=2)
+    assert await limiter._take_many([("a", 1), ("b", 1), ("c", 2)]) == [(1, 0), (1, 0), (2, 0)]
+    assert await cluster_client.exists(*[cluster_keys.rate_limit(a) for a in "abc"]) == 3
