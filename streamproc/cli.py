@@ -46,7 +46,6 @@ from streamproc.errors import (
     StreamprocError,
     UnsafeServerConfig,
 )
-from streamproc.keys import Keys
 from streamproc.logs import configure_logging
 from streamproc.printable import printable, printable_json
 from streamproc.producer import Producer
@@ -159,7 +158,7 @@ async def consume(
     cfg: Config, app: App, groups: Sequence[str], *, http_port: int = -1, http_host: str = ""
 ) -> int:
     client, _ = await open_redis(cfg, role=True)
-    keys = Keys(cfg.redis.key_prefix)
+    keys = cfg.keys()
     producer = Producer(client, app.codec, keys, cfg.producer)
     consumers = [
         Consumer(
@@ -235,7 +234,7 @@ def _cmd_publish(args: argparse.Namespace, cfg: Config, app: App) -> int:
     async def go() -> int:
         client, _ = await open_redis(cfg, wait_s=5)
         try:
-            producer = Producer(client, app.codec, Keys(cfg.redis.key_prefix), cfg.producer)
+            producer = Producer(client, app.codec, cfg.keys(), cfg.producer)
             [(entry_id, duplicate)] = await producer.append([event])
         finally:
             await client.aclose()
@@ -265,7 +264,7 @@ def _cmd_dlq(args: argparse.Namespace, cfg: Config, app: App) -> int:
         raise ConfigError("dlq purge deletes every dead letter of the group: add --yes")
     if args.action == "show" and not args.id:
         raise ConfigError("dlq show needs --id")
-    keys = Keys(cfg.redis.key_prefix)
+    keys = cfg.keys()
 
     async def go() -> int:
         client, _ = await open_redis(cfg, wait_s=5)

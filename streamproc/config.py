@@ -2,14 +2,16 @@
 
 | variable | meaning | form |
 |---|---|---|
-| ``REDIS_URL`` | Redis to use; unset: ``up`` starts one | ``redis://host:port/db`` |
+| ``REDIS_URL`` | Redis to use; unset: ``up`` starts one | ``redis://host:port/db`` (1) |
 | ``STREAMPROC_PREFIX`` | key prefix | name, default ``sp`` |
 | ``STREAMPROC_CONSUMER`` | consumer name, stable across restarts | default: host name |
 | ``STREAMPROC_LOG_LEVEL`` | debug, info, warning, error | default ``info`` |
 | ``STREAMPROC_LOG_JSON`` | force JSON logs (1) or console logs (0) | default: JSON unless a TTY |
 | ``STREAMPROC_ALLOW_EVICTION`` | start on a Redis that may evict keys (1) | default ``0`` |
+| ``STREAMPROC_PARTITIONS`` | partitioned topics: the same in every role | ``cluster=6,metrics=3`` |
 | ``STREAMPROC_<SETTING>`` | any ConsumerSettings / ProducerSettings field, upper-case | its type |
 
+(1) or ``redis+cluster://host:port``: a Redis Cluster (``streamproc.connection.connect``).
 A bad value fails at start with a message naming the variable and the expected form.
 """
 
@@ -24,10 +26,10 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from streamproc.errors import ConfigError
-from streamproc.keys import NAME_RE
+from streamproc.keys import NAME_RE, Keys
 from streamproc.settings import ConsumerSettings, ProducerSettings, RedisSettings
 
-__all__ = ("Config", "load_config", "settings_from_env")
+__all__ = ("Config", "load_config", "parse_partitions", "settings_from_env")
 
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -40,6 +42,32 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_json: bool | None
     #: False when REDIS_URL was not set (``up`` then starts an embedded Redis).
     redis_url_given: bool
+    #: Partitioned topics: topic -> number of partitions (``streamproc.keys``).
+    partitions: dict[str, int] = msgspec.field(default_factory=dict)
+
+    def keys(self) -> Keys:
+        """The key names of this configuration: its prefix and its partitioned topics."""
+        return Keys(self.redis.key_prefix, partitions=self.partitions)
+
+
+def parse_partitions(raw: str) -> dict[str, int]:
+    """``cluster=6,metrics=3`` -> {"cluster": 6, "metrics": 3}; ConfigError when malformed."""
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        topic, sep, n = part.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise ConfigError(
+                f"STREAMPROC_PARTITIONS={raw!r}: expected topic=count pairs, "
+                "e.g. cluster=6,metrics=3"
+            )
+        out[topic.strip()] = int(n)
+    try:
+        Keys("sp", partitions=out)
+    except ConfigError as e:
+        raise ConfigError(f"STREAMPROC_PARTITIONS={raw!r}: {e}") from None
+    return out
 
 
 S = TypeVar("S")
@@ -142,4 +170,5 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         log_level=level,
         log_json=None if json_raw in (None, "") else json_raw == "1",
         redis_url_given=bool(url),
+        partitions=parse_partitions(env.get("STREAMPROC_PARTITIONS", "")),
     )

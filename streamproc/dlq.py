@@ -61,7 +61,7 @@ async def dead_letters(
     (an id matches the event id, the original entry id or the DLQ entry id)."""
     want_types, want_ids = set(types), set(ids)
     out: list[DeadLetter] = []
-    for topic in concern.topics:
+    for topic in keys.all_partitions(concern.topics):
         rows: Any = await client.xrange(keys.dlq(topic, concern.group), count=count)
         for dlq_id, fields in rows:
             d = DeadLetter(topic, dlq_id.decode(), fields)
@@ -98,7 +98,7 @@ async def replay(
 async def purge(client: aioredis.Redis, keys: Keys, concern: Concern) -> int:
     """Delete every dead letter of the group; returns how many there were."""
     total = 0
-    for topic in concern.topics:
+    for topic in keys.all_partitions(concern.topics):
         key = keys.dlq(topic, concern.group)
         total += int(await client.xlen(key))
         await client.delete(key)

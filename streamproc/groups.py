@@ -121,8 +121,10 @@ async def ensure_declared_groups(
     propagate as they are.
     """
     created: list[tuple[str, str]] = []
-    await register_topics(client, keys, declared)
-    for topic, groups in declared.items():
+    # a partitioned topic's groups are created on every partition (Keys.partitions_of)
+    parts = {p: groups for topic, groups in declared.items() for p in keys.partitions_of(topic)}
+    await register_topics(client, keys, parts)
+    for topic, groups in parts.items():
         stream = keys.stream(topic)
         for group in groups:
             try:

@@ -24,7 +24,7 @@ from streamproc.cli import install_stop_handlers, open_redis, run_async
 from streamproc.config import Config
 from streamproc.errors import ConfigError
 from streamproc.groups import group_info
-from streamproc.keys import Keys, check_name
+from streamproc.keys import check_name
 
 __all__ = ("register",)
 
@@ -86,7 +86,7 @@ def _cmd_inspect(args: argparse.Namespace, cfg: Config, app: App) -> int:
         try:
             report = await _inspect.collect(
                 client,
-                Keys(cfg.redis.key_prefix),
+                cfg.keys(),
                 memory=not args.no_memory,
                 schedules=app.schedules,
             )
@@ -117,7 +117,7 @@ def _cmd_tail(args: argparse.Namespace, cfg: Config, app: App) -> int:
         )
     pretty = args.pretty or (not args.json and sys.stdout.isatty())
     color = pretty and sys.stdout.isatty()
-    keys = Keys(cfg.redis.key_prefix)
+    keys = cfg.keys()
     # Under the socket timeout, so a quiet stream never looks like a dead connection.
     block_ms = max(100, min(1000, int(cfg.redis.socket_timeout_s * 500)))
 
@@ -178,7 +178,7 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
     unknown = [g for g in groups if g not in known]
     if unknown:
         raise ConfigError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    keys = Keys(cfg.redis.key_prefix)
+    keys = cfg.keys()
 
     async def go() -> int:
         client, info = await open_redis(cfg, wait_s=args.timeout_s)

@@ -27,7 +27,7 @@ from streamproc.app import App
 from streamproc.cli import install_stop_handlers, open_redis, run_async
 from streamproc.config import Config
 from streamproc.errors import ConfigError
-from streamproc.keys import Keys, check_name
+from streamproc.keys import check_name
 from streamproc.producer import Producer
 from streamproc.schedule import Schedule, Tick
 from streamproc.scheduler import Scheduler, check_schedule_name
@@ -84,7 +84,7 @@ def _cmd_ticker(args: argparse.Namespace, cfg: Config, app: App) -> int:
 
     async def go() -> int:
         client, _ = await open_redis(cfg, role=True)
-        keys = Keys(cfg.redis.key_prefix)
+        keys = cfg.keys()
         producer = Producer(client, app.codec, keys, cfg.producer)
         ticker = Ticker(schedules, client=client, producer=producer, keys=keys, settings=settings)
         install_stop_handlers(ticker.stop)
@@ -119,7 +119,7 @@ def _cmd_schedules(args: argparse.Namespace, cfg: Config, app: App) -> int:
 
     async def go() -> int:
         client, _ = await open_redis(cfg)
-        s = Scheduler(client, Keys(cfg.redis.key_prefix))
+        s = Scheduler(client, cfg.keys())
         try:
             if args.action == "list":
                 page, cursor = await s.list(prefix=args.prefix, limit=args.limit)

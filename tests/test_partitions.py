@@ -114,3 +114,49 @@ def test_every_key_a_topics_scripts_touch_shares_the_streams_slot(topic: str) ->
     for key in built:
         raw = key if isinstance(key, bytes) else key.encode()
         assert key_slot(raw) == slot, key
+
+
+def test_partitions_come_from_the_environment_for_every_role() -> None:
+    from streamproc.config import load_config
+
+    cfg = load_config({"STREAMPROC_PARTITIONS": "cluster=6, metrics=3", "STREAMPROC_PREFIX": "x"})
+    assert cfg.partitions == {"cluster": 6, "metrics": 3}
+    assert cfg.keys().stream(cfg.keys().partitions_of("metrics")[2]) == "x:{metrics.p02}:stream"
+    assert load_config({}).keys().partitions == {}
+    for bad in ("cluster", "cluster=x", "cluster=0", "bad{=2"):
+        with pytest.raises(ConfigError, match="STREAMPROC_PARTITIONS"):
+            load_config({"STREAMPROC_PARTITIONS": bad})
+
+
+async def test_declared_groups_and_dead_letters_cover_every_partition(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys
+) -> None:
+    from streamproc import Permanent
+    from streamproc.dlq import dead_letters
+    from streamproc.groups import ensure_declared_groups, group_info
+
+    pkeys = Keys(keys.prefix, partitions={"cluster": 3})
+    created = await ensure_declared_groups(client, pkeys, {"cluster": ("g",)})
+    assert sorted(created) == [(p, "g") for p in pkeys.partitions_of("cluster")]
+    for p in pkeys.partitions_of("cluster"):
+        assert await group_info(client, pkeys.stream(p), "g") is not None
+
+    async def fail(event: SpotInterruption, ctx: Context) -> None:
+        raise Permanent("no")
+
+    concern = Concern(group="g", topics=("cluster",), handlers={SpotInterruption: fail})
+    producer = Producer(client, codec, pkeys)
+    consumer = Consumer(
+        concern,
+        client=client,
+        codec=codec,
+        keys=pkeys,
+        producer=producer,
+        settings=ConsumerSettings(consumer="c1"),
+    )
+    await producer.publish_many([keyed(i, f"k{i}") for i in range(6)])
+    while await consumer.process_once():
+        pass
+    letters = await dead_letters(client, pkeys, concern)
+    assert len(letters) == 6
+    assert {d.topic for d in letters} <= set(pkeys.partitions_of("cluster"))

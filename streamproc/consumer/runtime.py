@@ -97,7 +97,9 @@ class Consumer:
         self.producer = producer
         self.group, self.name = concern.group, s.consumer
         self.stats = ConsumerStats()
-        self._declared = {t: tuple(g) for t, g in (declared_groups or {}).items()}
+        self._declared = {
+            p: tuple(g) for t, g in (declared_groups or {}).items() for p in keys.partitions_of(t)
+        }
         self._period_s = s.min_idle_ms / 3000  # renewals: three per min_idle
         self.guard = RedisGuard(
             group=self.group, consumer=self.name, settle_period_s=self._period_s

@@ -30,7 +30,6 @@ from streamproc.ingest._serve import GuardedSite, make_runner
 from streamproc.ingest.app import Ingest, create_app
 from streamproc.ingest.auth import AgentStore, parse_types
 from streamproc.ingest.settings import IngestSettings
-from streamproc.keys import Keys
 from streamproc.producer import Producer
 
 if TYPE_CHECKING:
@@ -59,7 +58,7 @@ def ingest_settings_from_env(env: Mapping[str, str] | None = None) -> IngestSett
 async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool) -> int:
     settings = ingest_settings_from_env()
     client, _ = await open_redis(cfg, role=True)
-    keys = Keys(cfg.redis.key_prefix)
+    keys = cfg.keys()
     producer = Producer(
         client, app.codec, keys, cfg.producer, retry_timeout_s=settings.publish_timeout_s
     )
@@ -144,7 +143,7 @@ def _cmd_agents(args: argparse.Namespace, cfg: Config, app: App) -> int:
     async def go() -> int:
         client, _ = await open_redis(cfg, wait_s=5)
         try:
-            store = AgentStore(client, Keys(cfg.redis.key_prefix))
+            store = AgentStore(client, cfg.keys())
             if args.action == "add":
                 types = parse_types(args.types)
                 # Patterns choose among the postable types only ('*' = all of those); the

@@ -20,7 +20,6 @@ import orjson
 from streamproc.app import App
 from streamproc.config import Config
 from streamproc.errors import ConfigError
-from streamproc.keys import Keys
 from streamproc.tasks.events import task_group
 from streamproc.tasks.history import TaskHistory
 from streamproc.tasks.runners import RunnerRegistry
@@ -78,7 +77,7 @@ def _history(args: argparse.Namespace, cfg: Config, app: App) -> int:
     async def go() -> int:
         client, _ = await open_redis(cfg, wait_s=5)
         try:
-            keys = Keys(cfg.redis.key_prefix)
+            keys = cfg.keys()
             views, _ = await TaskHistory(client, keys).list(
                 TaskStore(client, keys),
                 limit=args.limit,
@@ -124,7 +123,7 @@ def _runners(args: argparse.Namespace, cfg: Config) -> int:
     async def go() -> int:
         client, _ = await open_redis(cfg, wait_s=5)
         try:
-            runners = await RunnerRegistry(client, Keys(cfg.redis.key_prefix)).list()
+            runners = await RunnerRegistry(client, cfg.keys()).list()
         finally:
             await client.aclose()
         if args.json:
