@@ -8,6 +8,10 @@ touches several keys, a regression test that its keys share one slot (CROSSSLOT 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -507,3 +511,67 @@ async def test_the_ingest_rate_limit_takes_several_agents_buckets_in_one_script(
     limiter = RateLimiter(cluster_client, cluster_keys, rate_per_s=1, burst=2)
     assert await limiter._take_many([("a", 1), ("b", 1), ("c", 2)]) == [(1, 0), (1, 0), (2, 0)]
     assert await cluster_client.exists(*[cluster_keys.rate_limit(a) for a in "abc"]) == 3
+
+
+# ---------------------------------------------------------------------- the CLI's roles
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+async def test_streamproc_consume_and_publish_run_on_the_cluster_with_partitions(
+    redis_cluster_url: str, cluster_client: aioredis.Redis, cluster_keys: Keys, tmp_path: Path
+) -> None:
+    """``REDIS_URL=redis+cluster://…`` and ``STREAMPROC_PARTITIONS``: ``streamproc publish``
+    routes by key, ``streamproc consume`` reads every partition and applies the effects."""
+    from streamproc.codec import Registry
+    from tests.cluster_app import Count
+
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_cluster_url,
+        "STREAMPROC_PREFIX": cluster_keys.prefix,
+        "STREAMPROC_PARTITIONS": "counts=3",
+        "STREAMPROC_CONSUMER": "cli-1",
+    }
+    app = ("-m", "streamproc", "--app", "tests.cluster_app:app")
+    keys = Keys(cluster_keys.prefix, partitions={"counts": 3})
+    log = (tmp_path / "consume.log").open("wb")  # its logs, for a failure's message
+    consumer = await asyncio.create_subprocess_exec(
+        sys.executable, *app, "consume", "counter", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=log,
+    )  # fmt: skip
+    try:
+        publish = await asyncio.create_subprocess_exec(
+            sys.executable, *app, "publish", "ctest.count", '{"n": 5, "key": "k-cli"}',
+            cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(publish.communicate(), 60)
+        assert publish.returncode == 0, err[-2000:]
+        producer = Producer(cluster_client, Codec(Registry([Count])), keys)
+        await producer.publish_many([Count(key=f"k{i % 4}", n=1) for i in range(40)])
+        want = {f"k{i}": 10 for i in range(4)} | {"k-cli": 5}
+        got: dict[str, int] = {}
+        for _ in range(300):
+            got = {}
+            for p in keys.partitions_of("counts"):
+                sums: Any = await cluster_client.hgetall(keys.topic_state(p, "sums"))
+                got |= {k.decode(): int(v) for k, v in sums.items()}
+            if got == want or consumer.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert got == want, (tmp_path / "consume.log").read_text(errors="replace")[-3000:]
+        part = keys.partition("counts", "k-cli", "")
+        assert await cluster_client.hget(keys.topic_state(part, "sums"), "k-cli") == b"5"
+    finally:
+        if consumer.returncode is None:
+            consumer.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(consumer.wait(), 20)
+        finally:
+            if consumer.returncode is None:
+                consumer.kill()
+                await consumer.wait()
+            log.close()
+    assert consumer.returncode == 0
