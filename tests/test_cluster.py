@@ -327,6 +327,44 @@ async def test_a_running_consumer_follows_every_partition_on_the_cluster(
         assert int((await cluster_client.xpending(pkeys.stream(part), "g"))["pending"]) == 0
 
 
+async def test_per_slot_reads_that_hold_all_the_room_do_not_stall_the_reader(
+    cluster_client: aioredis.Redis, codec: Codec[Any], cluster_keys: Keys
+) -> None:
+    """12 streams (6 partitions and their retry streams) and room for 12: the blocked reads
+    reserve all of it. Idle rounds and a burst still get through (liveness of the per-slot
+    reads' room accounting; it passed before a finished read also woke the reader)."""
+    keys = Keys(cluster_keys.prefix, partitions={"cluster": 6})
+    producer = Producer(cluster_client, codec, keys, ProducerSettings())
+    got: list[str] = []
+    done = asyncio.Event()
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        got.append(event.id)
+        if len(got) == 20:
+            done.set()
+
+    consumer = Consumer(
+        Concern(group="g", topics=("cluster",), handlers={SpotInterruption: handle}),
+        client=cluster_client,
+        codec=codec,
+        keys=keys,
+        producer=producer,
+        settings=ConsumerSettings(consumer="c1", block_ms=50, max_in_flight=12),
+    )
+    started = asyncio.Event()
+    running = asyncio.create_task(consumer.run(started=started))
+    await asyncio.wait_for(started.wait(), 10)
+    for _ in range(4):  # idle rounds of blocked reads ending one by one
+        await asyncio.sleep(0.25)
+        await producer.publish(keyed(0, "warm-up"))
+    await asyncio.sleep(0.5)
+    await producer.publish_many([keyed(i, f"k{i}") for i in range(16)])
+    await asyncio.wait_for(done.wait(), 15)
+    consumer.stop()
+    await asyncio.wait_for(running, 10)
+    assert len(got) == 20
+
+
 async def test_a_dead_consumers_entries_are_reclaimed_on_the_cluster(
     cluster_client: aioredis.Redis, codec: Codec[Any], cluster_keys: Keys, cproducer: Producer
 ) -> None:

@@ -195,6 +195,8 @@ class Reader:
             self.group, self.name, dict.fromkeys(streams, ">"), count=per, block=block_ms
         )
         task = asyncio.ensure_future(self._reserve(per * len(streams), call))
+        # its reserved room is free again when it ends: wake a reader waiting for room
+        task.add_done_callback(lambda _: self.room.set())
         self._outstanding[i] = task
         return task
 
