@@ -27,10 +27,22 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
-from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError
+from redis.exceptions import AskError, ClusterDownError, MovedError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ("Command", "SlotMoved", "bulk", "execute")
+__all__ = ("Command", "NotReplicated", "SlotMoved", "bulk", "execute")
+
+
+class NotReplicated(RedisError):
+    """The commands ran, but WAIT saw fewer replicas acknowledge them than asked for."""
+
+    def __init__(self, acked: int, wanted: int, timeout_ms: int) -> None:
+        super().__init__(
+            f"{acked} of {wanted} replica(s) acknowledged the write within {timeout_ms} ms"
+        )
+        self.acked, self.wanted, self.timeout_ms = acked, wanted, timeout_ms
+        #: The commands' replies, as ``execute`` would have returned them.
+        self.replies: list[Any] = []
 
 
 class SlotMoved(RedisConnectionError):
@@ -66,7 +78,26 @@ class Command:
         return b"*%d\r\n%b" % (self.argc, b"".join(self.chunks))
 
 
-async def execute(client: aioredis.Redis, build: Callable[[], Sequence[Command]]) -> list[Any]:
+def _wait(replicas: int, timeout_ms: int) -> bytes:
+    return Command(b"WAIT", b"%d" % replicas, b"%d" % timeout_ms).packed()
+
+
+def _check_wait(reply: Any, replicas: int, timeout_ms: int, replies: list[Any]) -> None:
+    if isinstance(reply, BaseException):
+        raise reply
+    if int(reply) < replicas:
+        e = NotReplicated(int(reply), replicas, timeout_ms)
+        e.replies = replies
+        raise e
+
+
+async def execute(
+    client: aioredis.Redis,
+    build: Callable[[], Sequence[Command]],
+    *,
+    replicas: int = 0,
+    replica_timeout_ms: int = 0,
+) -> list[Any]:
     """Send the commands ``build()`` returns in one write; return their replies in order.
 
     ``build`` is called once, after a connection was taken from the pool and (re)connected,
@@ -74,23 +105,34 @@ async def execute(client: aioredis.Redis, build: Callable[[], Sequence[Command]]
     returns is. Nothing is sent when it returns no command. An error reply comes back in its
     place as a ``ResponseError`` (the others still count); a connection failure raises, and
     that connection is closed. Nothing is sent again.
+
+    ``replicas``: a WAIT follows the commands on each connection written to; fewer replicas
+    acknowledging within ``replica_timeout_ms`` raises ``NotReplicated`` (after the replies
+    were read: the commands did run on the master).
     """
     if isinstance(client, RedisCluster):
-        return await _execute_on_cluster(client, build)
+        return await _execute_on_cluster(client, build, replicas, replica_timeout_ms)
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
         commands = build()
         if not commands:
             return []
-        await conn.send_packed_command([c.packed() for c in commands], check_health=False)
+        packed = [c.packed() for c in commands]
+        if replicas:
+            packed.append(_wait(replicas, replica_timeout_ms))
+        await conn.send_packed_command(packed, check_health=False)
         replies: list[Any] = []
-        for _ in commands:
+        for _ in packed:
             try:
                 replies.append(await conn.read_response())
             except ResponseError as e:  # read whole: the connection stays in step
                 replies.append(e)
+        if replicas:
+            _check_wait(replies.pop(), replicas, replica_timeout_ms, replies)
         return replies
+    except NotReplicated:
+        raise  # every reply was read: the connection is in step
     except BaseException:
         await conn.disconnect(nowait=True)
         raise
@@ -99,7 +141,10 @@ async def execute(client: aioredis.Redis, build: Callable[[], Sequence[Command]]
 
 
 async def _execute_on_cluster(
-    client: RedisCluster, build: Callable[[], Sequence[Command]]
+    client: RedisCluster,
+    build: Callable[[], Sequence[Command]],
+    replicas: int,
+    replica_timeout_ms: int,
 ) -> list[Any]:
     """``execute`` on a Redis Cluster: per master, its commands in one write."""
     await client.initialize()  # a no-op unless a connection error asked for a new slot map
@@ -129,10 +174,12 @@ async def _execute_on_cluster(
             if target.name not in taken:  # the slot map changed since the masters were listed
                 await take(target)
         for name, idx in by_node.items():
-            await taken[name][1].send_packed_command(
-                [commands[i].packed() for i in idx], check_health=False
-            )
+            packed = [commands[i].packed() for i in idx]
+            if replicas:
+                packed.append(_wait(replicas, replica_timeout_ms))
+            await taken[name][1].send_packed_command(packed, check_health=False)
         replies: list[Any] = [None] * len(commands)
+        waited: list[Any] = []
         for name, idx in by_node.items():
             conn = taken[name][1]
             for i in idx:
@@ -140,6 +187,11 @@ async def _execute_on_cluster(
                     replies[i] = await conn.read_response()
                 except ResponseError as e:  # read whole: the connection stays in step
                     replies[i] = e
+            if replicas:
+                try:
+                    waited.append(await conn.read_response())
+                except ResponseError as e:
+                    waited.append(e)
         down = [r for r in replies if isinstance(r, ClusterDownError)]
         if down:  # CLUSTERDOWN / MASTERDOWN: a failover under way; nothing of it ran there
             client._initialize = True  # a new slot map before the caller sends again
@@ -150,8 +202,10 @@ async def _execute_on_cluster(
                 if isinstance(r, MovedError):
                     await client.nodes_manager.move_slot(r)
             raise SlotMoved(f"{len(moved)} of {len(commands)} commands were redirected: {moved[0]}")
+        for reply in waited:
+            _check_wait(reply, replicas, replica_timeout_ms, replies)
         return replies
-    except (SlotMoved, ClusterDownError):
+    except (SlotMoved, ClusterDownError, NotReplicated):
         raise
     except BaseException:
         for _, conn in taken.values():

@@ -9,6 +9,10 @@ group is above the high watermark.
 A partitioned topic (``Keys(partitions=...)``) is written per partition: each event goes to
 ``Keys.partition(topic, key, id)``, its own stream and markers (its own slot on a cluster).
 
+With ``ProducerSettings(durability="replicated")`` a write returns only once ``min_replicas``
+replicas acknowledged it (WAIT on the connection that wrote it, per master); otherwise the
+callers get a PublishError saying it is on the master only.
+
 Group commit: calls made while a write is in flight wait for it and then go out together, one
 script call per topic for all of them (up to ``coalesce_max_events``). A lone caller writes at
 once; under load, many concurrent callers (the ingest's requests) share one round trip instead
@@ -36,7 +40,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from streamproc._backoff import Backoff
 from streamproc._batch import Batcher
 from streamproc._lua import Lua, with_scripts
-from streamproc._resp import Command, bulk, execute
+from streamproc._resp import Command, NotReplicated, bulk, execute
 from streamproc.codec import WIRE_FIELDS, Codec
 from streamproc.connection import REDIS_DOWN
 from streamproc.errors import BackpressureError, PublishError
@@ -300,14 +304,31 @@ class Producer:
                 calls.append(call)
             return calls
 
+        s = self.settings
+        replicas = s.min_replicas if s.durability == "replicated" else 0
+
         async def send() -> list[Any]:
-            replies = await execute(self.client, build)
+            unreplicated: NotReplicated | None = None
+            try:
+                replies = await execute(
+                    self.client, build, replicas=replicas, replica_timeout_ms=s.replica_timeout_ms
+                )
+            except NotReplicated as e:
+                replies, unreplicated = e.replies, e
             for reply in replies:
                 if isinstance(reply, NoScriptError):
                     raise reply  # with_scripts loads the script and sends the group again
+            if unreplicated is not None:
+                raise unreplicated
             return replies
 
-        replies = await with_scripts(self.client, [_PUBLISH], send)
+        try:
+            replies = await with_scripts(self.client, [_PUBLISH], send)
+        except NotReplicated as e:
+            raise PublishError(
+                f"not replicated (durability='replicated'): {e}; the events are on the master "
+                "and may be lost if it fails now; publishing them again is deduplicated"
+            ) from e
         results: dict[str, list[Produced] | PublishError] = {}
         for topic, reply in zip(topics, replies, strict=True):
             if isinstance(reply, ResponseError):

@@ -90,10 +90,19 @@ class ProducerSettings(_Settings, frozen=True, kw_only=True):
     #: Group commit: callers that publish while a write is in flight go out together in the
     #: next write, up to this many events (a larger single call still goes alone).
     coalesce_max_events: int = 2_000
+    #: ``leader``: a publish returns once the master wrote it (replication is asynchronous:
+    #: a failover right after may lose it). ``replicated``: it returns once ``min_replicas``
+    #: replicas have it too (WAIT on the same connection, per master written), and raises
+    #: PublishError when they did not confirm within ``replica_timeout_ms`` (the event is on
+    #: the master; publishing it again is deduplicated).
+    durability: Literal["leader", "replicated"] = "leader"
+    min_replicas: int = 1
+    replica_timeout_ms: int = 1_000
 
     def __post_init__(self) -> None:
         self._positive("dedup_window_ms", "lag_cache_ms", allow_zero=True)
         self._positive("high_watermark", "backpressure_timeout_s", "coalesce_max_events")
+        self._positive("min_replicas", "replica_timeout_ms")
 
 
 class ConsumerSettings(_Settings, frozen=True, kw_only=True):
