@@ -160,3 +160,47 @@ async def test_declared_groups_and_dead_letters_cover_every_partition(
     letters = await dead_letters(client, pkeys, concern)
     assert len(letters) == 6
     assert {d.topic for d in letters} <= set(pkeys.partitions_of("cluster"))
+
+
+async def test_changing_the_number_of_partitions_after_a_drain_keeps_every_event(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys
+) -> None:
+    """The documented procedure (README): stop the producers, let the group drain (lag and
+    pending 0 on every partition), give every role the new count, restart. Nothing is lost
+    and each key is in order within the new layout; a partition no longer used (shrinking)
+    must be empty before it is dropped."""
+    from streamproc.groups import group_info
+
+    seen: dict[str, list[int]] = {}
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        seen.setdefault(event.key, []).append(int(event.instance_id[2:]))
+
+    def consumer_for(n: int) -> tuple[Keys, Producer, Consumer]:
+        k = Keys(keys.prefix, partitions={"cluster": n})
+        p = Producer(client, codec, k)
+        c = Consumer(
+            Concern(group="g", topics=("cluster",), handlers={SpotInterruption: handle}),
+            client=client, codec=codec, keys=k, producer=p,
+            settings=ConsumerSettings(consumer="c1"),
+        )  # fmt: skip
+        return k, p, c
+
+    k2, p2, c2 = consumer_for(2)
+    await c2.ensure_groups()
+    await p2.publish_many([keyed(i, f"k{i % 5}") for i in range(20)])
+    while await c2.process_once():
+        pass
+    for part in k2.partitions_of("cluster"):  # drained: nothing waiting anywhere
+        info = await group_info(client, k2.stream(part), "g")
+        assert info is not None
+        assert (info.lag, info.pending) == (0, 0)
+    k3, p3, c3 = consumer_for(3)
+    await c3.ensure_groups()
+    await p3.publish_many([keyed(i, f"k{i % 5}") for i in range(20, 40)])
+    while await c3.process_once():
+        pass
+    assert sum(len(v) for v in seen.values()) == 40
+    for key, order in seen.items():
+        assert order == sorted(order), key
+    assert await client.xlen(k3.stream("cluster.p02")) > 0  # the new partition took some keys
