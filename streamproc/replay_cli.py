@@ -19,7 +19,6 @@ from streamproc.app import App
 from streamproc.cli import open_redis, run_async
 from streamproc.config import Config
 from streamproc.errors import ConfigError, StreamprocError
-from streamproc.keys import Keys
 from streamproc.printable import printable
 from streamproc.settings import ConsumerSettings
 
@@ -133,7 +132,7 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config, app: App) -> int:
             )
     dedup = bool(_consumer_settings(cfg, app, args.group).dedup_window_ms)
     handled = {cls.type_name() for cls in concern.handlers}
-    keys = Keys(cfg.redis.key_prefix)
+    keys = cfg.keys()  # a partitioned topic is replayed partition by partition
 
     async def go() -> int:
         client, _ = await open_redis(cfg, wait_s=5)
@@ -142,7 +141,7 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 client,
                 keys,
                 args.group,
-                concern.topics,
+                keys.all_partitions(concern.topics),
                 start=start,
                 end=end,
                 types=args.types,
@@ -233,7 +232,7 @@ def _cmd_reset(args: argparse.Namespace, cfg: Config, app: App) -> int:
         )
     settings = _consumer_settings(cfg, app, args.group)
     dedup = ours and bool(settings.dedup_window_ms)
-    keys = Keys(cfg.redis.key_prefix)
+    keys = cfg.keys()  # a partitioned topic is moved partition by partition
 
     async def go() -> int:
         client, _ = await open_redis(cfg, wait_s=5)
@@ -242,7 +241,7 @@ def _cmd_reset(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 client,
                 keys,
                 args.group,
-                topics,
+                keys.all_partitions(topics),
                 to=to,
                 dedup=dedup,
                 live_idle_ms=settings.min_idle_ms,

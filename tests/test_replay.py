@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from schemas import REGISTRY, NodeNotReady, SpotInterruption
-from streamproc import Concern, Consumer, Context, Keys, Producer
+from streamproc import Codec, Concern, Consumer, ConsumerSettings, Context, Keys, Producer
 from streamproc.app import App
 from streamproc.errors import ConfigError
 from streamproc.replay import MAX_SEQ, parse_position
@@ -360,3 +360,64 @@ def test_replay_dry_run_as_an_operator_runs_it(env: dict[str, str]) -> None:
     assert r.returncode == 0, r.stderr
     assert "replay to group g (dry run" in r.stdout
     assert "nothing to replay" in r.stdout
+
+
+async def test_replay_and_reset_cover_every_partition_of_a_partitioned_topic(
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    client: aioredis.Redis,
+    codec: Codec[Any],
+    keys: Keys,
+) -> None:
+    """STREAMPROC_PARTITIONS=cluster=2: the commands read and move both partitions' streams
+    (before, they looked at the unpartitioned stream, which nobody writes, and did nothing)."""
+    parted = Keys(keys.prefix, partitions={"cluster": 2})
+    producer = Producer(client, codec, parted)
+    seen: list[str] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        seen.append(event.instance_id)
+
+    consumer = Consumer(
+        Concern(group="g", topics=("cluster",), handlers={SpotInterruption: handle}),
+        client=client,
+        codec=codec,
+        keys=parted,
+        producer=producer,
+        settings=ConsumerSettings(consumer="c1"),
+    )
+    # six clusters, so both partitions get some
+    for i in range(6):
+        await producer.publish(
+            SpotInterruption(
+                cluster_id=f"c{i}",
+                instance_id=f"i-{i}",
+                instance_type="m5.large",
+                availability_zone="eu-west-1a",
+            )
+        )
+    names = parted.partitions_of("cluster")
+    assert all([await client.xlen(parted.stream(p)) for p in names])
+    while await consumer.process_once():
+        pass
+    assert sorted(seen) == [f"i-{i}" for i in range(6)]
+
+    penv = {**env, "STREAMPROC_PARTITIONS": "cluster=2"}
+
+    def run(*args: str) -> CliRun:
+        return cli_in_process(monkeypatch, capsys, penv, *args)
+
+    r = await asyncio.to_thread(run, "replay", "g", "--from", "0", "--yes", "--ignore-dedup")
+    assert r.returncode == 0, r.stderr
+    assert "replayed 6 entries to group g" in r.stdout
+    seen.clear()
+    while await consumer.process_once():
+        pass
+    assert sorted(seen) == [f"i-{i}" for i in range(6)]
+
+    r = await asyncio.to_thread(run, "group", "reset", "g", "--to", "earliest", "--yes", "--force")
+    assert r.returncode == 0, r.stderr
+    for p in names:
+        [info] = [g for g in await client.xinfo_groups(parted.stream(p)) if g["name"] == b"g"]
+        assert info["last-delivered-id"] in (b"0-0", "0-0")
