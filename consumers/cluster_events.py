@@ -25,9 +25,29 @@ changes nothing. Refused events are acked and ignored (log ``cluster_event_refus
 the DLQ. An event whose source names no agent is the application's own (only the roles that
 hold a Redis password can write the stream without the ingest's stamp) and is acted on.
 
-Redis-side effects go through ``ctx.effect`` (applied once, atomically with the ack); events
-it emits get ids derived from the cause's id, so a handler that runs twice emits nothing new
-(producer-side dedup).
+Where its state lives (Redis Cluster, issue 18). The settle script applies ``ctx.effect``
+atomically with the ack, in the slot of the event's topic (or partition), so:
+
+- **per-cluster state** is an effect, under the topic's tag: ``interrupted_key`` and
+  ``not_ready_key`` (``<p>:{<topic>}:state:interrupted:<cluster>:<node>``, …). A cluster's
+  events carry its id as key, so with ``STREAMPROC_PARTITIONS=cluster=N`` they all go to one
+  partition and its marks are in that partition's slot, where its NotReady events read them.
+- **figures across clusters** (the day's counts, per cluster and per pool: ``schemas.metrics``)
+  are written by several concerns from several topics; they are not effects but one
+  ``add_figures`` script per event in the day's slot ``{metrics:<day>}``, made idempotent by a
+  mark named after the event id. It runs in the handler, before the settle: a handler that
+  fails later and runs again counts nothing twice.
+- **the pool's reports and its all-clusters flag** (``schemas.risky_pools``) span every
+  cluster: plain single-key commands from the handler (``ZADD`` of the (source, cluster)
+  member, ``EXPIRE``, ``SET … EX``), idempotent by themselves (a second run only moves the
+  member's score to the later time), not atomic with the ack.
+
+Key names before this (2026-12): ``<p>:state:interrupted:…`` and ``<p>:state:node-not-ready:…``
+(marks of 15 min and 1 h: not migrated; for 15 min after the upgrade a NotReady is not explained
+by an interruption handled before it), the day's figures (see ``schemas.metrics``).
+
+Events it emits get ids derived from the cause's id, so a handler that runs twice emits
+nothing new (producer-side dedup).
 """
 
 from __future__ import annotations
@@ -41,13 +61,7 @@ import structlog
 from prometheus_client import Counter
 
 from schemas.cluster import ClusterEvent, NodeNotReady, OOMKilled, PodPending, SpotInterruption
-from schemas.metrics import (
-    DAILY_TTL_S,
-    cluster_daily_key,
-    daily_key,
-    day_of,
-    pool_interruptions_key,
-)
+from schemas.metrics import add_figures, day_of
 from schemas.notify import Notification, PodPendingClassified, RightSizingRecommendation, fit
 from schemas.risky_pools import (
     MAX_REPORTS,
@@ -61,6 +75,7 @@ from schemas.risky_pools import (
 from streamproc.concern import Concern, Context
 from streamproc.event import derived_id
 from streamproc.ingest.auth import AgentStore
+from streamproc.keys import Keys
 from streamproc.settings import RetryPolicy
 
 __all__ = (
@@ -68,6 +83,8 @@ __all__ = (
     "RISKY_POOL_TTL_S",
     "classify_pending",
     "count_figure",
+    "interrupted_key",
+    "not_ready_key",
     "recommend_memory_limit",
     "speaks_for",
 )
@@ -122,12 +139,32 @@ def classify_pending(message: str) -> str:
     return "unknown"
 
 
-def count_figure(ctx: Context, event: ClusterEvent, field: str) -> None:
-    """One more ``field`` on the event's day, for all clusters and for its cluster."""
-    day = day_of(event.occurred_at)
-    for key in (daily_key(ctx.keys, day), cluster_daily_key(ctx.keys, event.cluster_id, day)):
-        ctx.effect("HINCRBY", key, field, 1)
-        ctx.effect("EXPIRE", key, DAILY_TTL_S)
+def interrupted_key(keys: Keys, topic: str, cluster_id: str, node: str) -> str:
+    """A node (or instance) of the cluster was interrupted: the event id, for
+    ``INTERRUPTION_MEMORY_S``. ``topic``: the event's topic or partition (``ctx.topic``;
+    ``keys.partition("cluster", cluster_id, "")`` from outside a handler)."""
+    return keys.topic_state(topic, "interrupted", cluster_id, node)
+
+
+def not_ready_key(keys: Keys, topic: str, cluster_id: str, node: str) -> str:
+    """A NotReady node's classification (``interruption`` or ``unexpected``)."""
+    return keys.topic_state(topic, "node-not-ready", cluster_id, node)
+
+
+async def count_figure(
+    ctx: Context, event: ClusterEvent, field: str, pools: dict[str, int] | None = None
+) -> None:
+    """One more ``field`` on the event's day, for all clusters and for its cluster (and the
+    ``pools`` counts), once per event id (``schemas.metrics.add_figures``)."""
+    await add_figures(
+        ctx.redis,
+        ctx.keys,
+        day=day_of(event.occurred_at),
+        mark=event.id,
+        everyone={field: 1},
+        cluster=(event.cluster_id, {field: 1}),
+        pools=pools,
+    )
 
 
 async def speaks_for(event: ClusterEvent, ctx: Context) -> bool:
@@ -169,22 +206,21 @@ async def on_spot_interruption(event: SpotInterruption, ctx: Context) -> None:
     reports = reports_key(ctx.keys, itype, az)
     now_ms = int(time.time() * 1000)
     member = report_member(event.source, event.cluster_id)
-    ctx.effect("ZADD", reports, now_ms, member)
-    ctx.effect("EXPIRE", reports, REPORTS_KEPT_S)
-    # Old and surplus reports go now (idempotent, so not an effect of this event).
+    # Every cluster's reports of the pool: not in this event's slot, so not an effect
+    # (idempotent: a second run moves the member's score to the later time).
+    await ctx.redis.zadd(reports, {member: now_ms})
+    await ctx.redis.expire(reports, REPORTS_KEPT_S)
+    # Old and surplus reports go now.
     await ctx.redis.zremrangebyscore(reports, "-inf", now_ms - REPORTS_KEPT_S * 1000)
     await ctx.redis.zremrangebyrank(reports, 0, -MAX_REPORTS)
     kept: Any = await ctx.redis.zrange(reports, 0, -1, withscores=True)
     seen = PoolReports([*kept, (member, now_ms)], now_ms)
     for_all = seen.risky_for_all()
     if for_all:
-        ctx.effect("SET", risky_pool_key(ctx.keys, itype, az), event.id, "EX", RISKY_POOL_TTL_S)
-    per_pool = pool_interruptions_key(ctx.keys, day_of(event.occurred_at))
-    ctx.effect("HINCRBY", per_pool, f"{event.instance_type}/{event.availability_zone}", 1)
-    ctx.effect("EXPIRE", per_pool, DAILY_TTL_S)
-    count_figure(ctx, event, "spot_interruptions")
+        await ctx.redis.set(risky_pool_key(ctx.keys, itype, az), event.id, ex=RISKY_POOL_TTL_S)
+    await count_figure(ctx, event, "spot_interruptions", {f"{itype}/{az}": 1})
     for node in filter(None, (event.node_name, event.instance_id)):
-        mark = ctx.keys.state("interrupted", event.cluster_id, node)
+        mark = interrupted_key(ctx.keys, ctx.topic, event.cluster_id, node)
         ctx.effect("SET", mark, event.id, "EX", INTERRUPTION_MEMORY_S)
     await ctx.producer.publish(
         fit(
@@ -209,7 +245,7 @@ async def on_oom_killed(event: OOMKilled, ctx: Context) -> None:
     new_limit = recommend_memory_limit(
         event.memory_limit_bytes, event.memory_peak_bytes, event.restart_count
     )
-    count_figure(ctx, event, "oom_kills")
+    await count_figure(ctx, event, "oom_kills")
     await ctx.producer.publish(
         fit(
             RightSizingRecommendation(
@@ -230,14 +266,14 @@ async def on_oom_killed(event: OOMKilled, ctx: Context) -> None:
 
 async def on_node_not_ready(event: NodeNotReady, ctx: Context) -> None:
     marks = [
-        ctx.keys.state("interrupted", event.cluster_id, n)
+        interrupted_key(ctx.keys, ctx.topic, event.cluster_id, n)
         for n in filter(None, (event.node_name, event.instance_id))
     ]
     interrupted = any(await ctx.redis.mget(marks)) if marks else False
     category = "interruption" if interrupted else "unexpected"
     ctx.effect(
         "SET",
-        ctx.keys.state("node-not-ready", event.cluster_id, event.node_name),
+        not_ready_key(ctx.keys, ctx.topic, event.cluster_id, event.node_name),
         category,
         "EX",
         NOT_READY_MEMORY_S,

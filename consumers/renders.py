@@ -38,6 +38,7 @@ from consumers.render_jobs import (
     unpack_files,
 )
 from media.store import LocalStore, S3Store, Store, open_store
+from schemas.metrics import daily_key
 from schemas.renders import RenderDone, RenderProgress, RenderRequested, ReportReady
 from schemas.ticks import WeeklyReportTick
 from streamproc.concern import Concern, Context
@@ -101,7 +102,8 @@ class RenderSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"
     pool: OffloadSettings = msgspec.field(default_factory=OffloadSettings)
-    #: Metrics hash per day: ``<p>:state:metrics:daily:<YYYY-MM-DD>`` (field -> number).
+    #: Metrics hash per day: ``<p>:{metrics:<YYYY-MM-DD>}:daily`` (field -> number,
+    #: ``schemas.metrics.daily_key``; this name replaces ``metrics`` in the tag).
     metrics_state: str = "metrics"
 
 
@@ -206,7 +208,7 @@ async def _daily_metrics(ctx: Context, name: str, start: datetime, days: int) ->
     out = []
     for i in range(days):
         day = (start + timedelta(days=i)).strftime("%Y-%m-%d")
-        raw: dict[Any, Any] = await ctx.redis.hgetall(ctx.keys.state(name, "daily", day))
+        raw: dict[Any, Any] = await ctx.redis.hgetall(daily_key(ctx.keys, day, name))
         values = {}
         for k, v in raw.items():
             with contextlib.suppress(ValueError):

@@ -6,31 +6,51 @@ figure for the report names its key here, so the report's inputs are in one plac
 
 | key | fields |
 |---|---|
-| ``<p>:state:metrics:daily:<YYYY-MM-DD>`` | the report's figures, all clusters (``FIGURES``) |
-| ``<p>:state:metrics:cluster:<cluster>:<YYYY-MM-DD>`` | the same per cluster, plus sums |
-| ``<p>:state:pool-interruptions:<YYYY-MM-DD>`` | ``<instance type>/<az>`` → interruptions |
+| ``<p>:{metrics:<YYYY-MM-DD>}:daily`` | the report's figures, all clusters (``FIGURES``) |
+| ``<p>:{metrics:<YYYY-MM-DD>}:cluster:<cluster>`` | the same per cluster, plus sums |
+| ``<p>:{metrics:<YYYY-MM-DD>}:pool-interruptions`` | ``<instance type>/<az>`` → interruptions |
+| ``<p>:{metrics:<YYYY-MM-DD>}:counted:<mark>`` | string, EX: these figures were added |
 
 Days are UTC; every hash expires ``DAILY_TTL_S`` after its last write.
+
+**Redis Cluster.** A day's hashes are written by several concerns (cluster events, agent
+metrics, hibernation ticks, optimizer runs), from topics whose slots differ, so they cannot be
+a handler's ``ctx.effect`` (which must stay in its topic's slot). They share the hash tag
+``{metrics:<day>}`` instead, and ``add_figures`` adds one event's (or run's) figures in one
+script, once per ``mark`` (the event id): a mark key in the same slot, set with the
+increments. This write is made by the handler, before the event's settle, not atomically with
+it: a handler that fails after it and runs again adds nothing more (the mark), a copy of the
+event published with the same id adds nothing more either. The marks are kept ``MARK_TTL_S``
+(longer than the groups' 24 h dedup window).
+
+Until 2026-12 the hashes were ``<p>:state:metrics:daily:<day>``,
+``<p>:state:metrics:cluster:<cluster>:<day>`` and ``<p>:state:pool-interruptions:<day>``; on
+one Redis, ``RENAME`` each of the last days' hashes to its new name to keep it in the report.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
 import msgspec
+import redis.asyncio as aioredis
 
 from schemas.cluster import key_by_cluster
+from streamproc._lua import Lua
 from streamproc.event import Event
 from streamproc.keys import Keys
 
 __all__ = (
     "DAILY_TTL_S",
     "FIGURES",
+    "MARK_TTL_S",
     "MAX_SAMPLES",
     "TYPES",
     "ClusterMetrics",
     "MetricSample",
+    "add_figures",
     "cluster_daily_key",
     "daily_key",
     "day_of",
@@ -39,6 +59,8 @@ __all__ = (
 
 #: Daily hashes are kept this long (the report reads 7 days; a month for looking back).
 DAILY_TTL_S = 35 * 86_400
+#: How long ``add_figures`` remembers that a mark's figures were added.
+MARK_TTL_S = 8 * 86_400
 #: Samples in one ``cluster.metrics`` event (one request).
 MAX_SAMPLES = 100
 
@@ -101,14 +123,83 @@ def day_of(at: datetime) -> str:
     return f"{at.astimezone(UTC):%Y-%m-%d}"
 
 
-def daily_key(keys: Keys, day: str) -> str:
+def _tag(keys: Keys, day: str, name: str = "metrics") -> str:
+    """The hash tag of one day's figures: ``<p>:{<name>:<day>}``."""
+    return f"{keys.prefix}:{{{name}:{day}}}"
+
+
+def daily_key(keys: Keys, day: str, name: str = "metrics") -> str:
     """The report's figures of one day (``consumers.renders`` reads it)."""
-    return keys.state("metrics", "daily", day)
+    return f"{_tag(keys, day, name)}:daily"
 
 
 def cluster_daily_key(keys: Keys, cluster_id: str, day: str) -> str:
-    return keys.state("metrics", "cluster", cluster_id, day)
+    return f"{_tag(keys, day)}:cluster:{cluster_id}"
 
 
 def pool_interruptions_key(keys: Keys, day: str) -> str:
-    return keys.state("pool-interruptions", day)
+    return f"{_tag(keys, day)}:pool-interruptions"
+
+
+def _mark_key(keys: Keys, day: str, mark: str) -> str:
+    return f"{_tag(keys, day)}:counted:{mark}"
+
+
+# KEYS[1] the mark, KEYS[2..] hashes. ARGV: hash TTL s, mark TTL s, then for each hash the
+# number of its fields n and n field/increment pairs. Checks every key's type before the first
+# write (a script error would leave the writes before it applied).
+_ADD = Lua("""
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'none' then return 0 end
+for k = 2, #KEYS do
+  t = redis.call('TYPE', KEYS[k])['ok']
+  if t ~= 'none' and t ~= 'hash' then return redis.error_reply('WRONGTYPE ' .. KEYS[k]) end
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+local i = 3
+for k = 2, #KEYS do
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  for _ = 1, n do
+    if string.find(ARGV[i + 1], '[.eEn]') then
+      redis.call('HINCRBYFLOAT', KEYS[k], ARGV[i], ARGV[i + 1])
+    else
+      redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
+    end
+    i = i + 2
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[1])
+end
+return 1
+""")
+
+
+async def add_figures(
+    redis: aioredis.Redis,
+    keys: Keys,
+    *,
+    day: str,
+    mark: str,
+    everyone: Mapping[str, int | float] | None = None,
+    cluster: tuple[str, Mapping[str, int | float]] | None = None,
+    pools: Mapping[str, int] | None = None,
+) -> bool:
+    """Add figures to ``day``'s hashes in one script, once per ``mark`` (an event id, or a
+    run's id): ``everyone`` to the daily hash, ``cluster`` (id, figures) to that cluster's,
+    ``pools`` (``<type>/<az>`` → count) to the interruptions per pool. False: this mark's
+    figures were added before (nothing written)."""
+    hashes: list[str] = []
+    args: list[str | int] = [DAILY_TTL_S, MARK_TTL_S]
+    for key, figures in (
+        (daily_key(keys, day), everyone),
+        (cluster_daily_key(keys, cluster[0], day) if cluster else "", cluster and cluster[1]),
+        (pool_interruptions_key(keys, day), pools),
+    ):
+        if figures:
+            hashes.append(key)
+            args.append(len(figures))
+            for field, value in figures.items():
+                args += [field, value if isinstance(value, int) else repr(float(value))]
+    if not hashes:
+        return False
+    return bool(await _ADD(redis, [_mark_key(keys, day, mark), *hashes], args))

@@ -35,6 +35,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from schemas.metrics import add_figures
 from schemas.ticks import HibernationTick
 from spot import _asg
 from spot._schedule import Schedule, Slots, wants_sleep
@@ -425,10 +426,15 @@ async def _handle(tick: HibernationTick, ctx: Context, rt: Runtime, hk: Hibernat
     if removed:
         ctx.effect("INCR", hk.version)
     day = tick.scheduled_for.astimezone(UTC).strftime("%Y-%m-%d")
-    if hours > 0:
-        ctx.effect("HINCRBYFLOAT", hk.daily(day), "hibernated_instance_hours", repr(hours))
-    if usd > 0:
-        ctx.effect("HINCRBYFLOAT", hk.daily(day), "savings_usd", repr(usd))
+    figures = {"hibernated_instance_hours": hours, "savings_usd": usd}
+    # Not an effect: the day's figures are in their own slot (schemas.metrics); once per tick.
+    await add_figures(
+        ctx.redis,
+        ctx.keys,
+        day=day,
+        mark=tick.id,
+        everyone={k: v for k, v in figures.items() if v > 0},
+    )
     ctx.effect("SET", hk.last_tick, str(at_ms))
     if changes:
         await ctx.redis.xtrim(hk.audit, maxlen=AUDIT_MAXLEN, approximate=True)

@@ -1,14 +1,23 @@
 """Where hibernation keeps its state in Redis, and the audit stream.
 
+All under ``<p>:{ticks}:state:`` (``hib:`` below):
+
 | key | type | what |
 |---|---|---|
-| ``<p>:state:hibernation:schedules`` | hash | cluster -> JSON ``Schedule`` |
-| ``<p>:state:hibernation:version`` | string | INCR on every schedule change (caches key on it) |
-| ``<p>:state:hibernation:asleep`` | hash | cluster -> JSON ``SleepRecord``: the sizes to restore |
-| ``<p>:state:hibernation:last_tick`` | string | scheduled time (epoch ms) of the newest tick done |
-| ``<p>:state:hibernation:lease`` | string, PX | the consumer handling a tick (its name) |
-| ``<p>:state:audit`` | stream | every action: who, what, cluster, asg, before, after, when, tick |
-| ``<p>:state:metrics:daily:<YYYY-MM-DD>`` | hash | ``hibernated_instance_hours``, ``savings_usd`` |
+| ``hib:hibernation:schedules`` | hash | cluster -> JSON ``Schedule`` |
+| ``hib:hibernation:version`` | string | INCR on every schedule change (caches key on it) |
+| ``hib:hibernation:asleep`` | hash | cluster -> JSON ``SleepRecord``: the sizes to restore |
+| ``hib:hibernation:last_tick`` | string | scheduled time (epoch ms) of the newest tick done |
+| ``hib:hibernation:lease`` | string, PX | the consumer handling a tick (its name) |
+| ``hib:audit`` | stream | every action: who, what, cluster, asg, before, after, when, tick |
+| ``<p>:{metrics:<YYYY-MM-DD>}:daily`` | hash | ``hibernated_instance_hours``, ``savings_usd`` |
+
+Every key but the daily figures lives in the slot of the ``ticks`` topic (``topic_state``):
+a tick's changes are effects applied with its ack, and the API's MULTI touches the same keys,
+so both run on Redis Cluster. The ``ticks`` topic must therefore not be partitioned. The
+savings go to the day's figures with ``schemas.metrics.add_figures`` (once per tick id).
+Before 2026-12 these keys were ``<p>:state:hibernation:…`` and ``<p>:state:audit``: on one
+Redis, ``RENAME`` them to their new names while no hibernation role runs.
 
 A ``SleepRecord`` is written *before* an Auto Scaling group is scaled to 0 (with the sizes it
 had, never overwritten by a later attempt that finds it at 0 already), and marked
@@ -25,6 +34,8 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from schemas.metrics import daily_key
+from schemas.ticks import HibernationTick
 from spot._schedule import Schedule
 from streamproc.keys import Keys
 
@@ -88,16 +99,17 @@ class HibernationKeys:
 
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
-        self.schedules = keys.state("hibernation", "schedules")
-        self.version = keys.state("hibernation", "version")
-        self.asleep = keys.state("hibernation", "asleep")
-        self.last_tick = keys.state("hibernation", "last_tick")
-        self.lease = keys.state("hibernation", "lease")
-        self.audit = keys.state("audit")
+        topic = HibernationTick.topic
+        self.schedules = keys.topic_state(topic, "hibernation", "schedules")
+        self.version = keys.topic_state(topic, "hibernation", "version")
+        self.asleep = keys.topic_state(topic, "hibernation", "asleep")
+        self.last_tick = keys.topic_state(topic, "hibernation", "last_tick")
+        self.lease = keys.topic_state(topic, "hibernation", "lease")
+        self.audit = keys.topic_state(topic, "audit")
 
     def daily(self, day: str) -> str:
         """The weekly report's per-day metrics hash."""
-        return self.keys.state("metrics", "daily", day)
+        return daily_key(self.keys, day)
 
 
 _SCHEDULE = msgspec.json.Decoder(Schedule)

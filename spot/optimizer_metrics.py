@@ -27,12 +27,10 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from schemas.metrics import (
-    DAILY_TTL_S,
     MAX_SAMPLES,
     ClusterMetrics,
     MetricSample,
-    cluster_daily_key,
-    daily_key,
+    add_figures,
     day_of,
 )
 from spot.policy import CLUSTER_RE
@@ -190,14 +188,18 @@ _CLUSTER_ONLY = frozenset({"nodes_sum", "pods_sum", "pending_pods_sum"})
 
 
 async def on_cluster_metrics(event: ClusterMetrics, ctx: Context) -> None:
+    # Not effects: the day's figures are in their own slot (schemas.metrics), added once per
+    # event id and day.
     for day, figures in sorted(daily_figures(event.samples).items()):
-        everyone = daily_key(ctx.keys, day)
-        cluster = cluster_daily_key(ctx.keys, event.cluster_id, day)
-        for field, value in figures.items():
-            for key in (cluster,) if field in _CLUSTER_ONLY else (everyone, cluster):
-                ctx.effect("HINCRBYFLOAT", key, field, repr(round(value, 6)))
-        ctx.effect("EXPIRE", everyone, DAILY_TTL_S)
-        ctx.effect("EXPIRE", cluster, DAILY_TTL_S)
+        rounded = {f: float(round(v, 6)) for f, v in figures.items()}
+        await add_figures(
+            ctx.redis,
+            ctx.keys,
+            day=day,
+            mark=event.id,
+            everyone={f: v for f, v in rounded.items() if f not in _CLUSTER_ONLY},
+            cluster=(event.cluster_id, rounded),
+        )
 
 
 CONCERN = Concern(

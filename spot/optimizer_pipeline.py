@@ -34,13 +34,12 @@ import msgspec
 import redis.asyncio as aioredis
 
 from schemas.inventory import Instance
-from schemas.metrics import DAILY_TTL_S, cluster_daily_key, daily_key, day_of
+from schemas.metrics import add_figures, day_of
 from schemas.metrics import pool_interruptions_key as _pool_key
 from schemas.risky_pools import REPORTS_KEPT_S, PoolReports, reports_key, risky_pool_key
 from spot.aws import AccountStore, Aws
 from spot.policy import Policy
 from spot.prices import hourly_usd
-from streamproc._lua import Lua
 from streamproc.keys import Keys
 from streamproc.outbound import CallPermanent
 
@@ -192,14 +191,16 @@ async def pool_risks(
     days = [day_of(now - timedelta(days=i)) for i in range(RISK_WINDOW_DAYS)]
     now_ms = int(now.timestamp() * 1000)
     pipe = redis.pipeline(transaction=False)
-    pipe.mget([risky_pool_key(keys, t, az) for t, az in pools])
+    for t, az in pools:  # one GET each: the flags are in different slots (Redis Cluster)
+        pipe.get(risky_pool_key(keys, t, az))
     for t, az in pools:
         pipe.zrangebyscore(
             reports_key(keys, t, az), now_ms - REPORTS_KEPT_S * 1000, "+inf", withscores=True
         )
     for day in days:
         pipe.hmget(_pool_key(keys, day), names)
-    flags, *rest = await pipe.execute()
+    replies = await pipe.execute()
+    flags, rest = replies[: len(pools)], replies[len(pools) :]
     reports = [PoolReports(r, now_ms) for r in rest[: len(pools)]]
     counts = rest[len(pools) :]
     out = []
@@ -381,18 +382,6 @@ async def apply_decisions(
     return out
 
 
-# KEYS[1] once-marker, KEYS[2] daily, KEYS[3] cluster daily. ARGV: ttl_s, marker_ttl_s, then
-# field, increment pairs. Counts a run's figures once, however often the task ran.
-_RECORD_LUA = Lua("""
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-for k = 2, 3 do
-  for i = 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[k], ARGV[i], ARGV[i + 1]) end
-  redis.call('EXPIRE', KEYS[k], ARGV[1])
-end
-return 1
-""")
-
-
 async def record_run(
     redis: aioredis.Redis,
     keys: Keys,
@@ -403,17 +392,11 @@ async def record_run(
     figures: dict[str, float],
 ) -> bool:
     """Add a run's figures to its day's hashes, once per task id (False: counted before)."""
-    day = day_of(at)
-    args: list[str | float | int] = [DAILY_TTL_S, 8 * 86_400]
-    for field, value in figures.items():
-        args += [field, repr(float(value))]
-    done = await _RECORD_LUA(
+    return await add_figures(
         redis,
-        [
-            keys.state("optimizer", "counted", task_id),
-            daily_key(keys, day),
-            cluster_daily_key(keys, cluster_id, day),
-        ],
-        args,
+        keys,
+        day=day_of(at),
+        mark=f"optimizer:{task_id}",
+        everyone={f: float(v) for f, v in figures.items()},
+        cluster=(cluster_id, {f: float(v) for f, v in figures.items()}),
     )
-    return bool(done)

@@ -141,7 +141,7 @@ async def test_node_not_ready_after_an_interruption_is_explained_by_it(
     await producer.publish(NodeNotReady(cluster_id="c1", node_name="n-2", reason="kubelet"))
     await run_all(processor)
     for node, category in (("n-1", b"interruption"), ("n-2", b"unexpected")):
-        key = keys.state("node-not-ready", "c1", node)
+        key = cluster_events.not_ready_key(keys, "cluster", "c1", node)
         assert await client.get(key) == category
         assert 0 < await client.ttl(key) <= 3600  # input from agents never makes a lasting key
     notes = await emitted(client, keys, codec)

@@ -25,6 +25,7 @@ from consumers.render_jobs import (
     report_job,
     unpack_files,
 )
+from schemas.metrics import daily_key
 from schemas.renders import RenderDone, RenderRequested, ReportReady
 from schemas.ticks import WeeklyReportTick
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
@@ -149,7 +150,7 @@ async def test_weekly_report_tick_to_report_ready_with_the_artefact_in_s3(
 
     for i in range(7):
         day = (MONDAY_9 - timedelta(days=7 - i)).strftime("%Y-%m-%d")
-        await client.hset(keys.state("metrics", "daily", day), mapping={"savings_usd": 100 + i})
+        await client.hset(daily_key(keys, day), mapping={"savings_usd": 100 + i})
     # The ticker fires the Monday 09:00 tick (last fired the week before).
     sched = Schedule(name="weekly-report", trigger=cron("Mon 09:00"), event=WeeklyReportTick)
     await client.hset(
