@@ -27,6 +27,8 @@ spread). Every key of the table below is then built with the partition's name as
 | ``<p>:{<topic>}:parked:<group>:<event key>`` | list | retry records parked behind the head |
 | ``<p>:{<topic>}:replays:<group>`` | hash | operator replays/resets of the group: counts, last |
 | ``<p>:consumer:<group>:<name>`` | string, PX | a live consumer's claim on its name |
+| ``<p>:{own:<group>}:members`` | zset | partitioned groups: live consumer → lease expiry ms |
+| ``<p>:{own:<group>}:lease:<partition>`` | string, PX | the partition's owner (consumer name) |
 | ``<p>:state:<name>…`` | any | state kept by handlers (e.g. risky spot pools) |
 | ``<p>:{<topic>}:state:<name>…`` | any | state effects write (``ctx.effect``), topic slot |
 | ``<p>:ticker:{ticker}:lease`` | string, PX | ticker leader: ``<node>/<fence>`` |
@@ -167,6 +169,17 @@ class Keys:
     def consumer_lease(self, group: str, consumer: str) -> str:
         """A live consumer's claim on its name in a group: ``<host>/<pid>/<token>``, PX."""
         return f"{self.prefix}:consumer:{group}:{consumer}"
+
+    def owners(self, group: str) -> str:
+        """Sorted set of a group with partitioned topics: its live consumers (member = name,
+        score = when its membership lapses, Redis' clock in ms). Tagged ``{own:<group>}``
+        with the partition leases: one script balances them (Redis Cluster)."""
+        return f"{self.prefix}:{{own:{group}}}:members"
+
+    def partition_lease(self, group: str, partition: str) -> str:
+        """Which consumer of ``group`` owns ``partition`` (a name from ``partitions_of``):
+        the consumer's name, PX; renewed with the consumer's heartbeat."""
+        return f"{self.prefix}:{{own:{group}}}:lease:{partition}"
 
     def published_prefix(self, topic: str) -> str:
         """Producer dedup markers are ``published_prefix + event id or idempotency key``."""

@@ -138,6 +138,10 @@ class ConsumerSettings(_Settings, frozen=True, kw_only=True):
     #: When another live process holds this consumer name in the group: "refuse" to start
     #: (ConsumerNameTaken), or take the first free "<name>-2", "<name>-3" … ("suffix").
     name_taken: Literal["refuse", "suffix"] = "refuse"
+    #: Partitioned topics: the group's live consumers share the partitions, each reading only
+    #: those it holds a lease on (``streamproc.consumer._ownership``); False = every consumer
+    #: reads every partition (no per-key order across processes).
+    own_partitions: bool = True
 
     def __post_init__(self) -> None:
         from streamproc.keys import check_name

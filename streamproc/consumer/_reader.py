@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.crc import key_slot
 
+from streamproc._aio import wait_event
 from streamproc.connection import is_cluster
 from streamproc.consumer._guard import RedisGuard
 from streamproc.consumer._scripts import RECLAIM
@@ -63,21 +64,50 @@ class Reader:
         self.drained.set()
         self._reserved = 0  # room promised to a read under way
         self._recovering: dict[str, bytes] = dict.fromkeys(self.streams, b"0")
+        self._reading_all: set[str] = set()  # a single-call read under way: its streams
         self._cursors: dict[str, bytes] = dict.fromkeys(self.streams, b"0-0")
         #: Deliveries of an entry that ended cleanly (released after a blip): not counted.
         self._credit: dict[tuple[str, bytes], int] = {}
         self.groups_ok = False
-        #: The streams by hash slot: one XREADGROUP each on a Redis Cluster (a read across
+        self._cluster = is_cluster(client)
+        #: The streams read with ``>``: all of them, or (partition ownership) the unpartitioned
+        #: ones and the owned partitions' (``set_reading``).
+        self.reading: set[str] = set(self.streams)
+        self.reading_changed = asyncio.Event()
+        #: The streams read by hash slot: one XREADGROUP each on a Redis Cluster (a read across
         #: slots is refused there); one group of all of them on a single Redis.
-        self._slots: list[list[str]] = [list(self.streams)]
-        if is_cluster(client):
-            by_slot: dict[int, list[str]] = {}
-            for stream in self.streams:
-                by_slot.setdefault(key_slot(stream.encode()), []).append(stream)
-            self._slots = list(by_slot.values())
-        #: Blocked per-slot reads still under way (index in ``_slots``): never cancelled,
+        self._slots: list[tuple[str, ...]] = self._by_slot()
+        #: Blocked per-slot reads still under way (by their streams): never cancelled,
         #: collected by a later read.
-        self._outstanding: dict[int, asyncio.Task[Any]] = {}
+        self._outstanding: dict[tuple[str, ...], asyncio.Task[Any]] = {}
+
+    def _by_slot(self) -> list[tuple[str, ...]]:
+        ordered = [s for s in self.streams if s in self.reading]
+        if not self._cluster:
+            return [tuple(ordered)] if ordered else []
+        by_slot: dict[int, list[str]] = {}
+        for stream in ordered:
+            by_slot.setdefault(key_slot(stream.encode()), []).append(stream)
+        return [tuple(v) for v in by_slot.values()]
+
+    def set_reading(self, streams: set[str]) -> None:
+        """Read only these streams with ``>`` from the next read on (a read under way ends
+        with its BLOCK; what it delivers is handled)."""
+        if streams != self.reading:
+            self.reading = set(streams)
+            self._slots = self._by_slot()
+            self.reading_changed.set()
+
+    def reading_now(self, streams: Iterable[str]) -> bool:
+        """Is a read of one of these streams under way?"""
+        wanted = set(streams)
+        return any(wanted.intersection(k) for k in self._outstanding) or bool(
+            self._reading_all and wanted & self._reading_all
+        )
+
+    def recover(self, stream: str) -> None:
+        """Re-read this consumer's own pending entries of ``stream`` (with ``0``)."""
+        self._recovering.setdefault(stream, b"0")
 
     # ------------------------------------------------------------------ in flight
 
@@ -164,18 +194,31 @@ class Reader:
             fresh = [(i, f) for i, f in got if i not in held]
             if fresh:
                 return await self._admit(stream, fresh, redelivered=True)
+        if not self._slots:  # nothing to read (owns no partition): wait for a change
+            self.reading_changed.clear()
+            if self._outstanding:  # reads of streams no longer read: they end with their BLOCK
+                if block_ms is not None:
+                    await asyncio.wait(
+                        list(self._outstanding.values()), return_when=asyncio.FIRST_COMPLETED
+                    )
+                return await self._collect()
+            if block_ms:
+                await wait_event(self.reading_changed, block_ms / 1000)
+            return []
         # XREADGROUP's COUNT is per stream: ask each for a share of the free room (near the
         # bound, one each can pass it by at most ``streams - 1``).
-        per = min(self.settings.batch, max(1, free // len(self.streams)))
-        if len(self._slots) > 1:
+        reading = [s for g in self._slots for s in g]
+        per = min(self.settings.batch, max(1, free // len(reading)))
+        if len(self._slots) > 1 or self._outstanding:
             return await self._read_slots(per, block_ms)
+        self._reading_all = set(reading)
         try:
             reply = await self._reserve(
-                per * len(self.streams),
+                per * len(reading),
                 self.client.xreadgroup(
                     self.group,
                     self.name,
-                    dict.fromkeys(self.streams, ">"),
+                    dict.fromkeys(reading, ">"),
                     count=per,
                     block=block_ms,
                 ),
@@ -183,21 +226,24 @@ class Reader:
         except BaseException:
             self.recover_all()  # the server may have delivered what we never saw
             raise
+        finally:
+            self._reading_all = set()
         out: list[Item] = []
         for stream_name, rows in reply or ():
             out += await self._admit(stream_name.decode(), rows, redelivered=False)
         return out
 
-    def _start_read(self, i: int, per: int, block_ms: int | None) -> asyncio.Task[Any]:
+    def _start_read(
+        self, streams: tuple[str, ...], per: int, block_ms: int | None
+    ) -> asyncio.Task[Any]:
         """XREADGROUP ``>`` of the streams of one slot, as a task holding its room."""
-        streams = self._slots[i]
         call = self.client.xreadgroup(
             self.group, self.name, dict.fromkeys(streams, ">"), count=per, block=block_ms
         )
         task = asyncio.ensure_future(self._reserve(per * len(streams), call))
         # its reserved room is free again when it ends: wake a reader waiting for room
         task.add_done_callback(lambda _: self.room.set())
-        self._outstanding[i] = task
+        self._outstanding[streams] = task
         return task
 
     async def _collect(self) -> list[Item]:
@@ -226,11 +272,7 @@ class Reader:
         non-blocking XREADGROUP per slot (together); if none had anything, one blocking read
         per slot, returning as soon as one of them delivers. The others stay under way, are
         never cancelled, and are collected by the next call (or by ``finish_reads``)."""
-        now = [
-            self._start_read(i, per, None)
-            for i in range(len(self._slots))
-            if i not in self._outstanding
-        ]
+        now = [self._start_read(g, per, None) for g in self._slots if g not in self._outstanding]
         if now:
             try:
                 await asyncio.wait(now)  # without BLOCK: each answers at once
@@ -240,9 +282,9 @@ class Reader:
         out = await self._collect()
         if out or block_ms is None:
             return out
-        for i in range(len(self._slots)):
-            if i not in self._outstanding:
-                self._start_read(i, per, block_ms)
+        for g in self._slots:
+            if g not in self._outstanding:
+                self._start_read(g, per, block_ms)
         await asyncio.wait(list(self._outstanding.values()), return_when=asyncio.FIRST_COMPLETED)
         return await self._collect()
 

@@ -47,6 +47,7 @@ from streamproc.concern import Concern, Scope
 from streamproc.consumer._guard import GaveUp, RedisGuard, error_text, is_not_now
 from streamproc.consumer._handle import Handlers
 from streamproc.consumer._lanes import LaneKey, Lanes
+from streamproc.consumer._ownership import ACTIVE, ADOPTING, Ownership
 from streamproc.consumer._reader import Item, Reader
 from streamproc.consumer._records import retry_record
 from streamproc.consumer._scripts import (
@@ -122,6 +123,23 @@ class Consumer:
             guard=self.guard,
             stats=self.stats,
         )
+        # Partition ownership: the unpartitioned topics' streams are always read; of the
+        # partitioned ones only those whose lease this consumer holds (``_ownership``).
+        partitioned = [t for t in concern.topics if t in keys.partitions]
+        self.ownership: Ownership | None = None
+        self._always = set(streams)
+        if s.own_partitions and partitioned:
+            self.ownership = Ownership(
+                client=client,
+                keys=keys,
+                group=self.group,
+                partitions=keys.all_partitions(partitioned),
+                ttl_ms=s.min_idle_ms,
+                bound_s=max(s.grace_s, 3 * s.min_idle_ms / 1000),
+                reader=self.reader,
+            )
+            self._always -= self.ownership.streams_of(self.ownership.partitions)
+            self.reader.set_reading(self._always)
         self.settler = Settler(
             client=client,
             keys=keys,
@@ -212,6 +230,8 @@ class Consumer:
             # Redis refuses writes (OOM, a replica): start anyway, so what Redis still allows
             # (acks, trims) goes on; the name is claimed on a later renewal.
             log.warning("consumer_name_claim_deferred", group=self.group, error=error_text(e))
+            return
+        await self.balance()
 
     def stop(self) -> None:
         """Stop reading; ``run`` then drains in-flight work and returns."""
@@ -280,6 +300,8 @@ class Consumer:
                     for e in held.values():
                         args += (e.entry_id, max(0, e.deliveries - 1))
                     await UNCOUNT(self.client, [stream], args)
+            if self.ownership is not None:
+                await self.ownership.leave(self.name)
             if self._claimed:
                 key = self.keys.consumer_lease(self.group, self.name)
                 await RELEASE_NAME(self.client, [key], [self._token])
@@ -295,10 +317,11 @@ class Consumer:
         if not self.reader.groups_ok:
             await self.ensure_groups()
         self.guard.up("start")
+        await self.balance()
         await self.pump_retries()
         items = await self.reader.read(block_ms)
         try:
-            for stream in self.reader.streams:
+            for stream in self._reclaimable():
                 items += await self.reader.reclaim(stream)
         except BaseException:  # what was taken before the failure is let go, not stranded
             self.reader.let_go([i if isinstance(i, Entry) else i.entry for i in items])
@@ -361,6 +384,24 @@ class Consumer:
             log.error("consumer_name_held_by_another", group=self.group, consumer=self.name)
         self._claimed = claimed
         return renewed
+
+    async def balance(self) -> None:
+        """Partition ownership (if on): renew this consumer's leases, take or give back
+        partitions for a balanced share, and read only the partitions it owns."""
+        own = self.ownership
+        if own is None:
+            return
+        await own.step(self.name)
+        self.reader.set_reading(self._always | own.streams_of(own.in_state(ACTIVE)))
+
+    def _reclaimable(self) -> list[str]:
+        """The streams whose abandoned entries this consumer takes over: those it reads,
+        and those of partitions it is adopting."""
+        own = self.ownership
+        if own is None:
+            return list(self.reader.streams)
+        mine = self._always | own.streams_of(own.in_state(ACTIVE, ADOPTING))
+        return [s for s in self.reader.streams if s in mine]
 
     async def expire_consumers(self) -> list[str]:
         """Remove consumers that own nothing and were idle longer than consumer_expiry_ms
@@ -655,6 +696,8 @@ class Consumer:
         while True:
             await anyio.sleep(self._period_s * random.uniform(0.9, 1.0))
             await self.guard.until_up("renew", self.renew, cap_s=self._period_s / 2)
+            if self.ownership is not None:
+                await self.guard.until_up("balance", self.balance, cap_s=self._period_s / 2)
 
     async def _reclaim_loop(self) -> None:
         """Every renewal period: reclaim what owners stopped renewing; now and then expire
@@ -664,7 +707,7 @@ class Consumer:
             await anyio.sleep(self._period_s * random.uniform(0.9, 1.0))
             rounds += 1
             if not self._stopping.is_set() and self.guard.may_reclaim():
-                for stream in self.reader.streams:
+                for stream in self._reclaimable():
                     try:  # one try per round: a failure lets go of what it took
                         items, holds = await self.guard.until_up(
                             "reclaim",
