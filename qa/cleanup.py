@@ -1,7 +1,7 @@
 """The ``qa-cleanup`` concern: on ``tick.cleanup_qa`` (daily 03:00), remove what finished
 sessions left once they are older than ``retention_days`` (7).
 
-For each session in ``<p>:state:qa:sessions`` that finished before the cut-off, oldest first:
+For each session in ``<p>:state:{qa}:sessions`` that finished before the cut-off, oldest first:
 its screenshots in S3 (every object under ``<s3_prefix>/<session id>/``, listed and deleted in
 batches of 1,000), then in one MULTI its state hash, its screenshots hash and its index entry.
 A session whose objects cannot be deleted (S3 down: the breaker ``s3:qa:<bucket>``) keeps its

@@ -1,6 +1,6 @@
 """``screenshot.upload``: a page's PNG into S3, at ``<s3_prefix>/<session id>/<sha256>.png``.
 
-The crawl stages each screenshot in Redis (``<p>:state:qa:png:<sha256>``, ``staged_ttl_s``)
+The crawl stages each screenshot in Redis (``<p>:state:{qa}:png:<sha256>``, ``staged_ttl_s``)
 and submits this task with the hash; a client may instead send the PNG in the payload
 (``png_base64``). The key is the content's hash, so the upload is idempotent: a retry writes
 the same bytes to the same key, and one whose staged copy is already gone finds the object

@@ -1,10 +1,10 @@
 """A crawl session's state in Redis, for clients to follow (seed 004's ``SessionManager``).
 
-``<p>:state:qa:session:<id>`` (a hash, kept ``session_ttl_s`` = 24 h after its last update):
+``<p>:state:{qa}:session:<id>`` (a hash, kept ``session_ttl_s`` = 24 h after its last update):
 ``status`` (``running``, ``completed``, ``partial`` — stopped at its time limit with what it
 had —, ``failed``), ``task_id``, ``base_url``, ``pages_crawled``, ``bugs_found``, ``browser``,
 ``errors`` (a JSON list, the last 20), ``started_at``, ``updated_at``, ``finished_at``. A
-finished session is also put in ``<p>:state:qa:sessions`` (scored by when it finished) for the
+finished session is also put in ``<p>:state:{qa}:sessions`` (scored by when it finished) for the
 daily cleanup. Every change is one MULTI (the hash, its TTL and the index together).
 """
 

@@ -2,8 +2,8 @@
 events it emits when something is added, changed or removed.
 
 The inventory of an account and region is kept in Redis by ``spot.discovery``:
-``<p>:state:aws:inventory:<account>:<region>`` (hash instance id → ``Instance`` JSON) and
-``<p>:state:aws:clusters:<account>:<region>`` (hash name → ``EksCluster`` JSON).
+``<p>:state:{aws}:inventory:<account>:<region>`` (hash instance id → ``Instance`` JSON) and
+``<p>:state:{aws}:clusters:<account>:<region>`` (hash name → ``EksCluster`` JSON).
 """
 
 from __future__ import annotations

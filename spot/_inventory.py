@@ -1,14 +1,21 @@
 """Discovery's data path for one account and region: what AWS lists, how it differs from the
 stored inventory, the ``inventory.*`` events that difference makes, and the fenced write.
 
-Keys (all under ``<p>:state:aws:``):
+Keys (all under ``<p>:state:``):
 
 | key | type | what |
 |---|---|---|
-| ``inventory:<account>:<region>`` | hash | instance id → ``Instance`` JSON |
-| ``clusters:<account>:<region>`` | hash | EKS cluster name → ``EksCluster`` JSON |
-| ``scan-lease:<account>`` | string | ``<consumer>/<tick id>`` while a replica scans it |
-| ``scan:<account>`` | hash | the latest scan: ``ok_at``, ``duration_s``, ``error`` |
+| ``{aws}:inventory:<account>:<region>`` | hash | instance id → ``Instance`` JSON |
+| ``{aws}:clusters:<account>:<region>`` | hash | EKS cluster name → ``EksCluster`` JSON |
+| ``{aws}:scan-lease:<account>`` | string | ``<consumer>/<tick id>`` while a replica scans it |
+| ``aws:scan:<account>`` | hash | the latest scan: ``ok_at``, ``duration_s``, ``error`` |
+
+The first three share the hash tag ``{aws}``: the fenced write (``write_inventory``) checks the
+lease and writes both hashes in one script, also on Redis Cluster (one slot for every
+account's inventory: discovery writes it every few minutes). Before 2026-12 they were
+``<p>:state:aws:…``: on one Redis, ``RENAME`` each ``inventory:…`` and ``clusters:…`` hash to
+its new name before the first scan; otherwise that scan finds every instance new (one
+``inventory.*`` event each) and the optimizer sees no inventory until it ran.
 
 The AWS calls here are blocking functions of a boto3 client; ``spot.discovery`` runs them with
 ``Aws.call`` (a thread, the breaker, the error classes).
@@ -48,6 +55,7 @@ __all__ = (
     "diff_instances",
     "instance_of",
     "inventory_keys",
+    "inventory_prefix",
     "lease_key",
     "load",
     "status_key",
@@ -67,16 +75,26 @@ _CLUSTER = msgspec.json.Decoder(EksCluster)
 # ---------------------------------------------------------------------- keys
 
 
+#: The hash tag of the keys the fenced write touches together.
+_TAG = "{aws}"
+
+
 def inventory_keys(keys: Keys, account_id: str, region: str) -> tuple[str, str]:
     """(instances hash, clusters hash) of one account and region."""
     return (
-        keys.state("aws", "inventory", account_id, region),
-        keys.state("aws", "clusters", account_id, region),
+        keys.state(_TAG, "inventory", account_id, region),
+        keys.state(_TAG, "clusters", account_id, region),
     )
 
 
+def inventory_prefix(keys: Keys) -> str:
+    """Every account's and region's instances hash starts with this
+    (``inventory:<account>:<region>``)."""
+    return keys.state(_TAG, "inventory", "")
+
+
 def lease_key(keys: Keys, account_id: str) -> str:
-    return keys.state("aws", "scan-lease", account_id)
+    return keys.state(_TAG, "scan-lease", account_id)
 
 
 def status_key(keys: Keys, account_id: str) -> str:

@@ -1,7 +1,7 @@
 """The ``discovery`` concern: on each ``tick.discovery``, scan every registered AWS account.
 
 For each account (``spot.aws.AccountStore``), one replica at a time: a scan takes the account's
-lease (``<p>:state:aws:scan-lease:<account>``, ``SET NX PX``, renewed while it runs); a
+lease (``<p>:state:{aws}:scan-lease:<account>``, ``SET NX PX``, renewed while it runs); a
 replica that finds it taken skips the account. Then, per region: EC2 DescribeInstances (all
 pages), EKS ListClusters + DescribeCluster, CloudWatch GetMetricData (average CPU of the
 running instances, 500 per call); the difference with the stored inventory becomes

@@ -37,6 +37,7 @@ from schemas.inventory import Instance
 from schemas.metrics import add_figures, day_of
 from schemas.metrics import pool_interruptions_key as _pool_key
 from schemas.risky_pools import REPORTS_KEPT_S, PoolReports, reports_key, risky_pool_key
+from spot._inventory import inventory_prefix
 from spot.aws import AccountStore, Aws
 from spot.policy import Policy
 from spot.prices import hourly_usd
@@ -138,7 +139,7 @@ def _split(instance_type: str) -> tuple[str, str]:
 async def cluster_inventory(redis: aioredis.Redis, keys: Keys, cluster_id: str) -> list[Placed]:
     """The cluster's running instances, from every account and region discovery scanned."""
     decoder = msgspec.json.Decoder(Instance)
-    base = keys.state("aws", "inventory", "")
+    base = inventory_prefix(keys)
     out: list[Placed] = []
     async for raw_key in redis.scan_iter(match=base + "*", count=500):
         key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)

@@ -300,3 +300,43 @@ async def test_ingest_serves_the_cluster(
     for c in CLUSTERS:
         rows: Any = await cluster_client.xrange(keys.stream(keys.partition("cluster", c, "")))
         assert len(rows) >= 3
+
+
+async def test_the_applications_scripts_and_multis_run_on_the_cluster(
+    cluster_client: aioredis.Redis, cluster_keys: Keys
+) -> None:
+    """Each script or MULTI of the application that touches several keys, on the cluster
+    (CROSSSLOT otherwise): the day's figures once per mark, discovery's fenced write, and the
+    keys of the QA and hibernation MULTIs in one slot each."""
+    from redis.crc import key_slot
+
+    from qa import _keys as qa_keys
+    from schemas.metrics import add_figures
+    from spot import _inventory as inv
+
+    keys = cluster_keys
+    for _ in range(2):  # the same mark twice: counted once
+        await add_figures(
+            cluster_client, keys, day="2026-12-01", mark="ev-1", everyone={"oom_kills": 1},
+            cluster=("c1", {"oom_kills": 1}), pools={"m5.large/eu-west-1a": 1},
+        )  # fmt: skip
+    assert await cluster_client.hgetall(daily_key(keys, "2026-12-01")) == {b"oom_kills": b"1"}
+    pools: Any = await cluster_client.hgetall(pool_interruptions_key(keys, "2026-12-01"))
+    assert pools == {b"m5.large/eu-west-1a": b"1"}
+
+    diff = inv.Diff(upsert={"i-1": b"{}"})
+    assert await inv.write(
+        cluster_client, keys, account_id="111122223333", region="eu-west-1", token="t",
+        ttl_ms=10_000, instances=diff, clusters=inv.Diff(),
+    )  # fmt: skip
+    ikey, _ = inv.inventory_keys(keys, "111122223333", "eu-west-1")
+    assert await cluster_client.hget(ikey, "i-1") == b"{}"
+
+    together = [
+        [qa_keys.session(keys, "s"), qa_keys.sessions(keys), qa_keys.screenshots(keys, "s")],
+        [qa_keys.screenshots(keys, "s"), qa_keys.staged_png(keys, "x")],
+        [getattr(HibernationKeys(keys), a) for a in ("schedules", "version", "asleep", "audit")]
+        + [HibernationKeys(keys).last_tick, keys.stream("ticks")],
+    ]
+    for group in together:
+        assert len({key_slot(k.encode()) for k in group}) == 1, group

@@ -25,6 +25,7 @@ from schemas import Notification, OOMKilled, SpotInterruption
 from schemas.inventory import Instance
 from schemas.metrics import cluster_daily_key, daily_key, day_of, pool_interruptions_key
 from spot import optimizer, optimizer_pipeline
+from spot._inventory import inventory_keys
 from spot.aws import AccountStore, Aws, AwsSettings, new_account
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Producer
 from streamproc.concern import Concern
@@ -135,9 +136,9 @@ def instance(i: int, az: str = "eu-west-1a", **kw: Any) -> Instance:
 async def store_inventory(
     client: aioredis.Redis, keys: Keys, instances: list[Instance], region: str = REGION
 ) -> None:
-    """As discovery stores it: ``<p>:state:aws:inventory:<account>:<region>``."""
+    """As discovery stores it (``spot._inventory.inventory_keys``)."""
     await client.hset(
-        keys.state("aws", "inventory", ACCOUNT, region),
+        inventory_keys(keys, ACCOUNT, region)[0],
         mapping={i.instance_id: msgspec.json.encode(i) for i in instances},
     )
 
