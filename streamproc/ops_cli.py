@@ -185,10 +185,10 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
         problems: list[str] = []
         try:
             for topic, readers in sorted(declared.items()):
-                stream = keys.stream(topic)
-                for g in readers:
-                    if g in groups and await group_info(client, stream, g) is None:
-                        problems.append(f"group {g} does not exist on {stream}")
+                for stream in map(keys.stream, keys.partitions_of(topic)):  # each partition
+                    for g in readers:
+                        if g in groups and await group_info(client, stream, g) is None:
+                            problems.append(f"group {g} does not exist on {stream}")
         finally:
             await client.aclose()
         if args.http_port:

@@ -155,6 +155,16 @@ async def add_agent(roles: Roles) -> str:
     return out.decode().splitlines()[0].strip()
 
 
+async def cli(roles: Roles, *args: str) -> tuple[int | None, str]:
+    """A one-shot ``streamproc`` command on the cluster: its exit code and output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamproc", *args, cwd=ROOT, env=roles.env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode(errors="replace")
+
+
 async def wait_for_causes(
     roles: Roles, client: aioredis.Redis, keys: Keys, causes: set[str], tick_key: str = ""
 ) -> list[Any]:
@@ -224,6 +234,12 @@ async def test_consumers_and_ticker_run_on_the_cluster_with_partitions(
     pools: Any = await cluster_client.hgetall(pool_interruptions_key(keys, day))
     assert pools == {b"m5.large/eu-west-1a": str(len(CLUSTERS)).encode()}
     assert len({keys.partition("cluster", c, "") for c in CLUSTERS}) > 1  # spread over them
+
+    # The operator's tools read the cluster (every partition) while the roles run.
+    for args in (("inspect",), ("check", "--all"), ("dlq", "list", "cluster-events")):
+        code, text = await cli(roles, *args)
+        assert code == 0, f"{args}: {text[-3000:]}"
+        assert not [b for b in BAD if b in text], f"{args}: {text[-3000:]}"
 
     # No dead letter in any partition, nor of the ticks; no role exited; clean logs.
     for part in keys.partitions_of("cluster"):
