@@ -2,8 +2,9 @@
 when"): ``streamproc agents add``, ``streamproc consume --all`` and ``streamproc ticker`` with
 ``REDIS_URL=redis+cluster://…`` and ``STREAMPROC_PARTITIONS=cluster=3``. Cluster events (from
 an agent, as the ingest stamps them) are handled: their follow-ups on the notify stream, their
-per-cluster marks in their partition's slot, the day's figures once; ticks fire and the
-hibernation concern handles them; no dead letter and no CROSSSLOT in any role's log.
+per-cluster marks in their partition's slot, the day's figures once; agent metrics add the
+day's figures from another slot; ticks fire and the hibernation concern handles them; no dead
+letter and no CROSSSLOT in any role's log.
 
 Not yet on a cluster (``notifications/``, documented by strict xfails here):
 ``streamproc ingest`` does not start (``notifications/feed.py``, the SSE feed routes the
@@ -41,7 +42,14 @@ from schemas import (
     RightSizingRecommendation,
     SpotInterruption,
 )
-from schemas.metrics import cluster_daily_key, daily_key, day_of, pool_interruptions_key
+from schemas.metrics import (
+    ClusterMetrics,
+    MetricSample,
+    cluster_daily_key,
+    daily_key,
+    day_of,
+    pool_interruptions_key,
+)
 from spot.hibernation_store import HibernationKeys
 from streamproc import Codec, Keys, Producer
 from streamproc.embedded import free_port
@@ -195,6 +203,8 @@ async def test_consumers_and_ticker_run_on_the_cluster_with_partitions(
     producer = Producer(cluster_client, Codec(REGISTRY), keys)
     first = events("roles-agent")
     await producer.publish_many(first)
+    sample = MetricSample(at=datetime.now(UTC), nodes=3)  # the metrics concern's figures
+    await producer.publish(ClusterMetrics(cluster_id="c0", source="roles-agent", samples=[sample]))
     # NotReady of n-1 once its interruption was handled (its mark set); n-2 unexplained.
     await wait_for_causes(
         roles, cluster_client, keys, {e.id for e in first if isinstance(e, SpotInterruption)}
@@ -227,12 +237,18 @@ async def test_consumers_and_ticker_run_on_the_cluster_with_partitions(
     day = day_of(datetime.now(UTC))
     figures: Any = await cluster_client.hgetall(daily_key(keys, day))
     assert figures[b"spot_interruptions"] == figures[b"oom_kills"] == str(len(CLUSTERS)).encode()
-    assert await cluster_client.hgetall(cluster_daily_key(keys, "c0", day)) == {
-        b"spot_interruptions": b"1",
-        b"oom_kills": b"1",
-    }
+    for c in CLUSTERS:
+        mine: Any = await cluster_client.hgetall(cluster_daily_key(keys, c, day))
+        assert (mine[b"spot_interruptions"], mine[b"oom_kills"]) == (b"1", b"1")
     pools: Any = await cluster_client.hgetall(pool_interruptions_key(keys, day))
     assert pools == {b"m5.large/eu-west-1a": str(len(CLUSTERS)).encode()}
+    for _ in range(100):  # the agent's metrics (another topic, another slot) add theirs
+        if await cluster_client.hget(daily_key(keys, day), "agent_samples") or roles.exited():
+            break
+        await asyncio.sleep(0.1)
+    assert await cluster_client.hget(daily_key(keys, day), "agent_samples") == b"1"
+    assert await cluster_client.hget(cluster_daily_key(keys, "c0", day), "nodes_sum") == b"3"
+    assert await cluster_client.xlen(keys.dlq("metrics", "metrics")) == 0
     assert len({keys.partition("cluster", c, "") for c in CLUSTERS}) > 1  # spread over them
 
     # The operator's tools read the cluster (every partition) while the roles run.
