@@ -9,7 +9,13 @@ and settled everything (lag and pending 0 on every partition). Two kinds of cons
   ``XREADGROUP COUNT 100`` (not blocking) then ``XACK`` of what it read, round robin. No
   decoding, dedup, retries or effects: the reference for how far the cluster itself scales.
 * ``streamproc``: ``Consumer`` of a no-op concern (concurrency 10): decode, dedup, settle
-  script, renewals; ``--ordered`` adds a run with ``Concern(ordered=True)``.
+  script, renewals; ``--ordered`` adds a run with ``Concern(ordered=True)``. Each consumer
+  reads only the partitions it owns (partition ownership, ``ConsumerSettings.own_partitions``).
+  The C consumers are members of the group before the start signal (``Keys.owners``), as in
+  a deployment already running when the load comes, so their first ownership step takes a
+  balanced share; ``--cold`` leaves that out (the first consumer then takes every partition
+  and hands the surplus over at its next heartbeats: ``min_idle_ms / 3`` = 10 s apart, longer
+  than a drain here).
 
 On 2 cores the absolute figures say little (the six redis-servers, the C consumers and this
 process share them), so the table gives, per run, events/s, streamproc / bare, and each kind's
@@ -21,7 +27,7 @@ marker) and the pre-fill's own rate and Redis CPU per event (one ``Producer.publ
 500 at a time, in this process), the inputs of docs/scaling.md.
 
 Usage: .venv/bin/python benchmarks/cluster_scaling.py [--events 20000]
-       [--processes 1,2,4] [--partitions 1,3,6] [--ordered] [--json PATH]
+       [--processes 1,2,4] [--partitions 1,3,6] [--ordered] [--cold] [--json PATH]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -75,13 +82,18 @@ def _keys(prefix: str, partitions: int) -> Keys:
 def _child(
     kind: str, url: str, prefix: str, partitions: int, name: str, ordered: bool, sync: Any
 ) -> None:
-    uvloop.run(_run_child(kind, url, prefix, partitions, name, ordered, sync))
+    sync[3].put(uvloop.run(_run_child(kind, url, prefix, partitions, name, ordered, sync)))
+
+
+def _cpu_self_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def _run_child(
     kind: str, url: str, prefix: str, partitions: int, name: str, ordered: bool, sync: Any
-) -> None:
-    ready, go, stop = sync
+) -> float:
+    ready, go, stop, _ = sync
     configure_logging("warning")
     keys = _keys(prefix, partitions)
     client = connect(RedisSettings(url=url, key_prefix=prefix, max_connections=64))
@@ -89,10 +101,12 @@ async def _run_child(
         await client.ping()
         ready.release()
         await asyncio.to_thread(go.wait)
+        cpu_s = _cpu_self_s()
         if kind == "bare":
             await _bare(client, keys, name, stop)
         else:
             await _streamproc(client, keys, name, ordered, stop)
+        return _cpu_self_s() - cpu_s  # from the start signal to the stop (idle tail included)
     finally:
         await client.aclose()
 
@@ -185,8 +199,29 @@ async def _left(client: Any, keys: Keys) -> int:
     return left
 
 
+async def _members(client: Any, keys: Keys, processes: int) -> None:
+    """The consumers ``c0``.. as live members of the group (for the default min_idle_ms)."""
+    sec, us = await client.time()
+    until_ms = int(sec) * 1000 + int(us) // 1000 + 30_000
+    await client.zadd(keys.owners(GROUP), {f"c{n}": until_ms for n in range(processes)})
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU jiffies of the whole machine so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 async def _run(
-    cluster: LocalCluster, kind: str, partitions: int, processes: int, events: int, ordered: bool
+    cluster: LocalCluster,
+    kind: str,
+    partitions: int,
+    processes: int,
+    events: int,
+    ordered: bool,
+    cold: bool = False,
 ) -> dict[str, Any]:
     prefix = f"b{uuid.uuid4().hex[:8]}"
     keys = _keys(prefix, partitions)
@@ -199,11 +234,19 @@ async def _run(
         publish_cpu = await _cpu_s(cluster) - cpu_before
         memory_per_event = (await _memory(cluster) - memory_before) / events
         ctx = mp.get_context("spawn")
-        ready, go, stop = ctx.Semaphore(0), ctx.Event(), ctx.Event()
+        ready, go, stop, cpu_q = ctx.Semaphore(0), ctx.Event(), ctx.Event(), ctx.Queue()
         procs = [
             ctx.Process(
                 target=_child,
-                args=(kind, cluster.url, prefix, partitions, f"c{n}", ordered, (ready, go, stop)),
+                args=(
+                    kind,
+                    cluster.url,
+                    prefix,
+                    partitions,
+                    f"c{n}",
+                    ordered,
+                    (ready, go, stop, cpu_q),
+                ),
             )
             for n in range(processes)
         ]
@@ -211,7 +254,10 @@ async def _run(
             p.start()
         for _ in procs:
             await asyncio.to_thread(ready.acquire)
+        if kind == "streamproc" and not cold:
+            await _members(client, keys, processes)
         cpu_before = await _cpu_s(cluster)
+        busy_before = _machine_busy()
         started = time.perf_counter()
         go.set()
         while True:  # polled: the drain is only visible in Redis' group figures
@@ -220,7 +266,11 @@ async def _run(
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - started
         cpu = await _cpu_s(cluster) - cpu_before
+        busy_after = _machine_busy()
         stop.set()
+        consumers_cpu = 0.0
+        for _ in procs:  # each child's CPU from the start signal to the stop
+            consumers_cpu += await asyncio.to_thread(cpu_q.get, True, 60)
         for p in procs:
             await asyncio.to_thread(p.join, 30)
             if p.exitcode is None:
@@ -235,6 +285,8 @@ async def _run(
             "processes": processes,
             "events_per_s": events / elapsed,
             "redis_cpu_us_per_event": cpu / events * 1e6,
+            "consumers_cpu_us_per_event": consumers_cpu / events * 1e6,
+            "machine_busy": (busy_after[0] - busy_before[0]) / (busy_after[1] - busy_before[1]),
             "redis_bytes_per_event_filled": memory_per_event,
             "publish_events_per_s": events / publish_s,
             "publish_redis_cpu_us_per_event": publish_cpu / events * 1e6,
@@ -252,14 +304,24 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for processes in args.processes:
                     for kind in ("bare", "streamproc"):
                         rows.append(
-                            await _run(cluster, kind, partitions, processes, args.events, False)
+                            await _run(
+                                cluster, kind, partitions, processes, args.events, False, args.cold
+                            )
                         )
                         _print_row(rows, rows[-1])
             if args.ordered:
                 for processes in args.processes[:1]:
                     partitions = args.partitions[-1]
                     rows.append(
-                        await _run(cluster, "streamproc", partitions, processes, args.events, True)
+                        await _run(
+                            cluster,
+                            "streamproc",
+                            partitions,
+                            processes,
+                            args.events,
+                            True,
+                            args.cold,
+                        )
                     )
                     _print_row(rows, rows[-1])
         finally:
@@ -279,6 +341,8 @@ def _print_row(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
         f"{row['events_per_s']:>9,.0f} ev/s  vs bare {vs_bare:>5}  "
         f"scaling vs C={first[0]['processes']} {scaling:.2f}x  "
         f"Redis CPU {row['redis_cpu_us_per_event']:.1f} us/ev  "
+        f"consumers CPU {row['consumers_cpu_us_per_event']:.1f} us/ev  "
+        f"machine busy {row['machine_busy']:.0%}  "
         f"memory {row['redis_bytes_per_event_filled']:.0f} B/ev  "
         f"(fill: {row['publish_events_per_s']:,.0f} ev/s, "
         f"Redis CPU {row['publish_redis_cpu_us_per_event']:.1f} us/ev)",
@@ -296,6 +360,7 @@ if __name__ == "__main__":
     parser.add_argument("--processes", type=_ints, default=[1, 2, 4])
     parser.add_argument("--partitions", type=_ints, default=[1, 3, 6])
     parser.add_argument("--ordered", action="store_true", help="also ordered=True at P=max, C=1")
+    parser.add_argument("--cold", action="store_true", help="consumers not members before go")
     parser.add_argument("--json", help="write the rows as JSON here")
     args = parser.parse_args()
     rows = uvloop.run(main(args))
