@@ -14,8 +14,8 @@ and settled everything (lag and pending 0 on every partition). Two kinds of cons
   The C consumers are members of the group before the start signal (``Keys.owners``), as in
   a deployment already running when the load comes, so their first ownership step takes a
   balanced share; ``--cold`` leaves that out (the first consumer then takes every partition
-  and hands the surplus over at its next heartbeats: ``min_idle_ms / 3`` = 10 s apart, longer
-  than a drain here).
+  and hands the surplus over in its next ownership steps, a second apart: a good part of a
+  drain here).
 
 On 2 cores the absolute figures say little (the six redis-servers, the C consumers and this
 process share them), so the table gives, per run, events/s, streamproc / bare, and each kind's

@@ -5,12 +5,12 @@ consumer's name, PX = ``min_idle_ms``; a name is held by one live process at a t
 ``Keys.consumer_lease``, so a replica restarted under its name gets its partitions back),
 and the group a members set (``Keys.owners``: name → when its membership lapses). Both
 carry the tag ``{own:<group>}``, so one script (``BALANCE``) runs each step on one node,
-also on a Redis Cluster. Every heartbeat, each consumer runs a step: it renews its
-membership and its leases, drops the members whose membership lapsed, and computes its
-share of the ``P`` partitions among the ``n`` live members sorted by name: ``P // n``, one
-more for the first ``P % n`` of them (the shares add up to ``P``). Below its share it takes
-free partitions; above it, it gives back the surplus — but only after it has finished with
-them.
+also on a Redis Cluster. Every second (or renewal period, if shorter) each consumer runs a
+step: it renews its membership and its leases, drops the members whose membership lapsed,
+and computes its share of the ``P`` partitions among the ``n`` live members sorted by name:
+``P // n``, one more for the first ``P % n`` of them (the shares add up to ``P``). Below its
+share it takes free partitions; above it, it gives back the surplus — but only after it has
+finished with them.
 
 A partition owned by this consumer is in one of three states:
 

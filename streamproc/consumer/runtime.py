@@ -8,7 +8,8 @@ Data path, one task group::
 
 Beside it: the heartbeat (renew held entries, tick the group's clock, keep the consumer
 name), in a task of its own; reclaim of what silent owners left and expiry of gone
-consumers; the retry pump; the safe trimmer; the stats writer. Shutdown has two phases:
+consumers; the retry pump; the safe trimmer; the stats writer; on partitioned topics the
+partition ownership steps (``_ownership``). Shutdown has two phases:
 stop reading and drain within ``grace_s``, then cancel; entries cut off stay pending
 without counting a delivery.
 ``process_once()`` runs one pump → read → reclaim → handle → settle step, for tests.
@@ -259,6 +260,8 @@ class Consumer:
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._reclaim_loop)
                 tg.start_soon(self._retry_loop)
+                if self.ownership is not None:
+                    tg.start_soon(self._balance_loop)
                 if self._lanes is not None:
                     tg.start_soon(self._park_loop)
                 if self.settings.trim_interval_ms:
@@ -696,8 +699,14 @@ class Consumer:
         while True:
             await anyio.sleep(self._period_s * random.uniform(0.9, 1.0))
             await self.guard.until_up("renew", self.renew, cap_s=self._period_s / 2)
-            if self.ownership is not None:
-                await self.guard.until_up("balance", self.balance, cap_s=self._period_s / 2)
+
+    async def _balance_loop(self) -> None:
+        """Partition ownership steps: every renewal period, at most a second apart (so a
+        consumer that joins gets its share within seconds, whatever ``min_idle_ms``)."""
+        period_s = min(self._period_s, 1.0)
+        while True:
+            await anyio.sleep(period_s * random.uniform(0.9, 1.0))
+            await self.guard.until_up("balance", self.balance, cap_s=period_s / 2)
 
     async def _reclaim_loop(self) -> None:
         """Every renewal period: reclaim what owners stopped renewing; now and then expire
