@@ -195,10 +195,21 @@ async def test_a_sigkilled_consumers_partitions_and_pending_entries_are_taken_ov
     total = 0
     try:
         await until(lambda: owners_are(client, pkeys, {"a": 3, "b": 3}), "a and b own 3 each")
-        for _ in range(10):  # a steady flow, so that a has entries in flight when killed
+
+        async def pending_of_a() -> int:
+            n = 0
+            for p in pkeys.partitions_of("cluster"):
+                summary: Any = await client.xpending(pkeys.stream(p), "own")
+                n += sum(int(c["pending"]) for c in summary["consumers"] if c["name"] == b"a")
+            return n
+
+        for _ in range(200):  # a steady flow, until a has entries in flight: then kill it
             await producer.publish_many([ev(f"k{total + i}", total + i) for i in range(100)])
             total += 100
+            if total >= 1000 and await pending_of_a():
+                break
             await asyncio.sleep(0.05)
+        assert await pending_of_a() > 0
         a.send_signal(signal.SIGKILL)
         a.wait()
         for _ in range(5):
