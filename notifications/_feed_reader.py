@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
+
+from streamproc.connection import is_cluster
 
 # The feed's logger: the reader's lines read as the feed's, as before the split.
 log = structlog.get_logger("notifications.feed")
@@ -163,8 +166,8 @@ class _Reader:
     stops it, and the next feed starts a new one.
     """
 
-    def __init__(self, pool: aioredis.ConnectionPool, block_ms: int) -> None:
-        self._pool: Any = pool  # make_connection is untyped in redis-py
+    def __init__(self, client: aioredis.Redis, block_ms: int) -> None:
+        self._client = client
         self._block_ms = block_ms
         self._watches: dict[str, _Watch] = {}
         self._task: asyncio.Task[None] | None = None
@@ -201,7 +204,7 @@ class _Reader:
                 keys = list(self._watches)
                 ids = [_text(self._watches[k].position) for k in keys]
                 if conn is None:
-                    conn = self._pool.make_connection()
+                    conn = _own_connection(self._client, keys[0])
                 await conn.send_command(
                     "XREAD", "COUNT", 1, "BLOCK", self._block_ms, "STREAMS", *keys, *ids
                 )
@@ -224,6 +227,17 @@ class _Reader:
             self._task = None
             if conn is not None:
                 await conn.disconnect()
+
+
+def _own_connection(client: aioredis.Redis, key: str) -> Any:
+    """A connection outside the client's pool (a blocked XREAD must not hold one of the
+    pool's), to the node that holds ``key``'s slot on a Redis Cluster: every feed key shares
+    the ``{feed}`` tag, so one node serves the whole read. After a failover the XREAD fails,
+    the feeds end and reconnect, and the next reader asks for the slot's node again."""
+    if is_cluster(client):
+        node: Any = cast(RedisCluster, client).get_node_from_key(key)
+        return node.connection_class(**node.connection_kwargs)
+    return cast(Any, client.connection_pool).make_connection()  # untyped in redis-py
 
 
 def _heads(reply: Any) -> list[tuple[str, StreamId]]:

@@ -204,7 +204,7 @@ async def fan_out(event: Any, ctx: Context) -> None:
             ]
         )
     if message.cluster_id:
-        feed_effect(
+        await feed_effect(
             ctx,
             message.cluster_id,
             message.type,

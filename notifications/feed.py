@@ -223,7 +223,7 @@ class _Feeds:
 
     def __init__(self, ingest: Ingest, settings: FeedSettings) -> None:
         self.ingest, self.settings = ingest, settings
-        self.reader = _Reader(ingest.client.connection_pool, settings.block_ms)
+        self.reader = _Reader(ingest.client, settings.block_ms)
         self.open = 0
         self.by_agent: Counter[str] = Counter()
         self.closing = False

@@ -1,6 +1,6 @@
 """Each cluster's live feed: a Redis stream that the ingest service streams to viewers (SSE).
 
-``<p>:state:feed:<cluster>`` holds what a cluster's people follow live: its notifications as
+``<p>:state:{feed}:<cluster>`` holds what a cluster's people follow live: its notifications as
 they are fanned out, and progress that concerns it. Every entry has the fields ``type`` (what
 happened: ``notify.notification``, ``task.progress`` ...) and ``data`` (a JSON object); its
 stream entry id is the SSE event id, so a viewer that reconnects with ``Last-Event-ID``
@@ -10,6 +10,13 @@ writes to any more goes (issue 17 item 5).
 
 Writers: ``feed_effect`` inside a handler (the entry is written once, atomically with the
 event's ack, however often the handler runs), or ``append`` elsewhere.
+
+Every feed shares the hash tag ``{feed}``: the ingest's one blocking XREAD over all watched
+feeds must stay in one slot on a Redis Cluster. There, a handler's effects may only touch its
+topic's slot, so ``feed_effect`` appends at once instead (before the ack: a redelivery after
+a crash can append the same entry again, which a viewer sees twice; nothing is lost). Before
+``{feed}`` the keys were ``<p>:state:feed:<cluster>``; feeds are live views that expire in
+7 days, so the old ones are left to expire.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from streamproc.concern import Context
+from streamproc.connection import is_cluster
 from streamproc.keys import NAME_RE, Keys
 
 __all__ = ("FEED_TTL_S", "append", "feed_effect", "feed_key", "trim")
@@ -36,15 +44,19 @@ def feed_key(keys: Keys, cluster_id: str) -> str:
         if NAME_RE.fullmatch(cluster_id)
         else "h-" + hashlib.sha256(cluster_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     )
-    return keys.state("feed", part)
+    return keys.state("{feed}", part)
 
 
 def _fields(kind: str, data: dict[str, Any]) -> tuple[str, bytes]:
     return kind, orjson.dumps(data)
 
 
-def feed_effect(ctx: Context, cluster_id: str, kind: str, data: dict[str, Any]) -> None:
-    """Append to the cluster's feed once, with the handled event's ack."""
+async def feed_effect(ctx: Context, cluster_id: str, kind: str, data: dict[str, Any]) -> None:
+    """Append to the cluster's feed once, with the handled event's ack; on a Redis Cluster
+    (the feed is in another slot than the event) at once, at least once."""
+    if is_cluster(ctx.redis):
+        await append(ctx.redis, ctx.keys, cluster_id, kind, data)
+        return
     kind, body = _fields(kind, data)
     key = feed_key(ctx.keys, cluster_id)
     ctx.effect("XADD", key, "*", "type", kind, "data", body)

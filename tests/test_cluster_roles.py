@@ -6,12 +6,9 @@ per-cluster marks in their partition's slot, the day's figures once; agent metri
 day's figures from another slot; ticks fire and the hibernation concern handles them; no dead
 letter and no CROSSSLOT in any role's log.
 
-Not yet on a cluster (``notifications/``, documented by strict xfails here):
-``streamproc ingest`` does not start (``notifications/feed.py``, the SSE feed routes the
-application adds to the ingest, takes ``client.connection_pool``, which ``RedisCluster`` has
-not), and the ``notify-fanout`` group dead-letters every notification (its effect XADDs to
-``<p>:state:feed:<cluster>``, outside the ``{notify}`` slot). The first test lets only those
-dead letters through.
+``streamproc ingest`` and ``notify-fanout`` run on the cluster too: every feed key shares the
+``{feed}`` tag (one blocking XREAD serves them all), and the fanout appends to the feed at once
+there (effects stay in the event's slot).
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumers.cluster_events import interrupted_key, not_ready_key
+from notifications.feed_keys import feed_key
 from schemas import (
     REGISTRY,
     NodeNotReady,
@@ -60,8 +58,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CLUSTERS = [f"c{i}" for i in range(6)]
 #: What no role's log may contain.
 BAD = ("CROSSSLOT", "effect_failed", "Traceback", '"event": "dead_lettered"')
-#: In log lines of the known failure (notify-fanout's feed effect, see the module docstring).
-KNOWN = ":state:feed:"
 
 
 class Roles:
@@ -265,17 +261,12 @@ async def test_consumers_and_ticker_run_on_the_cluster_with_partitions(
     codes = await roles.stop()
     assert codes == {"consume": 0, "ticker": 0}, roles.logs()
     for name in roles.procs:
-        lines = [ln for ln in roles.log(name).splitlines() if KNOWN not in ln]
+        lines = roles.log(name).splitlines()
         for bad in BAD:
             found = [ln for ln in lines if bad in ln]
             assert not found, f"{name}: {bad}\n" + "\n".join(found[:5])[-4000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="notifications/concern.py (notify-fanout): its effect XADDs to <p>:state:feed:<cluster>,"
-    " outside the {notify} slot, so every notification is dead-lettered (effect_failed)",
-)
 @pytest.mark.timeout(90)
 async def test_notify_fanout_runs_on_the_cluster(
     roles: Roles, cluster_client: aioredis.Redis, cluster_keys: Keys
@@ -296,13 +287,12 @@ async def test_notify_fanout_runs_on_the_cluster(
     assert done, roles.logs()
     assert done[0]["pending"] == 0
     assert await cluster_client.xlen(cluster_keys.dlq("notify", "notify-fanout")) == 0
+    # the cluster's live feed got it, in the {feed} slot
+    feed: Any = await cluster_client.xrange(feed_key(cluster_keys, "c1"))
+    [(_, fields)] = feed
+    assert fields[b"type"] == b"notify.notification"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="notifications/feed.py (the ingest's SSE feed routes) takes "
-    "ingest.client.connection_pool, which RedisCluster has not: the ingest exits at start",
-)
 @pytest.mark.timeout(60)
 async def test_ingest_serves_the_cluster(
     roles: Roles, cluster_client: aioredis.Redis, cluster_keys: Keys
