@@ -8,8 +8,9 @@ Roles (``up``, ``consume``, ``ingest``, ``ticker``) log at ``STREAMPROC_LOG_LEVE
 commands write for people and log warnings and errors only; ``--verbose`` logs at debug.
 
 Exit codes: 0 done, 1 failure at run time, 2 bad arguments / configuration, 3 Redis
-unreachable or too old, 4 Redis configured unsafely (an eviction policy other than
-``noeviction``; ``STREAMPROC_ALLOW_EVICTION=1`` overrides).
+unreachable or too old, or ``REDIS_URL`` unusable (malformed, or a database the server
+lacks), 4 Redis configured unsafely (an eviction policy other than ``noeviction``;
+``STREAMPROC_ALLOW_EVICTION=1`` overrides).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from streamproc.embedded import EmbeddedRedis
 from streamproc.errors import (
     ConfigError,
     RedisUnavailable,
+    RedisUrlError,
     ServerTooOld,
     StreamprocError,
     UnsafeServerConfig,
@@ -107,6 +109,9 @@ async def open_redis(
         try:
             info = await check_server(client, allow_eviction=cfg.redis.allow_eviction)
             break
+        except RedisUrlError:  # the server has no such database: waiting will not help
+            await client.aclose()
+            raise
         except RedisUnavailable as e:
             if time.monotonic() >= deadline:
                 await client.aclose()
@@ -504,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.app = app_spec(args.app)
         func: Callable[[argparse.Namespace, Config, App], int] = args.func
         return func(args, cfg, app)
+    except RedisUrlError as e:  # before ConfigError: no usable Redis, as when unreachable
+        print(f"streamproc: error: {e}", file=sys.stderr)
+        return 3
     except ConfigError as e:
         print(f"streamproc: error: {e}", file=sys.stderr)
         return 2

@@ -148,7 +148,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             allow_eviction=eviction_raw == "1",
         )
     except ConfigError as e:
-        raise ConfigError(f"REDIS_URL: {e}") from None
+        raise type(e)(f"REDIS_URL: {e}") from None
     consumer_name = env.get("STREAMPROC_CONSUMER") or _default_consumer_name()
     if not NAME_RE.fullmatch(consumer_name):
         raise ConfigError(

@@ -17,11 +17,17 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterDownError, ClusterError, SlotNotCoveredError
+from redis.exceptions import ClusterDownError, ClusterError, ResponseError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streamproc.errors import ConfigError, RedisUnavailable, ServerTooOld, UnsafeServerConfig
+from streamproc.errors import (
+    ConfigError,
+    RedisUnavailable,
+    RedisUrlError,
+    ServerTooOld,
+    UnsafeServerConfig,
+)
 from streamproc.settings import RedisSettings
 
 __all__ = (
@@ -195,6 +201,15 @@ async def check_server(client: aioredis.Redis, *, allow_eviction: bool = False) 
         memory: dict[str, Any] = await client.info("memory")
     except REDIS_DOWN as e:
         raise RedisUnavailable(f"cannot reach Redis: {e}") from e
+    except ResponseError as e:  # SELECT at connect: no such database on this server
+        if "DB index" not in str(e):
+            raise
+        pool: Any = getattr(client, "connection_pool", None)  # a cluster client has none
+        db = pool.connection_kwargs.get("db", 0) if pool is not None else 0
+        raise RedisUrlError(
+            f"REDIS_URL: database {db} does not exist on this server ({e}; redis.conf "
+            "`databases` sets how many there are, 16 by default)"
+        ) from None
     found = server_info({**info, **memory})
     check_eviction(found, allow_eviction=allow_eviction)
     return found

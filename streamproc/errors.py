@@ -10,6 +10,7 @@ __all__ = (
     "Permanent",
     "PublishError",
     "RedisUnavailable",
+    "RedisUrlError",
     "Retry",
     "ServerTooOld",
     "StreamprocError",
@@ -42,6 +43,12 @@ class UnsafeServerConfig(StreamprocError):
 
 class RedisUnavailable(StreamprocError):
     """Redis could not be reached (connection refused, reset or timed out)."""
+
+
+class RedisUrlError(ConfigError):
+    """The Redis URL names no usable Redis: malformed (scheme, port, database index) or a
+    database index the server does not have. The CLI exits 3 for it, as for an unreachable
+    Redis: either way there is no Redis to work with, and waiting will not bring one."""
 
 
 class PublishError(StreamprocError):

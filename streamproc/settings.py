@@ -7,10 +7,11 @@ environment. Units are in the names (``_ms``, ``_s``).
 from __future__ import annotations
 
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
-from streamproc.errors import ConfigError
+from streamproc.errors import ConfigError, RedisUrlError
 
 __all__ = ("ConsumerSettings", "ProducerSettings", "RedisSettings", "RetryPolicy")
 
@@ -51,17 +52,41 @@ class RedisSettings(_Settings, frozen=True, kw_only=True):
     allow_eviction: bool = False
 
     def __post_init__(self) -> None:
-        if not self.url.startswith(_SCHEMES):
-            raise ConfigError(
-                f"Redis URL {self.url!r} must start with redis://, rediss://, unix://, "
-                "redis+cluster:// or rediss+cluster://"
-            )
+        _check_url(self.url)
         self._positive("socket_timeout_s", "connect_timeout_s", "max_connections")
 
     @property
     def cluster(self) -> bool:
         """The URL names a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)."""
         return self.url.startswith(("redis+cluster://", "rediss+cluster://"))
+
+
+def _check_url(url: str) -> None:
+    """RedisUrlError unless ``url`` has a known scheme, a numeric port and a numeric database
+    index (redis-py reads ``/notanumber`` as database 0 and fails on a bad port only when it
+    connects, with a traceback); the password never appears in the message."""
+    if not url.startswith(_SCHEMES):
+        raise RedisUrlError(
+            f"Redis URL {url!r} must start with redis://, rediss://, unix://, "
+            "redis+cluster:// or rediss+cluster://"
+        )
+    parts = urlsplit(url)
+    shown = url if parts.password is None else url.replace(f":{parts.password}@", ":***@", 1)
+    if parts.scheme != "unix":
+        try:
+            parts.port  # noqa: B018 - urllib checks the port when it is read
+        except ValueError as e:
+            raise RedisUrlError(f"Redis URL {shown!r}: bad port ({e})") from None
+    db_texts = parse_qs(parts.query).get("db", [])
+    if parts.scheme != "unix" and parts.path.strip("/"):
+        db_texts.append(parts.path.strip("/"))
+    for db in db_texts:
+        if not (db.isascii() and db.isdigit()):
+            raise RedisUrlError(
+                f"Redis URL {shown!r}: the database index must be a number, got {db!r}"
+            )
+        if parts.scheme.endswith("+cluster") and int(db) != 0:
+            raise RedisUrlError(f"Redis URL {shown!r}: a Redis Cluster has database 0 only")
 
 
 class RetryPolicy(_Settings, frozen=True, kw_only=True):

@@ -124,7 +124,6 @@ BAD_CONFIGURATION: list[tuple[dict[str, str], str]] = [
     ({"STREAMPROC_BATCH": "0"}, "STREAMPROC_BATCH='0': ConsumerSettings.batch must be > 0"),
     ({"STREAMPROC_NAME_TAKEN": "x"}, "NAME_TAKEN='x': expected one of 'refuse', 'suffix'"),
     ({"STREAMPROC_MIN_IDLE_MS": "-5"}, "MIN_IDLE_MS='-5': ConsumerSettings.min_idle_ms must"),
-    ({"REDIS_URL": "http://127.0.0.1:1"}, "REDIS_URL: Redis URL 'http://127.0.0.1:1' must"),
     ({"STREAMPROC_PREFIX": "a b"}, "STREAMPROC_PREFIX='a b'"),
     ({"STREAMPROC_LOG_LEVEL": "loud"}, "STREAMPROC_LOG_LEVEL='loud': expected one of"),
     ({"STREAMPROC_CONSUMER": "x" * 500}, "STREAMPROC_CONSUMER="),
@@ -158,6 +157,51 @@ def test_bad_arguments_fail_with_exit_2(
     r = bad_input_cli(real, *args, env=env)
     assert r.returncode == 2
     assert message in r.stderr
+
+
+def _with_path(url: str, path: str) -> str:
+    """The test Redis' URL with another database path (its host, port and password kept)."""
+    return re.sub(r"(//[^/]*)(/.*)?$", lambda m: m.group(1) + path, url, count=1)
+
+
+BAD_REDIS_URL: list[tuple[str, str]] = [
+    ("/notanumber", "the database index must be a number, got 'notanumber'"),
+    ("/99999", "database 99999 does not exist on this server"),
+    ("/0?db=x", "the database index must be a number, got 'x'"),
+    ("http://127.0.0.1:1", "must start with redis://"),
+    ("redis://127.0.0.1:notaport/0", "bad port"),
+    ("redis://127.0.0.1:99999/0", "bad port"),
+    ("redis+cluster://127.0.0.1:1/2", "a Redis Cluster has database 0 only"),
+]
+
+
+@pytest.mark.parametrize("command", [["schedules", "list"], ["consume", "--all"]])
+@pytest.mark.parametrize(("url", "message"), BAD_REDIS_URL)
+def test_bad_redis_url_is_one_line_and_exit_3(
+    env: dict[str, str],
+    url: str,
+    message: str,
+    command: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A REDIS_URL that names no usable Redis (redis-py would read ``/notanumber`` as database
+    0, and fails on the rest with a traceback) is one line naming it and exit 3, for a one-shot
+    command and a role alike."""
+    bad = _with_path(env["REDIS_URL"], url) if url.startswith("/") else url
+    r = cli_in_process(monkeypatch, capsys, {**env, "REDIS_URL": bad}, *command)
+    assert r.returncode == 3, r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith("streamproc: error: REDIS_URL: "), line
+    assert message in line
+
+
+def test_bad_redis_url_hides_its_password(env: dict[str, str], bad_input_cli: Any) -> None:
+    r = bad_input_cli(True, "check", env={**env, "REDIS_URL": "redis://u:s3cret@h:1/x"})
+    assert r.returncode == 3
+    assert "u:***@h" in r.stderr
+    assert "s3cret" not in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_unreachable_redis_is_exit_3(env: dict[str, str]) -> None:
