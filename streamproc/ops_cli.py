@@ -127,6 +127,8 @@ def _cmd_tail(args: argparse.Namespace, cfg: Config, app: App) -> int:
         install_stop_handlers(stop.set)
         seen = 0
         try:
+            declared = [*app.registry.topics(), *app.declared_groups]
+            await _tail.check_topic(client, keys, args.topic, declared)
             start = await _tail.start_id(client, keys.stream(args.topic), args.start)
             print(f"following {keys.stream(args.topic)} after {start}", file=sys.stderr, flush=True)
             async for entry in _tail.follow(

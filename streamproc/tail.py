@@ -3,14 +3,16 @@
 ``follow`` yields decoded entries from a start id (``$`` = only what arrives from now on,
 resolved once to the stream's last id so nothing between two reads is missed). Entries that
 do not decode are yielded too, with the reason, so ``tail`` shows what consumers would
-dead-letter. ``format_pretty`` / ``format_json`` turn one into a line; both show control
-characters of the entry (an ESC in a key or id, say) as escapes, never raw on the terminal.
+dead-letter. ``check_topic`` refuses a topic nobody declared and that has no stream (a typo
+would otherwise wait forever), naming the known ones. ``format_pretty`` / ``format_json``
+turn one into a line; both show control characters of the entry (an ESC in a key or id,
+say) as escapes, never raw on the terminal.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Collection
+from collections.abc import AsyncGenerator, Collection, Iterable
 from typing import Any
 
 import msgspec
@@ -18,11 +20,12 @@ import orjson
 import redis.asyncio as aioredis
 
 from streamproc.codec import Codec
-from streamproc.errors import DecodeError
+from streamproc.errors import ConfigError, DecodeError
+from streamproc.groups import registered_topics
 from streamproc.keys import Keys
 from streamproc.printable import printable, printable_json
 
-__all__ = ("TailEntry", "follow", "format_json", "format_pretty", "start_id")
+__all__ = ("TailEntry", "check_topic", "follow", "format_json", "format_pretty", "start_id")
 
 
 class TailEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +50,17 @@ async def start_id(client: aioredis.Redis, stream: str, start: str) -> str:
         return start
     last: Any = await client.xrevrange(stream, count=1)
     return _text(last[0][0]) if last else "0-0"
+
+
+async def check_topic(
+    client: aioredis.Redis, keys: Keys, topic: str, declared: Iterable[str]
+) -> None:
+    """ConfigError naming the known topics unless ``topic`` is one: ``declared`` (the app's
+    event types and groups), in the registry set ``Keys.topics()``, or with a stream."""
+    known = sorted({*declared, *await registered_topics(client, keys)})
+    if topic in known or await client.exists(keys.stream(topic)):
+        return
+    raise ConfigError(f"unknown topic {topic!r}; known: {', '.join(known) or '(none)'}")
 
 
 def _decode(codec: Codec[Any], entry_id: bytes, fields: dict[bytes, bytes]) -> TailEntry:

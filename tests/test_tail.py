@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+import redis
 import redis.asyncio as aioredis
 
 from schemas.cluster import OOMKilled, SpotInterruption
 from streamproc import Codec, Keys, Producer
 from streamproc.tail import follow, format_json, format_pretty, start_id
+from tests.helpers import cli_in_process
 
 
 def spot(n: int) -> SpotInterruption:
@@ -96,3 +99,25 @@ async def test_cli_tail_prints_json_lines_when_piped_and_does_not_ack(
     lines = [json.loads(x) for x in out.decode().splitlines()]
     assert [x["data"]["instance_id"] for x in lines] == ["i-1", "i-2"]
     assert await client.xinfo_groups(keys.stream("cluster")) == []  # no group joined
+
+
+def test_cli_tail_on_an_unknown_topic_names_the_known_ones_instead_of_waiting(
+    redis_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A topic that no event type or group declares, not in the registry set and without a
+    stream (a typo, say) is exit 2 naming the known topics: the app's and the registered."""
+    env = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+    with redis.Redis.from_url(redis_url) as sync:
+        sync.sadd(keys.topics(), "registered-only")
+        r = cli_in_process(monkeypatch, capsys, env, "tail", "clustr")
+        assert r.returncode == 2, r.stderr
+        [line] = r.stderr.splitlines()
+        assert line.startswith("streamproc: error: unknown topic 'clustr'; known: "), line
+        known = line.split("known: ")[1].split(", ")
+        assert {"cluster", "notify", "registered-only"} <= set(known)
+        assert known == sorted(known)
+        # A stream that exists is followed even when nothing declares its topic.
+        sync.xadd(keys.stream("adhoc"), {"type": "x.y", "id": "e-1", "data": "{}"})
+        r = cli_in_process(monkeypatch, capsys, env, "tail", "adhoc", "--from", "0", "--count", "1")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.splitlines()[-1])["id"] == "e-1"  # (session logs before)
