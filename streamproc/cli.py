@@ -32,7 +32,6 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 
-from streamproc import dlq
 from streamproc._backoff import Backoff
 from streamproc._supervise import supervise
 from streamproc.app import App, load_app
@@ -49,7 +48,6 @@ from streamproc.errors import (
     UnsafeServerConfig,
 )
 from streamproc.logs import configure_logging
-from streamproc.printable import printable, printable_json
 from streamproc.producer import Producer
 
 __all__ = (
@@ -72,6 +70,7 @@ DEFAULT_APP = "application:app"
 #: (so may the App's own ``commands`` modules),
 #: the argument list of the child process ``streamproc up`` starts for that role.
 COMMAND_MODULES: tuple[str, ...] = (
+    "streamproc.dlq_cli",
     "streamproc.ops_cli",
     "streamproc.ticker_cli",
     "streamproc.ingest.cli",
@@ -258,55 +257,6 @@ def _cmd_publish(args: argparse.Namespace, cfg: Config, app: App) -> int:
     return run_async(go())
 
 
-# ---------------------------------------------------------------------- dlq
-
-
-def _cmd_dlq(args: argparse.Namespace, cfg: Config, app: App) -> int:
-    concern = app.concerns.get(args.group)
-    if concern is None:
-        raise ConfigError(f"unknown group {args.group!r}; known: {', '.join(sorted(app.concerns))}")
-    if args.action == "purge" and not args.yes:
-        raise ConfigError("dlq purge deletes every dead letter of the group: add --yes")
-    if args.action == "show" and not args.id:
-        raise ConfigError("dlq show needs --id")
-    keys = cfg.keys()
-
-    async def go() -> int:
-        client, _ = await open_redis(cfg, wait_s=5)
-        try:
-            if args.action == "purge":
-                print(f"purged {await dlq.purge(client, keys, concern)} dead letters")
-                return 0
-            letters = await dlq.dead_letters(
-                client, keys, concern, count=args.count, types=args.type or (), ids=args.id or ()
-            )
-            if args.action == "replay":
-                new_ids = await dlq.replay(client, keys, concern, letters, to_topic=args.to_topic)
-                print(f"replayed {len(new_ids)} dead letters")
-                return 0
-            # A dead letter's fields are what a client posted: control characters in them are
-            # shown as escapes, never sent to the terminal raw.
-            if args.action == "show" or args.json:
-                indent = orjson.OPT_INDENT_2 if args.action == "show" else 0
-                for d in letters:
-                    print(printable_json(orjson.dumps(d.as_dict(), option=indent).decode()))
-                return 0 if letters or args.action == "list" else 1
-            print(f"{'dlq id':<17} {'topic':<10} {'type':<28} {'reason':<18} error")
-            for d in letters:
-                kind, reason, error = (
-                    printable(d.get(f)) for f in ("type", "dlq_reason", "dlq_error")
-                )
-                print(
-                    f"{d.dlq_id:<17} {d.topic:<10} {kind[:28]:<28} {reason[:18]:<18} {error[:60]}"
-                )
-            print(f"{len(letters)} dead letter(s)")
-            return 0
-        finally:
-            await client.aclose()
-
-    return run_async(go())
-
-
 # ---------------------------------------------------------------------- up
 
 
@@ -415,21 +365,6 @@ def build_parser(app: App | None = None) -> argparse.ArgumentParser:
     pub.add_argument("type", help="event type, e.g. cluster.spot_interruption")
     pub.add_argument("json", help="the event's fields as a JSON object")
     pub.set_defaults(func=_cmd_publish)
-
-    d = sub.add_parser("dlq", help="list, show, replay or purge a group's dead letters")
-    d.add_argument("action", choices=("list", "show", "replay", "purge"))
-    d.add_argument("group")
-    d.add_argument("--type", action="append", help="only this event type (repeatable)")
-    d.add_argument("--id", action="append", help="only this event/entry id (repeatable)")
-    d.add_argument("--count", type=int, default=100)
-    d.add_argument(
-        "--to-topic",
-        action="store_true",
-        help="replay to the topic stream (every group) instead of the group's own",
-    )
-    d.add_argument("--json", action="store_true", help="JSON lines")
-    d.add_argument("--yes", action="store_true", help="confirm purge")
-    d.set_defaults(func=_cmd_dlq)
 
     for name in (*COMMAND_MODULES, *(app.commands if app is not None else ())):
         try:

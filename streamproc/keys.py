@@ -25,7 +25,7 @@ spread). Every key of the table below is then built with the partition's name as
 | ``<p>:{<topic>}:upkeep:<group>`` | hash | group clock: last renewal ``tick``, ``outage_end`` |
 | ``<p>:{<topic>}:hold:<group>`` | hash | ordered groups: event key → origin entry id of its head |
 | ``<p>:{<topic>}:parked:<group>:<event key>`` | list | retry records parked behind the head |
-| ``<p>:{<topic>}:replays:<group>`` | hash | operator replays/resets of the group: counts, last |
+| ``<p>:{<topic>}:replays:<group>`` | hash | operator replays, resets, DLQ replays: counts |
 | ``<p>:consumer:<group>:<name>`` | string, PX | a live consumer's claim on its name |
 | ``<p>:{own:<group>}:members`` | zset | partitioned groups: live consumer → lease expiry ms |
 | ``<p>:{own:<group>}:lease:<partition>`` | string, PX | the partition's owner (consumer name) |
@@ -153,7 +153,8 @@ class Keys:
 
     def replays(self, topic: str, group: str) -> str:
         """Hash: what ``streamproc replay`` / ``group reset`` did to the group on this topic
-        (``replayed``, ``runs``, ``resets``, ``marks_cleared``, ``last_ms``, ``last``)."""
+        (``replayed``, ``runs``, ``resets``, ``marks_cleared``, ``last_ms``, ``last``); and
+        ``dlq_replayed``: its dead letters replayed (``dlq replay``, the dashboard)."""
         return f"{self.prefix}:{{{topic}}}:replays:{group}"
 
     def hold(self, topic: str, group: str) -> str:

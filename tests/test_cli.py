@@ -143,7 +143,7 @@ def test_bad_configuration_fails_at_start_naming_the_variable(
 BAD_ARGUMENTS: list[tuple[list[str], str]] = [
     (["consume", "no-such-group"], "unknown group(s) no-such-group; known: cluster-events"),
     (["consume"], "(none given)"),
-    (["dlq", "purge", "cluster-events"], "add --yes"),
+    (["dlq", "list", "cluster-events", "--reason", "nope"], "unknown reason(s) nope"),
     (["dlq", "list", "nope"], "unknown group 'nope'"),
     (["dlq", "show", "cluster-events"], "needs --id"),
 ]
@@ -255,7 +255,11 @@ async def test_dlq_cli_lists_and_replays(
     assert "unknown_type" in listed.stdout
     shown = cli("dlq", "list", "cluster-events", "--json", env=env)
     assert json.loads(shown.stdout.splitlines()[0])["fields"]["id"] == "e-1"
-    replayed = cli("dlq", "replay", "cluster-events", "--id", "e-1", env=env)
+    # it did not decode (unknown_type): a replay warns and waits for --yes
+    held = cli("dlq", "replay", "cluster-events", "--id", "e-1", env=env)
+    assert "fail the same way again" in held.stderr
+    assert "add --yes" in held.stdout
+    replayed = cli("dlq", "replay", "cluster-events", "--id", "e-1", "--yes", env=env)
     assert "replayed 1" in replayed.stdout
     [(_, back)] = await entries(client, keys.retry_stream("cluster", "cluster-events"))
     assert back == {k.encode(): v.encode() for k, v in fields.items()}

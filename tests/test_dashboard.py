@@ -310,6 +310,7 @@ async def test_replay_needs_csrf_header_and_same_origin(
     assert await client.xlen(keys.dlq("cluster", "g")) == 0
     [(_, fields)] = await entries(client, keys.retry_stream("cluster", "g"))
     assert fields[b"type"] == b"x.y"
+    assert await client.hget(keys.replays("cluster", "g"), "dlq_replayed") == b"1"  # counted
     async with browser.post(
         "/dashboard/api/dlq/replay",
         json={"topic": "cluster", "group": "bad name", "ids": ["1-0"]},
