@@ -219,11 +219,19 @@ async def test_page_without_a_session_is_the_login_form(
 
 
 async def test_only_operator_tokens_log_in(srv: Server, browser: aiohttp.ClientSession) -> None:
+    """An agent's valid token without operator rights is told it lacks --operator (its holder
+    knows it is valid: the API takes it); a wrong token gets the generic refusal only."""
     agent = await srv.token("agent-1", ["cluster.*"])
-    r = await login(browser, agent)
-    assert r.status == 401
-    r = await login(browser, "spk_not-a-token")
-    assert r.status == 401
+    async with browser.post("/dashboard/login", data={"token": agent}) as r:
+        assert r.status == 403
+        page = await r.text()
+    assert "agent &#x27;agent-1&#x27; lacks --operator" in page
+    assert "streamproc agents add NAME --operator" in page
+    async with browser.post("/dashboard/login", data={"token": "spk_not-a-token"}) as r:
+        assert r.status == 401
+        page = await r.text()
+    assert "Unknown or revoked token." in page
+    assert "operator" not in page.split('role="alert"')[1].split("</p>")[0]
     assert not [c for c in browser.cookie_jar if c.key == COOKIE]
 
 

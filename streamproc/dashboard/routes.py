@@ -38,7 +38,7 @@ from streamproc.concern import Concern
 from streamproc.config import settings_from_env
 from streamproc.connection import REDIS_DOWN
 from streamproc.dashboard.panels import Panel, PanelReader
-from streamproc.dashboard.session import COOKIE, Session, SessionStore, csrf_ok
+from streamproc.dashboard.session import COOKIE, NotOperator, Session, SessionStore, csrf_ok
 from streamproc.dashboard.snapshot import Sampler
 from streamproc.errors import ConfigError
 from streamproc.ingest._http import Problem, json_response, redis_unavailable
@@ -262,10 +262,18 @@ class Dashboard:
             made = await self.sessions.login(token.strip())
         except _REDIS_FAILED as e:
             raise redis_unavailable(1, e) from e
+        except NotOperator as e:  # a valid token: its holder learns nothing new from this
+            self.logins.failed(client)
+            log.warning("dashboard_login_refused", remote=client, agent=e.agent, operator=False)
+            return self._login_page(
+                f"The token of agent {e.agent!r} lacks --operator: the dashboard needs an "
+                "operator token (streamproc agents add NAME --operator).",
+                status=403,
+            )
         if made is None:
             self.logins.failed(client)
             log.warning("dashboard_login_refused", remote=client)
-            return self._login_page("Unknown, revoked or non-operator token.", status=401)
+            return self._login_page("Unknown or revoked token.", status=401)
         sid, session = made
         log.info("dashboard_login", agent=session.agent, remote=client)
         response = web.Response(status=303, headers={"Location": "/dashboard", **_SECURITY_HEADERS})

@@ -6,6 +6,9 @@ answers with a cookie holding a random session id (``secrets.token_urlsafe(32)``
 
 - Redis keeps only the id's SHA-256: ``<prefix>:dashboard:session:<sha256>`` → hash
   ``{agent, token_sha256, csrf}`` with a TTL (``ttl_s``, fixed from login; no sliding).
+- A valid token of an agent without operator rights is told so (``NotOperator``): its holder
+  already knows the token is good (the API takes it), so saying it lacks ``--operator`` tells
+  nothing a guesser could use; an unknown or revoked token gets the one generic refusal.
 - Every request re-reads the agent: a revoked agent, or one re-issued with a new token, or one
   no longer an operator, ends its sessions at once (not after the API's 5 s cache).
 - The cookie is ``HttpOnly; SameSite=Strict; Path=/dashboard``, and ``Secure`` unless the
@@ -26,10 +29,11 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from streamproc.errors import StreamprocError
 from streamproc.ingest.auth import Agent, AgentStore
 from streamproc.keys import Keys
 
-__all__ = ("COOKIE", "Session", "SessionStore", "csrf_ok", "session_key")
+__all__ = ("COOKIE", "NotOperator", "Session", "SessionStore", "csrf_ok", "session_key")
 
 #: Name of the session cookie.
 COOKIE = "sp_dashboard"
@@ -53,6 +57,14 @@ class Session(msgspec.Struct, frozen=True, kw_only=True):
     csrf: str
 
 
+class NotOperator(StreamprocError):
+    """A valid agent token without operator rights (``streamproc agents add NAME --operator``)."""
+
+    def __init__(self, agent: str) -> None:
+        self.agent = agent
+        super().__init__(f"agent {agent!r} is not an operator")
+
+
 class SessionStore:
     """Creates, checks and ends dashboard sessions in Redis."""
 
@@ -65,11 +77,14 @@ class SessionStore:
     async def login(self, token: str) -> tuple[str, Session] | None:
         """A new session for an operator's token: (session id for the cookie, session).
 
-        None when the token is unknown, revoked or not an operator's.
+        None when the token is unknown or revoked; NotOperator when it is an agent's without
+        operator rights.
         """
         agent = await self.agents.authenticate(token)
-        if agent is None or not agent.operator:
+        if agent is None:
             return None
+        if not agent.operator:
+            raise NotOperator(agent.name)
         sid = secrets.token_urlsafe(32)
         session = Session(agent=agent.name, csrf=secrets.token_urlsafe(24))
         key = session_key(self.keys, _sha256(sid))
