@@ -46,6 +46,7 @@ spread). Every key of the table below is then built with the partition's name as
 | ``<p>:{tasks:<queue>}:type:<type>:…`` | zset | the same three for one task type of the queue |
 | ``<p>:tasks:runners`` | hash | live task runners: ``<consumer>@<queue>`` → JSON (load, shedding) |
 | ``<p>:tasks:history`` | zset | finished task ids (score: finish time ms), kept for the task TTL |
+| ``<p>:tasks:active`` | zset | queued and running task ids (score: created ms); ended ones leave it |
 | ``<p>:tasks:stats`` | hash | ``<type>:<completed|failed|cancelled|runs|ms>`` → count |
 """
 
@@ -267,6 +268,11 @@ class Keys:
 
     def task_history(self) -> str:
         return f"{self.prefix}:tasks:history"
+
+    def task_active(self) -> str:
+        """Zset: tasks not ended yet (member → created ms). Written beside the task's hash,
+        not atomically with it (another slot on a cluster): a listing drops what has ended."""
+        return f"{self.prefix}:tasks:active"
 
     def task_stats(self) -> str:
         return f"{self.prefix}:tasks:stats"

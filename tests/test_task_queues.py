@@ -431,6 +431,69 @@ async def test_the_history_cli_lists_finished_tasks(
     assert "unknown queue(s) nope" in bad.stderr
 
 
+async def test_queued_and_running_tasks_are_listed_and_shown_and_cancelled(
+    srv: Server,
+    op: str,
+    lab: Lab,
+    crawl_runner: Consumer,
+    client: aioredis.Redis,
+    redis_url: str,
+    keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The active index (issue 19 item 2): GET /v1/tasks and `tasks list` show queued and
+    running tasks before finished ones; `tasks show` and `tasks cancel` act on one."""
+    env = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix}
+
+    async def cli(*args: str) -> Any:
+        return await asyncio.to_thread(cli_in_process, monkeypatch, capsys, env, "tasks", *args)
+
+    async with running(crawl_runner):  # (a Consumer runs once)
+        done = (await submit(srv, op, {"type": "crawl.quick", "payload": {"label": "d"}}))["id"]
+        await until_status(srv, op, done, "completed")
+        held = (await submit(srv, op, {"type": "crawl.hold", "payload": {"label": "r"}}))["id"]
+        await until_status(srv, op, held, "running")
+        # no runner reads the tickets queue here: this one stays queued
+        body = {"type": "ticket.quick", "payload": {"label": "q"}}
+        queued = (await submit(srv, op, body))["id"]
+        status, page, _ = await srv.post("/v1/tasks", token=op, method="GET")
+        assert status == 200
+        assert [(t["id"], t["status"]) for t in page["tasks"]] == [
+            (queued, "queued"),
+            (held, "running"),
+            (done, "completed"),
+        ]
+        status, page, _ = await srv.post("/v1/tasks?status=running", token=op, method="GET")
+        assert [t["id"] for t in page["tasks"]] == [held]
+        status, page, _ = await srv.post("/v1/tasks?limit=1", token=op, method="GET")
+        assert [t["id"] for t in page["tasks"]] == [queued]
+        assert page["next"]  # the rest, finished ones included, is reachable
+        listed = await cli("list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        rows = [msgspec.json.decode(x) for x in listed.stdout.splitlines() if x.startswith("{")]
+        assert [r["id"] for r in rows] == [queued, held, done]
+        shown = await cli("show", held)
+        assert shown.returncode == 0, shown.stderr
+        assert "crawl.hold" in shown.stdout
+        assert "running" in shown.stdout
+        cancelled = await cli("cancel", queued)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert "cancelled (it was queued)" in cancelled.stdout
+        status, view, _ = await srv.post(f"/v1/tasks/{queued}", token=op, method="GET")
+        assert (view["status"], view["cancelled_by"]) == ("cancelled", "cli")
+        lab.release.set()
+        await until_status(srv, op, held, "completed")
+    # nothing is active any more: the index is empty
+    assert await client.zcard(keys.task_active()) == 0
+    missing = await cli("show", "nope")
+    assert missing.returncode == 1
+    assert "not found: task nope" in missing.stderr
+    again = await cli("cancel", done)
+    assert again.returncode == 1
+    assert "already completed" in again.stdout
+
+
 # ---------------------------------------------------------------------- load shedding
 
 

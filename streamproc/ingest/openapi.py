@@ -447,7 +447,10 @@ def build_spec(
         f"`{n}` (payload: {getattr(t.payload_type, '__name__', 'object')})"
         for n, t in sorted(task_types.items())
     )
-    statuses = {"type": "array", "items": {"enum": ["completed", "failed", "cancelled", ""]}}
+    statuses = {
+        "type": "array",
+        "items": {"enum": ["queued", "running", "completed", "failed", "cancelled", ""]},
+    }
     query_int = {"type": "integer"}
     schedule_info = _ref("ScheduleInfo")
     ready = _obj(
@@ -496,8 +499,9 @@ def build_spec(
                     },
                 },
                 "get": {
-                    "summary": "Finished tasks, newest first (an operator: all; a submit "
-                    "token: its own), and the link to the next page",
+                    "summary": "Tasks, newest first: queued and running ones first, then "
+                    "finished ones (an operator: all; a submit token: its own), and the link "
+                    "to the next page of finished ones",
                     "security": op,
                     "parameters": [
                         {"name": "status", "in": "query", "schema": statuses},

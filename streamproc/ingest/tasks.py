@@ -40,7 +40,7 @@ from streamproc.ingest._http import (
 from streamproc.ingest.auth import Agent
 from streamproc.ingest.decode import validation_problem
 from streamproc.tasks.events import PRIORITIES, Priority, task_event_class, task_group
-from streamproc.tasks.history import TaskHistory
+from streamproc.tasks.history import ACTIVE, TaskHistory
 from streamproc.tasks.metrics import TASKS_SUBMITTED
 from streamproc.tasks.runner import TaskType
 from streamproc.tasks.runners import RunnerRegistry
@@ -63,7 +63,7 @@ TASK_ID = Annotated[
 ]
 #: How long the runners' shedding state is cached by a submitting ingest process.
 SHED_CACHE_S = 1.0
-_STATUSES = ("completed", "failed", "cancelled")
+_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 _LIST_QUERY = frozenset({"status", "type", "submitted_by", "limit", "before"})
 
 
@@ -330,7 +330,9 @@ class TaskApi:
         return _view(view)
 
     async def list(self, request: web.Request) -> web.Response:
-        """Finished tasks, newest first: ``?status=&type=&submitted_by=&limit=&before=``."""
+        """Tasks, newest first: ``?status=&type=&submitted_by=&limit=&before=``. Queued and
+        running ones (the active index) come first, on the first page only; then finished
+        ones (the history), whose page ``next`` continues. ``status`` chooses among both."""
         agent = await self.submitter(request)
         check_query(request, _LIST_QUERY)
         q = request.query
@@ -345,15 +347,28 @@ class TaskApi:
         who = q.get("submitted_by") or None
         if not agent.operator:
             who = agent.name  # a submit token lists its own tasks only
+        types = [t for t in q.getall("type", []) if t]
+        active = [s for s in statuses if s in ACTIVE] if statuses else list(ACTIVE)
+        ended = [s for s in statuses if s not in ACTIVE] if statuses else []
         try:
-            views, cursor = await self.history.list(
-                self.store,
-                limit=limit,
-                before_ms=before,
-                statuses=statuses,
-                types=[t for t in q.getall("type", []) if t],
-                submitted_by=who,
-            )
+            views: list[TaskView] = []
+            if active and before is None:
+                views = await self.history.active(
+                    self.store, limit=limit, statuses=active, types=types, submitted_by=who
+                )
+            cursor: int | None = None
+            if (ended or not statuses) and len(views) >= limit:
+                cursor = int(time.time() * 1000) + 1  # the page is full: finished ones next
+            elif ended or not statuses:
+                done, cursor = await self.history.list(
+                    self.store,
+                    limit=limit - len(views),
+                    before_ms=before,
+                    statuses=ended,
+                    types=types,
+                    submitted_by=who,
+                )
+                views += done
         except _REDIS_FAILED as e:
             raise redis_unavailable(self.ingest.settings.retry_after_s, e) from e
         return json_response(

@@ -5,6 +5,11 @@
   streams). Without ``--queues``: every queue. ``--http-port`` serves /metrics /healthz /readyz.
 - ``streamproc tasks history [--status S] [--type T] [--submitted-by A] [--limit N] [--json]``:
   finished tasks, newest first (kept for the task TTL).
+- ``streamproc tasks list [--status S] [--type T] [--submitted-by A] [--limit N] [--json]``:
+  queued and running tasks first, then finished ones, newest first (``GET /v1/tasks``).
+- ``streamproc tasks show ID [--json]``: one task, every field (its result and error in full).
+- ``streamproc tasks cancel ID``: cancel a queued task, or ask a running one to stop (recorded
+  as cancelled by ``cli``; an operator's command: whoever reaches Redis may run it).
 - ``streamproc tasks runners [--json]``: the live runners, their queues, load and shedding.
 """
 
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 import msgspec
@@ -20,10 +26,11 @@ import orjson
 from streamproc.app import App
 from streamproc.config import Config
 from streamproc.errors import ConfigError
+from streamproc.printable import printable
 from streamproc.tasks.events import task_group
-from streamproc.tasks.history import TaskHistory
+from streamproc.tasks.history import ACTIVE, TaskHistory
 from streamproc.tasks.runners import RunnerRegistry
-from streamproc.tasks.store import TaskStore
+from streamproc.tasks.store import TaskStore, TaskView
 
 __all__ = ("register",)
 
@@ -52,8 +59,10 @@ def parse_queues(raw: list[str], app: App) -> list[str]:
 def _cmd_tasks(args: argparse.Namespace, cfg: Config, app: App) -> int:
     from streamproc.cli import consume, run_async
 
-    if args.action == "history":
+    if args.action in ("history", "list"):
         return _history(args, cfg, app)
+    if args.action in ("show", "cancel"):
+        return _one(args, cfg)
     if args.action == "runners":
         return _runners(args, cfg)
     queues = parse_queues(args.queues, app)
@@ -78,27 +87,86 @@ def _history(args: argparse.Namespace, cfg: Config, app: App) -> int:
         client, _ = await open_redis(cfg, wait_s=5)
         try:
             keys = cfg.keys()
-            views, _ = await TaskHistory(client, keys).list(
-                TaskStore(client, keys),
-                limit=args.limit,
-                statuses=args.status or (),
-                types=args.type or (),
-                submitted_by=args.submitted_by,
-                scan_max=max(5000, args.limit * 10),
-            )
+            history, store = TaskHistory(client, keys), TaskStore(client, keys)
+            statuses: list[str] = args.status or []
+            views: list[TaskView] = []
+            if args.action == "list":
+                active = [s for s in statuses if s in ACTIVE] if statuses else list(ACTIVE)
+                if active:
+                    views = await history.active(
+                        store,
+                        limit=args.limit,
+                        statuses=active,
+                        types=args.type or (),
+                        submitted_by=args.submitted_by,
+                    )
+                statuses = [s for s in statuses if s not in ACTIVE]
+            if len(views) < args.limit and (statuses or not args.status):
+                done, _ = await history.list(
+                    store,
+                    limit=args.limit - len(views),
+                    statuses=statuses,
+                    types=args.type or (),
+                    submitted_by=args.submitted_by,
+                    scan_max=max(5000, args.limit * 10),
+                )
+                views += done
         finally:
             await client.aclose()
         if args.json:
             for v in views:
                 print(orjson.dumps(msgspec.to_builtins(v)).decode())
             return 0
-        print(f"{'finished':<25} {'task':<38} {'type':<20} {'status':<10} {'took s':>8}  submitter")
+        print(
+            f"{'updated':<25} {'task':<38} {'type':<20} {'status':<10} {'progress':>8} "
+            f"{'took s':>8}  submitter"
+        )
         for v in views:
             print(
-                f"{v.finished_at or '-':<25} {v.id[:38]:<38} {v.type[:20]:<20} {v.status:<10} "
-                f"{_took(v.started_at, v.finished_at):>8}  {v.submitted_by}"
+                f"{v.finished_at or v.updated_at or '-':<25} {v.id[:38]:<38} {v.type[:20]:<20} "
+                f"{v.status:<10} {v.progress:>8.0%} {_took(v.started_at, v.finished_at):>8}  "
+                f"{v.submitted_by}"
             )
         print(f"{len(views)} task(s)")
+        return 0
+
+    return run_async(go())
+
+
+def _one(args: argparse.Namespace, cfg: Config) -> int:
+    """``tasks show ID`` / ``tasks cancel ID``; exit 1 when the task is unknown (or expired)."""
+    from streamproc.cli import open_redis, run_async
+
+    if not args.task_id:
+        raise ConfigError(f"tasks {args.action}: which task? (tasks {args.action} ID)")
+
+    async def go() -> int:
+        client, _ = await open_redis(cfg, wait_s=5)
+        try:
+            store = TaskStore(client, cfg.keys())
+            verdict = ""
+            if args.action == "cancel":
+                verdict = await store.cancel(args.task_id, by="cli")
+            view = await store.get(args.task_id)
+        finally:
+            await client.aclose()
+        if view is None:
+            print(f"not found: task {printable(args.task_id)}", file=sys.stderr)
+            return 1
+        if args.action == "cancel":
+            said = {
+                "cancelled": "cancelled (it was queued)",
+                "cancelling": "asked to stop (it is running; its status follows)",
+            }
+            print(f"task {view.id}: {said.get(verdict, f'already {verdict}: nothing to do')}")
+            return 0 if verdict in said else 1
+        if args.json:
+            print(orjson.dumps(msgspec.to_builtins(view)).decode())
+            return 0
+        for name, value in msgspec.structs.asdict(view).items():
+            if value not in (None, "", {}, []):
+                text = orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+                print(f"{name:<14} {printable(value) if isinstance(value, str) else text}")
         return 0
 
     return run_async(go())
@@ -167,11 +235,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "action",
         nargs="?",
-        choices=("run", "history", "runners"),
+        choices=("run", "list", "show", "cancel", "history", "runners"),
         default="run",
         action=_Action,
-        help="run (default): a runner for --queues; history; runners",
+        help="run (default): a runner for --queues; list (active, then finished); show ID; "
+        "cancel ID; history (finished only); runners",
     )
+    p.add_argument("task_id", nargs="?", metavar="ID", help="show, cancel: the task")
     p.add_argument(
         "--queues",
         action="append",
@@ -186,8 +256,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--status",
         action="append",
-        choices=("completed", "failed", "cancelled"),
-        help="history: only this end status (repeatable)",
+        choices=("queued", "running", "completed", "failed", "cancelled"),
+        help="list, history: only this status (repeatable)",
     )
     p.add_argument("--type", action="append", help="history: only this task type (repeatable)")
     p.add_argument("--submitted-by", help="history: only this submitter's tasks")

@@ -31,6 +31,16 @@ MAX_HISTORY = 100_000
 _ENDS = ("completed", "failed", "cancelled")
 
 
+#: A page of tasks (``list`` is a method name inside TaskHistory).
+Views = list[TaskView]
+#: The statuses of a task that has not ended.
+ACTIVE: tuple[str, ...] = ("queued", "running")
+
+
+def _active(view: TaskView | None) -> bool:
+    return view is not None and view.status in ACTIVE
+
+
 class TypeStats(msgspec.Struct, kw_only=True):
     completed: int = 0
     failed: int = 0
@@ -95,9 +105,58 @@ class TaskHistory:
     ) -> tuple[list[TaskView], int | None]:
         """Finished tasks, newest first, filtered; and the cursor (``before_ms``) of the next
         page, None at the end. At most ``scan_max`` ids are looked at per call."""
-        key = self.keys.task_history()
+        return await self._scan(
+            self.keys.task_history(),
+            store,
+            limit=limit,
+            before_ms=before_ms,
+            statuses=statuses,
+            types=types,
+            submitted_by=submitted_by,
+            scan_max=scan_max,
+        )
+
+    async def active(
+        self,
+        store: TaskStore,
+        *,
+        limit: int = 50,
+        statuses: Sequence[str] = ACTIVE,
+        types: Sequence[str] = (),
+        submitted_by: str | None = None,
+        scan_max: int = 5000,
+    ) -> Views:
+        """Queued and running tasks, newest first (``Keys.task_active``). Ids whose task has
+        ended or expired meanwhile leave the index here (it is written beside the task, not
+        with it)."""
+        views, _ = await self._scan(
+            self.keys.task_active(),
+            store,
+            limit=limit,
+            before_ms=None,
+            statuses=statuses,
+            types=types,
+            submitted_by=submitted_by,
+            scan_max=scan_max,
+            prune=True,
+        )
+        return views
+
+    async def _scan(
+        self,
+        key: str,
+        store: TaskStore,
+        *,
+        limit: int,
+        before_ms: int | None,
+        statuses: Sequence[str],
+        types: Sequence[str],
+        submitted_by: str | None,
+        scan_max: int,
+        prune: bool = False,
+    ) -> tuple[Views, int | None]:
         top: Any = "+inf" if before_ms is None else f"({before_ms}"
-        out: list[TaskView] = []
+        out: Views = []
         cursor: int | None = None
         scanned = 0
         while len(out) < limit and scanned < scan_max:
@@ -108,9 +167,13 @@ class TaskHistory:
                 return out, None
             scanned += len(chunk)
             views = await store.get_many([m.decode() for m, _ in chunk])
+            if prune:
+                gone = [m for (m, _), v in zip(chunk, views, strict=True) if not _active(v)]
+                if gone:
+                    await self.redis.zrem(key, *gone)
             for (_, score), view in zip(chunk, views, strict=True):
                 cursor = int(score)
-                if view is None:
+                if view is None or (prune and not _active(view)):
                     continue
                 if statuses and view.status not in statuses:
                     continue

@@ -10,6 +10,7 @@ Every state change is one Lua script, so the API and the runner never race:
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -193,7 +194,13 @@ class TaskStore:
         args: list[Any] = [self.ttl_s]
         for k, v in fields.items():
             args += (k, v)
-        return bool(await _CREATE(self.client, [self.keys.task(task_id)], args))
+        created = bool(await _CREATE(self.client, [self.keys.task(task_id)], args))
+        if created:  # the index of tasks not ended (listings drop the ones that ended)
+            await self.client.zadd(self.keys.task_active(), {task_id: int(time.time() * 1000)})
+        return created
+
+    async def _ended(self, task_id: str) -> None:
+        await self.client.zrem(self.keys.task_active(), task_id)
 
     async def discard(self, task_id: str) -> None:
         await self.client.delete(self.keys.task(task_id))
@@ -217,7 +224,10 @@ class TaskStore:
         """'cancelled' (was queued), 'cancelling' (running), 'missing', or the end status."""
         keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
         reply = await _CANCEL(self.client, keys, [now_iso(), self.ttl_s, by])
-        return reply.decode() if isinstance(reply, bytes) else str(reply)
+        verdict = reply.decode() if isinstance(reply, bytes) else str(reply)
+        if verdict == "cancelled":
+            await self._ended(task_id)
+        return verdict
 
     async def start(self, task_id: str) -> str:
         reply = await _START(self.client, [self.keys.task(task_id)], [now_iso(), self.ttl_s])
@@ -239,7 +249,9 @@ class TaskStore:
         for k, v in fields.items():
             args += (k, v)
         keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
-        return bool(await _FINISH(self.client, keys, args))
+        finished = bool(await _FINISH(self.client, keys, args))
+        await self._ended(task_id)
+        return finished
 
     async def fail(self, task_id: str, *, error: str) -> bool:
         """End a queued or running task ``failed`` (its entry will not run again).
@@ -247,4 +259,6 @@ class TaskStore:
         False when the task is unknown (expired, another prefix) or already ended.
         """
         keys = [self.keys.task(task_id), self.keys.task_cancel(task_id)]
-        return bool(await _FAIL(self.client, keys, [error, now_iso(), self.ttl_s]))
+        failed = bool(await _FAIL(self.client, keys, [error, now_iso(), self.ttl_s]))
+        await self._ended(task_id)
+        return failed
