@@ -1,12 +1,13 @@
 """What an operator asks first: how much is waiting, how old is it, what failed.
 
 ``collect(client, keys)`` reads, with read-only commands only (SCAN, XINFO, XPENDING summary,
-XLEN, ZCARD, MEMORY USAGE, TIME, GET/HGETALL/PTTL on ticker keys), a ``Report`` of
+XLEN, ZCARD, MEMORY USAGE, TIME, GET/HGETALL/PTTL on ticker keys, the heartbeats), a ``Report`` of
 
 - every topic: the streams ``<prefix>:{*}:stream`` with length, age of the first and last
   entry (from the entry ids, against the server's clock), memory;
-- every group on each topic: consumers, pending, lag, backlog (= lag + pending: what is not
-  yet done), oldest pending age, retries waiting, DLQ size; the group's retry stream counts;
+- every group on each topic: live consumers (by heartbeat, ``streamproc.presence``, not the
+  names Redis remembers), pending, lag, backlog (= lag + pending: what is not yet done),
+  oldest pending age, retries waiting, DLQ size; the group's retry stream counts;
 - the ticker's keys (``<prefix>:ticker:*``), read tolerantly: whatever exists is shown;
 - every schedule, of the application (``collect(..., schedules=app.schedules)``) or found in
   the ticker's keys: when it last fired and when it fires next (from its trigger), as
@@ -30,6 +31,7 @@ from redis.exceptions import ResponseError
 from streamproc.breaker import BreakerState, breaker_states
 from streamproc.groups import GroupInfo, group_info, group_infos
 from streamproc.keys import Keys
+from streamproc.presence import Liveness, live_consumers, liveness
 from streamproc.printable import printable
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ __all__ = (
     "render_table",
     "schedule_statuses",
     "topics",
+    "unattended",
 )
 
 
@@ -66,6 +69,7 @@ class Thresholds(msgspec.Struct, frozen=True, kw_only=True):
 class GroupStatus(msgspec.Struct, kw_only=True):
     topic: str
     group: str
+    #: Live consumers: online by heartbeat, or active without one (``presence.live_consumers``).
     consumers: int
     pending: int
     #: Entries not yet delivered to the group; None when Redis cannot tell (after trims/SETID).
@@ -78,6 +82,8 @@ class GroupStatus(msgspec.Struct, kw_only=True):
     retries_waiting: int
     dlq: int
     last_delivered_id: str
+    #: Consumer names Redis remembers for the group (live or not).
+    names: int = 0
 
 
 class TopicStatus(msgspec.Struct, kw_only=True):
@@ -175,9 +181,13 @@ async def group_status(
     topic: str,
     info: GroupInfo,
     now_ms: int,
+    live: Liveness | None = None,
 ) -> GroupStatus:
-    """One group on one topic, from its XINFO GROUPS row plus its retry stream and DLQ."""
+    """One group on one topic, from its XINFO GROUPS row plus its retry stream and DLQ;
+    its live consumers from ``live`` (read here when not given)."""
     group, stream = info.name, keys.stream(topic)
+    if live is None:
+        live = await liveness(client, keys)
     pending, lag = info.pending, info.lag
     oldest: float | None = None
     if pending:
@@ -195,7 +205,9 @@ async def group_status(
     return GroupStatus(
         topic=topic,
         group=group,
-        consumers=info.consumers,
+        consumers=await live_consumers(client, (stream,), group, live)
+        if info.consumers
+        else len(live.online.get(group, ())),
         pending=pending,
         lag=lag,
         backlog=None if lag is None else lag + pending,
@@ -203,11 +215,18 @@ async def group_status(
         retries_waiting=retries,
         dlq=int(await client.xlen(keys.dlq(topic, group))),
         last_delivered_id=info.last_delivered_id,
+        names=info.consumers,
     )
 
 
 async def topic_status(
-    client: aioredis.Redis, keys: Keys, topic: str, now_ms: int, *, memory: bool = True
+    client: aioredis.Redis,
+    keys: Keys,
+    topic: str,
+    now_ms: int,
+    *,
+    memory: bool = True,
+    live: Liveness | None = None,
 ) -> TopicStatus | None:
     stream = keys.stream(topic)
     try:
@@ -217,6 +236,8 @@ async def topic_status(
     groups = await group_infos(client, stream)
     first, last = info.get("first-entry"), info.get("last-entry")
     mem = await client.memory_usage(stream) if memory else None
+    if live is None:
+        live = await liveness(client, keys)
     return TopicStatus(
         topic=topic,
         stream=stream,
@@ -227,7 +248,7 @@ async def topic_status(
         last_age_s=_age_s(now_ms, last[0]) if last else None,
         memory_bytes=None if mem is None else int(mem),
         groups=[
-            await group_status(client, keys, topic, g, now_ms)
+            await group_status(client, keys, topic, g, now_ms, live)
             for g in sorted(groups, key=lambda g: g.name)
         ],
     )
@@ -332,9 +353,10 @@ async def collect(
     due next, and shows at all before it first fired.
     """
     now_ms = await server_time_ms(client)
+    live = await liveness(client, keys)
     found = []
     for topic in await topics(client, keys):
-        status = await topic_status(client, keys, topic, now_ms, memory=memory)
+        status = await topic_status(client, keys, topic, now_ms, memory=memory, live=live)
         if status is not None:
             found.append(status)
     ticker = await ticker_status(client, keys)
@@ -348,9 +370,26 @@ async def collect(
     )
 
 
+def unattended(groups: Iterable[GroupStatus]) -> list[str]:
+    """One line per group that has work waiting (lag or pending) and no live consumer on
+    any of its topics: nothing will do that work."""
+    live: dict[str, int] = {}
+    waiting: dict[str, list[str]] = {}
+    for g in groups:
+        live[g.group] = max(live.get(g.group, 0), g.consumers)
+        if (g.lag or 0) + g.pending > 0:
+            waiting.setdefault(g.group, []).append(f"{g.topic} ({_n(g.backlog)})")
+    return [
+        f"{group} has work waiting and no live consumer: backlog on {', '.join(on)}"
+        for group, on in sorted(waiting.items())
+        if not live[group]
+    ]
+
+
 def breaches(report: Report, thresholds: Thresholds) -> list[str]:
-    """One line per group over a threshold (empty: every group is within its SLO)."""
-    out = []
+    """One line per group over a threshold or with work and no live consumer (empty: every
+    group is within its SLO)."""
+    out = unattended(g for t in report.topics for g in t.groups)
     for t in report.topics:
         for g in t.groups:
             if g.backlog is not None and g.backlog > thresholds.max_lag:

@@ -27,6 +27,8 @@ spread). Every key of the table below is then built with the partition's name as
 | ``<p>:{<topic>}:parked:<group>:<event key>`` | list | retry records parked behind the head |
 | ``<p>:{<topic>}:replays:<group>`` | hash | operator replays, resets, DLQ replays: counts |
 | ``<p>:consumer:<group>:<name>`` | string, PX | a live consumer's claim on its name |
+| ``<p>:{consumers}`` | hash, 1 h | consumer heartbeats: ``<host>/<pid>/<token>/<group>`` → JSON |
+| ``<p>:{consumers}:seen`` | zset, 1 h | the same fields → last heartbeat (Redis' clock, ms) |
 | ``<p>:{own:<group>}:members`` | zset | partitioned groups: live consumer → lease expiry ms |
 | ``<p>:{own:<group>}:lease:<partition>`` | string, PX | the partition's owner (consumer name) |
 | ``<p>:state:<name>…`` | any | state kept by handlers (e.g. risky spot pools) |
@@ -171,6 +173,16 @@ class Keys:
     def consumer_lease(self, group: str, consumer: str) -> str:
         """A live consumer's claim on its name in a group: ``<host>/<pid>/<token>``, PX."""
         return f"{self.prefix}:consumer:{group}:{consumer}"
+
+    def consumers(self) -> str:
+        """Hash: one heartbeat record (JSON) per consumer process and group, field
+        ``<host>/<pid>/<token>/<group>`` (``streamproc.presence``); dropped after an hour."""
+        return f"{self.prefix}:{{consumers}}"
+
+    def consumers_seen(self) -> str:
+        """Sorted set beside ``consumers``: field → when it last beat (Redis' clock, ms).
+        Tagged ``{consumers}`` with the hash: one script writes both (Redis Cluster)."""
+        return f"{self.prefix}:{{consumers}}:seen"
 
     def owners(self, group: str) -> str:
         """Sorted set of a group with partitioned topics: its live consumers (member = name,

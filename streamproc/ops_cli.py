@@ -1,8 +1,13 @@
-"""Operator subcommands: ``inspect``, ``tail`` and ``check``.
+"""Operator subcommands: ``inspect``, ``tail``, ``check`` and ``consumers``.
 
 Exit codes (besides the CLI's 2 for bad arguments and 3 for Redis unreachable):
-``inspect`` 1 when a group breaches its SLO; ``check`` 1 when a group is missing or the
-process's own ``/readyz`` does not answer 200; ``tail`` 0 when stopped or done.
+``inspect`` 1 when a group breaches its SLO or has work waiting and no live consumer;
+``check`` 1 when a group is missing, has work waiting and no live consumer, or the
+process's own ``/readyz`` does not answer 200; ``tail`` 0 when stopped or done;
+``consumers`` 0.
+
+``consumers`` and not ``workers``: ``streamproc workers`` is the EC2 worker-monitoring
+feature's command (``workers/``); these are the processes consuming the streams.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import msgspec
 import orjson
 
 from streamproc import inspect as _inspect
+from streamproc import presence as _presence
 from streamproc import tail as _tail
 from streamproc.app import App
 from streamproc.cli import install_stop_handlers, open_redis, run_async
@@ -63,14 +69,30 @@ def register(sub: Any) -> None:
     fmt.add_argument("--pretty", action="store_true", help="pretty (default in a terminal)")
     t.set_defaults(func=_cmd_tail)
 
-    c = sub.add_parser("check", help="health check: Redis reachable, groups exist (exit code)")
-    c.add_argument("groups", nargs="*", metavar="GROUP", help="groups that must exist")
-    c.add_argument("--all", action="store_true", help="every group the application defines")
+    c = sub.add_parser(
+        "check",
+        help="health check: Redis reachable, groups exist, none has work and no live consumer",
+    )
+    c.add_argument(
+        "groups", nargs="*", metavar="GROUP", help="groups to check (default: every one)"
+    )
+    c.add_argument(
+        "--all", action="store_true", help="every group the application defines (the default)"
+    )
     c.add_argument(
         "--http-port", type=int, default=0, help="also require 200 from 127.0.0.1:PORT/readyz"
     )
     c.add_argument("--timeout-s", type=float, default=3.0, help="how long to wait for Redis")
     c.set_defaults(func=_cmd_check)
+
+    w = sub.add_parser(
+        "consumers", help="consumer processes: online/offline, groups, in flight, counts"
+    )
+    w.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    w.add_argument(
+        "--all", action="store_true", help="offline processes too (heard from in the last hour)"
+    )
+    w.set_defaults(func=_cmd_consumers)
 
 
 # ---------------------------------------------------------------------- inspect
@@ -176,7 +198,7 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
     # Every group the application declares: its concerns' and the extra ones (outside readers).
     declared = app.declared_groups
     known = sorted({g for gs in declared.values() for g in gs})
-    groups = known if args.all else list(args.groups)
+    groups = known if args.all or not args.groups else list(args.groups)
     unknown = [g for g in groups if g not in known]
     if unknown:
         raise ConfigError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -186,11 +208,20 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
         client, info = await open_redis(cfg, wait_s=args.timeout_s)
         problems: list[str] = []
         try:
+            live = await _presence.liveness(client, keys)
+            now_ms = await _inspect.server_time_ms(client)
+            statuses = []
             for topic, readers in sorted(declared.items()):
-                for stream in map(keys.stream, keys.partitions_of(topic)):  # each partition
-                    for g in readers:
-                        if g in groups and await group_info(client, stream, g) is None:
+                for part in keys.partitions_of(topic):  # each partition
+                    stream = keys.stream(part)
+                    for g in (g for g in readers if g in groups):
+                        row = await group_info(client, stream, g)
+                        if row is None:
                             problems.append(f"group {g} does not exist on {stream}")
+                        else:
+                            status = _inspect.group_status(client, keys, part, row, now_ms, live)
+                            statuses.append(await status)
+            problems += _inspect.unattended(statuses)
         finally:
             await client.aclose()
         if args.http_port:
@@ -202,5 +233,29 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
         if not problems:
             print(f"ok: Redis {info.version_text}, {len(groups)} group(s)")
         return 1 if problems else 0
+
+    return run_async(go())
+
+
+# ---------------------------------------------------------------------- consumers
+
+
+def _cmd_consumers(args: argparse.Namespace, cfg: Config, app: App) -> int:
+    async def go() -> int:
+        client, _ = await open_redis(cfg, wait_s=5)
+        try:
+            now_ms, procs = await _presence.processes(client, cfg.keys())
+        finally:
+            await client.aclose()
+        shown = procs if args.all else [p for p in procs if p.online]
+        if args.json:
+            doc = {"server_time_ms": now_ms, "processes": msgspec.to_builtins(shown)}
+            print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        else:
+            print(_presence.render_table(now_ms, shown))
+            hidden = len(procs) - len(shown)
+            if hidden:
+                print(f"({hidden} offline, shown with --all)")
+        return 0
 
     return run_async(go())

@@ -41,6 +41,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
+from streamproc import presence
 from streamproc._aio import wait_event
 from streamproc._lua import with_scripts
 from streamproc.codec import Codec
@@ -161,6 +162,7 @@ class Consumer:
         self.guard.on_nogroup = self._on_nogroup
         self._token = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._claimed = False
+        self._started_ms = int(time.time() * 1000)
         self._stopping = asyncio.Event()
         self._retry_wakeup = asyncio.Event()
         self._wake_at = 0.0  # monotonic time of the earliest retry this consumer scheduled
@@ -250,6 +252,8 @@ class Consumer:
             consumer=self.name,
             streams=list(self.reader.streams),
         )
+        self._started_ms = int(time.time() * 1000)
+        await self._report_presence()
         if started is not None:
             started.set()
         try:
@@ -309,6 +313,7 @@ class Consumer:
                 key = self.keys.consumer_lease(self.group, self.name)
                 await RELEASE_NAME(self.client, [key], [self._token])
                 self._claimed = False
+            await self.report_presence(stopped=True)
         except Exception as e:  # Redis down at shutdown: the entries are redelivered anyway
             log.warning("stop_cleanup_failed", group=self.group, error=str(e)[:300])
 
@@ -463,6 +468,34 @@ class Consumer:
             pipe.hset(key, self.name, body)
             pipe.pexpire(key, 3_600_000)
             await pipe.execute()
+
+    async def report_presence(self, *, stopped: bool = False) -> None:
+        """Write this process's heartbeat record for this group (``streamproc.presence``)."""
+        st = self.stats
+        await presence.beat(
+            self.client,
+            self.keys,
+            presence.Record(
+                process=presence.process_id(),
+                name=self.name,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                group=self.group,
+                started_ms=self._started_ms,
+                in_flight=self.in_flight,
+                processed=st.acked + st.duplicates + st.empty + st.skipped,
+                failed=st.retried + st.dead_lettered,
+                version=presence.version(),
+                heartbeat_ms=int(self._period_s * 1000),
+                stopped=stopped,
+            ),
+        )
+
+    async def _report_presence(self) -> None:
+        try:
+            await self.report_presence()
+        except Exception as e:  # a figure for operators: never worth stopping for
+            log.debug("presence_report_failed", error=str(e))
 
     # ------------------------------------------------------------------ loops
 
@@ -699,6 +732,7 @@ class Consumer:
         while True:
             await anyio.sleep(self._period_s * random.uniform(0.9, 1.0))
             await self.guard.until_up("renew", self.renew, cap_s=self._period_s / 2)
+            await self._report_presence()
 
     async def _balance_loop(self) -> None:
         """Partition ownership steps: every renewal period, at most a second apart (so a
