@@ -327,6 +327,48 @@ async def test_replay_needs_csrf_header_and_same_origin(
         assert r.status == 400
 
 
+async def test_dlq_api_filters_by_reason_and_carries_payload_and_full_error(
+    srv: Server,
+    browser: aiohttp.ClientSession,
+    client: aioredis.Redis,
+    keys: Keys,
+) -> None:
+    """What the DLQ view's expand shows: the payload indented, the whole error, the age,
+    consumer and deliveries; a reason filter says how many match of how many in all."""
+    await login(browser, await srv.token("admin", (), operator=True))
+    error = "first line\n" + "x" * 900
+    await client.xadd(
+        keys.dlq("cluster", "g"),
+        {
+            "type": "x.y",
+            "id": "e1",
+            "data": '{"a":{"b":1}}',
+            "dlq_reason": "permanent",
+            "dlq_error_type": "ValueError",
+            "dlq_error": error,
+            "dlq_consumer": "host-a-1",
+            "dlq_deliveries": "3",
+        },
+    )
+    await client.xadd(
+        keys.dlq("cluster", "g"),
+        {"type": "x.y", "id": "e2", "data": "{nope", "dlq_reason": "bad_json"},
+    )
+    params = {"topic": "cluster", "group": "g", "reason": "permanent"}
+    async with browser.get("/dashboard/api/dlq", params=params) as r:
+        body = await r.json()
+    assert (body["total"], body["matching"], body["replayed"]) == (2, 1, 0)
+    assert "bad_json" in body["reasons"]
+    [d] = body["entries"]
+    assert d["payload"] == '{\n  "a": {\n    "b": 1\n  }\n}'
+    assert d["error"] == error  # whole, not clipped
+    assert (d["consumer"], d["deliveries"], d["undecodable"]) == ("host-a-1", "3", False)
+    assert 0 <= d["age_s"] < 3600
+    async with browser.get("/dashboard/api/dlq", params={**params, "reason": "bad_json"}) as r:
+        [bad] = (await r.json())["entries"]
+    assert (bad["payload"], bad["undecodable"]) == ("{nope", True)
+
+
 async def test_logout_deletes_the_session(
     srv: Server, browser: aiohttp.ClientSession, client: aioredis.Redis, keys: Keys
 ) -> None:

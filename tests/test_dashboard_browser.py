@@ -145,8 +145,27 @@ async def test_dashboard_goes_live_moves_and_replays_a_dead_letter(
                 assert dlq_text is not None
                 assert "unknown_type" in dlq_text
                 assert "cannot handle i-poison" in dlq_text
+                # Details: the payload indented and the full error, under the row
+                await (
+                    page.locator("#dlq tr[data-dlq-id]", has_text="cluster.spot_interruption")
+                    .get_by_test_id("dlq-expand")
+                    .click()
+                )
+                payload = page.locator("tr.dlq-detail:visible [data-testid=dlq-payload]")
+                await expect(payload).to_contain_text('  "instance_id": "i-poison"')
+                await expect(
+                    page.locator("tr.dlq-detail:visible [data-testid=dlq-error]")
+                ).to_contain_text("cannot handle i-poison")
                 ARTIFACTS.mkdir(exist_ok=True)
                 await page.screenshot(path=str(ARTIFACTS / "dashboard-dlq.png"), full_page=True)
+                # the reason filter: only the undecodable one, "1 of 1 … 2 in all"
+                await page.select_option("#dlq-reason", "unknown_type")
+                await expect(page.locator("#dlq tr[data-dlq-id]")).to_have_count(1)
+                await expect(page.locator("#dlq-title")).to_contain_text(
+                    "shown 1 of 1 unknown_type, 2 in all"
+                )
+                await page.select_option("#dlq-reason", "")
+                await expect(page.locator("#dlq tr[data-dlq-id]")).to_have_count(2)
 
                 # Fix the handler, press Replay on the refused event: the group handles it.
                 broken = False

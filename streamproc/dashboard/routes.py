@@ -7,7 +7,7 @@
 | ``POST /dashboard/logout`` | session + CSRF | ends the session |
 | ``GET /dashboard/events`` | session | SSE: ``event: snapshot`` every ``interval_s`` |
 | ``GET /dashboard/api/snapshot`` | session | one snapshot (JSON) |
-| ``GET /dashboard/api/dlq?topic=&group=`` | session | the group's oldest dead letters |
+| ``GET /dashboard/api/dlq?topic=&group=[&reason=&type=]`` | session | oldest dead letters |
 | ``POST /dashboard/api/dlq/replay`` | session + CSRF | ``{topic, group, ids}`` → retry stream |
 | ``GET /dashboard/static/{name}`` | — | the page's JS and CSS (package data; no data in them) |
 
@@ -347,21 +347,38 @@ class Dashboard:
         return response
 
     async def dead_letters(self, request: web.Request) -> web.Response:
+        """A group's dead letters, oldest first (``dlq_page`` at most); ``reason`` and
+        ``type`` (repeatable) filter them; ``total``: the group's, ``matching``: the filter's."""
         await self._require(request)
-        concern = _concern(request.query.get("topic", ""), request.query.get("group", ""))
+        query = request.query
+        concern = _concern(query.get("topic", ""), query.get("group", ""))
+        reasons = [r for r in query.getall("reason", []) if r]
+        types = [t for t in query.getall("type", []) if t]
+        page = self.settings.dlq_page
         try:
             letters = await dlq.dead_letters(
-                self.client, self.keys, concern, count=self.settings.dlq_page
+                self.client,
+                self.keys,
+                concern,
+                count=None if reasons or types else page,
+                types=types,
+                reasons=reasons,
             )
-            total = int(await self.client.xlen(self.keys.dlq(concern.topics[0], concern.group)))
+            total = await dlq.total(self.client, self.keys, concern)
+            replayed = await dlq.replayed_count(self.client, self.keys, concern)
+            seconds, micros = await self.client.time()
         except _REDIS_FAILED as e:
             raise redis_unavailable(1, e) from e
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
         return json_response(
             {
                 "topic": concern.topics[0],
                 "group": concern.group,
                 "total": total,
-                "entries": [_letter(d) for d in letters],
+                "matching": len(letters) if reasons or types else total,
+                "replayed": replayed,
+                "reasons": list(dlq.REASONS),
+                "entries": [_letter(d, now_ms) for d in letters[:page]],
             },
             headers=_SECURITY_HEADERS,
         )
@@ -449,19 +466,26 @@ def _concern(topic: str, group: str) -> Concern:
         raise Problem(400, "invalid", str(e)) from None
 
 
-def _letter(d: dlq.DeadLetter) -> dict[str, Any]:
+def _letter(d: dlq.DeadLetter, now_ms: int) -> dict[str, Any]:
+    """One dead letter for the page: the table's columns, and on expand the payload (indented
+    JSON, or as stored) and the full error."""
+    pretty = d.payload()
     return {
         "dlq_id": d.dlq_id,
         "id": d.get("id"),
         "type": d.get("type"),
-        "reason": d.get("dlq_reason"),
+        "key": d.get("key"),
+        "reason": d.reason,
+        "undecodable": d.undecodable,
         "error_type": d.get("dlq_error_type"),
-        "error": d.get("dlq_error")[:500],
+        "error": d.get("dlq_error"),
         "attempts": d.get("dlq_attempts"),
         "deliveries": d.get("dlq_deliveries"),
         "consumer": d.get("dlq_consumer"),
         "entry_id": d.get("dlq_entry_id"),
         "at": d.get("dlq_at"),
+        "age_s": max(now_ms - d.at_ms, 0) // 1000,
+        "payload": pretty if pretty is not None else d.get("data"),
     }
 
 

@@ -221,20 +221,47 @@
     loadDlq();
   }
 
+  function ago(s) {
+    if (s >= 86400) return Math.floor(s / 86400) + " d ago";
+    if (s >= 3600) return Math.floor(s / 3600) + " h ago";
+    if (s >= 60) return Math.floor(s / 60) + " min ago";
+    return s + " s ago";
+  }
+
+  // A row per dead letter; "Details" opens a row beneath with the indented payload and the
+  // full error (text nodes only: what a client posted is never parsed as HTML).
+  function dlqRows(topic, group, d) {
+    const detail = el("tr", { class: "dlq-detail", hidden: "" },
+      el("td", { colspan: "9" },
+        el("div", { class: "muted" }, "event id " + (d.id || "–") + " · key " + (d.key || "–") + " · entry " + (d.entry_id || "–") + " · attempts " + (d.attempts || "–") + " · " + (d.at || "")),
+        el("div", { class: "label" }, "payload"), el("pre", { "data-testid": "dlq-payload" }, d.payload),
+        el("div", { class: "label" }, "error"), el("pre", { class: "err", "data-testid": "dlq-error" }, (d.error_type ? d.error_type + ": " : "") + d.error)));
+    const toggle = () => { detail.hidden = !detail.hidden; };
+    const ask = () => !d.undecodable || confirm("This entry did not decode (" + d.reason + "): replayed, it fails the same way again unless the code changed. Replay it?");
+    const row = el("tr", { "data-dlq-id": d.dlq_id },
+      el("td", { class: "mono" }, d.dlq_id), el("td", {}, ago(d.age_s)), el("td", {}, d.type || "(none)"),
+      el("td", {}, el("span", { class: "tag" }, d.reason)),
+      el("td", { class: "err", title: d.error }, clip((d.error_type ? d.error_type + ": " : "") + (d.error.split("\n")[0] || ""), 140)),
+      el("td", { class: "n" }, d.deliveries), el("td", {}, d.consumer || "–"),
+      el("td", {}, el("button", { type: "button", class: "link", "data-testid": "dlq-expand", onclick: toggle }, "Details")),
+      el("td", {}, el("button", { type: "button", class: "replay", "data-testid": "replay", onclick: () => { if (ask()) replay(topic, group, [d.dlq_id]); } }, "Replay")));
+    return [row, detail];
+  }
+
   async function loadDlq() {
     if (!selected) return;
     const { topic, group } = selected;
-    const r = await fetch("/dashboard/api/dlq?" + new URLSearchParams({ topic, group }), { credentials: "same-origin" });
+    const reason = $("dlq-reason").value;
+    const r = await fetch("/dashboard/api/dlq?" + new URLSearchParams({ topic, group, reason }), { credentials: "same-origin" });
     if (!r.ok) { $("dlq-status").textContent = "Could not load dead letters (" + r.status + ")."; return; }
     const body = await r.json();
     shownDlq = body.total;
-    $("dlq-title").textContent = "· " + group + " on " + topic + " (" + body.total + ")";
+    const pick = $("dlq-reason");
+    if (pick.options.length <= 1) pick.append(...body.reasons.map((x) => el("option", { value: x }, x)));
+    $("dlq-title").textContent = "· " + group + " on " + topic + " (shown " + body.entries.length + " of " + body.matching +
+      (reason ? " " + reason + ", " + body.total + " in all" : "") + "; " + body.replayed + " replayed so far)";
     $("dlq-empty").hidden = body.entries.length > 0;
-    fill($("dlq").tBodies[0], body.entries.map((d) => el("tr", { "data-dlq-id": d.dlq_id },
-      el("td", { class: "mono" }, d.dlq_id), el("td", {}, d.type || "(none)"), el("td", {}, el("span", { class: "tag" }, d.reason)),
-      el("td", { class: "err", title: d.error }, clip((d.error_type ? d.error_type + ": " : "") + d.error, 140)),
-      el("td", { class: "n" }, d.attempts), el("td", { class: "mono" }, d.id),
-      el("td", {}, el("button", { type: "button", class: "replay", "data-testid": "replay", onclick: () => replay(topic, group, [d.dlq_id]) }, "Replay")))));
+    fill($("dlq").tBodies[0], body.entries.flatMap((d) => dlqRows(topic, group, d)));
   }
 
   async function replay(topic, group, ids) {
@@ -251,6 +278,8 @@
       : "Replay refused: " + (body.detail || r.status);
     loadDlq();
   }
+
+  $("dlq-reason").addEventListener("change", () => loadDlq());
 
   $("logout").addEventListener("click", async () => {
     await fetch("/dashboard/logout", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": csrf } });
