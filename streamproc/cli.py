@@ -5,7 +5,8 @@ The application comes from ``--app module:attr`` (before the command; also
 ``streamproc.app.load_app``. The current directory is importable, as with ``python -m``.
 
 Roles (``up``, ``consume``, ``ingest``, ``ticker``) log at ``STREAMPROC_LOG_LEVEL``; one-shot
-commands write for people and log warnings and errors only; ``--verbose`` logs at debug.
+commands write for people and print warnings and errors only, each as one plain line
+(``streamproc: warning: ...``), never JSON; ``--verbose`` logs at debug, as roles do.
 
 Exit codes: 0 done, 1 failure at run time, 2 bad arguments / configuration, 3 Redis
 unreachable or too old, or ``REDIS_URL`` unusable (malformed, or a database the server
@@ -331,7 +332,7 @@ def build_parser(app: App | None = None) -> argparse.ArgumentParser:
         "-v",
         "--verbose",
         action="store_true",
-        help="log at debug (one-shot commands log warnings and errors only by default)",
+        help="log at debug (one-shot commands print warnings and errors only, as plain lines)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -437,7 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config()
-        configure_logging(_log_level(args, cfg), json=cfg.log_json)
+        # One-shot commands write for people: a warning is one plain line, not JSON (-v: logs).
+        plain = not args.verbose and not getattr(args, "role", False)
+        configure_logging(_log_level(args, cfg), json=cfg.log_json, plain=plain)
         if app_error is not None:
             raise app_error
         assert app is not None

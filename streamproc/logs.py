@@ -1,6 +1,8 @@
 """Logging set-up for the entry point (the library itself only logs).
 
 JSON lines when stderr is not a terminal, readable colourless key=value lines when it is.
+``plain``: one line per message for people, ``streamproc: warning: waiting for redis
+(url=…)``, what one-shot commands (``inspect``, ``tail``, ...) use unless ``--verbose``.
 Handlers and the runtime bind topic, group, entry id and event id with structlog's
 contextvars, so every line of one event carries them.
 """
@@ -14,7 +16,15 @@ from typing import Protocol
 
 import structlog
 
-__all__ = ("EVENT_CONTEXT", "EventContext", "configure_logging", "merge_event_context")
+from streamproc.printable import printable
+
+__all__ = (
+    "EVENT_CONTEXT",
+    "EventContext",
+    "configure_logging",
+    "merge_event_context",
+    "render_plain",
+)
 
 
 #: The event being handled in this task: (topic, group, entry id, event id, deliveries, attempt).
@@ -52,11 +62,33 @@ def merge_event_context(
     return event_dict
 
 
-def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
+def render_plain(_logger: object, _name: str, event_dict: structlog.typing.EventDict) -> str:
+    """Processor: ``streamproc: LEVEL: event words (key=value, ...)`` on one line; an
+    exception as its last line only (``--verbose`` shows the whole traceback)."""
+    level = event_dict.pop("level", "info")
+    event = str(event_dict.pop("event", "")).replace("_", " ")
+    event_dict.pop("timestamp", None)
+    exc = str(event_dict.pop("exception", "")).strip().splitlines()
+    if exc:
+        event_dict["error"] = exc[-1]
+    fields = ", ".join(f"{k}={v}" for k, v in event_dict.items())
+    line = f"streamproc: {level}: {event}" + (f" ({fields})" if fields else "")
+    return printable(line)  # one line, whatever a value holds
+
+
+def configure_logging(
+    level: str = "info", *, json: bool | None = None, plain: bool = False
+) -> None:
+    """Structlog for the whole process: ``level`` and above, to stderr; ``plain`` (for
+    one-shot commands) one line per message, else JSON (``json``, default: unless a TTY)."""
     if json is None:
         json = not sys.stderr.isatty()
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+        render_plain
+        if plain
+        else structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[

@@ -344,6 +344,43 @@ def test_up_runs_everything_on_an_embedded_redis(tmp_path: Path) -> None:
     assert "PONG" not in ping.stdout  # the embedded Redis stopped with it
 
 
+def test_a_one_shot_commands_warning_is_one_plain_line_unless_verbose(
+    env: dict[str, str],
+) -> None:
+    """Waiting for Redis, `check` warns as one `streamproc: warning:` line, not a JSON log
+    line, even with JSON logs forced on (roles keep them); `-v` gives the JSON logs back."""
+    env = {**env, "STREAMPROC_LOG_JSON": "1", "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    r = cli("check", "--timeout-s", "0.2", env=env)
+    assert r.returncode == 3
+    lines = r.stderr.splitlines()
+    assert not [line for line in lines if line.lstrip().startswith("{")], r.stderr
+    assert lines[0].startswith("streamproc: warning: waiting for redis (url=redis://"), lines
+    assert lines[-1].startswith("streamproc: error: cannot reach Redis"), lines
+    loud = cli("-v", "check", "--timeout-s", "0.2", env=env)
+    assert loud.returncode == 3
+    logged = [json.loads(line) for line in loud.stderr.splitlines() if line.startswith("{")]
+    assert "waiting_for_redis" in [rec["event"] for rec in logged]
+
+
+def test_a_plain_log_line_is_one_line_with_an_exceptions_last_line() -> None:
+    from streamproc.logs import render_plain
+
+    line = render_plain(
+        None,
+        "warning",
+        {
+            "event": "topic_registry_failed",
+            "level": "warning",
+            "timestamp": "2026-12-01T20:00:00Z",
+            "topic": "a\nb",
+            "exception": "Traceback (most recent call last):\n  ...\nOSError: refused",
+        },
+    )
+    assert line == (
+        "streamproc: warning: topic registry failed (topic=a\\x0ab, error=OSError: refused)"
+    )
+
+
 def test_one_shot_commands_write_for_people(env: dict[str, str]) -> None:
     """`agents add` prints the token alone on stdout and a sentence on stderr: no JSON log
     lines, even with JSON logs on; `--verbose` shows them (the Redis server line)."""
