@@ -48,7 +48,7 @@ spread). Every key of the table below is then built with the partition's name as
 | ``<p>:{tasks:<queue>}:type:<type>:…`` | zset | the same three for one task type of the queue |
 | ``<p>:tasks:runners`` | hash | live task runners: ``<consumer>@<queue>`` → JSON (load, shedding) |
 | ``<p>:tasks:history`` | zset | finished task ids (score: finish time ms), kept for the task TTL |
-| ``<p>:tasks:active`` | zset | queued and running task ids (score: created ms); ended ones leave it |
+| ``<p>:tasks:active`` | zset | queued and running task ids (score: created ms), until they end |
 | ``<p>:tasks:stats`` | hash | ``<type>:<completed|failed|cancelled|runs|ms>`` → count |
 """
 
