@@ -26,6 +26,7 @@ from consumers.tasks import TASK_TYPES
 from producers.schedules import SCHEDULES
 from schemas import REGISTRY
 from streamproc.app import App
+from streamproc.dashboard.consumers import CONSUMERS_PANEL
 from streamproc.tasks.panel import TASKS_PANEL
 
 __all__ = ("app",)
@@ -54,7 +55,7 @@ app = App(
     task_types=TASK_TYPES,
     commands=[*notifications.COMMANDS, *spot.COMMANDS, *workers.COMMANDS],
     routes=[notifications.add_routes, spot.add_routes, media.add_routes],
-    panels=[workers.panel.PANEL, media.hosts_panel.PANEL, TASKS_PANEL],
+    panels=[CONSUMERS_PANEL, workers.panel.PANEL, media.hosts_panel.PANEL, TASKS_PANEL],
     on_startup=[*workers.ON_STARTUP, *media.ON_STARTUP],
     on_shutdown=[*workers.ON_SHUTDOWN, *media.ON_SHUTDOWN],
     configure=_configure,

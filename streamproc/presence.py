@@ -36,6 +36,7 @@ from streamproc.keys import Keys
 from streamproc.printable import printable
 
 __all__ = (
+    "COLUMNS",
     "KEEP_MS",
     "ONLINE_BEATS",
     "GroupMember",
@@ -47,6 +48,7 @@ __all__ = (
     "liveness",
     "processes",
     "render_table",
+    "rows",
     "version",
 )
 
@@ -276,11 +278,16 @@ def _ago(ms: int) -> str:
     return f"{s / 3600:.0f} h ago"
 
 
-def render_table(now_ms: int, procs: list[ProcessStatus]) -> str:
-    """Processes as a terminal table: online first; offline ones say when last seen."""
-    if not procs:
-        return "no consumer processes heard from in the last hour"
-    rows = [
+#: The columns of ``rows`` (the table and the dashboard's Consumers panel).
+COLUMNS = (
+    *("status", "host", "pid", "groups", "in flight"),
+    *("processed", "failed", "started", "version"),
+)
+
+
+def rows(now_ms: int, procs: list[ProcessStatus]) -> list[list[str]]:
+    """One row per process, ``COLUMNS``: offline ones say when they were last seen."""
+    return [
         [
             "online" if p.online else f"offline, last seen {_ago(now_ms - p.last_seen_ms)}",
             p.host,
@@ -297,20 +304,17 @@ def render_table(now_ms: int, procs: list[ProcessStatus]) -> str:
         ]
         for p in procs
     ]
-    head = [
-        "STATUS",
-        "HOST",
-        "PID",
-        "GROUPS",
-        "IN FLIGHT",
-        "PROCESSED",
-        "FAILED",
-        "STARTED",
-        "VERSION",
-    ]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+
+
+def render_table(now_ms: int, procs: list[ProcessStatus]) -> str:
+    """Processes as a terminal table: online first; offline ones say when last seen."""
+    if not procs:
+        return "no consumer processes heard from in the last hour"
+    body = rows(now_ms, procs)
+    head = [c.upper() for c in COLUMNS]
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     online = sum(p.online for p in procs)
     lines = [f"{online} online, {len(procs) - online} offline", "", fmt.format(*head)]
-    lines += [fmt.format(*r) for r in rows]
+    lines += [fmt.format(*r) for r in body]
     return "\n".join(map(printable, lines))

@@ -9,14 +9,17 @@ import os
 import socket
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
 from schemas import SpotInterruption
 from streamproc import Keys, Producer, presence
 from streamproc.consumer import Consumer
+from streamproc.dashboard.consumers import CONSUMERS_PANEL
 from streamproc.inspect import Thresholds, breaches, collect
 from tests.helpers import MakeConsumer, cli_in_process, spot
+from tests.test_dashboard import login, serving_panels
 
 GROUP = "cluster-events"
 
@@ -231,3 +234,29 @@ async def test_check_without_arguments_checks_every_declared_group(
     assert "ok: 0 group(s)" not in bare.stdout
     assert f"group {GROUP} does not exist on" in bare.stderr
     assert bare.stderr == every.stderr
+
+
+async def test_the_dashboards_consumers_panel_lists_them_online_first_then_offline(
+    client: aioredis.Redis, keys: Keys, producer: Producer, make_consumer: MakeConsumer
+) -> None:
+    """Over HTTP, as tests/test_dashboard.py reads the application's panels."""
+    await make_consumer({}, name="old", group="g1").report_presence(stopped=True)
+    presence._ids.clear()  # another process
+    await make_consumer({}, name="new", group="g2").report_presence()
+    async with (
+        serving_panels(client, keys, producer, [CONSUMERS_PANEL]) as srv,
+        aiohttp.ClientSession(base_url=srv.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as b,
+    ):
+        await login(b, await srv.token("admin", (), operator=True))
+        async with b.get("/dashboard/api/snapshot") as r:
+            assert r.status == 200
+            snap = await r.json()
+    (panel,) = snap["panels"]
+    assert (panel["name"], panel["title"], panel["error"]) == ("consumers", "Consumers", None)
+    assert panel["columns"][:4] == ["status", "host", "pid", "groups"]
+    assert panel["total"] == 2
+    assert panel["note"].startswith("1 online, 1 offline")
+    online, offline = panel["rows"]
+    assert (online[0], online[3]) == ("online", "g2 as new")
+    assert offline[0].startswith("offline, last seen ")
+    assert offline[3] == "g1 as old"
