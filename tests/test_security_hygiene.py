@@ -165,6 +165,10 @@ def test_dlq_list_and_show_escape_what_the_dead_letter_carries(
     shown = cli("dlq", "show", "cluster-events", "--id", TITLE, env=env)
     assert shown.returncode == 0, shown.stderr
     assert not RAW_CONTROL.search(shown.stdout), shown.stdout
+    assert "spot\\x1b[2J\\x1b[H" in shown.stdout
+    shown = cli("dlq", "show", "cluster-events", "--id", TITLE, "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert not RAW_CONTROL.search(shown.stdout), shown.stdout
     doc = json.loads(shown.stdout)  # still JSON, and the same values
     assert doc["fields"]["key"] == CLEAR
     assert doc["fields"]["dlq_reason"] == "invalid\x9b"
