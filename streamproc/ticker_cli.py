@@ -23,13 +23,14 @@ from typing import Any
 
 import msgspec
 
+from streamproc import _human
 from streamproc.app import App
 from streamproc.cli import install_stop_handlers, open_redis, run_async
 from streamproc.config import Config
 from streamproc.errors import ConfigError
 from streamproc.keys import check_name
 from streamproc.producer import Producer
-from streamproc.schedule import Schedule, Tick
+from streamproc.schedule import Every, Schedule, Tick
 from streamproc.scheduler import Scheduler, check_schedule_name
 from streamproc.ticker import Ticker, TickerSettings
 
@@ -69,12 +70,15 @@ def _cmd_ticker(args: argparse.Namespace, cfg: Config, app: App) -> int:
     schedules = load_schedules(args.schedules, app)
     if args.list:
         now = datetime.now(UTC)
+        times: list[str]
         for s in schedules:
             t, times = now, []
             for _ in range(3):
                 t = s.trigger.next_after(t)
-                times.append(t.isoformat(timespec="seconds"))
-            print(f"{s.name:<18} {s.trigger!s:<28} {s.event.type_name():<24} {s.missed:<8} "
+                times.append(_human.when(t, now) if not times else _human.iso(t))
+            trigger = s.trigger
+            text = _human.every(trigger.interval_s) if isinstance(trigger, Every) else str(trigger)
+            print(f"{s.name:<18} {text:<28} {s.event.type_name():<24} {s.missed:<8} "
                   f"next: {', '.join(times)}")  # fmt: skip
         return 0
     settings = TickerSettings(
@@ -124,10 +128,11 @@ def _cmd_schedules(args: argparse.Namespace, cfg: Config, app: App) -> int:
             if args.action == "list":
                 page, cursor = await s.list(prefix=args.prefix, limit=args.limit)
                 total = await s.count()
+                now = datetime.now(UTC)
                 for i in page:
-                    nxt = i.next_at.isoformat(timespec="seconds") if i.next_at else "-"
-                    print(f"{i.name:<32} {i.trigger:<34} {i.event:<24} key={i.key:<16} "
-                          f"next {nxt}")  # fmt: skip
+                    nxt = _human.when(i.next_at, now)
+                    print(f"{i.name:<32} {_human.trigger(i.trigger):<34} {i.event:<24} "
+                          f"key={i.key:<16} next {nxt}")  # fmt: skip
                 more = " (more: narrow with --prefix or raise --limit)" if cursor else ""
                 print(f"{len(page)} of {total} runtime schedule(s){more}")
                 return 0
@@ -154,7 +159,7 @@ def _cmd_schedules(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 missed=args.missed,
             )
             info = await s.get(args.name)
-            nxt = info.next_at.isoformat(timespec="seconds") if info and info.next_at else "-"
+            nxt = _human.when(info.next_at if info else None, datetime.now(UTC))
             print(f"{'set' if changed else 'unchanged'} {args.name}: next {nxt}")
             return 0
         finally:

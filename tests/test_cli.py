@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -395,3 +396,26 @@ def test_one_shot_commands_write_for_people(env: dict[str, str]) -> None:
     assert loud.returncode == 0, loud.stderr
     logged = [json.loads(line) for line in loud.stderr.splitlines() if line.startswith("{")]
     assert "redis_server" in [rec["event"] for rec in logged]
+
+
+ISO_AND_RELATIVE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \((in \d+ (s|min|h|d)|now)\)"
+
+
+def test_schedule_listings_show_times_as_iso_and_relative_and_intervals_in_units(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`schedules add|list` and `ticker --list`: next times as ``2026-12-01T20:00:00Z (in 45
+    s)``, intervals as ``every 6 h`` (not ``every 21600s``)."""
+    run = functools.partial(cli_in_process, monkeypatch, capsys, env)
+    added = run("schedules", "add", "six-hourly", "--event", "tick.discovery", "--every", "6h")
+    assert added.returncode == 0, added.stderr
+    last = added.stdout.splitlines()[-1]  # (the session's own logs may come before)
+    assert re.fullmatch(f"set six-hourly: next {ISO_AND_RELATIVE}", last), added.stdout
+    listed = run("schedules", "list")
+    [row] = [line for line in listed.stdout.splitlines() if line.startswith("six-hourly")]
+    assert re.search(rf"every 6 h \(offset [\d.]+ (s|min|h)\) .* next {ISO_AND_RELATIVE}$", row)
+    ticker = run("ticker", "--list")
+    assert ticker.returncode == 0, ticker.stderr
+    [discovery] = [line for line in ticker.stdout.splitlines() if line.startswith("discovery ")]
+    assert "every 5 min " in discovery
+    assert re.search(f"next: {ISO_AND_RELATIVE}, ", discovery), discovery

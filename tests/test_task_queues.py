@@ -4,6 +4,7 @@ load shedding — through the real ingest (HTTP on 127.0.0.1) and runners on a r
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -424,6 +425,10 @@ async def test_the_history_cli_lists_finished_tasks(
     assert run.returncode == 0, run.stderr
     lines = [x for x in run.stdout.splitlines() if x.startswith("{")]  # the session logs here
     assert [msgspec.json.decode(x)["id"] for x in lines] == [task_id]
+    text = await asyncio.to_thread(cli_in_process, monkeypatch, capsys, env, "tasks", "history")
+    [row] = [x for x in text.stdout.splitlines() if task_id in x]
+    # when it finished: ISO-8601 UTC and how long ago (issue 19 item 7)
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \((\d+ s ago|now)\) ", row), row
     bad = await asyncio.to_thread(
         cli_in_process, monkeypatch, capsys, env, "tasks", "--queues", "nope"
     )

@@ -16,6 +16,7 @@ import msgspec
 import orjson
 
 from schemas.workers import WORKER_ID_RE, WorkerCreated, WorkerTerminated
+from streamproc import _human
 from streamproc.app import App
 from streamproc.cli import open_redis, run_async
 from streamproc.config import Config
@@ -57,14 +58,6 @@ def _pct(w: Worker, metric: str) -> str:
 def _alert(w: Worker) -> str:
     on = [m for m, s in (("cpu", w.alert_cpu), ("mem", w.alert_memory)) if s == "alert"]
     return ",".join(on) or "ok"
-
-
-def _when(at: str | datetime | None, now: datetime) -> str:
-    if not at:
-        return "-"
-    t = at if isinstance(at, datetime) else datetime.fromisoformat(at)
-    s = (t - now).total_seconds()
-    return f"in {s:.0f}s" if s >= 0 else f"{-s:.0f}s ago"
 
 
 def _cmd_workers(args: argparse.Namespace, cfg: Config, app: App) -> int:
@@ -142,14 +135,14 @@ def _cmd_workers(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 return 0
             print(
                 f"{'id':<24} {'status':<12} {'cpu%':>6} {'mem%':>6} {'alert':<8} "
-                f"{'last polled':<12} next poll"
+                f"{'last polled':<34} next poll"
             )
             for w in workers:
                 nxt = await jobs.next_poll(client, keys, w.id)
                 print(
                     f"{w.id[:24]:<24} {w.status:<12} {_pct(w, 'cpu'):>6} {_pct(w, 'memory'):>6} "
-                    f"{_alert(w):<8} {_when(w.last_polled_at, now):<12} "
-                    f"{_when(nxt, now) if nxt else 'no job'}"
+                    f"{_alert(w):<8} {_human.when(w.last_polled_at, now):<34} "
+                    f"{_human.when(nxt, now) if nxt else 'no job'}"
                 )
             print(f"{len(workers)} of {total} worker(s)")
             return 0

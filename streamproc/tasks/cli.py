@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import orjson
 
+from streamproc import _human
 from streamproc.app import App
 from streamproc.config import Config
 from streamproc.errors import ConfigError
@@ -118,12 +120,14 @@ def _history(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 print(orjson.dumps(msgspec.to_builtins(v)).decode())
             return 0
         print(
-            f"{'updated':<25} {'task':<38} {'type':<20} {'status':<10} {'progress':>8} "
+            f"{'updated':<34} {'task':<38} {'type':<20} {'status':<10} {'progress':>8} "
             f"{'took s':>8}  submitter"
         )
+        now = datetime.now(UTC)
         for v in views:
+            updated = _human.when(v.finished_at or v.updated_at, now)
             print(
-                f"{v.finished_at or v.updated_at or '-':<25} {v.id[:38]:<38} {v.type[:20]:<20} "
+                f"{updated:<34} {v.id[:38]:<38} {v.type[:20]:<20} "
                 f"{v.status:<10} {v.progress:>8.0%} {_took(v.started_at, v.finished_at):>8}  "
                 f"{v.submitted_by}"
             )
@@ -173,8 +177,6 @@ def _one(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _took(start: str | None, end: str | None) -> str:
-    from datetime import datetime
-
     if not start or not end:
         return "-"
     try:
