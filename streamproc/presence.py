@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
@@ -31,6 +31,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from streamproc._human import duration, when
 from streamproc._lua import Lua
 from streamproc.keys import Keys
 from streamproc.printable import printable
@@ -269,13 +270,8 @@ async def live_consumers(
 
 
 def _ago(ms: int) -> str:
-    """``12 s ago``, ``3 min ago``, ``2 h ago``."""
-    s = max(0, ms) / 1000
-    if s < 90:
-        return f"{s:.0f} s ago"
-    if s < 90 * 60:
-        return f"{s / 60:.0f} min ago"
-    return f"{s / 3600:.0f} h ago"
+    """``12 s ago``, ``3 min ago``, ``2 h ago`` (``streamproc._human``)."""
+    return f"{duration(max(0, ms) / 1000)} ago"
 
 
 #: The columns of ``rows`` (the table and the dashboard's Consumers panel).
@@ -299,7 +295,7 @@ def rows(now_ms: int, procs: list[ProcessStatus]) -> list[list[str]]:
             str(p.in_flight),
             str(p.processed),
             str(p.failed),
-            _ago(int(time.time() * 1000) - p.started_ms),
+            when(datetime.fromtimestamp(p.started_ms / 1000, UTC), datetime.now(UTC)),
             p.version,
         ]
         for p in procs
