@@ -82,6 +82,12 @@ def register(sub: Any) -> None:
     c.add_argument(
         "--http-port", type=int, default=0, help="also require 200 from 127.0.0.1:PORT/readyz"
     )
+    c.add_argument(
+        "--redis-only",
+        action="store_true",
+        help="only Redis reachable (and --http-port ready): a role's container health check "
+        "that must not fail for other roles' groups",
+    )
     c.add_argument("--timeout-s", type=float, default=3.0, help="how long to wait for Redis")
     c.set_defaults(func=_cmd_check)
 
@@ -198,7 +204,9 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
     # Every group the application declares: its concerns' and the extra ones (outside readers).
     declared = app.declared_groups
     known = sorted({g for gs in declared.values() for g in gs})
-    groups = known if args.all or not args.groups else list(args.groups)
+    if args.redis_only and (args.groups or args.all):
+        raise ConfigError("check --redis-only takes no groups")
+    groups = [] if args.redis_only else known if args.all or not args.groups else args.groups
     unknown = [g for g in groups if g not in known]
     if unknown:
         raise ConfigError(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -211,7 +219,7 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
             live = await _presence.liveness(client, keys)
             now_ms = await _inspect.server_time_ms(client)
             statuses = []
-            for topic, readers in sorted(declared.items()):
+            for topic, readers in sorted(declared.items()) if groups else ():
                 for part in keys.partitions_of(topic):  # each partition
                     stream = keys.stream(part)
                     for g in (g for g in readers if g in groups):

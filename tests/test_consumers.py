@@ -234,6 +234,13 @@ async def test_check_without_arguments_checks_every_declared_group(
     assert "ok: 0 group(s)" not in bare.stdout
     assert f"group {GROUP} does not exist on" in bare.stderr
     assert bare.stderr == every.stderr
+    # a role's container health check: Redis only, whatever other roles' groups look like
+    redis_only = await _cli(monkeypatch, capsys, env, "check", "--redis-only")
+    assert redis_only.returncode == 0, redis_only.stderr
+    assert "ok: Redis" in redis_only.stdout
+    mixed = await _cli(monkeypatch, capsys, env, "check", "--redis-only", GROUP)
+    assert mixed.returncode == 2
+    assert "takes no groups" in mixed.stderr
 
 
 async def test_the_dashboards_consumers_panel_lists_them_online_first_then_offline(
