@@ -53,6 +53,7 @@ from streamproc.producer import Producer
 
 __all__ = (
     "DEFAULT_APP",
+    "StoppedWhileWaiting",
     "child_argv",
     "install_stop_handlers",
     "main",
@@ -94,31 +95,89 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+class StoppedWhileWaiting(Exception):
+    """SIGTERM or SIGINT arrived while ``open_redis`` was still waiting for Redis to come up.
+
+    ``main`` exits 0 for it, as a role stopped by a signal does: nothing had started, there is
+    nothing to drain, and a supervisor (compose's ``restart: on-failure``) must not restart it.
+    """
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(f"stopped by {signame} while waiting for Redis")
+        self.signame = signame
+
+
+class _StopOnSignal:
+    """While installed, SIGTERM/SIGINT cancel the task that waits (and say which signal).
+
+    Installed only once the first attempt failed, so a Redis that answers at once leaves the
+    signal handlers alone; removed before ``open_redis`` returns, so a role installs its own
+    (``install_stop_handlers``) as before. A handler on the loop also makes PID 1 in a
+    container stoppable: PID 1 ignores a signal with the default action (``podman stop``
+    then waited its 10 s and killed it).
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.signame = ""
+        self.installed: list[signal.Signals] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.loop.add_signal_handler(sig, self._on_signal, sig.name)
+            except (RuntimeError, ValueError):  # not the main thread: leave signals alone
+                continue
+            self.installed.append(sig)
+
+    def _on_signal(self, signame: str) -> None:
+        if not self.signame and self.task is not None:
+            self.signame = signame
+            self.task.cancel()
+
+    def remove(self) -> None:
+        for sig in self.installed:
+            self.loop.remove_signal_handler(sig)
+
+
 async def open_redis(
     cfg: Config, *, wait_s: float = 30.0, role: bool = False
 ) -> tuple[aioredis.Redis, ServerInfo]:
     """Connect and check the server, waiting up to ``wait_s`` for Redis to come up.
 
     The server's version and features are logged at info by a long-running ``role``, at
-    debug by a one-shot command (whose output is for people).
+    debug by a one-shot command (whose output is for people). SIGTERM/SIGINT while waiting
+    raise ``StoppedWhileWaiting`` at once (``main``: exit 0).
     """
     client = connect(cfg.redis)
     backoff = Backoff(cap_s=2.0)
     deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            info = await check_server(client, allow_eviction=cfg.redis.allow_eviction)
-            break
-        except RedisUrlError:  # the server has no such database: waiting will not help
-            await client.aclose()
+    stop: _StopOnSignal | None = None
+    try:
+        while True:
+            try:
+                info = await check_server(client, allow_eviction=cfg.redis.allow_eviction)
+                break
+            except RedisUnavailable as e:
+                if time.monotonic() >= deadline:
+                    raise
+                if stop is None:  # the handlers first: the warning says a stop now works
+                    stop = _StopOnSignal()
+                    log.warning("waiting_for_redis", url=_safe_url(cfg.redis.url), error=str(e))
+                await backoff.sleep()
+    except asyncio.CancelledError:
+        await client.aclose()
+        if stop is None or not stop.signame:
             raise
-        except RedisUnavailable as e:
-            if time.monotonic() >= deadline:
-                await client.aclose()
-                raise
-            if backoff.attempt == 0:
-                log.warning("waiting_for_redis", url=_safe_url(cfg.redis.url), error=str(e))
-            await backoff.sleep()
+        if stop.task is not None:
+            stop.task.uncancel()  # the cancel was ours, turned into this exception
+        log.info("stopped_while_waiting_for_redis", signal=stop.signame)
+        raise StoppedWhileWaiting(stop.signame) from None
+    except BaseException:  # RedisUrlError (waiting will not help), or out of time
+        await client.aclose()
+        raise
+    finally:
+        if stop is not None:
+            stop.remove()
     (log.info if role else log.debug)(
         "redis_server",
         version=info.version_text,
@@ -447,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.app = app_spec(args.app)
         func: Callable[[argparse.Namespace, Config, App], int] = args.func
         return func(args, cfg, app)
+    except StoppedWhileWaiting as e:  # asked to stop before Redis came up: nothing to drain
+        print(f"streamproc: {e}", file=sys.stderr)
+        return 0
     except RedisUrlError as e:  # before ConfigError: no usable Redis, as when unreachable
         print(f"streamproc: error: {e}", file=sys.stderr)
         return 3
