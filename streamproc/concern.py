@@ -15,14 +15,23 @@ import structlog
 from streamproc.errors import ConfigError
 from streamproc.event import Event
 from streamproc.keys import Keys, check_name
-from streamproc.settings import RetryPolicy
+from streamproc.settings import RetryPolicy, _Settings
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from streamproc.producer import Producer
 
-__all__ = ("Background", "Concern", "Context", "DeadLetterInfo", "Handler", "OnDeadLetter", "Scope")
+__all__ = (
+    "Background",
+    "Concern",
+    "Context",
+    "DeadLetterInfo",
+    "Handler",
+    "Limits",
+    "OnDeadLetter",
+    "Scope",
+)
 
 Handler = Callable[[Any, "Context"], Awaitable[None]]
 
@@ -61,6 +70,27 @@ Background = Callable[["Scope"], Awaitable[None]]
 _HANDLER_LOG = structlog.get_logger("streamproc.handler")
 
 
+class Limits(_Settings, frozen=True, kw_only=True):
+    """When a group is in trouble: what colours its dashboard row and makes ``inspect`` exit 1
+    (``streamproc.inspect.judge``, docs/operating.md "Busy is not stuck").
+
+    A pending entry is *stuck* when no consumer touched it (delivered or renewed it) for
+    ``stuck_after_s``: its idle time, not its age. A live consumer renews the entries it holds
+    every ``min_idle_ms / 3`` (10 s by default) however long the handler runs, so a long task
+    stays *busy*; an entry whose owner died or hangs stops being renewed and becomes stuck.
+    ``stuck_after_s`` must stay above the renewal period (``min_idle_ms / 3``). A group with
+    more than ``max_backlog`` entries not finished (lag + pending) has a *backlog*.
+    """
+
+    #: Idle time (since delivery or the last renewal) past which a pending entry is stuck.
+    stuck_after_s: float = 60.0
+    #: Entries not finished (lag + pending, over the group's topics) past which it is behind.
+    max_backlog: int = 100
+
+    def __post_init__(self) -> None:
+        self._positive("stuck_after_s", "max_backlog")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Concern:
     """One consumer group: which topics it reads and how it handles each event type."""
@@ -93,6 +123,8 @@ class Concern:
     #: Runs beside each consumer of the group from its start to its stop; if it raises, the
     #: error is logged and it is started again a second later.
     background: Background | None = None
+    #: When the group is stuck or behind (dashboard colours, ``inspect``'s exit code).
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         check_name("group", self.group)

@@ -13,22 +13,30 @@ XLEN, ZCARD, MEMORY USAGE, TIME, GET/HGETALL/PTTL on ticker keys, the heartbeats
   the ticker's keys: when it last fired and when it fires next (from its trigger), as
   ISO-8601 UTC and epoch ms.
 
-``breaches(report, thresholds)`` names the groups over their SLO; ``render_table`` prints it.
+``judge`` tells how one group is doing against its ``Limits`` (declared on its ``Concern``):
+ok, busy (a long handler whose entries its live consumer keeps renewing), stuck (a pending
+entry nobody renewed for ``stuck_after_s``, or work and no live consumer) or backlog (more
+than ``max_backlog`` not finished). The dashboard colours its rows with it and ``inspect``
+exits 1 on stuck or backlog (``breaches``). ``render_table`` prints the report.
+
 Ages are seconds, sizes are entries, memory is bytes; the table shows times as ISO-8601 UTC
-with their distance from now ("12s ago", "in 3m"), all on the server's clock.
+with their distance from now (``streamproc._human``: "3 min ago", "in 45 s"), all on the
+server's clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from streamproc import _human
 from streamproc.breaker import BreakerState, breaker_states
+from streamproc.concern import Concern, Limits
 from streamproc.groups import GroupInfo, group_info, group_infos
 from streamproc.keys import Keys
 from streamproc.presence import Liveness, live_consumers, liveness
@@ -38,32 +46,65 @@ if TYPE_CHECKING:
     from streamproc.schedule import Schedule
 
 __all__ = (
+    "STUCK_SAMPLE",
+    "GroupState",
     "GroupStatus",
+    "Health",
+    "LimitsOf",
     "Report",
     "ScheduleStatus",
-    "Thresholds",
     "TickerKey",
     "TickerStatus",
     "TopicStatus",
     "breaches",
     "collect",
     "group_status",
+    "health",
+    "judge",
+    "limits_of",
     "render_table",
     "schedule_statuses",
     "topics",
     "unattended",
 )
 
+#: Pending entries over the idle limit looked at per group and stream (XPENDING IDLE … COUNT).
+STUCK_SAMPLE = 100
 
-class Thresholds(msgspec.Struct, frozen=True, kw_only=True):
-    """A group breaches when its backlog or its oldest pending entry's age is over these.
+#: How a group is doing: ok; busy (a pending entry older than ``stuck_after_s`` that its
+#: live consumer keeps renewing: a long handler, not a fault); stuck (a pending entry idle
+#: past ``stuck_after_s``, or work waiting and no live consumer); backlog (over ``max_backlog``).
+GroupState = Literal["ok", "busy", "stuck", "backlog"]
+#: A group's limits by its name (``limits_of``).
+LimitsOf = Callable[[str], Limits]
 
-    Defaults from WORKLOADS.md §1: alert when a queue is deeper than 100, or processing
-    latency exceeds 1 s.
-    """
 
-    max_lag: int = 100
-    max_pending_age_s: float = 1.0
+def limits_of(
+    concerns: Mapping[str, Concern] | Iterable[Concern] = (),
+    *,
+    stuck_after_s: float | None = None,
+    max_backlog: int | None = None,
+) -> LimitsOf:
+    """Each group's ``Concern.limits`` (the defaults for a group no concern declares), with
+    ``stuck_after_s`` / ``max_backlog`` overriding every group's when given (CLI flags)."""
+    declared = {
+        c.group: c.limits
+        for c in (concerns.values() if isinstance(concerns, Mapping) else concerns)
+    }
+    overrides: dict[str, Any] = {}
+    if stuck_after_s is not None:
+        overrides["stuck_after_s"] = stuck_after_s
+    if max_backlog is not None:
+        overrides["max_backlog"] = max_backlog
+
+    def of(group: str) -> Limits:
+        base = declared.get(group) or Limits()
+        return msgspec.structs.replace(base, **overrides) if overrides else base
+
+    return of
+
+
+_DEFAULT_LIMITS = limits_of()
 
 
 class GroupStatus(msgspec.Struct, kw_only=True):
@@ -84,6 +125,23 @@ class GroupStatus(msgspec.Struct, kw_only=True):
     last_delivered_id: str
     #: Consumer names Redis remembers for the group (live or not).
     names: int = 0
+    #: The limits it is judged by: its Concern's, or the defaults.
+    limits: Limits = msgspec.field(default_factory=Limits)
+    #: Pending entries idle (not delivered or renewed) longer than ``limits.stuck_after_s``,
+    #: on the topic stream and the retry stream (``STUCK_SAMPLE`` at most each).
+    stuck_pending: int = 0
+    #: The longest idle time among those, seconds; None when none.
+    longest_idle_s: float | None = None
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """One group judged against its limits (``judge``)."""
+
+    group: str
+    topics: list[str]
+    state: GroupState
+    #: Why, a line each: the stuck and backlog lines are breaches, the busy one a note.
+    reasons: list[str]
 
 
 class TopicStatus(msgspec.Struct, kw_only=True):
@@ -175,6 +233,22 @@ async def _oldest_pending_age_s(
     return None if first is None else _age_s(now_ms, first)
 
 
+async def _idle_s(client: aioredis.Redis, stream: str, group: str, limits: Limits) -> list[float]:
+    """Idle times (s) of pending entries nobody delivered or renewed for ``stuck_after_s``.
+
+    A live consumer renews what it holds (XCLAIM … JUSTID resets the idle time, not the
+    entry id), so a long handler's entry never shows here while its consumer lives."""
+    rows: list[dict[str, Any]] = await client.xpending_range(
+        stream,
+        group,
+        min="-",
+        max="+",
+        count=STUCK_SAMPLE,
+        idle=int(limits.stuck_after_s * 1000),
+    )
+    return [int(r["time_since_delivered"]) / 1000 for r in rows]
+
+
 async def group_status(
     client: aioredis.Redis,
     keys: Keys,
@@ -182,16 +256,21 @@ async def group_status(
     info: GroupInfo,
     now_ms: int,
     live: Liveness | None = None,
+    limits: Limits | None = None,
 ) -> GroupStatus:
     """One group on one topic, from its XINFO GROUPS row plus its retry stream and DLQ;
-    its live consumers from ``live`` (read here when not given)."""
+    its live consumers from ``live`` (read here when not given); its stuck entries against
+    ``limits`` (the defaults when not given)."""
     group, stream = info.name, keys.stream(topic)
+    limits = limits or Limits()
     if live is None:
         live = await liveness(client, keys)
     pending, lag = info.pending, info.lag
     oldest: float | None = None
+    idle: list[float] = []
     if pending:
         oldest = await _oldest_pending_age_s(client, stream, group, now_ms)
+        idle = await _idle_s(client, stream, group, limits)
     retry_key = keys.retry_stream(topic, group)
     retries = int(await client.zcard(keys.delayed(topic, group)))
     retry = await group_info(client, retry_key, group)  # None: no retry stream yet
@@ -200,6 +279,7 @@ async def group_status(
             age = await _oldest_pending_age_s(client, retry_key, group, now_ms)
             if age is not None:
                 oldest = age if oldest is None else max(oldest, age)
+            idle += await _idle_s(client, retry_key, group, limits)
         pending += retry.pending
         retries += retry.lag or 0
     return GroupStatus(
@@ -216,6 +296,9 @@ async def group_status(
         dlq=int(await client.xlen(keys.dlq(topic, group))),
         last_delivered_id=info.last_delivered_id,
         names=info.consumers,
+        limits=limits,
+        stuck_pending=len(idle),
+        longest_idle_s=max(idle) if idle else None,
     )
 
 
@@ -227,6 +310,7 @@ async def topic_status(
     *,
     memory: bool = True,
     live: Liveness | None = None,
+    limits: LimitsOf = _DEFAULT_LIMITS,
 ) -> TopicStatus | None:
     stream = keys.stream(topic)
     try:
@@ -248,7 +332,7 @@ async def topic_status(
         last_age_s=_age_s(now_ms, last[0]) if last else None,
         memory_bytes=None if mem is None else int(mem),
         groups=[
-            await group_status(client, keys, topic, g, now_ms, live)
+            await group_status(client, keys, topic, g, now_ms, live, limits(g.name))
             for g in sorted(groups, key=lambda g: g.name)
         ],
     )
@@ -346,17 +430,21 @@ async def collect(
     *,
     memory: bool = True,
     schedules: Sequence[Schedule] = (),
+    limits: LimitsOf = _DEFAULT_LIMITS,
 ) -> Report:
     """A snapshot of every topic, group and the ticker under ``keys.prefix``.
 
     ``schedules``: the application's (``App.schedules``), so that each shows when it is
-    due next, and shows at all before it first fired.
+    due next, and shows at all before it first fired. ``limits``: each group's
+    (``limits_of(app.concerns)``), for its stuck entries.
     """
     now_ms = await server_time_ms(client)
     live = await liveness(client, keys)
     found = []
     for topic in await topics(client, keys):
-        status = await topic_status(client, keys, topic, now_ms, memory=memory, live=live)
+        status = await topic_status(
+            client, keys, topic, now_ms, memory=memory, live=live, limits=limits
+        )
         if status is not None:
             found.append(status)
     ticker = await ticker_status(client, keys)
@@ -386,23 +474,67 @@ def unattended(groups: Iterable[GroupStatus]) -> list[str]:
     ]
 
 
-def breaches(report: Report, thresholds: Thresholds) -> list[str]:
-    """One line per group over a threshold or with work and no live consumer (empty: every
-    group is within its SLO)."""
-    out = unattended(g for t in report.topics for g in t.groups)
+def judge(statuses: Sequence[GroupStatus]) -> Health:
+    """How one group is doing: its rows on every topic it reads, against their ``limits``.
+
+    The one judgement behind the dashboard's colours and ``inspect``'s exit code:
+
+    - **stuck**: work waiting (lag or pending) and no live consumer on any of its topics, or a
+      pending entry idle past ``stuck_after_s`` (delivered, then neither acked nor renewed:
+      its consumer died or hangs);
+    - **backlog**: more than ``max_backlog`` entries not finished (lag + pending, summed);
+    - **busy**: neither, and its oldest pending entry is older than ``stuck_after_s``: a long
+      handler whose consumer keeps renewing the entry (its idle time stays low while its age,
+      from the entry id, grows). Not a breach;
+    - **ok**: otherwise.
+    """
+    if not statuses:
+        raise ValueError("judge needs the group's statuses")
+    group, limits = statuses[0].group, statuses[0].limits
+    topics = [s.topic for s in statuses]
+    stuck: list[str] = unattended(statuses)
+    for s in statuses:
+        if s.stuck_pending:
+            many = f"{s.stuck_pending}+" if s.stuck_pending >= STUCK_SAMPLE else s.stuck_pending
+            entries = "entry" if s.stuck_pending == 1 else "entries"
+            stuck.append(
+                f"{group} on {s.topic}: {many} pending {entries} "
+                f"idle {_n(s.longest_idle_s, 's')} > stuck_after_s {limits.stuck_after_s:g} "
+                "(not renewed: its consumer died or hangs)"
+            )
+    behind: list[str] = []
+    backlog = sum(s.backlog if s.backlog is not None else s.pending for s in statuses)
+    if backlog > limits.max_backlog:
+        behind.append(
+            f"{group} on {', '.join(topics)}: backlog {backlog} > max_backlog {limits.max_backlog}"
+        )
+    ages = [s.oldest_pending_age_s for s in statuses if s.oldest_pending_age_s is not None]
+    if stuck:
+        return Health(group=group, topics=topics, state="stuck", reasons=stuck + behind)
+    if behind:
+        return Health(group=group, topics=topics, state="backlog", reasons=behind)
+    if ages and max(ages) > limits.stuck_after_s:
+        note = (
+            f"{group}: oldest pending {max(ages):.1f}s old, renewed by its live consumer "
+            f"(busy, not stuck: idle < stuck_after_s {limits.stuck_after_s:g})"
+        )
+        return Health(group=group, topics=topics, state="busy", reasons=[note])
+    return Health(group=group, topics=topics, state="ok", reasons=[])
+
+
+def health(report: Report) -> list[Health]:
+    """Every group of the report judged (``judge``), by name."""
+    by_group: dict[str, list[GroupStatus]] = {}
     for t in report.topics:
         for g in t.groups:
-            if g.backlog is not None and g.backlog > thresholds.max_lag:
-                out.append(
-                    f"{g.group} on {t.topic}: backlog {g.backlog} > max_lag {thresholds.max_lag}"
-                )
-            age = g.oldest_pending_age_s
-            if age is not None and age > thresholds.max_pending_age_s:
-                out.append(
-                    f"{g.group} on {t.topic}: oldest pending {age:.3f}s > "
-                    f"max_pending_age_s {thresholds.max_pending_age_s}"
-                )
-    return out
+            by_group.setdefault(g.group, []).append(g)
+    return [judge(rows) for _, rows in sorted(by_group.items())]
+
+
+def breaches(report: Report) -> list[str]:
+    """One line per reason a group is stuck or behind (empty: every group is within its
+    limits). Busy groups are not breaches."""
+    return [line for h in health(report) if h.state in ("stuck", "backlog") for line in h.reasons]
 
 
 def _n(value: float | int | None, unit: str = "") -> str:
@@ -424,27 +556,20 @@ def _bytes(n: int | None) -> str:
     return f"{n}B" if unit == "B" else f"{size:.1f}{unit}"
 
 
-def _span(ms: int) -> str:
-    """A distance in time, in its largest unit that reads well: 45s, 12m, 5h, 3d."""
-    s = abs(ms) / 1000
-    for limit, size, unit in ((90, 1, "s"), (90 * 60, 60, "m"), (36 * 3600, 3600, "h")):
-        if s < limit:
-            return f"{s / size:.0f}{unit}"
-    return f"{s / 86400:.0f}d"
+def _at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def _relative(ms: int, now_ms: int) -> str:
-    """``12s ago``, ``in 3m``, ``now``: ``ms`` against ``now_ms`` (both the server's clock)."""
-    if abs(ms - now_ms) < 1000:
-        return "now"
-    return f"{_span(now_ms - ms)} ago" if ms < now_ms else f"in {_span(ms - now_ms)}"
+    """``3 min ago``, ``in 45 s``, ``now``: ``ms`` against ``now_ms`` (the server's clock)."""
+    return _human.relative(_at(ms), _at(now_ms))
 
 
 def _time(ms: int | None, text: str | None, now_ms: int) -> str:
     """ISO-8601 UTC and how far from now; the stored text when it is not a time."""
     if ms is None:
-        return text or "-"
-    return f"{_iso(ms)} ({_relative(ms, now_ms)})"
+        return _human.when(text, _at(now_ms))
+    return _human.when(_at(ms), _at(now_ms))
 
 
 def _table(header: Iterable[str], rows: list[list[str]]) -> list[str]:
@@ -456,7 +581,7 @@ def _table(header: Iterable[str], rows: list[list[str]]) -> list[str]:
 
 _GROUP_COLUMNS = (
     *("GROUP", "TOPIC", "CONSUMERS", "LAG", "PENDING", "BACKLOG"),
-    *("OLDEST PENDING", "RETRYING", "DLQ"),
+    *("OLDEST PENDING", "RETRYING", "DLQ", "STATE"),
 )
 
 
@@ -477,6 +602,7 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
         ],
     )
     groups = [g for t in report.topics for g in t.groups]
+    states = {h.group: h for h in health(report)}
     lines.append("")
     if groups:
         lines += _table(
@@ -492,6 +618,7 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
                     _n(g.oldest_pending_age_s, "s"),
                     str(g.retries_waiting),
                     str(g.dlq),
+                    states[g.group].state,
                 ]
                 for g in groups
             ],
@@ -502,7 +629,11 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
     if report.ticker is not None:
         tk = report.ticker
         leader = tk.leader or "-"
-        ttl = f" (lease {tk.leader_ttl_ms} ms left)" if tk.leader_ttl_ms is not None else ""
+        ttl = (
+            f" (lease ends in {_human.duration(tk.leader_ttl_ms / 1000)})"
+            if tk.leader_ttl_ms is not None
+            else ""
+        )
         lines += ["", f"ticker leader: {leader}{ttl}"]
         if not report.schedules:
             lines += [f"ticker keys: {', '.join(k.key for k in tk.keys)}"]
@@ -514,7 +645,7 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
             [
                 [
                     s.name,
-                    s.trigger or "-",
+                    _human.trigger(s.trigger) if s.trigger else "-",
                     _time(s.last_ms, s.last, now),
                     _time(s.next_ms, s.next, now),
                 ]
@@ -537,6 +668,9 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
                 for b in report.breakers
             ],
         )
+    busy = [line for h in states.values() if h.state == "busy" for line in h.reasons]
+    if busy:
+        lines += ["", "BUSY (not stuck):", *(f"  {b}" for b in busy)]
     if problems:
         lines += ["", "SLO BREACHED:", *(f"  {p}" for p in problems)]
     # Names and errors read from Redis (a breaker's last error, a leader id) are shown with

@@ -1,7 +1,8 @@
 """Operator subcommands: ``inspect``, ``tail``, ``check`` and ``consumers``.
 
 Exit codes (besides the CLI's 2 for bad arguments and 3 for Redis unreachable):
-``inspect`` 1 when a group breaches its SLO or has work waiting and no live consumer;
+``inspect`` 1 when a group is stuck or behind its limits (``inspect.judge``: a pending entry
+nobody renewed, work and no live consumer, a backlog over ``max_backlog``), 0 when busy;
 ``check`` 1 when a group is missing, has work waiting and no live consumer, or the
 process's own ``/readyz`` does not answer 200; ``tail`` 0 when stopped or done;
 ``consumers`` 0.
@@ -41,14 +42,18 @@ def register(sub: Any) -> None:
     i.add_argument(
         "--max-lag",
         type=int,
-        default=_inspect.Thresholds().max_lag,
-        help="a group whose backlog (lag + pending) is over this breaches (default %(default)s)",
+        default=None,
+        help="override every group's Limits.max_backlog: a backlog (lag + pending) over this "
+        "breaches (default: each group's, 100 unless its Concern says)",
     )
     i.add_argument(
+        "--stuck-after-s",
         "--max-pending-age-s",
+        dest="stuck_after_s",
         type=float,
-        default=_inspect.Thresholds().max_pending_age_s,
-        help="a group whose oldest pending entry is older breaches (default %(default)s)",
+        default=None,
+        help="override every group's Limits.stuck_after_s: a pending entry nobody renewed for "
+        "this long is stuck (default: each group's, 60 unless its Concern says)",
     )
     i.add_argument("--no-memory", action="store_true", help="skip MEMORY USAGE")
     i.set_defaults(func=_cmd_inspect)
@@ -105,9 +110,13 @@ def register(sub: Any) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace, cfg: Config, app: App) -> int:
-    if args.max_lag < 0 or args.max_pending_age_s < 0:
-        raise ConfigError("--max-lag and --max-pending-age-s must be >= 0")
-    thresholds = _inspect.Thresholds(max_lag=args.max_lag, max_pending_age_s=args.max_pending_age_s)
+    if (args.max_lag is not None and args.max_lag <= 0) or (
+        args.stuck_after_s is not None and args.stuck_after_s <= 0
+    ):
+        raise ConfigError("--max-lag and --stuck-after-s must be > 0")
+    limits = _inspect.limits_of(
+        app.concerns, stuck_after_s=args.stuck_after_s, max_backlog=args.max_lag
+    )
 
     async def go() -> int:
         client, _ = await open_redis(cfg, wait_s=5)
@@ -117,12 +126,17 @@ def _cmd_inspect(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 cfg.keys(),
                 memory=not args.no_memory,
                 schedules=app.schedules,
+                limits=limits,
             )
         finally:
             await client.aclose()
-        problems = _inspect.breaches(report, thresholds)
+        problems = _inspect.breaches(report)
         if args.json:
-            doc = {**msgspec.to_builtins(report), "breaches": problems}
+            doc = {
+                **msgspec.to_builtins(report),
+                "health": msgspec.to_builtins(_inspect.health(report)),
+                "breaches": problems,
+            }
             print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         else:
             print(_inspect.render_table(report, problems))

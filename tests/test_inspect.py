@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -9,22 +10,26 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from schemas.cluster import SpotInterruption
 from schemas.ticks import DiscoveryTick
 from streamproc import Keys, Producer
+from streamproc.concern import Limits
 from streamproc.inspect import (
     Report,
-    Thresholds,
     TickerStatus,
     breaches,
     collect,
+    health,
+    limits_of,
     render_table,
     schedule_statuses,
 )
 from streamproc.schedule import Schedule, cron, every
+from tests.helpers import MakeConsumer
 
 GROUP = "cluster-events"
 
@@ -83,27 +88,49 @@ async def test_report_counts_length_lag_pending_retries_and_dead_letters(
     assert report.ticker is None
 
 
-async def test_a_group_breaches_when_its_backlog_is_over_max_lag(
+async def test_a_group_breaches_when_its_backlog_is_over_max_backlog(
     client: aioredis.Redis, keys: Keys, producer: Producer
 ) -> None:
     await _scene(client, keys, producer)
-    report = await collect(client, keys, memory=False)
-    assert breaches(report, Thresholds(max_lag=3, max_pending_age_s=1e9)) == []
-    [problem] = breaches(report, Thresholds(max_lag=2, max_pending_age_s=1e9))
-    assert "cluster-events on cluster: backlog 3 > max_lag 2" in problem
+    report = await collect(client, keys, memory=False, limits=limits_of(max_backlog=3))
+    assert breaches(report) == []
+    report = await collect(client, keys, memory=False, limits=limits_of(max_backlog=2))
+    [problem] = breaches(report)
+    assert "cluster-events on cluster: backlog 3 > max_backlog 2" in problem
+    assert [h.state for h in health(report)] == ["backlog"]
     assert "SLO BREACHED" in render_table(report, [problem])
 
 
-async def test_a_group_breaches_when_its_oldest_pending_entry_is_too_old(
+async def test_an_old_entry_just_delivered_is_busy_and_one_nobody_renewed_is_stuck(
     client: aioredis.Redis, keys: Keys
 ) -> None:
+    """Age (from the entry id) is not idle time (since delivery or renewal): only idle counts."""
     stream = keys.stream("old")
-    await client.xadd(stream, {"type": "t"}, id="1000-0")  # stamped 1970: very old
+    [entry_id] = [await client.xadd(stream, {"type": "t"}, id="1000-0")]  # stamped 1970
     await client.xgroup_create(stream, "g", id="0")
-    await client.xreadgroup("g", "c1", {stream: ">"})
-    report = await collect(client, keys)
-    [problem] = breaches(report, Thresholds(max_lag=100, max_pending_age_s=60))
-    assert "g on old: oldest pending" in problem
+    await client.xreadgroup("g", "c1", {stream: ">"})  # delivered now: idle ~0
+    report = await collect(client, keys, limits=limits_of(stuck_after_s=60))
+    [g] = report.topics[0].groups
+    assert g.oldest_pending_age_s is not None
+    assert g.oldest_pending_age_s > 60
+    assert (g.stuck_pending, g.longest_idle_s) == (0, None)
+    [h] = health(report)
+    assert h.state == "busy", h
+    assert breaches(report) == []
+    assert "BUSY (not stuck)" in render_table(report)
+
+    # nobody touched it for 2 minutes (XCLAIM's IDLE sets the idle time, as a dead owner would)
+    await client.xclaim(stream, "g", "c1", 0, [entry_id], idle=120_000)
+    report = await collect(client, keys, limits=limits_of(stuck_after_s=60))
+    [g] = report.topics[0].groups
+    assert g.stuck_pending == 1
+    assert g.longest_idle_s is not None
+    assert g.longest_idle_s >= 120
+    [h] = health(report)
+    assert h.state == "stuck"
+    [problem] = breaches(report)
+    assert "g on old: 1 pending entry idle" in problem
+    assert "> stuck_after_s 60" in problem
 
 
 async def test_ticker_keys_are_shown_tolerantly(client: aioredis.Redis, keys: Keys) -> None:
@@ -138,6 +165,8 @@ async def test_cli_json_and_exit_code_follow_the_thresholds(
     doc = json.loads(within.stdout)
     assert doc["breaches"] == []
     assert doc["topics"][0]["groups"][0]["backlog"] == 3
+    assert doc["topics"][0]["groups"][0]["limits"] == {"stuck_after_s": 1e9, "max_backlog": 100}
+    assert [(h["group"], h["state"]) for h in doc["health"]] == [(GROUP, "ok")]
 
     over = cli(repo_root, redis_url, keys, "inspect", "--max-lag", "1")
     assert over.returncode == 1, over.stderr
@@ -188,10 +217,10 @@ def test_the_table_shows_times_as_iso_8601_with_their_distance_from_now() -> Non
     table = render_table(report)
     lines = {line.split()[0]: line for line in table.splitlines() if line}
     assert "SCHEDULE" in lines
-    assert "2026-11-23T10:00:00Z (2m ago)" in lines["discovery"]
-    assert "2026-11-23T10:05:00Z (in 3m)" in lines["discovery"]
-    assert "every 300s" in lines["discovery"]
-    assert "2026-11-30T09:00:00Z (in 7d)" in lines["weekly"]
+    assert "2026-11-23T10:00:00Z (2 min ago)" in lines["discovery"]
+    assert "2026-11-23T10:05:00Z (in 3 min)" in lines["discovery"]
+    assert "every 5 min" in lines["discovery"]
+    assert "2026-11-30T09:00:00Z (in 7 d)" in lines["weekly"]
     assert "yesterday" in lines["gone"]  # not a time: shown as stored
     assert str(now - 120_000) not in table  # no raw epoch ms
 
@@ -209,7 +238,7 @@ async def test_collect_reads_the_tickers_last_times_and_the_applications_schedul
     assert discovery.next_ms % 300_000 == 0
     assert (weekly.last, weekly.next is not None) == (None, True)
     table = render_table(report)
-    assert re.search(r"Z \(6[01]s ago\)", table)
+    assert re.search(r"Z \(6[01] s ago\)", table)
     assert "(in " in table
 
 
@@ -235,10 +264,111 @@ async def test_cli_shows_last_as_iso_8601_and_next_from_the_applications_schedul
     assert done.returncode == 0, done.stderr
     assert str(last_ms) not in done.stdout
     [line] = [x for x in done.stdout.splitlines() if x.startswith("discovery ")]
-    assert re.search(r"every 300s +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(2m ago\)", line), line
-    assert re.search(r"Z \(in (\d+s|[1-5]m)\)$", line.rstrip()), line
+    assert re.search(r"every 5 min +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(2 min ago\)", line), line
+    assert re.search(r"Z \(in (\d+ s|[1-5] min)\)$", line.rstrip()), line
     assert "weekly-report" in done.stdout  # never fired: listed with its next time
     doc = json.loads(cli(repo_root, redis_url, keys, "inspect", "--json").stdout)
     names = {s["name"]: s for s in doc["schedules"]}
     assert names["discovery"]["last_ms"] == last_ms
     assert names["weekly-report"]["next"].endswith("Z")
+
+
+async def _until_older_than(client: aioredis.Redis, keys: Keys, age_s: float) -> None:
+    """Wait (bounded by the test's timeout) until the group's oldest pending entry is older."""
+    while True:
+        [g] = (await collect(client, keys, memory=False)).topics[0].groups
+        if g.oldest_pending_age_s is not None and g.oldest_pending_age_s > age_s:
+            return
+        await asyncio.sleep(0.2)
+
+
+async def test_a_handler_running_past_the_limit_while_renewed_is_busy_and_inspect_exits_0(
+    client: aioredis.Redis,
+    keys: Keys,
+    producer: Producer,
+    make_consumer: MakeConsumer,
+    redis_url: str,
+    repo_root: Path,
+) -> None:
+    """A real consumer renews the entry it holds (every min_idle_ms / 3) while its handler
+    runs: the entry's age passes stuck_after_s, its idle time does not."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(event: SpotInterruption, ctx: Any) -> None:
+        started.set()
+        await release.wait()
+
+    limits = Limits(stuck_after_s=2.0)
+    consumer = make_consumer(
+        {SpotInterruption: handle}, concern={"limits": limits}, min_idle_ms=600, block_ms=100
+    )
+    await consumer.ensure_groups()
+    runner = asyncio.create_task(consumer.run())
+    try:
+        await producer.publish(spot(1))
+        await started.wait()
+        await _until_older_than(client, keys, 2.5)
+        report = await collect(client, keys, memory=False, limits=limits_of([consumer.concern]))
+        [g] = report.topics[0].groups
+        assert (g.pending, g.stuck_pending, g.limits) == (1, 0, limits)
+        [h] = health(report)
+        assert h.state == "busy", h
+        assert breaches(report) == []
+
+        done = await asyncio.to_thread(
+            cli, repo_root, redis_url, keys, "inspect", "--no-memory", "--stuck-after-s", "2"
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "BUSY (not stuck)" in done.stdout
+        assert "SLO BREACHED" not in done.stdout
+    finally:
+        release.set()
+        consumer.stop()
+        await runner
+
+
+async def test_a_pending_entry_of_a_dead_consumer_past_the_limit_is_stuck_and_inspect_exits_1(
+    client: aioredis.Redis,
+    keys: Keys,
+    producer: Producer,
+    make_consumer: MakeConsumer,
+    redis_url: str,
+    repo_root: Path,
+) -> None:
+    """The group has a live consumer, but an entry a dead one took is renewed by nobody."""
+
+    async def handle(event: SpotInterruption, ctx: Any) -> None:
+        return None
+
+    consumer = make_consumer({SpotInterruption: handle}, block_ms=100)  # min_idle 30 s
+    await consumer.ensure_groups()
+    await producer.publish(spot(1))
+    stream = keys.stream("cluster")
+    [[_, [(entry_id, _)]]] = await client.xreadgroup("g", "dead", {stream: ">"}, count=1)
+    started = asyncio.Event()
+    runner = asyncio.create_task(consumer.run(started=started))
+    try:
+        await started.wait()
+        # the dead owner last touched it 5 s ago (over stuck_after_s, under min_idle: not
+        # reclaimed yet)
+        await client.xclaim(stream, "g", "dead", 0, [entry_id], idle=5_000)
+        report = await collect(client, keys, memory=False, limits=limits_of(stuck_after_s=2))
+        [g] = report.topics[0].groups
+        assert g.consumers >= 1  # not unattended: stuck for the idle entry
+        assert g.stuck_pending == 1
+        [h] = health(report)
+        assert h.state == "stuck", h
+        [problem] = breaches(report)
+        assert "g on cluster: 1 pending entry idle" in problem
+
+        done = await asyncio.to_thread(
+            cli, repo_root, redis_url, keys, "inspect", "--no-memory", "--stuck-after-s", "2"
+        )
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "SLO BREACHED" in done.stdout
+        assert "not renewed" in done.stdout
+        [row] = [x for x in done.stdout.splitlines() if x.startswith("g ")]
+        assert row.rstrip().endswith("stuck")
+    finally:
+        consumer.stop()
+        await runner
