@@ -33,6 +33,7 @@ import orjson
 import redis.asyncio as aioredis
 import structlog
 
+from streamproc import tracing
 from streamproc._backoff import Backoff
 from streamproc._supervise import supervise
 from streamproc.app import App, load_app
@@ -268,6 +269,7 @@ def _cmd_consume(args: argparse.Namespace, cfg: Config, app: App) -> int:
             f"known: {', '.join(sorted(app.concerns))}"
         )
     app.configure(os.environ)
+    tracing.setup_from_env(os.environ, role="consume")
     return run_async(consume(cfg, app, groups, http_port=args.http_port, http_host=args.http_host))
 
 

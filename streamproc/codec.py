@@ -7,6 +7,14 @@
 ``v``     schema version
 ``data``  the whole event as JSON (its fields; ``type`` included)
 
+Optional, written by the producer only while tracing is on (``streamproc.tracing``):
+
+``traceparent``  the W3C trace context of the span that published the event
+``tracestate``   its W3C vendor state, when it has one
+
+Decoding reads ``type``, ``data`` and ``id`` only: other fields (the trace context, a retry's
+``attempt``, a replay's ``origin``) are the engine's business, never part of the event.
+
 ``id``, ``ts`` and ``key`` copy fields of ``data`` so an operator can read them in
 ``redis-cli XRANGE`` and the engine can dedup and route without decoding the body. ``data``
 is authoritative; an entry whose ``id`` disagrees with its ``data`` is rejected.

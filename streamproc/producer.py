@@ -37,6 +37,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import NoScriptError, ResponseError
 
+from streamproc import tracing
 from streamproc._backoff import Backoff
 from streamproc._batch import Batcher
 from streamproc._lua import Lua, with_scripts
@@ -54,27 +55,29 @@ __all__ = ("Produced", "Producer")
 log = structlog.get_logger("streamproc.producer")
 
 # One call per topic per write. KEYS: the stream, then the dedup markers in event order.
-# ARGV[1]: window ms; then per event: 1 if it has a marker (the next one in KEYS) else 0, and
-# its field, value pairs (FIELDS of them). Returns {added, id, added, id, ...} in event order:
+# ARGV[1]: window ms; then per event: 1 if it has a marker (the next one in KEYS) else 0, the
+# number n of field and value arguments, and those n (the wire fields, then the optional trace
+# context: streamproc.tracing). Returns {added, id, added, id, ...} in event order:
 # added = 0 when the marker already held the first entry's id (and nothing was added).
 _FIELDS = 2 * len(WIRE_FIELDS)
-_PUBLISH = Lua(f"""
-local window, out, k, a = ARGV[1], {{}}, 2, 2
+_PUBLISH = Lua("""
+local window, out, k, a = ARGV[1], {}, 2, 2
 while a <= #ARGV do
   local first = false
+  local n = tonumber(ARGV[a + 1])
   local marked = ARGV[a] == '1'
   if marked then first = redis.call('GET', KEYS[k]) end
   if first then
     out[#out + 1] = 0
     out[#out + 1] = first
   else
-    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 1, a + {_FIELDS}))
+    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 2, a + 1 + n))
     if marked then redis.call('SET', KEYS[k], id, 'PX', window) end
     out[#out + 1] = 1
     out[#out + 1] = id
   end
   if marked then k = k + 1 end
-  a = a + {_FIELDS + 1}
+  a = a + 2 + n
 end
 return out
 """)
@@ -90,7 +93,8 @@ class Produced(NamedTuple):
 
 
 _MARKED, _UNMARKED = bulk(b"1"), bulk(b"0")
-_ARGS_PER_EVENT = 1 + _FIELDS
+_ARGS_PER_EVENT = 2 + _FIELDS  # without a trace context
+_N_FIELDS = bulk(b"%d" % _FIELDS)
 #: Builds a Produced without NamedTuple's generated __new__ (a Python frame per event).
 _new = tuple.__new__
 
@@ -98,13 +102,15 @@ _new = tuple.__new__
 class _Part:
     """One caller's events of one topic, encoded."""
 
-    __slots__ = ("args", "markers", "size")
+    __slots__ = ("argc", "args", "markers", "size")
 
     def __init__(self) -> None:
         self.markers: list[str] = []
-        #: Per event, packed: 1 (it has the next marker) or 0, then its field, value pairs.
+        #: Per event, packed: 1 (it has the next marker) or 0, the number of field and value
+        #: arguments, then those.
         self.args: list[bytes] = []
         self.size = 0
+        self.argc = 0
 
 
 class _Write:
@@ -238,6 +244,11 @@ class Producer:
     ) -> _Write:
         window = bool(self.settings.dedup_window_ms)
         encode = self.codec.encode_resp
+        # The caller's trace context (none while tracing is off), the same for all its events.
+        argc, count, trace = _ARGS_PER_EVENT, _N_FIELDS, b""
+        if carried := tracing.carrier():
+            argc, count = argc + 2 * len(carried), bulk(b"%d" % (_FIELDS + 2 * len(carried)))
+            trace = b"".join(bulk(f) + bulk(v) for f, v in carried)
         parts: dict[str, _Part] = {}
         order: list[tuple[str, int]] = []
         for i, event in enumerate(events):
@@ -247,13 +258,15 @@ class Producer:
                 part = parts[topic] = _Part()
             order.append((topic, part.size))
             part.size += 1
+            part.argc += argc
             if window and (dedup is None or dedup[i]):
                 key = idempotency_keys[i] if idempotency_keys is not None else None
                 part.markers.append(self.keys.published_prefix(topic) + (key or event.id))
                 part.args.append(_MARKED)
             else:
                 part.args.append(_UNMARKED)
-            part.args.append(encode(event))
+            part.args.append(count)
+            part.args.append(encode(event) + trace)
         return _Write(parts, order)
 
     def _queue(
@@ -300,7 +313,7 @@ class Producer:
                     route=keys[0],
                 )
                 for part in parts:
-                    call.add_packed(b"".join(part.args), part.size * _ARGS_PER_EVENT)
+                    call.add_packed(b"".join(part.args), part.argc)
                 calls.append(call)
             return calls
 

@@ -11,6 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
+from streamproc import tracing
 from streamproc._backoff import backoff_delay_s
 from streamproc.codec import Codec
 from streamproc.concern import Concern, Context, Handler, Scope
@@ -122,18 +123,40 @@ class Handlers:
         # The Context itself is the log context: streamproc.logs reads its topic, group,
         # entry id, event id, deliveries and attempt into every line written meanwhile.
         token = EVENT_CONTEXT.set(ctx)
+        try:
+            if not tracing.active():
+                return await self._call(handler, event, ctx, entry)
+            # A CONSUMER span continuing the entry's trace; the handler's own spans and the
+            # events it publishes are its children.
+            with tracing.process_span(
+                entry.topic,
+                self.concern.group,
+                ctx.entry_id,
+                entry.fields,
+                event_type=event.type_name(),
+                event_id=event.id,
+                deliveries=entry.deliveries,
+                attempt=entry.attempt,
+            ):
+                return await self._call(handler, event, ctx, entry)
+        finally:
+            EVENT_CONTEXT.reset(token)
+
+    async def _call(self, handler: Handler, event: Any, ctx: Context, entry: Entry) -> Outcome:
         policy = self.concern.retry
         try:
             await handler(event, ctx)
         except Permanent as e:
+            tracing.failed(e)
             return failure(entry, policy, type(e).__name__, str(e), permanent=True)
         except Retry as e:
+            if e.counts:  # a deferral is no failure
+                tracing.failed(e)
             return failure(
                 entry, policy, type(e).__name__, str(e), delay_s=e.delay_s, counts=e.counts
             )
         except Exception as e:
+            tracing.failed(e)
             permanent = isinstance(e, self.concern.permanent_errors)
             return failure(entry, policy, type(e).__name__, str(e), permanent=permanent)
-        finally:
-            EVENT_CONTEXT.reset(token)
         return Acked(entry, event_id=event.id.encode(), effects=ctx._effects)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
+
+from streamproc import tracing
 
 __all__ = (
     "SERVER_NAME",
@@ -15,6 +18,7 @@ __all__ = (
     "idempotency_key",
     "json_response",
     "redis_unavailable",
+    "trace_requests",
 )
 
 log = structlog.get_logger("streamproc.ingest")
@@ -111,3 +115,30 @@ def check_query(request: web.Request, allowed: frozenset[str]) -> None:
             + ", ".join(sorted(allowed)),
             path=unknown[0][:64],
         )
+
+
+#: Not traced: probes and scrapes, and the dashboard's reads (its polling and event stream);
+#: a span every few seconds from each would bury the requests that publish.
+_UNTRACED = frozenset(("/healthz", "/readyz", "/metrics"))
+
+
+@web.middleware
+async def trace_requests(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A SERVER span per request (``streamproc.tracing``, installed while tracing is on),
+    continuing an incoming ``traceparent`` header; the events the request publishes carry it."""
+    path = request.path
+    if path in _UNTRACED or (request.method == "GET" and path.startswith("/dashboard")):
+        return await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else None
+    attributes = {"http.request.method": request.method, "url.path": path}
+    if route is not None:
+        attributes["http.route"] = route
+    # OpenTelemetry's HTTP conventions: "{method} {route}" (the route, not the path: few names).
+    name = f"{request.method} {route}" if route is not None else request.method
+    with tracing.server_span(name, request.headers, attributes) as span:
+        response = await handler(request)
+        tracing.answered(span, response.status)
+        return response

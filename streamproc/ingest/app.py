@@ -28,6 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
+from streamproc import tracing
 from streamproc._aio import wait_event
 from streamproc.codec import Registry
 from streamproc.connection import REDIS_DOWN
@@ -41,6 +42,7 @@ from streamproc.ingest._http import (
     idempotency_key,
     json_response,
     redis_unavailable,
+    trace_requests,
 )
 from streamproc.ingest._serve import Connections, fd_cap
 from streamproc.ingest.auth import Agent, AgentStore, AuthThrottled
@@ -562,7 +564,9 @@ def create_app(
     ``routes``: the application's route hooks (``App.routes``), called with the app and this
     ``Ingest``.
     """
-    app = web.Application(middlewares=[_errors_and_metrics])
+    # The trace middleware outside the error one: it sees every answer, refusals included.
+    traced = [trace_requests] if tracing.active() else []
+    app = web.Application(middlewares=[*traced, _errors_and_metrics])
     app[INGEST] = ingest
     app.on_response_prepare.append(_server_header)
     app.router.add_post("/v1/events", ingest.post_events)

@@ -19,6 +19,7 @@ import orjson
 import structlog
 from aiohttp import web_response
 
+from streamproc import tracing
 from streamproc._supervise import supervise
 from streamproc.app import App
 from streamproc.cli import child_argv, install_stop_handlers, open_redis, run_async
@@ -135,7 +136,8 @@ def _cmd_ingest(args: argparse.Namespace, cfg: Config, app: App) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError("--port must be 1-65535")
     if args.workers > 1:
-        return _supervise(args)
+        return _supervise(args)  # each worker process sets its tracing up itself
+    tracing.setup_from_env(os.environ, role="ingest")
     return run_async(serve(cfg, app, args.host, args.port, reuse_port=args.reuse_port))
 
 

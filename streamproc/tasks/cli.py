@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from streamproc import _human
+from streamproc import _human, tracing
 from streamproc.app import App
 from streamproc.config import Config
 from streamproc.errors import ConfigError
@@ -76,6 +76,7 @@ def _cmd_tasks(args: argparse.Namespace, cfg: Config, app: App) -> int:
             f"concerns: {', '.join(missing)} (add task_concerns(...) to App(concerns=...))"
         )
     app.configure(os.environ)
+    tracing.setup_from_env(os.environ, role="tasks")
     return run_async(consume(cfg, app, groups, http_port=args.http_port, http_host=args.http_host))
 
 
