@@ -9,12 +9,18 @@
 | ``GET /dashboard/api/snapshot`` | session | one snapshot (JSON) |
 | ``GET /dashboard/api/dlq?topic=&group=[&reason=&type=]`` | session | oldest dead letters |
 | ``POST /dashboard/api/dlq/replay`` | session + CSRF | ``{topic, group, ids}`` → retry stream |
+| ``GET /dashboard/api/tasks?status=&type=`` | session | tasks: queued/running, then finished |
+| ``POST /dashboard/api/tasks/cancel`` | session + CSRF | ``{id}``: cancel as ``DELETE /v1/tasks`` |
 | ``GET /dashboard/static/{name}`` | — | the page's JS and CSS (package data; no data in them) |
 
 Refused logins count per client address (``DashboardSettings.login_failures_*``); past the
 budget ``POST /dashboard/login`` answers 429 with Retry-After before looking at the token.
 The client address and the scheme come from the connection, or from ``X-Forwarded-For`` and
 ``X-Forwarded-Proto`` when the connection comes from one of ``trusted_proxies``.
+
+While Redis does not answer, ``GET /dashboard`` cannot check the session: it answers 503 with
+a small HTML page (no figures, no session data) that says since when and reloads itself,
+never the API's JSON problem.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import asyncio
 import html
 import importlib.resources
 import ipaddress
+import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,6 +52,7 @@ from streamproc.errors import ConfigError
 from streamproc.ingest._http import Problem, json_response, redis_unavailable
 from streamproc.ingest.auth import AgentStore
 from streamproc.ingest.ratelimit import FailureThrottle
+from streamproc.inspect import LimitsOf, limits_of
 from streamproc.keys import Keys, check_name
 from streamproc.schedule import Schedule
 from streamproc.settings import _Settings
@@ -118,6 +127,13 @@ class _Replay(msgspec.Struct, forbid_unknown_fields=True):
     ids: list[str]
 
 
+class _Cancel(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+
+
+_TASK_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+
+
 def _asset(name: str) -> bytes:
     return importlib.resources.files("streamproc.dashboard").joinpath("static", name).read_bytes()
 
@@ -135,6 +151,7 @@ class Dashboard:
         schedules: Sequence[Schedule] = (),
         panels: Sequence[Panel] = (),
         draining: Callable[[], bool] = lambda: False,
+        limits: LimitsOf | None = None,
     ) -> None:
         self.client, self.keys = client, keys
         self.settings = s = settings or DashboardSettings()
@@ -146,6 +163,7 @@ class Dashboard:
             schedules=schedules,
             render_topics=s.render_topics,
             panels=PanelReader(panels, timeout_s=s.panel_timeout_s) if panels else None,
+            limits=limits or limits_of(),
         )
         self.draining = draining
         self._proxies = s.proxy_networks()
@@ -156,6 +174,9 @@ class Dashboard:
         self._page = _asset("index.html").decode()
         self._login = _asset("login.html").decode()
         self._replay_decoder = msgspec.json.Decoder(_Replay)
+        self._cancel_decoder = msgspec.json.Decoder(_Cancel)
+        #: Wall-clock time Redis last answered this process (for the outage page).
+        self.redis_seen_at: float | None = None
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get("/dashboard", self.page)
@@ -165,6 +186,8 @@ class Dashboard:
         router.add_get("/dashboard/api/snapshot", self.snapshot)
         router.add_get("/dashboard/api/dlq", self.dead_letters)
         router.add_post("/dashboard/api/dlq/replay", self.replay)
+        router.add_get("/dashboard/api/tasks", self.tasks)
+        router.add_post("/dashboard/api/tasks/cancel", self.cancel_task)
         router.add_get("/dashboard/static/{name}", self.static)
 
     # ------------------------------------------------------------------ auth
@@ -237,8 +260,34 @@ class Dashboard:
         local = sockname[0] if isinstance(sockname, tuple) and sockname else None
         return isinstance(local, str) and not _loopback(local)
 
+    def _outage_page(self) -> web.Response:
+        """503 HTML while Redis does not answer: when it last did, and a reload every 5 s."""
+        seen = self.redis_seen_at
+        since = (
+            datetime.fromtimestamp(seen, UTC).strftime("%H:%M:%S UTC")
+            if seen is not None
+            else "this process started"
+        )
+        body = (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            '<meta http-equiv="refresh" content="5"><title>streamproc dashboard</title>'
+            '<link rel="stylesheet" href="/dashboard/static/dashboard.css"></head>'
+            '<body class="login"><div class="login-box" data-testid="outage">'
+            "<h1>streamproc</h1>"
+            '<p class="error" role="alert">The event store (Redis) does not answer: figures '
+            f"as of {html.escape(since)}.</p>"
+            '<p class="hint">This page reloads every 5 s and shows the dashboard again as soon '
+            "as Redis answers.</p></div></body></html>"
+        )
+        return self._html(body, status=503, headers={"Retry-After": "5"})
+
     async def page(self, request: web.Request) -> web.Response:
-        session = await self._session(request)
+        try:
+            session = await self.sessions.check(request.cookies.get(COOKIE))
+        except _REDIS_FAILED as e:
+            log.warning("dashboard_page_redis_down", error=str(e))
+            return self._outage_page()
         if session is None:
             return self._login_page()
         body = self._page.replace("{{csrf}}", html.escape(session.csrf, quote=True))
@@ -300,9 +349,11 @@ class Dashboard:
 
     async def _encoded(self) -> bytes:
         try:
-            return await self.sampler.encoded()
+            data = await self.sampler.encoded()
         except _REDIS_FAILED as e:
             raise redis_unavailable(1, e) from e
+        self.redis_seen_at = time.time()
+        return data
 
     async def snapshot(self, request: web.Request) -> web.Response:
         await self._require(request)
@@ -334,6 +385,7 @@ class Dashboard:
                         await response.write(b"event: logout\ndata: {}\n\n")
                         break
                     data = await self.sampler.encoded()
+                    self.redis_seen_at = time.time()
                     await response.write(b"event: snapshot\ndata: " + data + b"\n\n")
                 except _REDIS_FAILED as e:
                     log.warning("dashboard_snapshot_failed", error=str(e))  # where: logs only
@@ -419,6 +471,55 @@ class Dashboard:
             {"replayed": len(new_ids), "entry_ids": new_ids}, headers=_SECURITY_HEADERS
         )
 
+    async def tasks(self, request: web.Request) -> web.Response:
+        """Tasks for the Tasks view: ``status`` and ``type`` (repeatable) filter them; queued
+        and running first, then finished, newest first (``dlq_page`` at most)."""
+        from streamproc.tasks.panel import task_rows  # here: tasks import the dashboard's panels
+
+        await self._require(request)
+        statuses = [x for x in request.query.getall("status", []) if x]
+        if any(x not in _TASK_STATUSES for x in statuses):
+            raise Problem(400, "invalid", f"status must be one of {', '.join(_TASK_STATUSES)}")
+        types = [x for x in request.query.getall("type", []) if x]
+        try:
+            rows, active = await task_rows(
+                self.client, self.keys, statuses=statuses, types=types, limit=self.settings.dlq_page
+            )
+        except _REDIS_FAILED as e:
+            raise redis_unavailable(1, e) from e
+        return json_response(
+            {"active": active, "tasks": msgspec.to_builtins(rows)}, headers=_SECURITY_HEADERS
+        )
+
+    async def cancel_task(self, request: web.Request) -> web.Response:
+        """Cancel a task as ``DELETE /v1/tasks/{id}`` does, recorded as cancelled by the
+        operator: a queued one ends now (200), a running one is asked to stop (202)."""
+        from streamproc.tasks.panel import cancel_task
+
+        session = await self._require(request, change=True)
+        if request.content_type != "application/json":
+            raise Problem(415, "unsupported_media_type", "send application/json")
+        try:
+            body = self._cancel_decoder.decode(await request.read())
+        except msgspec.DecodeError as e:
+            raise Problem(400, "invalid", str(e)) from None
+        if not body.id or len(body.id) > 200:
+            raise Problem(400, "invalid", "id: a task id")
+        try:
+            verdict = await cancel_task(self.client, self.keys, body.id, by=session.agent)
+        except _REDIS_FAILED as e:
+            raise redis_unavailable(1, e) from e
+        log.info("dashboard_task_cancel", agent=session.agent, task_id=body.id, verdict=verdict)
+        if verdict == "missing":
+            raise Problem(404, "not_found", f"no task {body.id!r} (or it expired)")
+        if verdict in ("completed", "failed"):
+            raise Problem(409, "already_finished", f"task {body.id} is {verdict}")
+        return json_response(
+            {"id": body.id, "verdict": verdict},
+            status=202 if verdict == "cancelling" else 200,
+            headers=_SECURITY_HEADERS,
+        )
+
     async def static(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in _STATIC:
@@ -502,11 +603,14 @@ def add_dashboard(
     schedules: Sequence[Schedule] = (),
     panels: Sequence[Panel] = (),
     draining: Callable[[], bool] = lambda: False,
+    limits: LimitsOf | None = None,
 ) -> Dashboard:
     """Add the dashboard's routes to ``app`` (the ingest app); returns the Dashboard.
 
     ``schedules``: the application's ticker table (``App.schedules``), for next fire times.
     ``panels``: the application's panels (``App.panels``), each a table on the page.
+    ``limits``: each group's limits (``inspect.limits_of(app.concerns)``); the defaults when
+    None.
     """
     dashboard = Dashboard(
         client=client,
@@ -516,6 +620,7 @@ def add_dashboard(
         schedules=schedules,
         panels=panels,
         draining=draining,
+        limits=limits,
     )
     app[DASHBOARD] = dashboard
     dashboard.add_routes(app.router)

@@ -8,12 +8,18 @@ plus what a single report cannot give and a series of them can:
   acks, dead letters and hand-offs to the retry stream alike;
 - **pending age p50/p99**: ages of the group's delivered-not-acked entries (XPENDING, first
   ``pending_sample`` of them), from their entry ids;
+- **state** per group: ``streamproc.inspect.judge`` against the group's ``Limits`` (ok, busy,
+  stuck, backlog): the same judgement as ``streamproc inspect``'s exit code;
+- **failed/s** per group: growth of its DLQ stream's ``entries-added`` (dead letters written)
+  between two samples, beside done/s;
 - **ack latency p50/p99** per group: time from XADD (the entry id, Redis' clock) to ack of the
-  events acked between two samples. Each consumer writes its cumulative histogram to
+  events acked over the last ``LATENCY_WINDOW_S`` (60 s; less just after start). Each
+  consumer writes its cumulative histogram to
   ``Keys.latency(group)`` every ``stats_interval_ms`` (5 s); the snapshot sums the growth of
-  every consumer's histogram since the previous sample and reports the upper bound of the
-  bucket holding the percentile (1, 2, 5, 10, 25, 50, 100 ms …): a bound, not an exact value.
-  None when nothing was acked in between (or before the second sample);
+  every consumer's histogram over the window and reports the upper bound of the bucket holding
+  the percentile (1, 2, 5, 10, 25, 50, 100 ms …): a bound, not an exact value. None when
+  nothing was acked in the window (or before the second sample);
+- **unread topics**: a topic with entries and no consumer group reading it is flagged;
 - **render pool use**: the groups reading the render topics — consumers, in flight (pending),
   waiting (lag), done/s. Slot occupancy lives inside the render process (its
   ``streamproc_offload_*`` metrics), out of this process's reach;
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -44,10 +51,15 @@ from redis.exceptions import ResponseError
 from streamproc.dashboard.panels import PanelReader, PanelView
 from streamproc.groups import group_infos, registered_topics
 from streamproc.inspect import (
+    GroupState,
     GroupStatus,
+    Health,
+    LimitsOf,
     Report,
     ScheduleStatus,
     TickerStatus,
+    health,
+    limits_of,
     schedule_statuses,
     server_time_ms,
     topic_status,
@@ -58,6 +70,7 @@ from streamproc.scheduler import Scheduler
 
 __all__ = (
     "LATENCY_NOTE",
+    "LATENCY_WINDOW_S",
     "GroupView",
     "RenderView",
     "Sampler",
@@ -71,12 +84,16 @@ __all__ = (
 )
 
 LATENCY_NOTE = (
-    "publish to ack of the events acked since the previous sample, from the histograms the "
+    "publish to ack of the events acked over the last minute, from the histograms the "
     "consumers write every 5 s (upper bound of the bucket: 1, 2, 5, 10, 25, 50 ms ...); "
     "blank while nothing was acked"
 )
 #: Histograms of consumers silent this long are ignored (stopped or gone).
 STALE_MS = 60_000
+#: Latency percentiles cover the events acked over about this long (the consumers write their
+#: histograms every 5 s: a window of one sample would mostly be empty and flicker).
+LATENCY_WINDOW_S = 60.0
+_DEFAULT_LIMITS = limits_of()
 
 
 class TopicView(msgspec.Struct, kw_only=True):
@@ -85,6 +102,10 @@ class TopicView(msgspec.Struct, kw_only=True):
     last_age_s: float | None
     #: Entries appended per second since the previous sample (None on the first).
     added_per_s: float | None
+    #: Consumer groups reading it; 0 with entries = nobody reads it (``unread``).
+    groups: int = 0
+    #: It has entries and no consumer group: what is written to it is never handled.
+    unread: bool = False
 
 
 class GroupView(msgspec.Struct, kw_only=True):
@@ -107,6 +128,13 @@ class GroupView(msgspec.Struct, kw_only=True):
     #: bounds (see ``Snapshot.latency_note``); None when none were.
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
+    #: The group's state (``inspect.judge``, over all its topics: the same on each row).
+    state: GroupState = "ok"
+    #: Pending entries idle past the group's ``stuck_after_s`` (not renewed).
+    stuck_pending: int = 0
+    longest_idle_s: float | None = None
+    #: Dead letters written per second since the previous sample (None at first).
+    failed_per_s: float | None = None
 
 
 #: A schedule's trigger, last and next time: the report's own (one owner of the format).
@@ -142,8 +170,12 @@ class Snapshot(msgspec.Struct, kw_only=True):
     ticker: TickerView | None
     renders: list[RenderView]
     latency_note: str = LATENCY_NOTE
+    #: Seconds of acks the latency percentiles cover (up to ``LATENCY_WINDOW_S``).
+    latency_window_s: float = 0.0
     #: The application's panels, in ``App.panels`` order.
     panels: list[PanelView] = []
+    #: Every group judged against its limits, by name (``inspect.judge``).
+    health: list[Health] = []
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -167,6 +199,8 @@ class _Counts(msgspec.Struct, kw_only=True):
     done: dict[tuple[str, str], int]
     #: group → consumer → cumulative ack-latency bucket counts
     latency: dict[str, dict[str, list[int]]] = {}
+    #: (topic, group) → dead letters ever written (the DLQ stream's entries-added)
+    failed: dict[tuple[str, str], int] = {}
 
 
 class _Histogram(msgspec.Struct):
@@ -236,9 +270,19 @@ def _latency_window(now: dict[str, list[int]], before: dict[str, list[int]]) -> 
 
 async def _counts(
     client: aioredis.Redis, keys: Keys, report: Report
-) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+) -> tuple[dict[str, int], dict[tuple[str, str], int], dict[tuple[str, str], int]]:
     added: dict[str, int] = {}
     done: dict[tuple[str, str], int] = {}
+    failed: dict[tuple[str, str], int] = {}
+    for t in report.topics:
+        for gs in t.groups:
+            if gs.dlq:  # a DLQ stream exists (XLEN > 0): its entries-added counts every letter
+                try:
+                    dlq: dict[str, Any] = await client.xinfo_stream(keys.dlq(t.topic, gs.group))
+                except ResponseError:
+                    continue
+                if dlq.get("entries-added") is not None:
+                    failed[(t.topic, gs.group)] = int(dlq["entries-added"])
     for t in report.topics:
         stream = keys.stream(t.topic)
         try:
@@ -253,7 +297,7 @@ async def _counts(
                 read = added[t.topic] - g.lag  # a group that has not read yet
             if read is not None:
                 done[(t.topic, g.name)] = read - g.pending
-    return added, done
+    return added, done, failed
 
 
 async def _pending_ages(
@@ -309,12 +353,14 @@ async def _ticker_status(client: aioredis.Redis, keys: Keys) -> TickerStatus | N
     )
 
 
-async def _report(client: aioredis.Redis, keys: Keys, schedules: Sequence[Schedule]) -> Report:
+async def _report(
+    client: aioredis.Redis, keys: Keys, schedules: Sequence[Schedule], limits: LimitsOf
+) -> Report:
     """What ``inspect.collect`` reports (without memory use and breakers), with no SCAN."""
     now_ms = await server_time_ms(client)
     found = []
     for topic in await registered_topics(client, keys):
-        status = await topic_status(client, keys, topic, now_ms, memory=False)
+        status = await topic_status(client, keys, topic, now_ms, memory=False, limits=limits)
         if status is not None:  # registered, but its stream is gone
             found.append(status)
     ticker = await _ticker_status(client, keys)
@@ -337,20 +383,24 @@ async def build_snapshot(
     pending_sample: int = 200,
     interval_s: float = 1.0,
     panels: PanelReader | None = None,
+    limits: LimitsOf = _DEFAULT_LIMITS,
+    latency_base: _Counts | None = None,
 ) -> tuple[Snapshot, _Counts]:
     """One snapshot, and the counters the next one computes its rates against.
 
     ``panels``: the application's panels; a panel that fails shows its error, the rest of
-    the snapshot is built as usual.
+    the snapshot is built as usual. ``limits``: each group's (``inspect.limits_of``).
+    ``latency_base``: the sample the latency window starts at (``previous`` when None).
     """
-    report = await _report(client, keys, schedules)
+    report = await _report(client, keys, schedules, limits)
     runtime_schedules = await Scheduler(client, keys).count()
     now_ms = report.server_time_ms
-    added, done = await _counts(client, keys, report)
+    added, done, failed = await _counts(client, keys, report)
     group_names = {g.group for t in report.topics for g in t.groups}
     latency, bounds = await _latency_counts(client, keys, group_names, now_ms)
-    counts = _Counts(at_ms=now_ms, added=added, done=done, latency=latency)
-    before_latency = previous.latency if previous is not None else None
+    counts = _Counts(at_ms=now_ms, added=added, done=done, latency=latency, failed=failed)
+    base = latency_base or previous
+    before_latency = base.latency if base is not None else None
     latency_pcts: dict[str, tuple[float | None, float | None]] = {}
     for group, per_consumer in latency.items():
         if before_latency is None:
@@ -363,6 +413,9 @@ async def build_snapshot(
     dt_ms = now_ms - previous.at_ms if previous is not None else 0
     before_added = previous.added if previous is not None else {}
     before_done = previous.done if previous is not None else {}
+    before_failed = previous.failed if previous is not None else {}
+    judged = health(report)
+    states = {h.group: h.state for h in judged}
     topics, groups, renders = [], [], []
     for t in report.topics:
         topics.append(
@@ -371,6 +424,8 @@ async def build_snapshot(
                 length=t.length,
                 last_age_s=t.last_age_s,
                 added_per_s=_rate(added.get(t.topic), before_added.get(t.topic), dt_ms),
+                groups=len(t.groups),
+                unread=t.length > 0 and not t.groups,
             )
         )
         for g in t.groups:
@@ -393,6 +448,12 @@ async def build_snapshot(
                 pending_age_p99_s=None if p99 is None else round(p99, 3),
                 latency_p50_ms=latency_pcts.get(g.group, (None, None))[0],
                 latency_p99_ms=latency_pcts.get(g.group, (None, None))[1],
+                state=states.get(g.group, "ok"),
+                stuck_pending=g.stuck_pending,
+                longest_idle_s=g.longest_idle_s,
+                failed_per_s=_rate(failed.get(key, 0), before_failed.get(key, 0), dt_ms)
+                if previous is not None
+                else None,
             )
             groups.append(view)
             if t.topic in render_topics:
@@ -416,7 +477,9 @@ async def build_snapshot(
         dlq_total=sum(g.dlq for g in groups),
         ticker=_ticker(report, runtime_schedules),
         renders=renders,
+        latency_window_s=round((now_ms - base.at_ms) / 1000, 1) if base is not None else 0.0,
         panels=await panels.read(client, keys) if panels is not None else [],
+        health=judged,
     )
     return snapshot, counts
 
@@ -433,11 +496,14 @@ class Sampler:
         schedules: Sequence[Schedule] = (),
         render_topics: Sequence[str] = ("renders",),
         panels: PanelReader | None = None,
+        limits: LimitsOf = _DEFAULT_LIMITS,
     ) -> None:
         self.client, self.keys, self.interval_s = client, keys, interval_s
         self.schedules, self.render_topics = tuple(schedules), tuple(render_topics)
-        self.panels = panels
+        self.panels, self.limits = panels, limits
         self._counts: _Counts | None = None
+        #: Earlier samples' counters, the oldest within ``LATENCY_WINDOW_S`` first.
+        self._window: deque[_Counts] = deque()
         self._last: Snapshot | None = None
         self._encoded = b""
         self._at = 0.0  # monotonic time of the last build
@@ -463,7 +529,12 @@ class Sampler:
                     render_topics=self.render_topics,
                     interval_s=self.interval_s,
                     panels=self.panels,
+                    limits=self.limits,
+                    latency_base=self._window[0] if self._window else None,
                 )
+                self._window.append(self._counts)
+                while self._counts.at_ms - self._window[0].at_ms > LATENCY_WINDOW_S * 1000:
+                    self._window.popleft()
                 self._last, self._encoded = last, msgspec.json.encode(last)
                 self._at = time.monotonic()
             return last, self._encoded

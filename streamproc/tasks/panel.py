@@ -1,24 +1,35 @@
-"""The dashboard's Tasks panel (``App(panels=[TASKS_PANEL])``): the finished tasks of the
-history, newest first (type, status, duration, submitter), and the live runners in its note.
+"""Tasks on the dashboard.
 
-Read once per dashboard snapshot: one ZREVRANGEBYSCORE of the history and one pipelined
-HGETALL per task shown (at most ``MAX_ROWS``), the runner registry and the history's size.
+- ``TASKS_PANEL`` (``App(panels=[TASKS_PANEL])``): the finished tasks of the history, newest
+  first (type, status, duration, submitter), and the live runners in its note. Read once per
+  dashboard snapshot: one ZREVRANGEBYSCORE of the history and one pipelined HGETALL per task
+  shown (at most ``MAX_ROWS``), the runner registry and the history's size.
+- ``task_rows`` / ``cancel_task``: the dashboard's Tasks view (``/dashboard/api/tasks``):
+  queued and running tasks, then finished ones, each with its runtime, the runner holding its
+  entry and its payload (from its request entry, found by its id near its creation time), and
+  the cancel ``DELETE /v1/tasks/{id}`` does (``TaskStore.cancel`` + the history).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from streamproc.dashboard.panels import MAX_ROWS, Cell, Panel, PanelData
+from streamproc.errors import ConfigError
 from streamproc.keys import Keys
 from streamproc.tasks.cli import _took
-from streamproc.tasks.history import TaskHistory
+from streamproc.tasks.events import task_event_class, task_group
+from streamproc.tasks.history import ACTIVE, TaskHistory
 from streamproc.tasks.runners import RunnerRegistry
-from streamproc.tasks.store import TaskStore
+from streamproc.tasks.store import TaskStore, TaskView
 
-__all__ = ("COLUMNS", "TASKS_PANEL", "read_tasks")
+__all__ = ("COLUMNS", "TASKS_PANEL", "TaskRow", "cancel_task", "read_tasks", "task_rows")
 
 COLUMNS = ["finished", "task", "type", "queue", "status", "took s", "attempts", "submitter"]
 
@@ -52,3 +63,133 @@ async def read_tasks(redis: aioredis.Redis, keys: Keys) -> PanelData:
 
 
 TASKS_PANEL = Panel("tasks", "Tasks", read_tasks)
+
+
+# ---------------------------------------------------------------------- the Tasks view
+# The dashboard's own Tasks section (``/dashboard/api/tasks``): live and finished tasks with
+# their runner and payload, and Cancel. Above is the application panel of finished tasks.
+
+#: The stream entry of a task is looked for this far around its creation time (the entry id
+#: is stamped by Redis when ingest publishes it, just after the hash is written).
+_ENTRY_SLACK_MS = 60_000
+
+
+class TaskRow(msgspec.Struct, kw_only=True):
+    """One task for the dashboard: the task's status hash plus what its stream entry says."""
+
+    task: TaskView
+    #: Seconds it ran (started → finished, or → now while running); None before it started.
+    runtime_s: float | None
+    #: The consumer holding its entry while it runs (XPENDING); None when none does.
+    runner: str | None = None
+    #: The request's payload (from its stream entry), when the entry is still in the stream.
+    payload: Any = None
+    entry_id: str | None = None
+
+
+def _ms(iso: str | None) -> int | None:
+    if not iso:
+        return None
+    try:
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+async def _entry(
+    redis: aioredis.Redis, keys: Keys, view: TaskView
+) -> tuple[str | None, Any, str | None]:
+    """(entry id, payload, runner) of the task's request entry: looked for by its event id
+    (= the task id) among the entries stamped around its creation, on its priority's topic."""
+    created = _ms(view.created_at)
+    if created is None:
+        return None, None, None
+    try:
+        topic = task_event_class(view.priority, view.queue).topic
+    except (ValueError, ConfigError):
+        return None, None, None
+    stream = keys.stream(topic)
+    rows: Any = await redis.xrange(
+        stream,
+        min=str(max(0, created - _ENTRY_SLACK_MS)),
+        max=str(created + _ENTRY_SLACK_MS),
+        count=1000,
+    )
+    for entry_id, fields in rows:
+        if fields.get(b"id", b"").decode(errors="replace") != view.id:
+            continue
+        try:
+            event = _decode(fields.get(b"data", b""))
+            payload: Any = event.get("payload") if isinstance(event, dict) else None
+        except msgspec.DecodeError:
+            payload = fields.get(b"data", b"").decode(errors="replace")
+        runner = None
+        if view.status == "running":
+            pending: Any = await redis.xpending_range(
+                stream, task_group(view.queue), min=entry_id, max=entry_id, count=1
+            )
+            if pending:
+                name = pending[0]["consumer"]
+                runner = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        return entry_id.decode(), payload, runner
+    return None, None, None
+
+
+_decode = msgspec.json.Decoder().decode
+
+
+def _runtime_s(view: TaskView, now_ms: int) -> float | None:
+    start = _ms(view.started_at)
+    if start is None:
+        return None
+    end = _ms(view.finished_at) if view.status not in ("running", "queued") else now_ms
+    return None if end is None else round(max(0, end - start) / 1000, 3)
+
+
+async def task_rows(
+    redis: aioredis.Redis,
+    keys: Keys,
+    *,
+    statuses: Sequence[str] = (),
+    types: Sequence[str] = (),
+    limit: int = 50,
+) -> tuple[list[TaskRow], int]:
+    """Queued and running tasks first (the active index), then finished ones (the history),
+    newest first, filtered as ``GET /v1/tasks`` does; and how many tasks are active."""
+    store, history = TaskStore(redis, keys), TaskHistory(redis, keys)
+    active = [s for s in statuses if s in ACTIVE] if statuses else list(ACTIVE)
+    ended = [s for s in statuses if s not in ACTIVE] if statuses else []
+    views: list[TaskView] = []
+    if active:
+        views = await history.active(store, limit=limit, statuses=active, types=types)
+    if (ended or not statuses) and len(views) < limit:
+        done, _ = await history.list(store, limit=limit - len(views), statuses=ended, types=types)
+        views += done
+    now_ms = int(time.time() * 1000)
+    rows = []
+    for v in views:
+        entry_id, payload, runner = await _entry(redis, keys, v)
+        rows.append(
+            TaskRow(
+                task=v,
+                runtime_s=_runtime_s(v, now_ms),
+                runner=runner,
+                payload=payload,
+                entry_id=entry_id,
+            )
+        )
+    total: Any = await redis.zcard(keys.task_active())
+    return rows, int(total)
+
+
+async def cancel_task(redis: aioredis.Redis, keys: Keys, task_id: str, *, by: str) -> str:
+    """Cancel as ``DELETE /v1/tasks/{id}`` does: 'cancelled' (it was queued: ends now and
+    goes to the history), 'cancelling' (running: asked to stop), 'missing', or its end."""
+    store = TaskStore(redis, keys)
+    view = await store.get(task_id)
+    if view is None:
+        return "missing"
+    verdict = await store.cancel(task_id, by=by)
+    if verdict == "cancelled":
+        await TaskHistory(redis, keys).record(task_id, view.type, "cancelled", None)
+    return verdict

@@ -6,10 +6,13 @@
   const HISTORY = 120; // points kept per series (~2 min at 1 s)
   const COLORS = ["#2563eb", "#16a34a", "#d97706", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d"];
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
-  const history = new Map(); // "topic/group" -> {rate: [], backlog: []}
+  const history = new Map(); // group -> {rate: [], failed: [], backlog: []}
+  const times = []; // server time (ms) of each point, shared by every series
   const panelNodes = new Map(); // application panel name -> its <section>
   let selected = null; // {topic, group} of the DLQ view
   let shownDlq = -1;
+  let lastAt = null; // server time of the last snapshot shown
+  const openTasks = new Set(); // task ids whose details are open
 
   const $ = (id) => document.getElementById(id);
 
@@ -49,30 +52,55 @@
     return COLORS[i % COLORS.length];
   }
 
+  function hms(ms) {
+    return new Date(ms).toISOString().slice(11, 19);
+  }
+
+  // One polyline per group over the last HISTORY points; the x axis is the server's time
+  // (HH:MM:SS, UTC) of the points, the y axis runs from 0 to the largest value shown.
   function drawChart(svg, field, keys) {
-    const W = 600, H = 140, PAD = 4;
-    let max = 1;
-    for (const k of keys) for (const v of history.get(k)[field]) if (v !== null && v > max) max = v;
+    const W = 600, H = 140, PAD = 4, AXIS = 16;
+    const top = H - AXIS;
     let seen = 0;
     for (const k of keys) for (const v of history.get(k)[field]) if (v !== null && v > seen) seen = v;
+    const max = Math.max(seen, field === "backlog" ? 1 : 0.1);
     svg.dataset.max = seen; // the largest value shown (tests read it)
     const ns = "http://www.w3.org/2000/svg";
     const parts = [];
+    const step = W / (HISTORY - 1);
     for (let i = 1; i < 4; i++) {
-      const y = PAD + ((H - 2 * PAD) * i) / 4;
+      const y = PAD + ((top - 2 * PAD) * i) / 4;
       const line = document.createElementNS(ns, "line");
       line.setAttribute("x1", 0); line.setAttribute("x2", W);
       line.setAttribute("y1", y); line.setAttribute("y2", y);
       line.setAttribute("class", "grid");
       parts.push(line);
     }
+    // time axis: a tick every 30 points (~30 s), labelled with the point's time
+    const n = times.length;
+    const ticks = [];
+    for (let j = n - 1; j >= 0; j -= 30) ticks.push(j);
+    for (const j of ticks) {
+      const x = W - (n - 1 - j) * step;
+      const tick = document.createElementNS(ns, "line");
+      tick.setAttribute("x1", x); tick.setAttribute("x2", x);
+      tick.setAttribute("y1", top); tick.setAttribute("y2", top + 4);
+      tick.setAttribute("class", "tick");
+      parts.push(tick);
+      const t = document.createElementNS(ns, "text");
+      t.setAttribute("x", Math.max(x - 2, 40)); t.setAttribute("y", H - 2);
+      t.setAttribute("text-anchor", "end");
+      t.setAttribute("class", "axis time");
+      t.textContent = hms(times[j]);
+      parts.push(t);
+    }
     keys.forEach((k, i) => {
       const vals = history.get(k)[field];
       const pts = [];
       vals.forEach((v, j) => {
         if (v === null) return;
-        const x = W - (vals.length - 1 - j) * (W / (HISTORY - 1));
-        const y = H - PAD - (v / max) * (H - 2 * PAD);
+        const x = W - (vals.length - 1 - j) * step;
+        const y = top - PAD - (v / max) * (top - 2 * PAD);
         pts.push(x.toFixed(1) + "," + y.toFixed(1));
       });
       if (!pts.length) return;
@@ -87,61 +115,125 @@
     const label = document.createElementNS(ns, "text");
     label.setAttribute("x", 6); label.setAttribute("y", 14);
     label.setAttribute("class", "axis");
-    label.textContent = "max " + num(Math.round(max * 100) / 100);
+    label.textContent = "max " + num(Math.round(seen * 100) / 100);
     parts.push(label);
     svg.replaceChildren(...parts);
   }
 
+  // A group over all its topics (the tasks group reads one stream per priority): sums,
+  // except consumers (the same processes read every topic) and ages (the largest).
+  function combine(rows) {
+    const sum = (f) => rows.some((r) => r[f] !== null) ? rows.reduce((a, r) => a + (r[f] || 0), 0) : null;
+    const most = (f) => rows.reduce((a, r) => (r[f] === null ? a : Math.max(a === null ? 0 : a, r[f])), null);
+    const g = rows[0];
+    return {
+      group: g.group, topic: rows.map((r) => r.topic).join(", "), state: g.state,
+      consumers: most("consumers"), done_per_s: sum("done_per_s"), failed_per_s: sum("failed_per_s"),
+      done_total: sum("done_total"), lag: sum("lag"), pending: sum("pending"), backlog: sum("backlog"),
+      oldest_pending_age_s: most("oldest_pending_age_s"), longest_idle_s: most("longest_idle_s"),
+      pending_age_p50_s: most("pending_age_p50_s"), pending_age_p99_s: most("pending_age_p99_s"),
+      latency_p50_ms: g.latency_p50_ms, latency_p99_ms: g.latency_p99_ms,
+      retries_waiting: sum("retries_waiting"), dlq: sum("dlq"), stuck_pending: sum("stuck_pending"),
+    };
+  }
+
   function remember(g) {
-    const k = g.topic + "/" + g.group;
-    if (!history.has(k)) history.set(k, { rate: [], backlog: [] });
+    const k = g.group;
+    if (!history.has(k)) history.set(k, { rate: [], failed: [], backlog: [] });
     const h = history.get(k);
     h.rate.push(g.done_per_s);
+    h.failed.push(g.failed_per_s);
     h.backlog.push(g.backlog);
-    for (const s of [h.rate, h.backlog]) while (s.length > HISTORY) s.shift();
+    for (const s of [h.rate, h.failed, h.backlog]) while (s.length > HISTORY) s.shift();
     return k;
+  }
+
+  function groupRow(g, s, i, reasons, sub) {
+    const swatch = el("span", { class: "swatch" });
+    if (!sub) swatch.style.background = color(i);
+    const dlqCell = g.dlq && sub !== null
+      ? el("button", { class: "link", type: "button", "data-testid": "dlq-open", onclick: () => select(g.topic, g.group) }, num(g.dlq))
+      : num(g.dlq);
+    const lat = g.latency_p50_ms === null ? el("span", { class: "muted", title: s.latency_note }, "–")
+      : el("span", { "data-field": "latency", title: s.latency_note },
+        "≤ " + num(g.latency_p50_ms, 0) + " / ≤ " + num(g.latency_p99_ms, 0) + " ms");
+    const state = el("span", { class: "state " + g.state, "data-field": "state", title: reasons.join("\n") || g.state }, g.state);
+    const attrs = sub
+      ? { class: "sub", "data-group": g.group, "data-topic": g.topic }
+      : { class: "group-row state-" + g.state, "data-group": g.group, "data-state": g.state };
+    if (!sub && sub !== null) attrs["data-topic"] = g.topic; // a group on one topic: one row
+    return el("tr", attrs,
+      el("td", {}, sub ? "" : swatch, sub ? el("span", { class: "muted" }, "↳ " + g.topic) : g.group),
+      el("td", {}, sub ? "" : (sub === null ? rowsTopics(g) : g.topic)),
+      el("td", {}, sub ? "" : state),
+      el("td", { class: "n" }, num(g.consumers)),
+      el("td", { class: "n", "data-field": "done_per_s" }, num(g.done_per_s, 1)),
+      el("td", { class: "n" + (g.failed_per_s ? " bad" : ""), "data-field": "failed_per_s" }, num(g.failed_per_s, 1)),
+      el("td", { class: "n", "data-field": "done_total" }, num(g.done_total)),
+      el("td", { class: "n", "data-field": "lag" }, num(g.lag)),
+      el("td", { class: "n", "data-field": "pending" }, num(g.pending)),
+      el("td", { class: "n", "data-field": "backlog" }, num(g.backlog)),
+      el("td", { class: "n", "data-field": "oldest" }, secs(g.oldest_pending_age_s)),
+      el("td", { class: "n" + (g.stuck_pending ? " bad" : ""), "data-field": "idle" }, g.stuck_pending ? secs(g.longest_idle_s) : "–"),
+      el("td", { class: "n" }, secs(g.pending_age_p50_s) + " / " + secs(g.pending_age_p99_s)),
+      el("td", { class: "n" }, sub ? "" : lat),
+      el("td", { class: "n" }, num(g.retries_waiting)),
+      el("td", { class: "n" + (g.dlq ? " bad" : ""), "data-field": "dlq" }, dlqCell));
+  }
+
+  function rowsTopics(g) {
+    return el("span", { class: "muted" }, g.topic.split(", ").length + " topics");
   }
 
   function render(s) {
     $("prefix").textContent = "prefix " + s.prefix;
     $("interval").textContent = s.interval_s;
     $("updated").textContent = new Date(s.server_time_ms).toISOString().replace(".000", "");
-    let rate = 0, rateKnown = false, backlog = 0, oldest = null;
+    lastAt = s.server_time_ms;
+    times.push(s.server_time_ms);
+    while (times.length > HISTORY) times.shift();
+    let rate = 0, rateKnown = false, failed = 0, backlog = 0, oldest = null;
     const keys = [];
-    const rows = s.groups.map((g) => {
+    const byGroup = new Map();
+    for (const g of s.groups) {
+      if (!byGroup.has(g.group)) byGroup.set(g.group, []);
+      byGroup.get(g.group).push(g);
+    }
+    const reasonsOf = new Map((s.health || []).map((h) => [h.group, h.reasons]));
+    const counts = { ok: 0, busy: 0, stuck: 0, backlog: 0 };
+    const rows = [];
+    for (const [name, parts] of byGroup) {
+      const g = parts.length === 1 ? parts[0] : combine(parts);
       keys.push(remember(g));
+      counts[g.state] = (counts[g.state] || 0) + 1;
       if (g.done_per_s !== null) { rate += g.done_per_s; rateKnown = true; }
+      failed += g.failed_per_s || 0;
       backlog += g.backlog || 0;
       if (g.oldest_pending_age_s !== null) oldest = Math.max(oldest || 0, g.oldest_pending_age_s);
-      const swatch = el("span", { class: "swatch" });
-      swatch.style.background = color(keys.length - 1);
-      const dlqCell = g.dlq
-        ? el("button", { class: "link", type: "button", "data-testid": "dlq-open", onclick: () => select(g.topic, g.group) }, num(g.dlq))
-        : "0";
-      const lat = g.latency_p50_ms === null ? el("span", { class: "muted", title: s.latency_note }, "–")
-        : el("span", { "data-field": "latency", title: s.latency_note },
-          "≤ " + num(g.latency_p50_ms, 0) + " / ≤ " + num(g.latency_p99_ms, 0) + " ms");
-      return el("tr", { "data-group": g.group, "data-topic": g.topic },
-        el("td", {}, swatch, g.group), el("td", {}, g.topic), el("td", { class: "n" }, num(g.consumers)),
-        el("td", { class: "n", "data-field": "done_per_s" }, num(g.done_per_s, 1)),
-        el("td", { class: "n", "data-field": "done_total" }, num(g.done_total)),
-        el("td", { class: "n", "data-field": "lag" }, num(g.lag)),
-        el("td", { class: "n", "data-field": "pending" }, num(g.pending)),
-        el("td", { class: "n", "data-field": "backlog" }, num(g.backlog)),
-        el("td", { class: "n" }, secs(g.oldest_pending_age_s)),
-        el("td", { class: "n" }, secs(g.pending_age_p50_s) + " / " + secs(g.pending_age_p99_s)),
-        el("td", { class: "n" }, lat),
-        el("td", { class: "n" }, num(g.retries_waiting)),
-        el("td", { class: "n" + (g.dlq ? " bad" : ""), "data-field": "dlq" }, dlqCell));
-    });
-    fill($("groups").tBodies[0], rows.length ? rows : [el("tr", {}, el("td", { colspan: 13, class: "muted" }, "No consumer groups yet."))]);
-    $("latency-note").textContent = "Processing latency p50/p99: " + s.latency_note + ".";
+      const reasons = reasonsOf.get(name) || [];
+      if (parts.length === 1) rows.push(groupRow(g, s, keys.length - 1, reasons, false));
+      else {
+        rows.push(groupRow(g, s, keys.length - 1, reasons, null));
+        for (const p of parts) rows.push(groupRow(p, s, keys.length - 1, reasons, true));
+      }
+    }
+    fill($("groups").tBodies[0], rows.length ? rows : [el("tr", {}, el("td", { colspan: 16, class: "muted" }, "No consumer groups yet."))]);
+    const span = s.latency_window_s ? " (the last " + Math.round(s.latency_window_s) + " s)" : "";
+    $("latency-note").textContent = "Processing latency p50/p99: " + s.latency_note + span + ".";
     $("total-rate").textContent = rateKnown ? num(rate, 1) : "–";
+    $("total-failed").textContent = rateKnown ? num(failed, 1) + " failed/s" : "";
+    $("total-failed").className = "sub-value" + (failed ? " bad" : "");
     $("total-backlog").textContent = num(backlog);
     $("total-oldest").textContent = secs(oldest);
     $("total-dlq").textContent = num(s.dlq_total);
     $("total-dlq").className = "value" + (s.dlq_total ? " bad" : "");
+    const worst = counts.stuck ? "stuck" : counts.backlog ? "backlog" : counts.busy ? "busy" : "ok";
+    $("total-state").textContent = worst;
+    $("total-state").className = "value state-text " + worst;
+    $("state-card").className = "card state-card state-" + worst;
+    $("total-states").textContent = ["ok", "busy", "stuck", "backlog"].map((k) => counts[k] + " " + k).join(" · ");
     drawChart($("chart-rate"), "rate", keys);
+    drawChart($("chart-failed"), "failed", keys);
     drawChart($("chart-backlog"), "backlog", keys);
     $("legend").replaceChildren(...keys.map((k, i) => {
       const sw = el("span", { class: "swatch" });
@@ -174,8 +266,14 @@
       ? s.renders.map((r) => el("tr", {}, el("td", {}, r.group), el("td", { class: "n" }, num(r.consumers)), el("td", { class: "n" }, num(r.in_flight)),
         el("td", { class: "n" }, num(r.waiting)), el("td", { class: "n" }, num(r.done_per_s, 1)), el("td", { class: "n" }, num(r.dlq))))
       : [el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No render group."))]);
-    fill($("topics").tBodies[0], s.topics.map((t) => el("tr", {}, el("td", {}, t.topic), el("td", { class: "n" }, num(t.length)),
+    fill($("topics").tBodies[0], s.topics.map((t) => el("tr", { "data-topic": t.topic, class: t.unread ? "unread" : "" },
+      el("td", {}, t.topic, t.unread ? el("span", { class: "tag warn", "data-testid": "unread", title: "entries and no consumer group: nothing handles them" }, "no reader") : ""),
+      el("td", { class: "n" }, num(t.length)), el("td", { class: "n" }, num(t.groups)),
       el("td", { class: "n" }, num(t.added_per_s, 1)), el("td", { class: "n" }, secs(t.last_age_s)))));
+    const unread = s.topics.filter((t) => t.unread).map((t) => t.topic);
+    $("unread-note").hidden = !unread.length;
+    $("unread-note").textContent = unread.length
+      ? "Written to, read by no consumer group: " + unread.join(", ") + ". Whatever is published there is never handled." : "";
     renderPanels(s.panels || []);
   }
 
@@ -279,6 +377,75 @@
     loadDlq();
   }
 
+  // ------------------------------------------------------------------ tasks
+  // Queued and running tasks first, then finished ones (GET /dashboard/api/tasks), refreshed
+  // every 2 s; "Details" opens the payload, detail and result; Cancel asks for confirmation.
+
+  function pretty(v) {
+    return v === null || v === undefined ? "–" : JSON.stringify(v, null, 2);
+  }
+
+  function taskRows(r) {
+    const t = r.task;
+    const open = openTasks.has(t.id);
+    const detail = el("tr", { class: "task-detail", "data-task-detail": t.id },
+      el("td", { colspan: "12" },
+        el("div", { class: "muted" }, "task " + t.id + " · queue " + t.queue + " · entry " + (r.entry_id || "no longer in the stream") +
+          " · created " + t.created_at + (t.cancelled_by ? " · cancel asked by " + t.cancelled_by : "")),
+        el("div", { class: "label" }, "payload"), el("pre", { "data-testid": "task-payload" }, pretty(r.payload)),
+        el("div", { class: "label" }, "progress detail"), el("pre", {}, pretty(t.detail)),
+        el("div", { class: "label" }, "result"), el("pre", {}, pretty(t.result)),
+        t.error ? el("div", { class: "label" }, "error") : "", t.error ? el("pre", { class: "err" }, t.error) : ""));
+    detail.hidden = !open;
+    const toggle = () => {
+      detail.hidden = !detail.hidden;
+      if (detail.hidden) openTasks.delete(t.id); else openTasks.add(t.id);
+    };
+    const canCancel = (t.status === "queued" || t.status === "running") && !t.cancel_requested;
+    const bar = el("span", { class: "bar" }, el("span", {}));
+    bar.firstChild.style.width = Math.round(t.progress * 100) + "%";
+    const row = el("tr", { "data-task": t.id, "data-status": t.status },
+      el("td", {}, t.type), el("td", {}, t.priority),
+      el("td", {}, el("span", { class: "tag status-" + t.status, "data-field": "status" }, t.status + (t.cancel_requested && t.status === "running" ? " (cancelling)" : ""))),
+      el("td", { class: "n" }, bar, " " + Math.round(t.progress * 100) + "%"),
+      el("td", { class: "n" }, num(t.attempts)), el("td", { class: "n" }, secs(r.runtime_s)),
+      el("td", {}, t.submitted_by || "–"), el("td", { class: "mono" }, r.runner || "–"),
+      el("td", { class: "err", title: t.error || "" }, clip(t.error || "", 80)),
+      el("td", {}, el("button", { type: "button", class: "link", "data-testid": "task-expand", onclick: toggle }, "Details")),
+      el("td", {}, canCancel ? el("button", { type: "button", class: "replay danger", "data-testid": "task-cancel",
+        onclick: () => { if (confirm("Cancel task " + t.type + " " + t.id + "?")) cancelTask(t.id); } }, "Cancel") : ""));
+    return [row, detail];
+  }
+
+  async function loadTasks() {
+    const status = $("task-status").value;
+    const r = await fetch("/dashboard/api/tasks?" + new URLSearchParams(status ? { status } : {}), { credentials: "same-origin" });
+    if (!r.ok) { $("tasks-note").textContent = "Could not load tasks (" + r.status + ")."; return; }
+    const body = await r.json();
+    $("tasks-title").textContent = "· " + body.active + " queued or running · shown " + body.tasks.length;
+    $("tasks-empty").hidden = body.tasks.length > 0;
+    fill($("tasks").tBodies[0], body.tasks.flatMap(taskRows));
+  }
+
+  async function cancelTask(id) {
+    $("tasks-note").textContent = "Cancelling…";
+    const r = await fetch("/dashboard/api/tasks/cancel", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+      body: JSON.stringify({ id }),
+    });
+    const body = await r.json().catch(() => ({}));
+    $("tasks-note").textContent = r.ok
+      ? (body.verdict === "cancelled" ? "Cancelled " + id + " (it was queued)." : "Asked " + id + " to stop (it is running).")
+      : "Cancel refused: " + (body.detail || r.status);
+    loadTasks();
+  }
+
+  $("task-status").addEventListener("change", () => loadTasks());
+  loadTasks();
+  setInterval(() => { if (!document.hidden && !document.body.classList.contains("stale")) loadTasks(); }, 2000);
+
   $("dlq-reason").addEventListener("change", () => loadDlq());
 
   $("logout").addEventListener("click", async () => {
@@ -286,17 +453,31 @@
     location.assign("/dashboard");
   });
 
+  // While the figures are not fresh (Redis down, or the server gone) they are greyed and the
+  // banner says since when they are stale; the next snapshot clears both.
+  function stale(why) {
+    document.body.classList.add("stale");
+    $("outage").hidden = false;
+    $("outage").textContent = why + " — figures as of " + (lastAt === null ? "never" : hms(lastAt) + " UTC") + ".";
+  }
+
   const source = new EventSource("/dashboard/events");
   source.addEventListener("snapshot", (e) => {
     $("live").textContent = "live";
     $("live").className = "live on";
+    document.body.classList.remove("stale");
+    $("outage").hidden = true;
     render(JSON.parse(e.data));
   });
   source.addEventListener("problem", (e) => {
     $("live").textContent = "Redis unavailable";
     $("live").className = "live off";
     $("live").title = JSON.parse(e.data).detail;
+    stale("Redis does not answer");
   });
   source.addEventListener("logout", () => { source.close(); location.assign("/dashboard"); });
-  source.onerror = () => { $("live").textContent = "reconnecting…"; $("live").className = "live off"; };
+  source.onerror = () => {
+    $("live").textContent = "reconnecting…"; $("live").className = "live off";
+    stale("The dashboard's server does not answer");
+  };
 })();
