@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -351,96 +352,164 @@ def test_tracing_is_off_unless_an_exporter_is_named() -> None:
         tracing.setup_from_env(grpc, role="test")
 
 
-_TRACED_PROCESS = """
-import asyncio, os, sys
-from opentelemetry import trace
-from schemas import REGISTRY, SpotInterruption
-from streamproc import Codec, Concern, Consumer, ConsumerSettings, Keys, Producer, tracing
-from streamproc import connect, RedisSettings
-from tests.helpers import spot
+class Receiver:
+    """An OTLP/HTTP receiver on 127.0.0.1: decodes each ExportTraceServiceRequest."""
 
-async def main() -> None:
-    assert tracing.setup_from_env(os.environ, role="consume")
-    keys = Keys(sys.argv[2])
-    client = connect(RedisSettings(url=sys.argv[1], key_prefix=sys.argv[2]))
-    codec = Codec(REGISTRY)
-    producer = Producer(client, codec, keys)
-    async def handle(event, ctx):
-        pass
-    concern = Concern(group="g", topics=("cluster",), handlers={SpotInterruption: handle})
-    consumer = Consumer(concern, client=client, codec=codec, keys=keys, producer=producer,
-                        settings=ConsumerSettings(consumer="c1"))
-    await consumer.ensure_groups()
-    with trace.get_tracer("job").start_as_current_span("job"):
-        await producer.publish(spot(1))
-    await consumer.process_once()
-    await client.aclose()
+    def __init__(self) -> None:
+        self.requests: list[ExportTraceServiceRequest] = []
+        self.got = asyncio.Event()
+        self.url = ""
 
-asyncio.run(main())
-"""
-
-
-async def test_otlp_http_exporter_configured_by_otel_variables_reaches_a_receiver(
-    redis_url: str, keys: Keys, client: aioredis.Redis, repo_root: Path
-) -> None:
-    """A process set up from OTEL_* alone exports over OTLP/HTTP (protobuf) to the
-    endpoint named; the receiver decodes what came and finds one trace, service named."""
-    received: list[ExportTraceServiceRequest] = []
-    got = asyncio.Event()
-
-    async def traces(request: web.Request) -> web.Response:
-        assert request.content_type == "application/x-protobuf"
+    async def traces(self, request: web.Request) -> web.Response:
         message = ExportTraceServiceRequest()
         message.ParseFromString(await request.read())
-        received.append(message)
-        got.set()
+        if request.content_type == "application/x-protobuf":
+            self.requests.append(message)
+            self.got.set()
         return web.Response(body=b"", content_type="application/x-protobuf")
 
+    def spans(self) -> tuple[set[str], dict[str, Any]]:
+        """The service names, and the spans by name."""
+        services: set[str] = set()
+        spans: dict[str, Any] = {}
+        for message in self.requests:
+            for rs in message.resource_spans:
+                for attr in rs.resource.attributes:
+                    if attr.key == "service.name":
+                        services.add(attr.value.string_value)
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        spans[span.name] = span
+        return services, spans
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
     app = web.Application()
-    app.router.add_post("/v1/traces", traces)
+    app.router.add_post("/v1/traces", r.traces)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    r.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield r
+    await runner.cleanup()
+
+
+async def wait_for(cond: Any, timeout_s: float = 30.0) -> Any:
+    for _ in range(int(timeout_s / 0.05)):
+        if got := await cond():
+            return got
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def test_a_consume_role_set_up_by_otel_variables_exports_over_otlp_http(
+    receiver: Receiver,
+    provider: TracerProvider,
+    redis_url: str,
+    keys: Keys,
+    client: aioredis.Redis,
+    repo_root: Path,
+) -> None:
+    """``streamproc consume`` with OTEL_TRACES_EXPORTER=otlp and an endpoint alone exports its
+    spans (OTLP/HTTP, protobuf) to the receiver: the handler's span continues the trace of
+    the span that published the event here, under the service named."""
+    from tests.tiny_app import Ping
+    from tests.tiny_app import app as tiny
+
     env = {
         **os.environ,
+        "REDIS_URL": redis_url,
+        "STREAMPROC_PREFIX": keys.prefix,
+        "STREAMPROC_BLOCK_MS": "100",
         "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
         "OTEL_SERVICE_NAME": "tracing-test",
-        "PYTHONPATH": str(repo_root),
     }
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "streamproc", "--app", "tests.tiny_app:app", "consume", "--all"),
+        cwd=repo_root,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _TRACED_PROCESS,
-            redis_url,
-            keys.prefix,
-            env=env,
-            cwd=repo_root,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _out, err = await proc.communicate()  # spans flushed at exit (the provider's atexit)
-        assert proc.returncode == 0, err.decode()
-        await asyncio.wait_for(got.wait(), 10)
+        await wait_for(lambda: client.exists(keys.stream("tiny")))
+        producer = Producer(client, tiny.codec, keys)
+        with provider.get_tracer("test").start_as_current_span("job") as job:
+            await producer.publish(Ping(n=3))
+        assert await wait_for(lambda: client.get(keys.state("tiny", "pings"))) == b"3"
     finally:
-        await runner.cleanup()
-    spans = {}
-    services = set()
-    for message in received:
-        for rs in message.resource_spans:
-            for attr in rs.resource.attributes:
-                if attr.key == "service.name":
-                    services.add(attr.value.string_value)
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    spans[s.name] = s
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    await asyncio.wait_for(receiver.got.wait(), 10)  # flushed at exit at the latest
+    services, spans = receiver.spans()
     assert services == {"tracing-test"}
-    assert set(spans) == {"job", "process cluster"}
-    job, process = spans["job"], spans["process cluster"]
-    assert process.trace_id == job.trace_id
-    assert len(job.trace_id) == 16
-    assert process.parent_span_id == job.span_id
+    process = spans["process tiny"]
+    context = job.get_span_context()
+    assert process.trace_id == context.trace_id.to_bytes(16, "big")
+    assert process.parent_span_id == context.span_id.to_bytes(8, "big")
     assert process.kind == process.SPAN_KIND_CONSUMER
+    attributes = {a.key: a.value for a in process.attributes}
+    assert attributes["messaging.consumer.group.name"].string_value == "tiny-counter"
+    assert attributes["streamproc.event.type"].string_value == "tiny.ping"
+
+
+async def test_an_ingest_role_set_up_by_otel_variables_exports_its_request_spans(
+    receiver: Receiver, redis_url: str, keys: Keys, repo_root: Path
+) -> None:
+    """``streamproc ingest`` traces each request (even a refused one) under its default
+    service name, continuing the caller's ``traceparent``."""
+    import aiohttp
+
+    from streamproc.embedded import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "STREAMPROC_PREFIX": keys.prefix,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+    }
+    env.pop("OTEL_SERVICE_NAME", None)
+    env.pop("OTEL_RESOURCE_ATTRIBUTES", None)
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "streamproc", "--app", "tests.tiny_app:app"),
+        *("ingest", "--port", str(port)),
+        cwd=repo_root,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def answered() -> int | None:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
+                        return r.status
+                except aiohttp.ClientConnectionError:
+                    return None
+
+            assert await wait_for(answered) == 200
+            async with session.post(
+                f"http://127.0.0.1:{port}/v1/events",
+                json={"type": "tiny.ping", "n": 1},
+                headers={"traceparent": TRACEPARENT},
+            ) as r:
+                assert r.status == 401  # no token: refused, and traced all the same
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    await asyncio.wait_for(receiver.got.wait(), 10)
+    services, spans = receiver.spans()
+    assert services == {"streamproc-ingest"}
+    assert set(spans) == {"POST /v1/events"}  # not the probe
+    span = spans["POST /v1/events"]
+    assert span.trace_id == TRACE_ID.to_bytes(16, "big")
+    assert span.parent_span_id == PARENT_ID.to_bytes(8, "big")
+    assert span.kind == span.SPAN_KIND_SERVER
