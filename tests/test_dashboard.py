@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
+from urllib.parse import urlparse
 
 import aiohttp
 import msgspec
@@ -17,7 +19,8 @@ from structlog.testing import capture_logs
 
 from schemas import REGISTRY, SpotInterruption
 from schemas.workers import WorkerCreated, WorkerPollTick
-from streamproc import Keys, Permanent, Producer
+from streamproc import Codec, Consumer, ConsumerSettings, Keys, Permanent, Producer
+from streamproc.connection import connect
 from streamproc.consumer import LATENCY_BUCKETS_S
 from streamproc.dashboard import COOKIE, Panel, PanelData, build_snapshot
 from streamproc.dashboard.panels import MAX_ROWS, PanelReader
@@ -25,8 +28,12 @@ from streamproc.dashboard.session import session_key
 from streamproc.dashboard.snapshot import LATENCY_NOTE, histogram_percentile, percentile
 from streamproc.groups import ensure_declared_groups
 from streamproc.ingest import Ingest, IngestSettings, create_app
+from streamproc.inspect import limits_of
 from streamproc.scheduler import Scheduler
+from streamproc.settings import RedisSettings
+from streamproc.tasks import TaskContext, TaskType, task_concern
 from tests.helpers import MakeConsumer, entries, spot
+from tests.tcpproxy import TcpProxy
 from tests.test_ingest_support import Server, running_ingest
 from workers.panel import PANEL as WORKERS_PANEL
 from workers.panel import read_workers
@@ -523,3 +530,242 @@ async def test_a_panel_is_bounded_checked_and_timed_out_and_its_failures_logged_
     assert hung.error == "no answer within 0.05 s"
     failed = [e["panel"] for e in logs if e["event"] == "dashboard_panel_failed"]
     assert sorted(failed) == ["crooked", "hangs", "not-data"]
+
+
+# ---------------------------------------------------------------------- states, windows, flags
+
+
+async def test_a_group_is_busy_while_its_old_entry_is_renewed_and_stuck_when_nobody_does(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    """The snapshot colours a group with inspect's own judgement: idle time, not age."""
+    stream = keys.stream("cluster")
+    entry_id = await client.xadd(stream, {"type": "t"}, id="1000-0")  # stamped 1970: very old
+    await ensure_declared_groups(client, keys, {"cluster": ["g"]})
+    await client.xreadgroup("g", "c1", {stream: ">"})  # delivered now: idle ~0
+    limits = limits_of(stuck_after_s=60)
+    snap, _ = await build_snapshot(client, keys, limits=limits)
+    [g] = snap.groups
+    assert (g.state, g.stuck_pending) == ("busy", 0)
+    [h] = snap.health
+    assert (h.group, h.state) == ("g", "busy")
+    await client.xclaim(stream, "g", "c1", 0, [entry_id], idle=120_000)  # nobody renewed it
+    snap, _ = await build_snapshot(client, keys, limits=limits)
+    [g] = snap.groups
+    assert (g.state, g.stuck_pending) == ("stuck", 1)
+    assert g.longest_idle_s is not None
+    assert g.longest_idle_s >= 120
+    assert "not renewed" in snap.health[0].reasons[0]
+
+
+async def test_failed_per_s_counts_dead_letters_written_between_samples(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    await ensure_declared_groups(client, keys, {"cluster": ["g"]})
+    await client.xadd(keys.dlq("cluster", "g"), {"type": "x", "dlq_reason": "permanent"})
+    first, counts = await build_snapshot(client, keys)
+    assert first.groups[0].failed_per_s is None  # one sample: no rate yet
+    for _ in range(3):
+        await client.xadd(keys.dlq("cluster", "g"), {"type": "x", "dlq_reason": "permanent"})
+    await client.xtrim(keys.dlq("cluster", "g"), maxlen=1)  # a purge does not make it negative
+    second, _ = await build_snapshot(client, keys, previous=counts)
+    [g] = second.groups
+    assert g.failed_per_s is not None
+    assert g.failed_per_s > 0
+    assert g.done_per_s is not None
+
+
+async def test_a_topic_written_to_and_read_by_no_group_is_flagged(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    await ensure_declared_groups(client, keys, {"cluster": ["g"]})
+    await client.sadd(keys.topics(), "notify")
+    await client.xadd(keys.stream("notify"), {"type": "notify.x"})
+    snap, _ = await build_snapshot(client, keys)
+    topics = {t.topic: t for t in snap.topics}
+    assert (topics["notify"].unread, topics["notify"].groups) == (True, 0)
+    assert (topics["cluster"].unread, topics["cluster"].groups) == (False, 1)
+
+
+async def test_latency_covers_the_window_not_just_the_last_sample(
+    client: aioredis.Redis, keys: Keys, producer: Producer, make_consumer: MakeConsumer
+) -> None:
+    """Consumers write their histograms every 5 s: between two 1 s samples most show no acks.
+    Against the window's first sample the percentiles stay."""
+
+    async def handle(event: SpotInterruption, ctx: Any) -> None:
+        return None
+
+    consumer = make_consumer({SpotInterruption: handle})
+    await consumer.ensure_groups()
+    await consumer.report_stats()
+    _, base = await build_snapshot(client, keys)
+    await producer.publish_many([spot(i) for i in range(3)])
+    while await consumer.process_once():
+        pass
+    await consumer.report_stats()
+    second, counts = await build_snapshot(client, keys, previous=base)
+    assert second.groups[0].latency_p50_ms is not None
+    # no new acks since: against the previous sample alone, nothing ...
+    third, _ = await build_snapshot(client, keys, previous=counts)
+    assert third.groups[0].latency_p50_ms is None
+    # ... against the window's first sample, the same figures
+    held, _ = await build_snapshot(client, keys, previous=counts, latency_base=base)
+    assert held.groups[0].latency_p50_ms == second.groups[0].latency_p50_ms
+    assert held.latency_window_s >= 0
+
+
+# ---------------------------------------------------------------------- the Tasks view
+
+
+class _Job(msgspec.Struct):
+    label: str
+
+
+class _Blocker:
+    def __init__(self) -> None:
+        self.running = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def run(self, p: _Job, ctx: TaskContext) -> dict[str, Any]:
+        await ctx.progress(0.25, step="one")
+        self.running.set()
+        await self.release.wait()
+        return {"label": p.label}
+
+    def types(self) -> dict[str, TaskType]:
+        return {"test.block": TaskType(name="test.block", run=self.run, payload_type=_Job)}
+
+
+async def _tasks(browser: aiohttp.ClientSession, **query: str) -> dict[str, Any]:
+    async with browser.get("/dashboard/api/tasks", params=query) as r:
+        assert r.status == 200, await r.text()
+        return dict(await r.json())
+
+
+async def _cancel(
+    browser: aiohttp.ClientSession, task_id: str, csrf: str
+) -> aiohttp.ClientResponse:
+    async with browser.post(
+        "/dashboard/api/tasks/cancel", json={"id": task_id}, headers={"X-CSRF-Token": csrf}
+    ) as r:
+        await r.read()
+        return r
+
+
+async def test_the_tasks_view_lists_payload_runner_runtime_and_cancels_with_csrf(
+    client: aioredis.Redis, keys: Keys, producer: Producer, codec: Codec[Any]
+) -> None:
+    blocker = _Blocker()
+    async with running_ingest(client, keys, producer, task_types=blocker.types()) as srv:
+        op = await srv.token("ops", [], operator=True)
+        async with aiohttp.ClientSession(
+            base_url=srv.url, cookie_jar=aiohttp.CookieJar(unsafe=True)
+        ) as browser:
+            await login(browser, op)
+            csrf = await csrf_of(browser)
+            queued = await _submit(srv, op, "queued-one", "low")
+            listed = await _tasks(browser)
+            [row] = listed["tasks"]
+            assert row["task"]["id"] == queued
+            assert (row["task"]["status"], row["task"]["priority"]) == ("queued", "low")
+            assert row["payload"] == {"label": "queued-one"}  # from its request entry
+            assert (row["runner"], row["runtime_s"]) == (None, None)
+            assert listed["active"] == 1
+
+            # state changes need the CSRF header
+            async with browser.post("/dashboard/api/tasks/cancel", json={"id": queued}) as r:
+                assert r.status == 403
+            r = await _cancel(browser, queued, csrf)
+            assert r.status == 200
+            [row] = (await _tasks(browser, status="cancelled"))["tasks"]
+            assert row["task"]["status"] == "cancelled"
+            assert row["task"]["cancelled_by"] == "ops"
+            assert (await _tasks(browser, status="queued"))["tasks"] == []
+            assert (await _cancel(browser, "no-such-task", csrf)).status == 404
+
+            # a running task: its runner (the consumer holding its entry) and its runtime
+            running = await _submit(srv, op, "running-one", "high")
+            runner = Consumer(
+                task_concern(blocker.types()),
+                client=client,
+                codec=codec,
+                keys=keys,
+                producer=producer,
+                settings=ConsumerSettings(consumer="runner-1", block_ms=50),
+            )
+            run = asyncio.create_task(runner.run())
+            try:
+                await blocker.running.wait()
+                [row] = (await _tasks(browser, status="running"))["tasks"]
+                assert row["task"]["id"] == running
+                assert row["runner"] == "runner-1"
+                assert row["runtime_s"] is not None
+                assert row["task"]["progress"] == 0.25
+                assert row["payload"] == {"label": "running-one"}
+                r = await _cancel(browser, running, csrf)
+                assert r.status == 202  # asked to stop: it ends cancelled
+                while not await _ended(browser, running):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)  # polling is what the page does
+            finally:
+                blocker.release.set()
+                runner.stop()
+                await run
+
+
+async def _ended(browser: aiohttp.ClientSession, task_id: str) -> bool:
+    done = (await _tasks(browser, status="cancelled"))["tasks"]
+    return any(row["task"]["id"] == task_id for row in done)
+
+
+async def _submit(srv: Server, op: str, label: str, priority: str) -> str:
+    body = {"type": "test.block", "payload": {"label": label}, "priority": priority}
+    status, answer, _ = await srv.post("/v1/tasks", body, token=op)
+    assert status == 202, answer
+    return str(answer["id"])
+
+
+# ---------------------------------------------------------------------- a Redis outage
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[TcpProxy]:
+    url = urlparse(redis_url)
+    with TcpProxy(url.hostname or "127.0.0.1", url.port or 6379) as p:
+        yield p
+
+
+async def test_a_reload_during_a_redis_outage_serves_a_page_not_json(
+    proxy: TcpProxy, keys: Keys, client: aioredis.Redis, codec: Codec[Any]
+) -> None:
+    through = connect(RedisSettings(url=proxy.url, key_prefix=keys.prefix, socket_timeout_s=1))
+    producer = Producer(through, codec, keys)
+    try:
+        async with running_ingest(through, keys, producer) as srv:
+            op = await srv.token("ops", [], operator=True)
+            async with aiohttp.ClientSession(
+                base_url=srv.url, cookie_jar=aiohttp.CookieJar(unsafe=True)
+            ) as browser:
+                await login(browser, op)
+                async with browser.get("/dashboard/api/snapshot") as r:
+                    assert r.status == 200  # Redis last answered now
+                proxy.refuse(True)
+                proxy.cut()
+                async with browser.get("/dashboard") as r:
+                    body = await r.text()
+                    assert r.status == 503
+                    assert r.headers["Content-Type"].startswith("text/html")
+                    assert r.headers["Retry-After"] == "5"
+                assert "does not answer" in body
+                assert re.search(r"figures as of \d\d:\d\d:\d\d UTC", body), body
+                assert '<meta http-equiv="refresh" content="5">' in body
+                assert "csrf-token" not in body
+                proxy.refuse(False)
+                while True:  # Redis is back: the page again
+                    async with browser.get("/dashboard") as r:
+                        if r.status == 200:
+                            assert 'name="csrf-token"' in await r.text()
+                            break
+                    await asyncio.sleep(0.2)
+    finally:
+        await through.aclose()
