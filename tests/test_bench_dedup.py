@@ -1,0 +1,95 @@
+"""benchmarks/dedup_cost.py: a smoke run of both modes, real redis-servers and child processes,
+no timing asserts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.serial,  # a benchmark script: timed child processes, a redis-server each
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+]
+
+
+def _dedup_cost(repo_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "benchmarks/dedup_cost.py", *args],
+        cwd=repo_root,
+        env={**os.environ, "STREAMPROC_LOG_LEVEL": "warning"},
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+
+
+def test_bulk_mode_measures_each_tree_with_its_own_code_and_every_effect_once(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    """``--before FOLDER`` runs the 'before' variants on that folder's streamproc (a copy here),
+    'after' on this tree's; each variant applies every event's effect once (the script fails
+    otherwise) and the table has both trees, both dedup settings and the three ratios."""
+    tree = tmp_path / "tree"
+    shutil.copytree(
+        repo_root / "streamproc", tree / "streamproc", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    out = tmp_path / "dedup.json"
+    r = _dedup_cost(
+        repo_root, "--before", str(tree), "--events", "1500", "--batch", "100", "--json", str(out)
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    label = f"before ({tree})"
+    for row in (f"| {label} | off |", f"| {label} | on |", "| after | off |", "| after | on |"):
+        assert row in r.stdout
+    assert "Redis CPU on/off (target ≤ 1.3)" in r.stdout
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {
+        f"{t} dedup {d}" for t in (label, "after") for d in ("off", "on")
+    }
+    for name, v in result["variants"].items():
+        [run] = v["runs"]
+        want = tree if name.startswith("before") else repo_root
+        assert Path(run["streamproc"]).is_relative_to(want.resolve()), run["streamproc"]
+        assert run["applied"] == run["events"] == 1500
+        assert v["cpu_us"] > 0
+        assert v["drain_per_s"] > 0
+        assert v["stream_b"] > 0
+        assert any(f["family"].endswith(":stream") for f in run["families"])
+    # dedup off keeps no per-event key in either tree
+    for t in (label, "after"):
+        assert result["variants"][f"{t} dedup off"]["keys"] < 0.01
+    assert set(result["ratios"]) == {label, "after"}
+
+
+def test_soak_mode_samples_memory_and_judges_the_last_half(repo_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    r = _dedup_cost(
+        repo_root,
+        "--soak",
+        "6",
+        "--rate",
+        "300",
+        "--window-ms",
+        "1000",
+        "--sample-s",
+        "1",
+        "--json",
+        str(out),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| t s | published | used_memory B |" in r.stdout
+    soak = json.loads(out.read_text())["soak"]["after"]
+    assert len(soak["samples"]) >= 6
+    assert soak["published"] > 0
+    published = [s["published"] for s in soak["samples"]]
+    assert published == sorted(published)
+    assert "slope_other_b_per_s" in soak  # window full after 2 s: the last half has a verdict
+    assert isinstance(soak["flat"], bool)
