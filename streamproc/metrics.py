@@ -80,14 +80,18 @@ _COUNTERS = (
     ("acked", "streamproc_events_acked", "Events handled successfully and acked"),
     ("retried", "streamproc_events_retried", "Events scheduled for a retry"),
     ("dead_lettered", "streamproc_events_dead_lettered", "Events sent to the DLQ"),
-    ("duplicates", "streamproc_events_deduplicated", "Redeliveries dropped by event id"),
+    (
+        "redeliver",
+        "streamproc_events_settle_redeliver",
+        "Settles of entries the group will deliver again (recreated or moved back)",
+    ),
     ("reclaimed", "streamproc_events_reclaimed", "Entries claimed from a stalled consumer"),
     ("skipped", "streamproc_events_skipped", "Entries of types the group has no handler for"),
     ("empty", "streamproc_events_empty", "Entries whose payload was trimmed before reading"),
     (
         "refused",
         "streamproc_events_settle_refused",
-        "Settles that found the entry no longer pending (taken by another consumer, trimmed)",
+        "Settles that found the entry no longer pending (another settle applied it)",
     ),
     (
         "already_scheduled",

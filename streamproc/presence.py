@@ -70,7 +70,7 @@ class Record(msgspec.Struct, kw_only=True):
     #: When the consumer started (its host's clock, epoch ms).
     started_ms: int
     in_flight: int = 0
-    #: Entries done: acked, duplicates, empty and skipped ones.
+    #: Entries done: acked, empty and skipped ones.
     processed: int = 0
     #: Handler failures: retries scheduled and dead letters written.
     failed: int = 0

@@ -4,7 +4,8 @@ Not a mock: every other command goes to the real server over the shared connecti
 A fault is a predicate on a command's arguments (``("MGET",)`` matches by name, a script's
 sha matches its EVALSHA); when a command matches, it raises ConnectionError instead of being
 sent — as if the connection dropped right before it. Pipelines are checked per command and
-fail before any of their commands is sent.
+fail before any of their commands is sent. ``lose_reply_once`` is the other half: the command
+(or the pipeline holding it) runs on the server, and then its reply is lost.
 """
 
 from __future__ import annotations
@@ -38,10 +39,21 @@ class FlakyRedis(aioredis.Redis):
     def __init__(self, base: aioredis.Redis) -> None:
         super().__init__(connection_pool=base.connection_pool)
         self.faults: list[Match] = []
+        self.lost_replies: list[Match] = []
         self.injected: list[str] = []
 
     def fail_once(self, match: Match) -> None:
         self.faults.append(match)
+
+    def lose_reply_once(self, match: Match) -> None:
+        self.lost_replies.append(match)
+
+    def _after(self, args: tuple[Any, ...]) -> None:
+        for f in self.lost_replies:
+            if f(args):
+                self.lost_replies.remove(f)
+                self.injected.append(f"reply of {args[0]!r}")
+                raise RedisConnectionError(f"injected: connection lost after {args[0]!r}")
 
     def _check(self, args: tuple[Any, ...]) -> None:
         for f in self.faults:
@@ -52,16 +64,22 @@ class FlakyRedis(aioredis.Redis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         self._check(args)
-        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        reply = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        self._after(args)
+        return reply
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)
         original = pipe.execute
 
         async def execute(raise_on_error: bool = True) -> Any:
-            for args, _ in pipe.command_stack:
+            stack = [args for args, _ in pipe.command_stack]
+            for args in stack:
                 self._check(args)
-            return await original(raise_on_error)
+            replies = await original(raise_on_error)
+            for args in stack:
+                self._after(args)
+            return replies
 
         pipe.execute = execute  # type: ignore[method-assign]
         return pipe

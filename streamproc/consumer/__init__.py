@@ -6,7 +6,6 @@
 from streamproc.consumer.outcomes import (
     Acked,
     DeadLettered,
-    Duplicate,
     Empty,
     Entry,
     Outcome,
@@ -23,7 +22,6 @@ __all__ = (
     "Consumer",
     "ConsumerStats",
     "DeadLettered",
-    "Duplicate",
     "Empty",
     "Entry",
     "Outcome",

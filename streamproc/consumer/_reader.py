@@ -21,7 +21,7 @@ from streamproc._aio import wait_event
 from streamproc.connection import is_cluster
 from streamproc.consumer._guard import RedisGuard
 from streamproc.consumer._scripts import RECLAIM
-from streamproc.consumer.outcomes import DeadLettered, Duplicate, Empty, Entry, Outcome, Skipped
+from streamproc.consumer.outcomes import DeadLettered, Empty, Entry, Outcome, Skipped
 from streamproc.consumer.stats import ConsumerStats
 from streamproc.groups import register_topics
 from streamproc.keys import Keys
@@ -54,7 +54,6 @@ class Reader:
         self.client, self.keys, self.group, self.name = client, keys, group, name
         self.settings, self.guard, self.stats = settings, guard, stats
         self.streams = dict(streams)  # stream key -> topic
-        self._retry_streams = {s for s, t in streams.items() if s != keys.stream(t)}
         self._unhandled = unhandled
         self.held: dict[str, dict[bytes, Entry]] = {k: {} for k in self.streams}
         self.in_flight = 0
@@ -362,18 +361,13 @@ class Reader:
         entries = [Entry(stream, topic, i, f if f else None) for i, f in rows]
         self.hold(entries)
         self.stats.read += len(entries)
-        try:
-            if redelivered:
+        if redelivered:
+            try:
                 await self._load_deliveries(stream, entries)
-                seen = await self._seen(entries)
-            elif stream in self._retry_streams:
-                seen = await self._seen(entries)
-            else:  # a first delivery: its settle script checks the mark (no round trip here)
-                seen = [False] * len(entries)
-        except BaseException:
-            self.let_go(entries)
-            raise
-        return self._triage(entries, seen)
+            except BaseException:
+                self.let_go(entries)
+                raise
+        return self._triage(entries)
 
     async def _load_deliveries(self, stream: str, entries: list[Entry]) -> None:
         """Delivery counts, read per entry id (a range would mix in other entries)."""
@@ -387,25 +381,12 @@ class Reader:
             credit = self._credit.pop((stream, e.entry_id), 0)
             e.deliveries = max(1, e.deliveries - credit)
 
-    async def _seen(self, entries: list[Entry]) -> list[bool]:
-        """Which entries' event ids this group already applied (one MGET per topic)."""
-        if not self.settings.dedup_window_ms:
-            return [False] * len(entries)
-        idx = [i for i, e in enumerate(entries) if e.fields.get(b"id")]
-        if not idx:
-            return [False] * len(entries)
-        prefix = self.keys.seen_prefix(entries[0].topic, self.group).encode()
-        marks = await self.client.mget([prefix + entries[i].fields[b"id"] for i in idx])
-        flags = [False] * len(entries)
-        for i, mark in zip(idx, marks, strict=True):
-            flags[i] = mark is not None
-        return flags
-
-    def _triage(self, entries: list[Entry], seen: list[bool]) -> list[Item]:
-        """Decide what needs no handler: trimmed payloads, poison, duplicates, other types."""
+    def _triage(self, entries: list[Entry]) -> list[Item]:
+        """Decide what needs no handler: trimmed payloads, poison, other types. A redelivery
+        runs its handler again; its settle applies the effects only if no other did."""
         out: list[Item] = []
         limit = self.settings.max_deliveries
-        for entry, was_seen in zip(entries, seen, strict=True):
+        for entry in entries:
             if not entry.fields:
                 out.append(Empty(entry))
             elif entry.deliveries > limit:
@@ -417,8 +398,6 @@ class Reader:
                         detail=f"delivered {entry.deliveries} times, over max_deliveries={limit}",
                     )
                 )
-            elif was_seen:
-                out.append(Duplicate(entry))
             elif entry.fields.get(b"type") in self._unhandled:
                 out.append(Skipped(entry))
             else:

@@ -122,15 +122,20 @@ local function check(a, b, types)
   else types[key] = spec[1] end
   return nil
 end
--- Apply commands given as {first, last} ARGV ranges; all or none. Returns an error text or
--- nil. Out-of-memory and read-only replies abort the whole script (nothing was written yet:
--- Redis refuses only a script's first write), so the caller sends the batch again later.
-local function apply(cmds)
+-- Check commands given as {first, last} ARGV ranges before any is run: an error text, or nil
+-- when every one will succeed.
+local function verify(cmds)
   local types = {}
   for _, r in ipairs(cmds) do
     local err = check(r[1], r[2], types)
     if err then return err end
   end
+  return nil
+end
+-- Run verified commands. An out-of-memory or read-only reply (possible only before the
+-- script's first write: Redis checks memory once) aborts the whole script, so the caller
+-- sends the batch again later; any other error text is returned (none is expected).
+local function run(cmds)
   for _, r in ipairs(cmds) do
     local res = redis.pcall(unpack(ARGV, r[1], r[2]))
     if type(res) == 'table' and res.err then
@@ -174,27 +179,51 @@ local function release(hold, parked, retry, k, origin)
 end
 """
 
-# Success for a batch of entries of one stream.
-# KEYS[1] stream, KEYS[2..] dedup marks and parked lists. ARGV: group, window ms, index in KEYS
-# of the hold hash and of the retry stream (0: no holds in this batch), then per entry: id,
-# index of its mark in KEYS (0: no dedup), index of its key's parked list (0: releases no
-# hold), number of effect commands, then (parked list given) event key and origin id, and per
-# command: number of arguments, arguments. Per entry the reply holds: 1 acked; 0 not pending
-# any more (with a mark its effects were applied once; without one they were not applied); 2
-# duplicate (the mark was there: effects not applied again); or the text of the error Redis
-# gave an effect (then nothing of it applied, no mark, not acked). An entry acked (1 or 2)
-# that heads its key releases the hold.
+# Success for a batch of entries of one stream: the entry itself decides, with no mark.
+# XACK first; the handler's effects apply only when XACK removed the entry from the pending
+# list (1), so a redelivery, a settle resent after a lost reply or two consumers racing after a
+# steal apply them exactly once. Effects are checked before the XACK (a refused one leaves the
+# entry pending and is retried or dead-lettered by the caller), and after a successful XACK
+# Redis refuses no further write of the script for memory (only a script's first write is
+# checked), so they apply all together. When XACK answers 0, the script tells apart an entry
+# the group will deliver again (3: its id is above the group's last-delivered id: the group was
+# recreated after NOGROUP, or moved back): nothing is applied now, the next delivery applies it.
+# KEYS[1] stream, then parked lists. ARGV: group, (unused), index in KEYS of the hold hash and
+# of the retry stream (0: no holds in this batch), then per entry: id, index of its key's
+# parked list (0: releases no hold), number of effect commands, then (parked list given)
+# event key and origin id, and per command: number of arguments, arguments. Per entry the
+# reply holds: 1 acked (effects applied); 0 not pending any more (another settle acked it and
+# applied its effects); 3 not pending, not yet delivered again; or the text of the error Redis
+# gave an effect (nothing of it applied, not acked). An entry acked (1) that heads its key
+# releases the hold.
 SUCCEED = Lua(
     _EFFECTS
     + _RELEASE
     + r"""
-local group, window = ARGV[1], ARGV[2]
+local function idnum(s)
+  local ms, seq = string.match(s, '^(%d+)-(%d+)$')
+  return tonumber(ms or s) or 0, tonumber(seq or '0') or 0
+end
+local delivered = nil  -- the group's last-delivered id, read once if needed
+local function undelivered(id)
+  if delivered == nil then
+    delivered = '0-0'
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+      local t = {}
+      for j = 1, #g, 2 do t[g[j]] = g[j + 1] end
+      if t['name'] == ARGV[1] then delivered = t['last-delivered-id'] end
+    end
+  end
+  local am, as = idnum(id)
+  local bm, bs = idnum(delivered)
+  return am > bm or (am == bm and as > bs)
+end
+local group = ARGV[1]
 local hold, retry = KEYS[tonumber(ARGV[3])], KEYS[tonumber(ARGV[4])]
 local out, i = {}, 5
 while i <= #ARGV do
-  local id, mark, rel, ncmd = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]),
-    tonumber(ARGV[i + 3])
-  i = i + 4
+  local id, rel, ncmd = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  i = i + 3
   local ek, origin
   if rel > 0 then
     ek, origin = ARGV[i], ARGV[i + 1]
@@ -207,26 +236,20 @@ while i <= #ARGV do
     i = i + n + 1
   end
   local status
-  local m = mark > 0 and redis.call('GET', KEYS[mark])
-  if m then
-    redis.call('XACK', KEYS[1], group, id)
-    if m == id then status = 1 else status = 2 end  -- 1: our own settle, sent again
+  local err = ncmd > 0 and verify(cmds)
+  if err then
+    status = err
   else
-    -- Without a mark, effects run only for an entry still pending: a resent settle is a no-op.
-    local go = mark > 0 or ncmd == 0 or #redis.call('XPENDING', KEYS[1], group, id, id, 1) == 1
-    local err = nil
-    if go and ncmd > 0 then err = apply(cmds) end
-    if type(err) == 'table' then return err end
-    if err then
-      status = err
-    elseif go then
-      if mark > 0 then redis.call('SET', KEYS[mark], id, 'PX', window) end
-      status = redis.call('XACK', KEYS[1], group, id)
-    else
-      status = 0
+    status = redis.call('XACK', KEYS[1], group, id)
+    if status == 1 and ncmd > 0 then
+      local e = run(cmds)
+      if type(e) == 'table' then return e end
+      if e then status = e end  -- cannot happen after the checks; reported if it does
+    elseif status == 0 and undelivered(id) then
+      status = 3
     end
   end
-  if rel > 0 and (status == 1 or status == 2) then release(hold, KEYS[rel], retry, ek, origin) end
+  if rel > 0 and status == 1 then release(hold, KEYS[rel], retry, ek, origin) end
   out[#out + 1] = status
 end
 return out
@@ -352,7 +375,11 @@ redis.pcall('PEXPIRE', KEYS[2], 86400000)
 
 # Renew the entries this consumer holds and still owns (XCLAIM JUSTID with min-idle 0 resets
 # their idle time without counting a delivery); entries now owned by another consumer (or gone
-# from the pending list) are not taken back. KEYS[1] stream, KEYS[2] upkeep hash.
+# from the pending list) are not taken back. An entry whose payload was cut from the stream
+# (a hard cap) is left as it is: XCLAIM would drop it from the pending list, and then the
+# settle's XACK, which decides whether the effects apply, would find nothing and apply none.
+# It stays pending, owned by this live consumer, until its settle. KEYS[1] stream, KEYS[2]
+# upkeep hash.
 # ARGV: group, consumer, allowed gap ms, ids... Returns the ids another consumer owns now.
 RENEW = Lua(
     _TICK_READ
@@ -361,8 +388,12 @@ local keep, lost = {}, {}
 for i = 4, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] then
-    if p[1][2] == ARGV[2] then keep[#keep + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
-  end  -- not pending: acked by a settle whose reply is on its way, or trimmed
+    if p[1][2] ~= ARGV[2] then
+      lost[#lost + 1] = ARGV[i]
+    elseif #redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i]) == 1 then
+      keep[#keep + 1] = ARGV[i]
+    end
+  end  -- not pending: acked by a settle whose reply is on its way
 end
 for s = 1, #keep, 500 do
   local last = math.min(s + 499, #keep)

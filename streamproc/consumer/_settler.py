@@ -1,7 +1,7 @@
 """Settling: applying outcomes to Redis in one pipeline, and acting on what each script did.
 
-One SUCCEED script per stream for everything that is acked (handled, duplicate, trimmed,
-skipped), one FAIL script per retry or dead letter. Every reply is checked: an entry counts
+One SUCCEED script per stream for everything that is acked (handled, trimmed, skipped), one
+FAIL script per retry or dead letter. Every reply is checked: an entry counts
 as acked only if XACK removed it, a failure as retried only if this settle wrote the retry,
 and an event whose effects Redis refused turns into a retry or dead letter of its own, settled
 in the same call. A batch is safe to send again after a lost reply.
@@ -27,7 +27,6 @@ from streamproc.consumer._scripts import FAIL, SUCCEED
 from streamproc.consumer.outcomes import (
     Acked,
     DeadLettered,
-    Duplicate,
     Empty,
     Outcome,
     RetryLater,
@@ -46,7 +45,7 @@ log = structlog.get_logger("streamproc.consumer")
 AfterSettle = Callable[[Sequence[Outcome]], None]
 
 _SCRIPTS = (SUCCEED, FAIL)
-_OK_KINDS = (Acked, Duplicate, Empty, Skipped)
+_OK_KINDS = (Acked, Empty, Skipped)
 
 
 def _in_slot(o: Outcome, policy: RetryPolicy) -> Outcome:
@@ -94,15 +93,8 @@ class Settler:
         #: Per-key order across retries (``Concern(ordered=True)``): a keyed entry's retry
         #: takes its key's hold, and the head's ack or dead letter releases it (_scripts.py).
         self._holds = holds
-        self._prefixes: dict[str, bytes] = {}
         #: On a Redis Cluster, effects on keys outside the stream's slot are refused here.
         self._cluster = is_cluster(client)
-
-    def _seen_prefix(self, topic: str) -> bytes:
-        prefix = self._prefixes.get(topic)
-        if prefix is None:
-            prefix = self._prefixes[topic] = self.keys.seen_prefix(topic, self.group).encode()
-        return prefix
 
     async def settle(self, outcomes: Sequence[Outcome]) -> None:
         """Settle a batch (and the retries of effects Redis refused), then release it."""
@@ -122,7 +114,6 @@ class Settler:
         ok: dict[str, tuple[list[Any], list[Any], list[Outcome]]] = {}
         order: list[Any] = []  # per pipeline command: the stream (SUCCEED) or the outcome
         s = self.settings
-        dedup = bool(s.dedup_window_ms)
         async with self.client.pipeline(transaction=False) as pipe:
             for o in outcomes:
                 e = o.entry
@@ -139,15 +130,11 @@ class Settler:
                         rel = (len(keys), ek, e.origin)
                     if type(o) is Acked:
                         effects = o.effects
-                        mark = 0
-                        if dedup and o.event_id:
-                            keys.append(self._seen_prefix(e.topic) + o.event_id)
-                            mark = len(keys)
-                        args += (e.entry_id, mark, rel[0], len(effects), *rel[1:])
+                        args += (e.entry_id, rel[0], len(effects), *rel[1:])
                         for cmd in effects:
                             args += (len(cmd), *cmd)
                     else:
-                        args += (e.entry_id, 0, rel[0], 0, *rel[1:])
+                        args += (e.entry_id, rel[0], 0, *rel[1:])
                 elif isinstance(o, RetryLater):
                     hk, ha = self._fail_holds(o)
                     FAIL.queue(
@@ -198,7 +185,7 @@ class Settler:
     def _succeed_batch(self, e: Any) -> tuple[list[Any], list[Any], list[Outcome]]:
         """KEYS and ARGV heads of a SUCCEED batch: with the hold hash and the retry stream
         when its entries may head their keys (an ordered group's retry stream)."""
-        args: list[Any] = [self.group, self.settings.dedup_window_ms, 0, 0]
+        args: list[Any] = [self.group, 0, 0, 0]
         if not self._holds or e.stream == self.keys.stream(e.topic):
             return [e.stream], args, []
         args[2:] = (2, 3)
@@ -261,15 +248,15 @@ class Settler:
                                 last_bucket = bisect_left(bounds, last_latency)
                             counts[last_bucket] += 1
                             latency_s += last_latency
-                        elif isinstance(o, Duplicate):
-                            st.duplicates += 1
                         elif isinstance(o, Empty):
                             st.empty += 1
                         else:
                             st.skipped += 1
-                    elif status == 2:
-                        o.status = Settled.DUPLICATE
-                        st.duplicates += 1
+                    elif status == 3:
+                        # Not pending, and the group has not delivered it yet (recreated after
+                        # NOGROUP, or moved back): its next delivery applies it, once.
+                        o.status = Settled.REDELIVER
+                        st.redeliver += 1
                     else:
                         o.status = Settled.REFUSED
                         st.refused += 1

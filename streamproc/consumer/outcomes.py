@@ -15,7 +15,6 @@ from typing import Any
 __all__ = (
     "Acked",
     "DeadLettered",
-    "Duplicate",
     "Empty",
     "Entry",
     "Outcome",
@@ -64,8 +63,8 @@ class Settled(Enum):
 
     PENDING = "pending"  # not settled yet
     ACKED = "acked"
-    REFUSED = "refused"  # no longer pending when the settle arrived
-    DUPLICATE = "duplicate"
+    REFUSED = "refused"  # no longer pending: another settle acked it (and applied its effects)
+    REDELIVER = "redeliver"  # no longer pending, not yet delivered again by the group
     SCHEDULED = "scheduled"  # retry or dead letter written
     ALREADY_SCHEDULED = "already_scheduled"
 
@@ -78,15 +77,11 @@ class _Base:
 
 @dataclass(slots=True, eq=False)
 class Acked(_Base):
-    """The handler succeeded: ack, mark the event id seen, apply its effects."""
+    """The handler succeeded: ack, and apply its effects if the ack removed the entry from
+    the pending list (a settle that finds it gone applies nothing: another one did)."""
 
     event_id: bytes = b""
     effects: list[tuple[Any, ...]] = field(default_factory=list)
-
-
-@dataclass(slots=True, eq=False)
-class Duplicate(_Base):
-    """This group already applied the event id: ack without running the handler."""
 
 
 @dataclass(slots=True, eq=False)
@@ -119,4 +114,4 @@ class DeadLettered(_Base):
     detail: str = ""
 
 
-Outcome = Acked | Duplicate | Empty | Skipped | RetryLater | DeadLettered
+Outcome = Acked | Empty | Skipped | RetryLater | DeadLettered

@@ -483,7 +483,7 @@ class Consumer:
                 group=self.group,
                 started_ms=self._started_ms,
                 in_flight=self.in_flight,
-                processed=st.acked + st.duplicates + st.empty + st.skipped,
+                processed=st.acked + st.empty + st.skipped,
                 failed=st.retried + st.dead_lettered,
                 version=presence.version(),
                 heartbeat_ms=int(self._period_s * 1000),

@@ -31,9 +31,11 @@ class ConsumerStats:
     """Counters since start (exported as metrics, asserted on in tests). Each settled entry
     is counted once, by what the settle script reports it did, not by what was asked:
 
-    - ``acked``: handled and acked; ``duplicates``: its event id was already applied by this
-      group (no handler run, or its effects not applied again); ``refused``: the entry was no
-      longer pending when its settle arrived (another consumer took it, or it was trimmed);
+    - ``acked``: handled and acked (its effects applied); ``refused``: the entry was no
+      longer pending when its settle arrived (another settle acked it and applied its effects:
+      a redelivery, a resent settle, a consumer that took it over); ``redeliver``: no longer
+      pending and not yet delivered again by the group (recreated after NOGROUP, or moved
+      back): nothing applied now, its next delivery applies it;
     - ``retried`` / ``dead_lettered``: a retry scheduled / a dead letter written by this
       consumer; ``already_scheduled``: a failure whose retry or dead letter a copy of the same
       settle had written already; ``effect_errors``: events whose effects Redis refused
@@ -52,7 +54,6 @@ class ConsumerStats:
         "acked",
         "already_scheduled",
         "dead_lettered",
-        "duplicates",
         "effect_errors",
         "empty",
         "latency_counts",
@@ -61,13 +62,14 @@ class ConsumerStats:
         "parked",
         "read",
         "reclaimed",
+        "redeliver",
         "refused",
         "retried",
         "skipped",
     )
 
     def __init__(self) -> None:
-        self.read = self.acked = self.duplicates = self.retried = self.dead_lettered = 0
+        self.read = self.acked = self.redeliver = self.retried = self.dead_lettered = 0
         self.reclaimed = self.empty = self.skipped = self.refused = self.lost = 0
         self.already_scheduled = self.effect_errors = self.parked = 0
         self.latency_counts = [0] * (len(LATENCY_BUCKETS_S) + 1)

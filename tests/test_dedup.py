@@ -1,0 +1,164 @@
+"""Dedup without a Redis key per event (issue 20).
+
+Consumer side: the settle script acks first and applies the handler's effects only when its
+XACK removed the entry from the pending list. No ``seen`` mark is written. These tests cover
+the cases where the pending list is the whole story (a resent settle, a steal) and the cases
+where XACK answers 0 for another reason than "already applied": the group was recreated, or a
+hard cap cut the entry while it was held. Producer side: a resend after a lost reply is
+recognised by (producer, sequence) with no record per event, and explicit ids / idempotency
+keys by compact records (streamproc/producer.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from schemas import SpotInterruption
+from streamproc import Codec, Context, Keys, Producer
+from streamproc.consumer._scripts import SUCCEED
+from tests.faults import FlakyRedis, command_is
+from tests.helpers import pending, spot
+from tests.test_guarantees import consumer_on, count_effect, effects
+
+
+async def until(done: Callable[[], bool], *, rounds: int = 500) -> None:
+    for _ in range(rounds):
+        if done():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+async def dedup_keys(client: aioredis.Redis, keys: Keys) -> list[bytes]:
+    """Every key a consumer could have written per event (the old ``seen`` marks)."""
+    return [k async for k in client.scan_iter(match=f"{keys.prefix}:*:seen:*")]
+
+
+async def test_a_settle_resent_after_a_lost_reply_applies_effects_once(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer
+) -> None:
+    """The settle ran on the server, its reply was lost, the guard sent it again: the resend
+    finds the entry acked and applies nothing (counted as refused)."""
+    flaky = FlakyRedis(client)
+    c = consumer_on(flaky, codec, keys, producer, count_effect)
+    await c.ensure_groups()
+    flaky.lose_reply_once(command_is("EVALSHA", SUCCEED.sha))
+    task = asyncio.create_task(c.run())
+    event = spot(1)
+    await producer.publish(event)
+    await until(lambda: c.stats.refused == 1)
+    c.stop()
+    await task
+    assert flaky.injected == ["reply of b'EVALSHA'"] or len(flaky.injected) == 1
+    assert await effects(client, keys) == {event.id.encode(): b"1"}
+    assert (c.stats.acked, c.stats.refused) == (0, 1)
+    assert await pending(client, keys) == 0
+    assert await dedup_keys(client, keys) == []
+
+
+async def test_an_entry_in_flight_when_its_group_is_recreated_applies_at_its_next_delivery(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer
+) -> None:
+    """The group is destroyed and recreated from 0 while a handler runs: the settle's XACK
+    answers 0, but the group has not delivered the entry yet, so nothing is applied now
+    (``redeliver``) and its next delivery applies it, once."""
+    stream = keys.stream("cluster")
+    runs: list[bytes] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        runs.append(ctx.entry_id)
+        if len(runs) == 1:  # what the consumer's own NOGROUP recovery does
+            await client.xgroup_destroy(stream, "g")
+            await client.xgroup_create(stream, "g", id="0")
+        await count_effect(event, ctx)
+
+    c = consumer_on(client, codec, keys, producer, handle)
+    await c.ensure_groups()
+    event = spot(1)
+    await producer.publish(event)
+    await c.process_once()
+    assert c.stats.redeliver == 1
+    assert await effects(client, keys) == {}  # not applied, not lost: delivered again
+    await c.process_once()
+    assert len(runs) == 2
+    assert await effects(client, keys) == {event.id.encode(): b"1"}
+    assert (c.stats.acked, c.stats.redeliver) == (1, 1)
+    assert await pending(client, keys) == 0
+
+
+async def test_a_group_lost_while_a_handler_runs_recovers_and_applies_once(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer
+) -> None:
+    """The running consumer meets NOGROUP at its settle, recreates the group itself and goes
+    on: whichever of the settle's resend and the new delivery comes first applies the
+    effects, the other applies nothing."""
+    stream = keys.stream("cluster")
+    runs: list[bytes] = []
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        runs.append(ctx.entry_id)
+        if len(runs) == 1:
+            await client.xgroup_destroy(stream, "g")
+        await count_effect(event, ctx)
+
+    c = consumer_on(client, codec, keys, producer, handle)
+    task = asyncio.create_task(c.run())
+    event = spot(1)
+    await producer.publish(event)
+    await until(lambda: len(runs) >= 2 and c.in_flight == 0)
+    await until(lambda: c.stats.acked == 1)
+    c.stop()
+    await task
+    assert await effects(client, keys) == {event.id.encode(): b"1"}
+    assert await pending(client, keys) == 0
+
+
+async def test_an_entry_cut_by_a_hard_cap_while_held_still_applies_its_effects(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer
+) -> None:
+    """A hard cap trims the entry while its handler runs and the heartbeat renews it: the
+    renewal leaves it pending (an XCLAIM would drop a deleted entry from the pending list, and
+    the settle's XACK would then find nothing), so the settle acks it and applies."""
+    stream = keys.stream("cluster")
+    c: Any = None
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        await client.xtrim(stream, maxlen=0, approximate=False)
+        await c.renew()  # held, but not renewed: its payload is gone
+        assert await pending(client, keys) == 1
+        await count_effect(event, ctx)
+
+    c = consumer_on(client, codec, keys, producer, handle)
+    await c.ensure_groups()
+    event = spot(1)
+    await producer.publish(event)
+    await c.process_once()
+    assert await effects(client, keys) == {event.id.encode(): b"1"}
+    assert c.stats.acked == 1
+    assert await pending(client, keys) == 0
+
+
+async def test_two_consumers_racing_after_a_steal_apply_once_without_marks(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys, producer: Producer
+) -> None:
+    """A slow owner's entry is claimed by another consumer, which settles first; the owner's
+    settle then finds it acked. Nothing per event is left in Redis."""
+    stream = keys.stream("cluster")
+    b = consumer_on(client, codec, keys, producer, count_effect, name="b")
+
+    async def slow_owner(event: SpotInterruption, ctx: Context) -> None:
+        await client.xclaim(stream, "g", "b", 0, [ctx.entry_id])
+        await b.process_once()
+        await count_effect(event, ctx)
+
+    a = consumer_on(client, codec, keys, producer, slow_owner, name="a")
+    await a.ensure_groups()
+    await producer.publish(spot(1))
+    await a.process_once()
+    assert list((await effects(client, keys)).values()) == [b"1"]
+    assert (b.stats.acked, a.stats.refused) == (1, 1)
+    assert await dedup_keys(client, keys) == []
