@@ -17,18 +17,31 @@ import asyncio
 import importlib.util
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import redis.asyncio as aioredis
 
 from schemas import SpotInterruption
-from streamproc import Codec, Keys, Permanent, Producer
+from streamproc import Codec, Consumer, ConsumerSettings, Keys, Permanent, Producer
+from streamproc.connection import connect
 from streamproc.dashboard import Panel
+from streamproc.groups import ensure_declared_groups
+from streamproc.settings import RedisSettings
+from streamproc.tasks import task_concern
 from tests.helpers import MakeConsumer, spot
-from tests.test_dashboard import HOSTILE, add_worker, broken_read, serving_panels
+from tests.tcpproxy import TcpProxy
+from tests.test_dashboard import (
+    HOSTILE,
+    _Blocker,
+    _submit,
+    add_worker,
+    broken_read,
+    serving_panels,
+)
 from tests.test_ingest_support import Server, cluster_event, running_ingest
 from workers.panel import PANEL as WORKERS_PANEL
 
@@ -239,3 +252,211 @@ async def test_workers_panel_rows_appear_as_text_and_a_failing_panel_shows_its_e
                 assert dialogs == []
             finally:
                 await context.close()
+
+
+async def _open(context: Any, srv: Server, token: str) -> Any:
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    await page.goto(f"{srv.url}/dashboard")
+    await page.fill("#token", token)
+    await page.click("#login")
+    await page.wait_for_selector("#live.on")
+    return page
+
+
+async def _shoot(page: Any, name: str) -> None:
+    """A full-page screenshot at 1440 px and at 390 px (a phone) into tests/artifacts/."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    for width, height in ((1440, 1000), (390, 844)):
+        await page.set_viewport_size({"width": width, "height": height})
+        await page.wait_for_timeout(300)  # one layout pass; not a performance bound
+        await page.screenshot(path=str(ARTIFACTS / f"{name}-{width}.png"), full_page=True)
+
+
+async def test_tasks_view_lists_expands_and_cancels_and_the_page_fits_a_phone(
+    client: aioredis.Redis, keys: Keys, producer: Producer, codec: Codec[Any], tmp_path: Path
+) -> None:
+    """The tasks group is one row with its priority streams beneath; a queued task shows its
+    payload on expand and Cancel (confirmed) ends it; at 390 px the page is one column, its
+    tables scroll inside their cards and Cancel, Replay and Log out are reachable."""
+    from playwright.async_api import async_playwright, expect
+
+    expect.set_options(timeout=WAIT_MS)
+    blocker = _Blocker()
+    runner = Consumer(
+        task_concern(blocker.types()),
+        client=client,
+        codec=codec,
+        keys=keys,
+        producer=producer,
+        settings=ConsumerSettings(consumer="runner-1", block_ms=50),
+    )
+    await runner.ensure_groups()  # the tasks group on its four priority topics; not running
+    await client.xadd(keys.dlq("tasks.low", "tasks"), {"type": "x", "dlq_reason": "permanent"})
+    async with running_ingest(client, keys, producer, task_types=blocker.types()) as srv:
+        operator = await srv.token("admin", (), operator=True)
+        ids = [await _submit(srv, operator, f"job-{n}", p) for n, p in enumerate(("low", "high"))]
+        async with async_playwright() as pw:
+            context = await pw.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"),
+                executable_path=str(CHROMIUM),
+                headless=True,
+                args=_ARGS,
+                viewport={"width": 1440, "height": 1000},
+            )
+            try:
+                page = await _open(context, srv, operator)
+                errors: list[str] = []
+                dialogs: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+
+                async def accept(dialog: Any) -> None:
+                    dialogs.append(dialog.message)
+                    await dialog.accept()
+
+                page.on("dialog", accept)
+                # one row for the group, its four priority topics beneath
+                await expect(
+                    page.locator('#groups tr.group-row[data-group="tasks"]')
+                ).to_have_count(1)
+                await expect(page.locator('#groups tr.sub[data-group="tasks"]')).to_have_count(4)
+                await expect(
+                    page.locator('#groups tr.group-row[data-group="tasks"] td').nth(1)
+                ).to_have_text("4 topics")
+
+                rows = page.locator("#tasks tr[data-task]")
+                await expect(rows).to_have_count(2)
+                low = page.locator(f'#tasks tr[data-task="{ids[0]}"]')
+                await expect(low.locator("td").nth(0)).to_have_text("test.block")
+                await expect(low.locator("td").nth(1)).to_have_text("low")
+                await expect(low.locator("[data-field=status]")).to_have_text("queued")
+                await low.get_by_test_id("task-expand").click()
+                detail = page.locator(f'tr[data-task-detail="{ids[0]}"]')
+                await expect(detail.get_by_test_id("task-payload")).to_contain_text(
+                    '"label": "job-0"'
+                )
+                await _shoot(page, "dashboard-tasks")
+
+                # at a phone's width: one column, no page-wide horizontal scroll, tables scroll
+                # inside their cards, and every action is reachable
+                await page.set_viewport_size({"width": 390, "height": 844})
+                width = await page.evaluate("document.documentElement.scrollWidth")
+                assert width <= 390, width
+                cards = page.locator(".cards .card")
+                xs = {round((await cards.nth(i).bounding_box())["x"]) for i in range(5)}
+                assert len(xs) == 1, xs  # stacked: one column
+                wrap = page.locator("#groups").locator("xpath=..")
+                assert await wrap.evaluate("e => e.scrollWidth > e.clientWidth")
+                for action in (
+                    page.locator("#logout"),
+                    page.get_by_test_id("dlq-open").first,
+                    page.locator(f'#tasks tr[data-task="{ids[1]}"]').get_by_test_id("task-cancel"),
+                ):
+                    await action.scroll_into_view_if_needed()
+                    await expect(action).to_be_visible()
+                    box = await action.bounding_box()
+                    assert box is not None
+                    assert box["x"] >= 0, box
+                    assert box["x"] + box["width"] <= 390, box
+                await (
+                    page.locator(f'#tasks tr[data-task="{ids[1]}"]')
+                    .get_by_test_id("task-cancel")
+                    .click()
+                )
+                high = page.locator(f'#tasks tr[data-task="{ids[1]}"]')
+                await expect(high.locator("[data-field=status]")).to_have_text("cancelled")
+                await expect(page.locator("#tasks-note")).to_contain_text("Cancelled")
+                assert len(dialogs) == 1
+                assert "Cancel task test.block" in dialogs[0]
+                await page.screenshot(
+                    path=str(ARTIFACTS / "dashboard-tasks-cancelled-390.png"), full_page=True
+                )
+                assert errors == []
+            finally:
+                await context.close()
+
+
+@pytest.fixture
+def redis_proxy(redis_url: str) -> Iterator[TcpProxy]:
+    """Redis behind a TCP proxy that the test can make stop answering."""
+    url = urlparse(redis_url)
+    with TcpProxy(url.hostname or "127.0.0.1", url.port or 6379) as p:
+        yield p
+
+
+async def test_busy_and_stuck_groups_read_differently_and_an_outage_greys_the_page(
+    redis_proxy: TcpProxy, keys: Keys, client: aioredis.Redis, codec: Codec[Any], tmp_path: Path
+) -> None:
+    """Two groups with an entry older than stuck_after_s (60 s): one just delivered (its
+    owner renews it: busy, blue), one nobody renewed for 2 min (stuck, red). Then Redis stops
+    answering: the figures grey out under 'as of HH:MM:SS'; a reload gets the outage page (HTML,
+    not JSON); when Redis is back the page is live again."""
+    from playwright.async_api import async_playwright, expect
+
+    expect.set_options(timeout=WAIT_MS)
+    stream = keys.stream("cluster")
+    entry_id = await client.xadd(stream, {"type": "t"}, id="1000-0")  # stamped 1970: old
+    await ensure_declared_groups(client, keys, {"cluster": ["busy-g", "stuck-g"]})
+    await client.xreadgroup("busy-g", "c1", {stream: ">"})
+    await client.xreadgroup("stuck-g", "c2", {stream: ">"})
+    await client.xclaim(stream, "stuck-g", "c2", 0, [entry_id], idle=120_000)
+    through = connect(
+        RedisSettings(url=redis_proxy.url, key_prefix=keys.prefix, socket_timeout_s=1)
+    )
+    try:
+        async with running_ingest(through, keys, Producer(through, codec, keys)) as srv:
+            operator = await srv.token("admin", (), operator=True)
+            async with async_playwright() as pw:
+                context = await pw.chromium.launch_persistent_context(
+                    str(tmp_path / "chromium-profile"),
+                    executable_path=str(CHROMIUM),
+                    headless=True,
+                    args=_ARGS,
+                    viewport={"width": 1440, "height": 1000},
+                )
+                try:
+                    page = await _open(context, srv, operator)
+                    busy = page.locator('#groups tr[data-group="busy-g"]')
+                    stuck = page.locator('#groups tr[data-group="stuck-g"]')
+                    await expect(busy).to_have_attribute("data-state", "busy")
+                    await expect(stuck).to_have_attribute("data-state", "stuck")
+                    await expect(busy.locator("[data-field=state]")).to_have_text("busy")
+                    await expect(stuck.locator("[data-field=state]")).to_have_text("stuck")
+                    colour = "e => getComputedStyle(e).backgroundColor"
+                    busy_bg = await busy.locator("[data-field=state]").evaluate(colour)
+                    stuck_bg = await stuck.locator("[data-field=state]").evaluate(colour)
+                    assert busy_bg != stuck_bg, (busy_bg, stuck_bg)
+                    await expect(page.get_by_test_id("total-state")).to_have_text("stuck")
+                    await expect(stuck.locator("[data-field=idle]")).to_have_text(
+                        re.compile(r"\d")
+                    )  # its idle time
+                    await _shoot(page, "dashboard-states")
+                    await page.set_viewport_size({"width": 1440, "height": 1000})
+
+                    # Redis stops answering: stale figures, greyed, and since when
+                    redis_proxy.refuse(True)
+                    redis_proxy.cut()
+                    banner = page.get_by_test_id("outage")
+                    await expect(banner).to_be_visible()
+                    await expect(banner).to_contain_text(re.compile(r"as of \d\d:\d\d:\d\d UTC"))
+                    await expect(page.locator("body")).to_have_class(re.compile("stale"))
+                    grey = await page.locator("#total-backlog").evaluate(
+                        "e => getComputedStyle(e).color"
+                    )
+                    assert grey == "rgb(156, 163, 175)", grey
+                    await _shoot(page, "dashboard-outage")
+                    await page.set_viewport_size({"width": 1440, "height": 1000})
+                    answer = await page.reload()
+                    assert answer is not None
+                    assert answer.status == 503
+                    await expect(page.get_by_test_id("outage")).to_contain_text("does not answer")
+                    assert "application/problem+json" not in answer.headers["content-type"]
+                    await _shoot(page, "dashboard-outage-reload")
+
+                    redis_proxy.refuse(False)  # back: the outage page reloads itself into the page
+                    await page.wait_for_selector("#live.on", timeout=WAIT_MS)
+                    await expect(page.get_by_test_id("outage")).to_be_hidden()
+                finally:
+                    await context.close()
+    finally:
+        await through.aclose()

@@ -344,7 +344,8 @@ async def test_a_pending_entry_of_a_dead_consumer_past_the_limit_is_stuck_and_in
     await consumer.ensure_groups()
     await producer.publish(spot(1))
     stream = keys.stream("cluster")
-    [[_, [(entry_id, _)]]] = await client.xreadgroup("g", "dead", {stream: ">"}, count=1)
+    read: Any = await client.xreadgroup("g", "dead", {stream: ">"}, count=1)
+    [[_, [(entry_id, _)]]] = read
     started = asyncio.Event()
     runner = asyncio.create_task(consumer.run(started=started))
     try:
