@@ -42,6 +42,7 @@ __all__ = (
     "process_span",
     "server_span",
     "setup_from_env",
+    "tracer",
     "use",
 )
 
