@@ -31,13 +31,13 @@ Bulk mode (per tree x dedup off/on; one topic, one group, one consumer; ``BenchE
    ΔDBSIZE; Redis CPU = Δ(used_cpu_sys + used_cpu_user) over 2-3 (and split publish/drain).
    The effect's count must equal the events handled, or the run fails.
 
-Then the key families (ids replaced by <id>) with their count and mean MEMORY USAGE over a
-sample. With ``--rounds R`` each variant runs R times and each figure is the median; a ratio
-(dedup on / off, same tree) is the median of its per-round ratios. Targets (issue 20):
-dedup state <= 60 B/event (one group), judged on total bytes/event dedup on minus dedup off
-(whatever dedup adds, stream fields included; "dedup state" also carries what the stream's
-MEMORY USAGE does not count, ~14 B/event with dedup off here), Redis CPU on/off <= 1.3,
-drain on/off >= 0.9.
+Then the key families (parts with digits replaced by <n> or <id>) with their count and mean
+MEMORY USAGE over a sample. With ``--rounds R`` each variant runs R times and each figure is
+the median; a ratio (dedup on / off, same tree) is the median of its per-round ratios.
+Targets (issue 20): dedup state <= 60 B/event (one group), judged on total bytes/event dedup
+on minus dedup off (whatever dedup adds, stream fields included: "dedup state" alone also
+carries what the stream's MEMORY USAGE misses or overcounts, -15..+15 B/event with dedup off
+here), Redis CPU on/off <= 1.3, drain on/off >= 0.9.
 
 Soak mode (``--soak SECONDS``, dedup on, per tree): one consumer runs (safe trimming every
 5 s, so the stream stays short) while one publisher task publishes ``--rate`` events/s in
@@ -89,9 +89,16 @@ FLAT_B_PER_EVENT = 2.0
 STALL_S = 60.0
 TARGET_STATE_B, TARGET_CPU_RATIO, TARGET_DRAIN_RATIO = 60.0, 1.3, 0.9
 
-_ID_RE = re.compile(
-    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\d+-\d+|\d{3,}", re.I
-)
+_DIGIT = re.compile(r"\d")
+
+
+def _shape(key: str) -> str:
+    """A key's family: each ``:``-separated part with a digit in it becomes ``<n>`` (digits
+    only) or ``<id>`` (event ids, entry ids, producer ids, buckets)."""
+    return ":".join(
+        ("<n>" if part.isdigit() else "<id>") if _DIGIT.search(part) else part
+        for part in key.split(":")
+    )
 
 
 # ---------------------------------------------------------------- child (PYTHONPATH=<tree>)
@@ -142,7 +149,7 @@ async def _key_families(r: aioredis.Redis, sample: int = 100) -> list[dict[str, 
     fams: dict[str, list[bytes]] = {}
     counts: dict[str, int] = {}
     async for k in r.scan_iter(count=1000):
-        shape = _ID_RE.sub("<id>", k.decode(errors="replace"))
+        shape = _shape(k.decode(errors="replace"))
         counts[shape] = counts.get(shape, 0) + 1
         if len(fams.setdefault(shape, [])) < sample:
             fams[shape].append(k)
