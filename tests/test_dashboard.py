@@ -22,7 +22,7 @@ from schemas.workers import WorkerCreated, WorkerPollTick
 from streamproc import Codec, Consumer, ConsumerSettings, Keys, Permanent, Producer
 from streamproc.connection import connect
 from streamproc.consumer import LATENCY_BUCKETS_S
-from streamproc.dashboard import COOKIE, Panel, PanelData, build_snapshot
+from streamproc.dashboard import COOKIE, DASHBOARD, Panel, PanelData, build_snapshot
 from streamproc.dashboard.panels import MAX_ROWS, PanelReader
 from streamproc.dashboard.session import session_key
 from streamproc.dashboard.snapshot import LATENCY_NOTE, histogram_percentile, percentile
@@ -769,3 +769,22 @@ async def test_a_reload_during_a_redis_outage_serves_a_page_not_json(
                     await asyncio.sleep(0.2)
     finally:
         await through.aclose()
+
+
+async def test_create_app_hands_the_groups_limits_to_the_dashboard(
+    client: aioredis.Redis, keys: Keys, producer: Producer
+) -> None:
+    """The limits ``streamproc ingest`` passes (``limits_of(app.concerns)``) are the ones
+    the page's states use: an entry idle 2 min is stuck by default, not under a 1 h limit."""
+    stream = keys.stream("cluster")
+    entry_id = await client.xadd(stream, {"type": "t"})
+    await ensure_declared_groups(client, keys, {"cluster": ["g"]})
+    await client.xreadgroup("g", "c1", {stream: ">"})
+    await client.xclaim(stream, "g", "c1", 0, [entry_id], idle=120_000)
+    states = []
+    for limits in (None, limits_of(stuck_after_s=3600)):
+        ingest = Ingest(client=client, registry=REGISTRY, keys=keys, producer=producer)
+        app = create_app(ingest, limits=limits)
+        snap = await app[DASHBOARD].sampler.snapshot()
+        states.append(snap.groups[0].state)
+    assert states == ["stuck", "ok"]

@@ -63,6 +63,7 @@ from streamproc.tasks.runner import TaskType
 if TYPE_CHECKING:
     from streamproc.dashboard.panels import Panel
     from streamproc.dashboard.routes import DashboardSettings
+    from streamproc.inspect import LimitsOf
 
 __all__ = ("INGEST", "Ingest", "agent_event_id", "create_app", "idem_marker")
 
@@ -554,6 +555,7 @@ def create_app(
     routes: Sequence[Callable[[web.Application, Ingest], None]] = (),
     panels: Sequence[Panel] = (),
     dashboard: DashboardSettings | None = None,
+    limits: LimitsOf | None = None,
 ) -> web.Application:
     """The aiohttp application (the caller owns the Redis client and closes it).
 
@@ -561,6 +563,8 @@ def create_app(
 
     ``schedules``: the application's ticker table, for the dashboard's next fire times.
     ``panels``: the application's dashboard panels (``App.panels``).
+    ``limits``: each group's ``Limits`` (``inspect.limits_of(app.concerns)``), which colour
+    the dashboard's groups as ``streamproc inspect`` judges them.
     ``routes``: the application's route hooks (``App.routes``), called with the app and this
     ``Ingest``.
     """
@@ -590,6 +594,7 @@ def create_app(
         schedules=schedules,
         panels=panels,
         draining=lambda: ingest.draining,
+        limits=limits,
     )
     for add_routes in routes:
         add_routes(app, ingest)

@@ -31,6 +31,7 @@ from streamproc.ingest._serve import GuardedSite, make_runner
 from streamproc.ingest.app import Ingest, create_app
 from streamproc.ingest.auth import AgentStore, parse_types
 from streamproc.ingest.settings import IngestSettings
+from streamproc.inspect import limits_of
 from streamproc.producer import Producer
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool
             routes=app.routes,
             panels=app.panels,
             dashboard=_dashboard_settings(),
+            limits=limits_of(app.concerns),
         ),
         settings,
     )

@@ -37,7 +37,9 @@
     if (v === null || v === undefined) return "–";
     if (v < 1) return (v * 1000).toFixed(0) + " ms";
     if (v < 120) return v.toFixed(1) + " s";
-    return (v / 60).toFixed(1) + " min";
+    if (v < 7200) return (v / 60).toFixed(1) + " min";
+    if (v < 172800) return (v / 3600).toFixed(1) + " h";
+    return (v / 86400).toFixed(0) + " d";
   }
 
   function clip(text, n) {
