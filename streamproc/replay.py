@@ -1,28 +1,47 @@
 """Replay a range of a group's topics to that group only, and move a group's position.
 
-``plan_replay`` reads the range of each topic stream the group reads (XRANGE, pages of
-``PAGE``, at most ``max_entries`` entries in all) and counts what it would re-deliver: per
-topic and type, and how many of them the group already handled (its dedup mark
-``Keys.seen_prefix`` + event id is there). ``apply_replay`` appends those entries to the
-group's own retry stream (``Keys.retry_stream``), which only that group reads, the same path
-``streamproc dlq replay`` uses: other groups of the topic see nothing. The entry keeps its
-fields and event id, with ``origin`` (the topic entry id) and ``replayed`` (the run's time,
-epoch ms) added. A consumer checks the mark of every retry-stream entry before its handler
-runs, so by default an entry the group handled is dropped as a duplicate.
+The consumer keeps no mark per event: its settle script XACKs first and applies a handler's
+effects only when the XACK removed the entry from the group's pending list (PEL). So both
+commands judge an entry of a topic stream by the stream and the group alone. An entry counts
+as **already handled by the group** when
 
-``ignore_dedup=True`` deletes the group's marks of exactly those event ids, in the same
-MULTI as the appends (every key shares the ``{topic}`` hash tag), so they are handled again.
-Nothing in an entry can switch dedup off: a replayed entry sets its mark again when handled,
-so a redelivery of the replayed entry (a crash, a reclaim) is still recognised.
+* its id is at or below the group's last-delivered id on that stream (it was delivered),
+* it is not in the group's PEL (it was acked: its effects applied, or its retry or
+  dead letter was written, or its type has no handler in the group), and
+* it was not dead-lettered: no entry of the group's DLQ stream (``Keys.dlq``) names it in
+  ``dlq_origin_id`` (the topic entry id, for a retry's failure too). A letter that was
+  replayed (``dlq replay`` deletes it) or purged no longer counts: the entry is handled.
+
+Per page of ``PAGE`` entries that takes one XPENDING range over the page's id span (more only
+if the PEL holds more than ``PAGE`` ids there); the DLQ's origin ids are read once per topic,
+refused (``RangeTooLarge``) when the DLQ holds more than ``max_entries`` letters. No key is
+read or written per event.
+
+``plan_replay`` reads the range of each topic stream the group reads (XRANGE, pages of
+``PAGE``, at most ``max_entries`` entries in all, up to the group's last-delivered id) and
+counts what it finds: per topic and type, how many the group already handled, and how many
+are pending. ``apply_replay`` appends entries to the group's own retry stream
+(``Keys.retry_stream``), which only that group reads, the same path ``streamproc dlq replay``
+uses: other groups of the topic see nothing. The entry keeps its fields and event id, with
+``origin`` (the topic entry id) and ``replayed`` (the run's time, epoch ms) added. By default
+only the entries the group did not handle and that are not pending are appended: the ones it
+dead-lettered. A pending entry is left out because the group delivers it again from its PEL
+and that delivery applies its effects; a replayed copy would be a second entry whose XACK
+also succeeds, so the effects would apply twice. ``ignore_dedup=True`` appends every entry
+of the range, and the effects of those the group handled apply again (a retry-stream entry
+is settled like any other: once, by its own XACK). There are no marks to delete.
 
 ``plan_reset`` / ``apply_reset`` move a group like Kafka's offset reset: ``XGROUP SETID`` on
 each of its topic streams to just before the first entry to read next (a time, an entry id,
 ``earliest`` or ``latest``), with ``ENTRIESREAD`` where the count is known so the group's lag
 stays right. Pending entries stay pending; those inside a re-read range are delivered again
-by the next read. Moving back re-reads entries on the topic stream itself, where the consumer
-checks marks in the settle script: a handler runs, and the effects of an event the group
-already applied are not applied again. ``ignore_dedup`` deletes
-the marks of the re-read range first.
+by the next read (Redis moves them to the reader; still one PEL entry, settled once).
+Re-read entries the group handled are delivered again as new PEL entries, and the settle
+script cannot tell an event it applied before: their effects would apply again. So
+``apply_reset`` refuses (``HandledInRange``) a move back whose re-read range holds handled
+entries unless ``ignore_dedup``: then it moves and they are handled again, as Kafka's reset
+does. A group read by an outside system (``ours=False``) is not judged: its own dedup, if
+any, decides.
 
 Both count what they did in ``Keys.replays`` (a hash per topic and group) and log it.
 """
@@ -41,14 +60,16 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
-from streamproc.errors import ConfigError
+from streamproc.errors import ConfigError, StreamprocError
 from streamproc.groups import group_info
 from streamproc.keys import Keys
 
 __all__ = (
     "DEFAULT_MAX",
     "PAGE",
+    "HandledInRange",
     "Pos",
+    "RangeTooLarge",
     "ReplayPlan",
     "ResetPlan",
     "TopicRange",
@@ -59,14 +80,16 @@ __all__ = (
     "parse_position",
     "plan_replay",
     "plan_reset",
+    "refusal",
     "when",
 )
 
 log = structlog.get_logger("streamproc.replay")
 
-#: Entries read per XRANGE / written per MULTI.
+#: Entries read per XRANGE / XPENDING / written per MULTI.
 PAGE = 500
-#: At most this many entries are read from a range unless told otherwise (``--max``).
+#: At most this many entries are read from a range (and letters from a group's DLQ) unless
+#: told otherwise (``--max``).
 DEFAULT_MAX = 100_000
 MAX_SEQ = 2**64 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -75,6 +98,8 @@ _MS_RE = re.compile(r"^\d{1,20}$")
 
 #: A stream entry id as (milliseconds, sequence).
 Pos = tuple[int, int]
+#: A page of stream entries as XRANGE gives them.
+Rows = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 def parse_position(text: str, *, end: bool = False) -> Pos:
@@ -124,6 +149,10 @@ def _pos(raw: bytes | str) -> Pos:
     return int(ms), int(seq or 0)
 
 
+def _bytes(raw: bytes | str) -> bytes:
+    return raw if isinstance(raw, bytes) else raw.encode()
+
+
 def _before(pos: Pos) -> Pos:
     """The id just before ``pos`` (0-0 stays 0-0): a group set there reads ``pos`` next."""
     ms, seq = pos
@@ -132,9 +161,7 @@ def _before(pos: Pos) -> Pos:
     return (ms - 1, MAX_SEQ) if ms else (0, 0)
 
 
-async def _pages(
-    client: aioredis.Redis, stream: str, lo: str, hi: str
-) -> AsyncIterator[list[tuple[bytes, dict[bytes, bytes]]]]:
+async def _pages(client: aioredis.Redis, stream: str, lo: str, hi: str) -> AsyncIterator[Rows]:
     """XRANGE lo..hi in pages of PAGE (``lo`` may be exclusive: ``(id``)."""
     while True:
         rows: Any = await client.xrange(stream, lo, hi, count=PAGE)
@@ -146,15 +173,39 @@ async def _pages(
         lo = "(" + rows[-1][0].decode()
 
 
-async def _marked(
-    client: aioredis.Redis, prefix: bytes, rows: Iterable[tuple[bytes, dict[bytes, bytes]]]
-) -> list[bytes]:
-    """The dedup mark keys (of ``prefix``) present for these entries' event ids."""
-    names = [prefix + f[b"id"] for _, f in rows if f.get(b"id")]
-    if not names:
-        return []
-    found: list[Any] = await client.mget(names)
-    return [n for n, v in zip(names, found, strict=True) if v is not None]
+async def _pending(client: aioredis.Redis, stream: str, group: str, rows: Rows) -> set[bytes]:
+    """The ids of these entries that are in the group's PEL: XPENDING over their id span
+    (one call unless the PEL holds more than PAGE ids there: entries deleted from the stream
+    while pending stay in it)."""
+    if not rows:
+        return set()
+    out: set[bytes] = set()
+    lo, hi = rows[0][0].decode(), rows[-1][0].decode()
+    while True:
+        got: list[dict[str, Any]] = await client.xpending_range(stream, group, lo, hi, PAGE)
+        out.update(_bytes(p["message_id"]) for p in got)
+        if len(got) < PAGE:
+            break
+        lo = "(" + _bytes(got[-1]["message_id"]).decode()
+    return out & {i for i, _ in rows}
+
+
+async def _dead_lettered(
+    client: aioredis.Redis, dlq: str, topic: str, max_entries: int
+) -> frozenset[bytes]:
+    """The topic entry ids (``dlq_origin_id``) of the group's dead letters, read once.
+
+    Raises RangeTooLarge when the DLQ holds more than ``max_entries`` letters."""
+    if int(await client.xlen(dlq)) > max_entries:
+        raise RangeTooLarge(
+            f"topic {topic}: the group's DLQ holds more than {max_entries:,} dead letters, "
+            "all read to tell which entries were not handled (--max): replay or purge them "
+            "(streamproc dlq), or raise --max"
+        )
+    out: set[bytes] = set()
+    async for rows in _pages(client, dlq, "-", "+"):
+        out.update(f[b"dlq_origin_id"] for _, f in rows if f.get(b"dlq_origin_id"))
+    return frozenset(out)
 
 
 async def _note(
@@ -171,7 +222,11 @@ async def _note(
 
 
 class RangeTooLarge(ConfigError):
-    """More entries than ``--max`` in the range."""
+    """More entries than ``--max`` in the range (or dead letters in the group's DLQ)."""
+
+
+class HandledInRange(StreamprocError):
+    """A reset back over entries the group already handled, without ``ignore_dedup``."""
 
 
 # ---------------------------------------------------------------------- replay
@@ -189,8 +244,10 @@ class TopicRange:
     #: Entries of the wanted types (all of them when no type is given).
     matched: int = 0
     by_type: Counter[str] = field(default_factory=Counter)
-    #: Matched entries whose event id the group already handled (dedup mark present).
-    marked: int = 0
+    #: Matched entries the group already handled (acked, not dead-lettered).
+    handled: int = 0
+    #: Matched entries in the group's PEL (delivered again from there, not replayed).
+    pending: int = 0
     #: Matched entries of types this group has no handler for (acked unread).
     unhandled: int = 0
     #: The group's last-delivered id on the topic stream (None: the group is not on it yet).
@@ -199,8 +256,15 @@ class TopicRange:
     delivered: str | None = None
     #: How many entries the group has not been delivered yet (its lag), when Redis knows.
     undelivered: int | None = None
-    #: The last entry to replay when planned: the write stops there.
+    #: The last entry of the range when planned: the write stops there.
     last_id: str | None = None
+    #: The topic entry ids the group dead-lettered (its DLQ's ``dlq_origin_id``s).
+    dead: frozenset[bytes] = frozenset()
+
+    @property
+    def to_replay(self) -> int:
+        """Matched entries a default replay appends: neither handled nor pending."""
+        return self.matched - self.handled - self.pending
 
 
 @dataclass
@@ -210,7 +274,6 @@ class ReplayPlan:
     #: None: up to the last entry (when planned).
     end: Pos | None
     types: frozenset[str]
-    dedup: bool
     topics: list[TopicRange]
 
     @property
@@ -218,8 +281,34 @@ class ReplayPlan:
         return sum(t.matched for t in self.topics)
 
     @property
-    def marked(self) -> int:
-        return sum(t.marked for t in self.topics)
+    def handled(self) -> int:
+        return sum(t.handled for t in self.topics)
+
+    @property
+    def pending(self) -> int:
+        return sum(t.pending for t in self.topics)
+
+    def to_replay(self, *, ignore_dedup: bool = False) -> int:
+        """How many entries ``apply_replay`` would append (as planned)."""
+        return self.total if ignore_dedup else sum(t.to_replay for t in self.topics)
+
+
+def _matching(rows: Rows, want: Collection[str]) -> Rows:
+    return [(i, f) for i, f in rows if not want or _type(f) in want]
+
+
+async def _split(
+    client: aioredis.Redis, tr: TopicRange, group: str, rows: Rows
+) -> tuple[Rows, Rows, Rows]:
+    """These (delivered) entries as (handled, pending, neither)."""
+    pel = await _pending(client, tr.stream, group, rows)
+    handled: Rows = []
+    pending: Rows = []
+    rest: Rows = []
+    for row in rows:
+        i = row[0]
+        (pending if i in pel else rest if i in tr.dead else handled).append(row)
+    return handled, pending, rest
 
 
 async def plan_replay(
@@ -232,20 +321,20 @@ async def plan_replay(
     end: Pos | None,
     types: Collection[str] = (),
     handled: Collection[str] = (),
-    dedup: bool = True,
     max_entries: int = DEFAULT_MAX,
 ) -> ReplayPlan:
     """Count what a replay of ``start..end`` (both inclusive; None: up to the last entry the
-    group was delivered) would re-deliver; writes nothing.
+    group was delivered) would re-deliver, and how much of it the group already handled;
+    writes nothing. ``handled``: the event types the group has handlers for.
 
-    Raises RangeTooLarge when the range holds more than ``max_entries`` entries in all.
+    Raises RangeTooLarge when the range holds more than ``max_entries`` entries in all, or a
+    topic's DLQ more than ``max_entries`` letters.
     """
     want = frozenset(types)
-    plan = ReplayPlan(group, start, end, want, dedup, [])
+    plan = ReplayPlan(group, start, end, want, [])
     scanned = 0
     for topic in topics:
         tr = TopicRange(topic, keys.stream(topic), keys.retry_stream(topic, group))
-        prefix = keys.seen_prefix(topic, group).encode()
         plan.topics.append(tr)
         g = await group_info(client, tr.stream, group)
         if g is None:
@@ -255,6 +344,7 @@ async def plan_replay(
         last = upto if end is None else min(end, upto)
         if last < start:
             continue
+        tr.dead = await _dead_lettered(client, keys.dlq(topic, group), topic, max_entries)
         async for rows in _pages(client, tr.stream, fmt(start), fmt(last)):
             scanned += len(rows)
             if scanned > max_entries:
@@ -264,15 +354,16 @@ async def plan_replay(
                 )
             tr.scanned += len(rows)
             tr.last_id = rows[-1][0].decode()
-            hit = [(i, f) for i, f in rows if not want or _type(f) in want]
+            hit = _matching(rows, want)
             for _, f in hit:
                 kind = _type(f)
                 tr.by_type[kind] += 1
                 if handled and kind not in handled:
                     tr.unhandled += 1
             tr.matched += len(hit)
-            if dedup:
-                tr.marked += len(await _marked(client, prefix, hit))
+            done, pending, _ = await _split(client, tr, group, hit)
+            tr.handled += len(done)
+            tr.pending += len(pending)
     return plan
 
 
@@ -283,33 +374,37 @@ def _type(fields: dict[bytes, bytes]) -> str:
 async def apply_replay(
     client: aioredis.Redis, keys: Keys, plan: ReplayPlan, *, ignore_dedup: bool = False
 ) -> dict[str, tuple[int, int]]:
-    """Append the planned entries to the group's retry streams; per topic, how many were
-    replayed and how many dedup marks were deleted (``ignore_dedup``). Entries trimmed since
-    the plan are not there any more and are not counted."""
+    """Append the planned range's entries the group did not handle (and that are not
+    pending) to its retry streams, judged again page by page as they are written; with
+    ``ignore_dedup`` all of them. Per topic: how many were replayed, and how many of those
+    the group had handled (their effects apply again). Entries trimmed since the plan are not
+    there any more and are not counted."""
     t: Any = await client.time()
     run = str(int(t[0]) * 1000 + int(t[1]) // 1000).encode()
     out: dict[str, tuple[int, int]] = {}
     for tr in plan.topics:
         if tr.last_id is None or not tr.matched:
             continue
-        prefix = keys.seen_prefix(tr.topic, plan.group).encode()
-        replayed = cleared = 0
+        replayed = again = 0
         async for rows in _pages(client, tr.stream, fmt(plan.start), tr.last_id):
-            hit = [(i, f) for i, f in rows if not plan.types or _type(f) in plan.types]
+            hit = _matching(rows, plan.types)
+            done, _pending_now, rest = await _split(client, tr, plan.group, hit)
+            if ignore_dedup:
+                again += len(done)
+            else:
+                keep = {i for i, _ in rest}
+                hit = [(i, f) for i, f in hit if i in keep]
             if not hit:
                 continue
             async with client.pipeline(transaction=True) as pipe:
                 for i, f in hit:
-                    if ignore_dedup and f.get(b"id"):
-                        pipe.delete(prefix + f[b"id"])
                     fields: dict[Any, Any] = {k: v for k, v in f.items() if k not in _OURS}
                     fields[b"origin"], fields[b"replayed"] = i, run
                     pipe.xadd(tr.target, fields)
                 pipe.hincrby(keys.replays(tr.topic, plan.group), "replayed", len(hit))
-                replies: list[Any] = await pipe.execute()
-            cleared += sum(r for r in replies[:-1] if isinstance(r, int))
+                await pipe.execute()
             replayed += len(hit)
-        out[tr.topic] = (replayed, cleared)
+        out[tr.topic] = (replayed, again)
         summary = {
             "op": "replay",
             "from": fmt(plan.start),
@@ -317,12 +412,12 @@ async def apply_replay(
             "types": sorted(plan.types),
             "entries": replayed,
             "ignore_dedup": ignore_dedup,
-            "marks_cleared": cleared,
+            "handled_again": again,
         }
         await _note(
             client,
             keys.replays(tr.topic, plan.group),
-            {"runs": 1, "marks_cleared": cleared},
+            {"runs": 1, "handled_again": again},
             summary,
         )
         log.info("replayed", group=plan.group, topic=tr.topic, **summary)
@@ -353,12 +448,11 @@ class TopicReset:
     reread: int | None = 0
     #: Entries not yet read that the group would never read; None: more than ``max``.
     skipped: int | None = 0
-    #: Re-read entries whose event id the group handled (dedup mark present).
-    marked: int = 0
+    #: Re-read entries the group already handled (acked, not dead-lettered): their effects
+    #: would apply again.
+    handled: int = 0
     #: The group's ``entries-read`` at the target, when the count is known.
     entries_read: int | None = None
-    #: The marks of the re-read range (deleted by ``ignore_dedup``).
-    marks: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -374,8 +468,8 @@ class ResetPlan:
         return sum(t.reread or 0 for t in self.topics)
 
     @property
-    def marked(self) -> int:
-        return sum(t.marked for t in self.topics)
+    def handled(self) -> int:
+        return sum(t.handled for t in self.topics)
 
 
 async def plan_reset(
@@ -385,15 +479,17 @@ async def plan_reset(
     topics: Iterable[str],
     *,
     to: str,
-    dedup: bool = True,
+    ours: bool = True,
     live_idle_ms: int = 30_000,
     max_entries: int = DEFAULT_MAX,
 ) -> ResetPlan:
     """Where ``group`` is and where ``to`` (``earliest``, ``latest``, or a position the next
-    read starts at: TIME or ID) would put it, per topic; writes nothing.
+    read starts at: TIME or ID) would put it, per topic, and how many re-read entries it
+    already handled (``ours``: a streamproc group; an outside reader's are not counted);
+    writes nothing.
 
     Raises ConfigError for a bad ``to`` and RangeTooLarge when a topic would re-read more than
-    ``max_entries`` entries.
+    ``max_entries`` entries (or its DLQ holds more than that many letters).
     """
     goal = None if to in ("earliest", "latest") else _before(parse_position(to))
     plan = ResetPlan(group, to, [], [])
@@ -416,8 +512,8 @@ async def plan_reset(
             plan.live += await _live(client, keys, tr.stream, group, live_idle_ms)
         target = last_gen if to == "latest" else (0, 0) if goal is None else goal
         tr.target = fmt(target)
-        prefix = keys.seen_prefix(topic, group).encode() if dedup else None
-        await _count_reset(client, tr, target, prefix, max_entries, added)
+        dlq = keys.dlq(topic, group) if ours else None
+        await _count_reset(client, tr, group, target, dlq, max_entries, added)
     plan.live = sorted(set(plan.live))
     return plan
 
@@ -425,19 +521,22 @@ async def plan_reset(
 async def _count_reset(
     client: aioredis.Redis,
     tr: TopicReset,
+    group: str,
     target: Pos,
-    prefix: bytes | None,
+    dlq: str | None,
     max_entries: int,
     added: Any,
 ) -> None:
-    """One scan from the lower of target and last-delivered on: entries re-read (with their
-    dedup marks under ``prefix``), skipped, and after both (for ``entries-read``)."""
+    """One scan from the lower of target and last-delivered on: entries re-read (and how
+    many of them the group handled, unless ``dlq`` is None), skipped, and after both (for
+    ``entries-read``)."""
     ld = _pos(tr.last_delivered) if tr.group_exists else target
     reread = skipped = after = 0
     last = min(target, ld)
     complete = True
+    dead: frozenset[bytes] | None = None
     async for rows in _pages(client, tr.stream, "(" + fmt(last), "+"):
-        back = []
+        back: Rows = []
         for i, f in rows:
             p = _pos(i)
             if target < p <= ld:
@@ -448,12 +547,14 @@ async def _count_reset(
             else:
                 after += 1
         last = _pos(rows[-1][0])
-        if back and prefix is not None:
-            tr.marks += await _marked(client, prefix, back)
+        if back and dlq is not None:
+            if dead is None:
+                dead = await _dead_lettered(client, dlq, tr.topic, max_entries)
+            pel = await _pending(client, tr.stream, group, back)
+            tr.handled += sum(1 for i, _ in back if i not in pel and i not in dead)
         if reread + skipped + after > max_entries:
             complete = False
             break
-    tr.marked = len(tr.marks)
     if complete:
         tr.reread, tr.skipped = reread, skipped
         if isinstance(added, int):  # entries after the target: re-read ones and later ones
@@ -484,20 +585,31 @@ async def _live(
     return out
 
 
+def refusal(plan: ResetPlan) -> str:
+    """Why a reset back over handled entries is refused, in one line."""
+    start = "0" if plan.to == "earliest" else plan.to
+    return (
+        f"group {plan.group}: {plan.handled} of the {plan.reread} entries the reset would "
+        "re-read were already handled by it, and moving back would apply their effects again "
+        f"(the consumer keeps no per-event marks): use 'streamproc replay {plan.group} --from "
+        f"{start}' to re-deliver only the ones it did not handle, or --ignore-dedup to handle "
+        "them all again"
+    )
+
+
 async def apply_reset(
     client: aioredis.Redis, keys: Keys, plan: ResetPlan, *, ignore_dedup: bool = False
 ) -> int:
     """Move the group on every topic that has a stream (creating it there at the target if
-    it is missing); with ``ignore_dedup``, delete the marks of the re-read entries first.
-    Returns how many marks were deleted."""
-    cleared_all = 0
+    it is missing). Returns how many re-read entries the group had handled (handled again).
+
+    Raises HandledInRange, moving nothing, when re-read entries were already handled and
+    ``ignore_dedup`` is not given."""
+    if plan.handled and not ignore_dedup:
+        raise HandledInRange(refusal(plan))
     for tr in plan.topics:
         if not tr.exists:
             continue
-        cleared = 0
-        if ignore_dedup:
-            for s in range(0, len(tr.marks), PAGE):
-                cleared += int(await client.delete(*tr.marks[s : s + PAGE]))
         async with client.pipeline(transaction=True) as pipe:
             if tr.group_exists:
                 pipe.xgroup_setid(tr.stream, plan.group, tr.target, entries_read=tr.entries_read)
@@ -512,14 +624,13 @@ async def apply_reset(
             "reread": tr.reread,
             "skipped": tr.skipped,
             "ignore_dedup": ignore_dedup,
-            "marks_cleared": cleared,
+            "handled_again": tr.handled,
         }
         await _note(
             client,
             keys.replays(tr.topic, plan.group),
-            {"resets": 1, "marks_cleared": cleared},
+            {"resets": 1, "handled_again": tr.handled},
             summary,
         )
         log.info("group_reset", group=plan.group, topic=tr.topic, **summary)
-        cleared_all += cleared
-    return cleared_all
+    return plan.handled

@@ -1,10 +1,12 @@
 """``streamproc replay GROUP`` and ``streamproc group reset GROUP``: guarded, dry run by default.
 
 Without ``--yes`` both print what they would do (entries per topic and type, the range or the
-positions, how many the group's dedup would drop) and write nothing. Exit codes: 0 done or
-dry run, 1 refused at run time (live consumers during a reset, without ``--force``), 2 bad
-arguments (unknown group or type, a bad time or id, ``--from`` after ``--to``, a range over
-``--max``), 3 Redis unreachable. See ``streamproc.replay`` for how each works.
+positions, how many of them the group already handled) and write nothing. Exit codes: 0 done
+or dry run, 1 refused at run time (live consumers during a reset, without ``--force``; a reset
+back over entries the group already handled, without ``--ignore-dedup``), 2 bad arguments
+(unknown group or type, a bad time or id, ``--from`` after ``--to``, a range or a DLQ over
+``--max``), 3 Redis unreachable. See ``streamproc.replay`` for what "handled" means (the
+pending list and the DLQ; there are no per-event marks) and how each works.
 """
 
 from __future__ import annotations
@@ -86,13 +88,14 @@ def _guards(p: argparse.ArgumentParser, *, what: str) -> None:
     p.add_argument(
         "--ignore-dedup",
         action="store_true",
-        help="handle entries the group already handled again (deletes its dedup marks)",
+        help="also the entries the group already handled (acked, not dead-lettered): "
+        "their effects apply again",
     )
     p.add_argument(
         "--max",
         type=int,
         default=_replay.DEFAULT_MAX,
-        help=f"refuse when {what} holds more entries (default %(default)s)",
+        help=f"refuse when {what} (or the group's DLQ) holds more entries (default %(default)s)",
     )
 
 
@@ -130,7 +133,6 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config, app: App) -> int:
             raise ConfigError(
                 f"{t} is published to topic {cls.topic}, which group {args.group} does not read"
             )
-    dedup = bool(_consumer_settings(cfg, app, args.group).dedup_window_ms)
     handled = {cls.type_name() for cls in concern.handlers}
     keys = cfg.keys()  # a partitioned topic is replayed partition by partition
 
@@ -146,20 +148,23 @@ def _cmd_replay(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 end=end,
                 types=args.types,
                 handled=handled,
-                dedup=dedup,
                 max_entries=args.max,
             )
             _print_replay(plan, args)
-            if not args.yes or not plan.total:
+            if not args.yes or not plan.to_replay(ignore_dedup=args.ignore_dedup):
                 return 0
             done = await _replay.apply_replay(client, keys, plan, ignore_dedup=args.ignore_dedup)
         finally:
             await client.aclose()
         replayed = sum(n for n, _ in done.values())
-        cleared = sum(c for _, c in done.values())
+        again = sum(a for _, a in done.values())
         print(
             f"replayed {replayed} entries to group {args.group}"
-            + (f" ({cleared} dedup marks deleted)" if args.ignore_dedup else "")
+            + (
+                f" ({again} of them already handled: their effects apply again)"
+                if args.ignore_dedup
+                else ""
+            )
         )
         return 0
 
@@ -191,23 +196,32 @@ def _print_replay(plan: _replay.ReplayPlan, args: argparse.Namespace) -> None:
     print(f"total: {plan.total} entries")
     if not plan.total:
         print("nothing to replay")
-    elif not plan.dedup:
-        print("dedup: off for this group (dedup_window_ms = 0): every entry is handled again")
-    elif args.ignore_dedup:
+        return
+    if args.ignore_dedup:
         print(
-            f"dedup: ignored: the group's marks of the {plan.marked} entries it already "
-            "handled are deleted, so every entry is handled again"
+            f"dedup: ignored: all {plan.total} entries are replayed; the {plan.handled} the "
+            "group already handled are handled again and their effects apply again (there are "
+            "no dedup marks to delete)"
         )
-    elif not plan.marked:
-        print(
-            f"dedup: none of the {plan.total} entries has this group's dedup mark (handled "
-            "longer ago than its dedup window, or never): all are handled again"
-        )
+    elif not plan.handled:
+        print(f"dedup: none of the {plan.total} entries was handled by this group yet")
     else:
         print(
-            f"dedup: {plan.marked} of {plan.total} entries were already handled by this group "
-            "(dedup mark present): it drops them as duplicates; --ignore-dedup handles them again"
+            f"dedup: {plan.handled} of {plan.total} entries were already handled by this group "
+            "(acked, not dead-lettered): they are not replayed; --ignore-dedup replays them too"
         )
+    if plan.pending:
+        print(
+            f"pending: {plan.pending} of them are in the group's pending list: "
+            + (
+                "replayed too, their effects may then apply twice (the pending one is "
+                "delivered again from the pending list as well)"
+                if args.ignore_dedup
+                else "they are delivered again from there, not replayed"
+            )
+        )
+    n = plan.to_replay(ignore_dedup=args.ignore_dedup)
+    print(f"to replay: {n} entries" if n else "nothing to replay")
 
 
 # ---------------------------------------------------------------------- group reset
@@ -231,7 +245,6 @@ def _cmd_reset(args: argparse.Namespace, cfg: Config, app: App) -> int:
             "if any, is not streamproc's; --ignore-dedup does not apply"
         )
     settings = _consumer_settings(cfg, app, args.group)
-    dedup = ours and bool(settings.dedup_window_ms)
     keys = cfg.keys()  # a partitioned topic is moved partition by partition
 
     async def go() -> int:
@@ -243,11 +256,11 @@ def _cmd_reset(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 args.group,
                 keys.all_partitions(topics),
                 to=to,
-                dedup=dedup,
+                ours=ours,
                 live_idle_ms=settings.min_idle_ms,
                 max_entries=args.max,
             )
-            _print_reset(plan, args, ours=ours, dedup=dedup)
+            _print_reset(plan, args, ours=ours)
             if not args.yes:
                 return 0
             if plan.live and not args.force:
@@ -255,13 +268,17 @@ def _cmd_reset(args: argparse.Namespace, cfg: Config, app: App) -> int:
                     f"group {args.group} has live consumers ({', '.join(plan.live)}): stop "
                     "them first (they would go on from where they are), or add --force"
                 )
-            cleared = await _replay.apply_reset(client, keys, plan, ignore_dedup=args.ignore_dedup)
+            again = await _replay.apply_reset(client, keys, plan, ignore_dedup=args.ignore_dedup)
         finally:
             await client.aclose()
         moved = sum(1 for t in plan.topics if t.exists)
         print(
             f"reset group {args.group} on {moved} topic(s)"
-            + (f" ({cleared} dedup marks deleted)" if args.ignore_dedup else "")
+            + (
+                f" ({again} re-read entries it already handled are handled again)"
+                if args.ignore_dedup
+                else ""
+            )
         )
         return 0
 
@@ -272,9 +289,7 @@ def _count(n: int | None, limit: int) -> str:
     return f"more than {limit}" if n is None else str(n)
 
 
-def _print_reset(
-    plan: _replay.ResetPlan, args: argparse.Namespace, *, ours: bool, dedup: bool
-) -> None:
+def _print_reset(plan: _replay.ResetPlan, args: argparse.Namespace, *, ours: bool) -> None:
     mode = "" if args.yes else " (dry run: nothing written; add --yes to reset)"
     print(f"reset group {plan.group} to {plan.to}{mode}")
     for t in plan.topics:
@@ -293,19 +308,24 @@ def _print_reset(
             "re-read range are delivered again by the next read"
         )
     if not ours:
-        print("dedup: outside reader (App.extra_groups): streamproc keeps no marks for it")
-    elif not dedup:
-        print("dedup: off for this group (dedup_window_ms = 0): re-read entries run again")
+        print(
+            "dedup: outside reader (App.extra_groups): re-read entries are delivered again; "
+            "its own dedup, if any, decides"
+        )
+    elif not plan.handled:
+        if plan.reread:
+            print(f"dedup: none of the {plan.reread} re-read entries was handled by this group")
     elif args.ignore_dedup:
         print(
-            f"dedup: ignored: the marks of the {plan.marked} re-read entries the group handled "
-            "are deleted first, so they are handled again"
+            f"dedup: ignored: the {plan.handled} of {plan.reread} re-read entries the group "
+            "already handled are handled again and their effects apply again"
         )
-    elif plan.reread:
+    else:
         print(
-            f"dedup: {plan.marked} of {plan.reread} re-read entries were already handled by "
-            "this group (dedup mark present): their handlers run again, but their effects "
-            "(ctx.effect) are not applied again; --ignore-dedup applies them again"
+            f"dedup: {plan.handled} of {plan.reread} re-read entries were already handled by "
+            "this group: moving back would apply their effects again, so the reset refuses "
+            "(exit 1) unless --ignore-dedup; 'streamproc replay' re-delivers only the ones it "
+            "did not handle"
         )
     if plan.live:
         print(

@@ -1,5 +1,6 @@
 """`streamproc replay` and `streamproc group reset` against a real Redis: one group only,
-dry runs write nothing, dedup holds unless --ignore-dedup, bad input is exit 2."""
+dry runs write nothing, what the group handled (acked, not pending, not dead-lettered: no
+per-event marks) is not handled again unless --ignore-dedup, bad input is exit 2."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import redis.asyncio as aioredis
 from schemas import REGISTRY, NodeNotReady, SpotInterruption
 from streamproc import Codec, Concern, Consumer, ConsumerSettings, Context, Keys, Producer
 from streamproc.app import App
-from streamproc.errors import ConfigError
+from streamproc.errors import ConfigError, Permanent
 from streamproc.replay import MAX_SEQ, parse_position
 from tests.helpers import CliRun, MakeConsumer, cli_in_process, entries, spot
 
@@ -65,14 +66,18 @@ def run(
 
 class Recorder:
     """A consumer of topic ``cluster`` in ``group`` that records the instance ids it handled
-    and counts them in Redis through an effect (applied once per event id by dedup)."""
+    and counts them in Redis through an effect (applied by the settle that acks the entry).
+    Instance ids in ``fail`` are refused with Permanent (dead-lettered)."""
 
     def __init__(self, make_consumer: MakeConsumer, keys: Keys, group: str) -> None:
         self.seen: list[str] = []
+        self.fail: set[str] = set()
         self.counter = keys.state("test", group, "handled")
 
         async def handle(event: SpotInterruption, ctx: Context) -> None:
             self.seen.append(event.instance_id)
+            if event.instance_id in self.fail:
+                raise Permanent("refused by the test")
             ctx.effect("INCR", self.counter)
 
         self.consumer: Consumer = make_consumer({SpotInterruption: handle}, group=group)
@@ -104,42 +109,80 @@ async def test_replay_redelivers_a_range_to_one_group_and_no_other(
 
     r = await run("replay", "g", "--from", ids[1], "--to", ids[3], "--yes", "--ignore-dedup")
     assert r.returncode == 0, r.stderr
-    assert "replayed 3 entries to group g (3 dedup marks deleted)" in r.stdout
+    assert "dedup: ignored: all 3 entries are replayed; the 3 the group already handled" in (
+        r.stdout
+    )
+    assert "replayed 3 entries to group g (3 of them already handled" in r.stdout
 
     assert await g.drain() == ["i-2", "i-3", "i-4"]
     assert await h.drain() == []
     assert await client.xlen(keys.retry_stream("cluster", "h")) == 0
-    # The effects ran again for the replayed three only; the marks are set again, so a
-    # redelivery of a replayed entry would be a duplicate.
+    # The effects ran again for the replayed three only, once each (each retry-stream entry is
+    # settled by its own XACK); no dedup mark was read or written.
     assert await g.effects(client) == 8
     assert await h.effects(client) == 5
+    assert await client.keys(keys.seen_prefix("cluster", "g") + "*") == []
     replayed = await entries(client, keys.retry_stream("cluster", "g"))
     assert [f[b"origin"].decode() for _, f in replayed] == ids[1:4]
     counts = await client.hgetall(keys.replays("cluster", "g"))
     assert counts[b"replayed"] == b"3"
     assert counts[b"runs"] == b"1"
-    assert counts[b"marks_cleared"] == b"3"
+    assert counts[b"handled_again"] == b"3"
 
 
-async def test_by_default_dedup_drops_replayed_entries_the_group_handled(
+async def test_by_default_replay_leaves_out_entries_the_group_handled_or_holds(
     run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
 ) -> None:
+    """Acked entries were handled; a pending one is delivered again from the pending list (a
+    replayed copy would apply its effects a second time): the default replay sends neither."""
     g = Recorder(make_consumer, keys, "g")
-    events = [spot(i) for i in range(1, 5)]
-    ids = await producer.publish_many(events)
+    ids = await producer.publish_many([spot(i) for i in range(1, 5)])
     await g.drain()
-    await client.delete(keys.seen_prefix("cluster", "g") + events[3].id)  # out of the window
-    await producer.publish(spot(5))  # not delivered to g yet: left to the topic stream
+    ids.append(await producer.publish(spot(5)))
+    # i-5 delivered to a consumer that died holding it: pending, last-delivered is its id
+    await client.xreadgroup("g", "c9", {keys.stream("cluster"): ">"}, count=1)
+    await producer.publish(spot(6))  # not delivered to g yet: left to the topic stream
 
     r = await run("replay", "g", "--from", ids[0], "--yes")
     assert r.returncode == 0, r.stderr
-    assert "dedup: 3 of 4 entries were already handled by this group" in r.stdout
-    assert f"read up to {ids[3]}, the group's last delivered entry; 1 later it" in r.stdout
-    assert "replayed 4 entries to group g" in r.stdout
-    # Three dropped before their handler; i-4 (no mark) handled again; i-5 once, from the topic.
-    assert sorted(await g.drain()) == ["i-4", "i-5"]
-    assert g.consumer.stats.duplicates == 3
-    assert await g.effects(client) == 6
+    assert "topic cluster: 5 of 5 entries in range" in r.stdout, r.stdout
+    assert "dedup: 4 of 5 entries were already handled by this group" in r.stdout
+    assert "pending: 1 of them are in the group's pending list" in r.stdout
+    assert f"read up to {ids[4]}, the group's last delivered entry; 1 later it" in r.stdout
+    assert "nothing to replay" in r.stdout
+    assert "entries to group g" not in r.stdout
+    assert await client.xlen(keys.retry_stream("cluster", "g")) == 0
+    assert await g.drain() == ["i-6"]  # from the topic; i-5 waits for its reclaim
+    assert await g.effects(client) == 5
+
+
+async def test_a_dead_lettered_entry_is_not_handled_and_the_default_replay_sends_it(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    g = Recorder(make_consumer, keys, "g")
+    g.fail.add("i-2")
+    ids = await _published(producer, 3)
+    await g.drain()
+    assert await client.xlen(keys.dlq("cluster", "g")) == 1
+    assert await g.effects(client) == 2
+    g.fail.clear()  # the bug is fixed
+
+    r = await run("replay", "g", "--from", ids[0], "--yes")
+    assert r.returncode == 0, r.stderr
+    assert "dedup: 2 of 3 entries were already handled by this group" in r.stdout
+    assert "replayed 1 entries to group g" in r.stdout
+    replayed = await entries(client, keys.retry_stream("cluster", "g"))
+    assert [f[b"origin"].decode() for _, f in replayed] == [ids[1]]
+    assert await g.drain() == ["i-2"]
+    assert await g.effects(client) == 3
+    # The letter is still there (nobody replayed it through the DLQ): i-2 still counts as not
+    # handled, and a second replay would send it again; once the letter is gone it is handled.
+    r = await run("replay", "g", "--from", ids[0])
+    assert "dedup: 2 of 3 entries were already handled" in r.stdout
+    await client.delete(keys.dlq("cluster", "g"))
+    r = await run("replay", "g", "--from", ids[0])
+    assert "dedup: 3 of 3 entries were already handled" in r.stdout
+    assert "nothing to replay" in r.stdout
 
 
 async def test_types_filter_replays_only_those_types(
@@ -149,10 +192,16 @@ async def test_types_filter_replays_only_those_types(
     await producer.publish(NodeNotReady(cluster_id="c1", node_name="n1"))
     await producer.publish(spot(2))
     await Recorder(make_consumer, keys, "g").drain()
-    r = await run("replay", "g", "--from", first, "--types", "cluster.node_not_ready", "--yes")
+    only = ("--types", "cluster.node_not_ready")
+    r = await run("replay", "g", "--from", first, *only, "--yes")
     assert r.returncode == 0, r.stderr
     assert "topic cluster: 1 of 3 entries in range" in r.stdout, r.stdout
     assert "of a type without a handler in this group" in r.stdout
+    # acked unread: handled as far as the group knows (a handler added since needs this)
+    assert "dedup: 1 of 1 entries were already handled" in r.stdout
+    assert await client.xlen(keys.retry_stream("cluster", "g")) == 0
+    r = await run("replay", "g", "--from", first, *only, "--yes", "--ignore-dedup")
+    assert "replayed 1 entries to group g" in r.stdout, r.stdout
     replayed = await entries(client, keys.retry_stream("cluster", "g"))
     assert [f[b"type"] for _, f in replayed] == [b"cluster.node_not_ready"]
 
@@ -211,7 +260,10 @@ async def test_reset_back_to_an_id_rereads_from_there(
 
     r = await run("group", "reset", "g", "--to", ids[2], "--yes", "--force", "--ignore-dedup")
     assert r.returncode == 0, r.stderr
-    assert "reset group g on 1 topic(s) (3 dedup marks deleted)" in r.stdout
+    assert (
+        "reset group g on 1 topic(s) (3 re-read entries it already handled are handled again)"
+        in (r.stdout)
+    )
     [info] = [i for i in await client.xinfo_groups(keys.stream("cluster")) if i["name"] == b"g"]
     assert info["lag"] == 3  # ENTRIESREAD kept the lag known
     assert await g.drain() == ["i-3", "i-4", "i-5"]
@@ -221,29 +273,55 @@ async def test_reset_back_to_an_id_rereads_from_there(
     assert counts[b"resets"] == b"1"
 
 
-async def test_reset_back_keeps_effects_once_unless_dedup_is_ignored(
+async def test_reset_back_over_handled_entries_is_refused_unless_dedup_is_ignored(
     run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
 ) -> None:
-    """Re-read entries of the topic stream are checked by the settle script: the handler
-    runs, its effects are not applied again."""
+    """Re-read entries become pending again and the settle script cannot tell an event it
+    applied before: a move back over handled entries is refused (exit 1, nothing moved);
+    --ignore-dedup moves and they are handled again, Kafka-style."""
     g = Recorder(make_consumer, keys, "g")
     ids = await _published(producer, 3)
     await g.drain()
-    r = await run("group", "reset", "g", "--to", "earliest", "--yes", "--force")
+    last = (await client.xinfo_groups(keys.stream("cluster")))[0]["last-delivered-id"]
+
+    r = await run("group", "reset", "g", "--to", "earliest", "--force")
     assert r.returncode == 0, r.stderr
-    assert "dedup: 3 of 3 re-read entries were already handled" in r.stdout
-    assert await g.drain() == ["i-1", "i-2", "i-3"]
+    assert "dedup: 3 of 3 re-read entries were already handled by this group" in r.stdout
+    r = await run("group", "reset", "g", "--to", "earliest", "--yes", "--force")
+    assert r.returncode == 1
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "3 of the 3 entries the reset would re-read were already handled" in line
+    assert "would apply their effects again" in line
+    assert "'streamproc replay g --from 0'" in line
+    assert "--ignore-dedup to handle them all again" in line
+    assert (await client.xinfo_groups(keys.stream("cluster")))[0]["last-delivered-id"] == last
+    assert await g.drain() == []
     assert await g.effects(client) == 3
-    assert await client.xpending(keys.stream("cluster"), "g") == {
-        "pending": 0,
-        "min": None,
-        "max": None,
-        "consumers": [],
-    }
+
     r = await run("group", "reset", "g", "--to", ids[1], "--yes", "--force", "--ignore-dedup")
-    assert "dedup: ignored: the marks of the 2 re-read entries" in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert "dedup: ignored: the 2 of 2 re-read entries the group already handled" in r.stdout
     assert await g.drain() == ["i-2", "i-3"]
     assert await g.effects(client) == 5
+
+
+async def test_reset_back_over_pending_entries_only_moves(
+    run: Cli, make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    """Entries a dead consumer holds (pending) were not handled: re-reading them is a
+    redelivery (Redis moves each to the reader), so the reset moves and each applies once."""
+    g = Recorder(make_consumer, keys, "g")
+    await _published(producer, 2)
+    await g.drain()
+    ids = [await producer.publish(spot(i)) for i in (3, 4)]
+    await client.xreadgroup("g", "c9", {keys.stream("cluster"): ">"})
+    r = await run("group", "reset", "g", "--to", ids[0], "--yes", "--force")
+    assert r.returncode == 0, r.stderr
+    assert "dedup: none of the 2 re-read entries was handled by this group" in r.stdout
+    assert await g.drain() == ["i-3", "i-4"]
+    assert await g.effects(client) == 4
+    assert (await client.xpending(keys.stream("cluster"), "g"))["pending"] == 0
 
 
 async def test_reset_to_latest_skips_what_is_there(
@@ -417,6 +495,11 @@ async def test_replay_and_reset_cover_every_partition_of_a_partitioned_topic(
     assert sorted(seen) == [f"i-{i}" for i in range(6)]
 
     r = await asyncio.to_thread(run, "group", "reset", "g", "--to", "earliest", "--yes", "--force")
+    assert r.returncode == 1  # every entry of both partitions was handled
+    assert "6 of the 6 entries the reset would re-read were already handled" in r.stderr
+    r = await asyncio.to_thread(
+        run, "group", "reset", "g", "--to", "earliest", "--yes", "--force", "--ignore-dedup"
+    )
     assert r.returncode == 0, r.stderr
     for p in names:
         [info] = [g for g in await client.xinfo_groups(parted.stream(p)) if g["name"] == b"g"]
