@@ -400,6 +400,8 @@ async def test_busy_and_stuck_groups_read_differently_and_an_outage_greys_the_pa
     await client.xreadgroup("busy-g", "c1", {stream: ">"})
     await client.xreadgroup("stuck-g", "c2", {stream: ">"})
     await client.xclaim(stream, "stuck-g", "c2", 0, [entry_id], idle=120_000)
+    secs, _ = await client.time()
+    await client.hset(keys.ticker_last(), "discovery", str((int(secs) - 120) * 1000))
     through = connect(
         RedisSettings(url=redis_proxy.url, key_prefix=keys.prefix, socket_timeout_s=1)
     )
@@ -430,6 +432,10 @@ async def test_busy_and_stuck_groups_read_differently_and_an_outage_greys_the_pa
                     await expect(stuck.locator("[data-field=idle]")).to_have_text(
                         re.compile(r"\d")
                     )  # its idle time
+                    # the ticker's times read as the CLI's: ISO-8601 and how long ago
+                    await expect(
+                        page.locator('#schedules tr[data-schedule="discovery"]')
+                    ).to_contain_text(re.compile(r"\d\d:\d\d:\d\dZ \(2 min ago\)"))
                     await _shoot(page, "dashboard-states")
                     await page.set_viewport_size({"width": 1440, "height": 1000})
 

@@ -42,6 +42,22 @@
     return (v / 86400).toFixed(0) + " d";
   }
 
+  // "2026-12-01T20:00:00Z (in 45 s)" / "(3 min ago)": as the CLI writes times (streamproc._human)
+  function span(sec) {
+    const a = Math.abs(sec);
+    if (a < 90) return Math.round(a) + " s";
+    if (a < 90 * 60) return Math.round(a / 60) + " min";
+    if (a < 36 * 3600) return Math.round(a / 3600) + " h";
+    return Math.round(a / 86400) + " d";
+  }
+
+  function when(text, ms, now) {
+    if (ms === null || ms === undefined) return text || "–";
+    const d = (ms - now) / 1000;
+    const rel = Math.abs(d) < 1 ? "now" : d > 0 ? "in " + span(d) : span(d) + " ago";
+    return new Date(ms).toISOString().replace(".000", "") + " (" + rel + ")";
+  }
+
   function clip(text, n) {
     return text.length > n ? text.slice(0, n - 1) + "…" : text;
   }
@@ -262,7 +278,8 @@
     $("ticker-ttl").textContent = t && t.leader_ttl_ms !== null ? "(lease " + (t.leader_ttl_ms / 1000).toFixed(1) + " s left)" : "";
     $("ticker-runtime").textContent = t ? num(t.runtime_schedules) : "0";
     fill($("schedules").tBodies[0], t && t.schedules.length
-      ? t.schedules.map((x) => el("tr", {}, el("td", {}, x.name), el("td", {}, x.trigger), el("td", {}, x.last), el("td", {}, x.next)))
+      ? t.schedules.map((x) => el("tr", { "data-schedule": x.name }, el("td", {}, x.name), el("td", {}, x.trigger),
+        el("td", {}, when(x.last, x.last_ms, s.server_time_ms)), el("td", {}, when(x.next, x.next_ms, s.server_time_ms))))
       : [el("tr", {}, el("td", { colspan: 4, class: "muted" }, "No schedules seen."))]);
     fill($("renders").tBodies[0], s.renders.length
       ? s.renders.map((r) => el("tr", {}, el("td", {}, r.group), el("td", { class: "n" }, num(r.consumers)), el("td", { class: "n" }, num(r.in_flight)),
