@@ -1,8 +1,10 @@
 """Producer: appends typed events to their topic streams.
 
-``publish`` goes through one Lua script that checks the producer-side dedup marker, XADDs and
-sets the marker, atomically: publishing an event id (or idempotency key) twice within the window
-returns the first entry id and adds nothing. Before writing, the producer looks at the lag of
+``publish`` goes through one Lua script per stream that checks the producer-side dedup state,
+XADDs and records, atomically: publishing an event id (or idempotency key) twice within the
+window returns the first entry id and adds nothing, and this producer's own resend of a write
+whose reply was lost is recognised by its sequence (see ``_PUBLISH`` for both; no key per
+event). Before writing, the producer looks at the lag of
 the groups reading the topic (cached briefly) and waits, then raises BackpressureError, while a
 group is above the high watermark.
 
@@ -22,14 +24,16 @@ nothing: whether it waited for backpressure, behind a write in flight, for a con
 pool, a reconnect) or for the script to be loaded again, what a group sends is decided only
 once a connection is in hand. A write that went out is never sent again by the client library
 (``_resp.execute`` bypasses redis-py's retry); the producer's own retry after a connection
-error relies on the dedup marker.
+error (``_send_in_order``) sends the same write, with the same sequences, before any later one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -54,33 +58,132 @@ __all__ = ("Produced", "Producer")
 
 log = structlog.get_logger("streamproc.producer")
 
-# One call per topic per write. KEYS: the stream, then the dedup markers in event order.
-# ARGV[1]: window ms; then per event: 1 if it has a marker (the next one in KEYS) else 0, the
+# One call per stream per write. Dedup state is kept per producer and per generation of the
+# window, never as a key per event:
+# - (producer, sequence): every event a Producer writes gets the next sequence number of its
+#   stream; the script keeps, per producer, the highest one written and the entry ids of its
+#   last call (a hash with a short TTL). The producer retries a write in order, before any
+#   later one (``_write``), so a resend after a lost reply has sequences at or below that mark
+#   and is answered from it: nothing is added again, whatever the event's id.
+# - records by id or idempotency key (the caller's dedup=True, the default): an 8-byte digest
+#   of the key, as a field of one of a generation's shard hashes ``pub:<gen>:<shard>`` with the
+#   first entry id as value; a generation lasts one window and its hashes expire at the end of
+#   the next one, so a record lives one to two windows. The shard count of a generation is
+#   sized from the previous one's record count (about 96 records a hash: small hashes stay in
+#   Redis' listpack encoding, ~20 bytes a record); a first generation (no previous one)
+#   starts at ``ProducerSettings.dedup_shards``.
+# KEYS[1] stream, KEYS[2] this producer's sequence hash, KEYS[3] the generations' meta hash.
+# ARGV[1] window ms, ARGV[2] sequence TTL ms, ARGV[3] record key prefix, ARGV[4] a first
+# generation's shard count; then per event: '1' if
+# it has a record (its digest follows) else '0', its sequence, the digest ('' when none), the
 # number n of field and value arguments, and those n (the wire fields, then the optional trace
-# context: streamproc.tracing). Returns {added, id, added, id, ...} in event order:
-# added = 0 when the marker already held the first entry's id (and nothing was added).
+# context: streamproc.tracing). Returns {added, id, ...} in event order: added = 1 written,
+# 0 a duplicate by its record (id = the first entry's id), 2 this producer's own resend (id =
+# the entry its first send wrote; '' if that was not kept).
 _FIELDS = 2 * len(WIRE_FIELDS)
 _PUBLISH = Lua("""
-local window, out, k, a = ARGV[1], {}, 2, 2
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window, prefix = tonumber(ARGV[1]), ARGV[3]
+local out, a = {}, 5
+local last = tonumber(redis.call('HGET', KEYS[2], 'last') or '0')
+local g, s, ps, n, m0 = 0, 0, 0, 0, nil
+if window > 0 then
+  g = math.floor(now / window)
+  local m = redis.call('HMGET', KEYS[3], 'g', 's', 'n', 'ps')
+  m0 = tonumber(m[1])
+  s, n, ps = tonumber(m[2]) or 0, tonumber(m[3]) or 0, tonumber(m[4]) or 0
+  if m0 ~= g then
+    local size = tonumber(ARGV[4])
+    if m0 == g - 1 then
+      ps, size = s, 16
+      while size < n / 96 and size < 1048576 do size = size * 2 end
+    else
+      ps = 0
+    end
+    s, n = size, 0
+  end
+end
+local function shard(d, size)
+  return (string.byte(d, 1) * 16777216 + string.byte(d, 2) * 65536
+    + string.byte(d, 3) * 256 + string.byte(d, 4)) % size
+end
+local sent, expired, top, added = {}, {}, last, 0
 while a <= #ARGV do
-  local first = false
-  local n = tonumber(ARGV[a + 1])
-  local marked = ARGV[a] == '1'
-  if marked then first = redis.call('GET', KEYS[k]) end
+  local marked, seq, d = ARGV[a] == '1', tonumber(ARGV[a + 1]), ARGV[a + 2]
+  local k = tonumber(ARGV[a + 3])
+  local first, resent = false, false
+  if seq <= last then
+    first, resent = redis.call('HGET', KEYS[2], ARGV[a + 1]) or '', true
+  elseif marked and window > 0 then
+    first = redis.call('HGET', prefix .. g .. ':' .. shard(d, s), d)
+    if not first and ps > 0 then
+      first = redis.call('HGET', prefix .. (g - 1) .. ':' .. shard(d, ps), d)
+    end
+  end
   if first then
-    out[#out + 1] = 0
+    out[#out + 1] = resent and 2 or 0
     out[#out + 1] = first
   else
-    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 2, a + 1 + n))
-    if marked then redis.call('SET', KEYS[k], id, 'PX', window) end
+    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 4, a + 3 + k))
+    if marked and window > 0 then
+      local h = prefix .. g .. ':' .. shard(d, s)
+      redis.call('HSET', h, d, id)
+      if not expired[h] then
+        redis.call('PEXPIREAT', h, (g + 2) * window)
+        expired[h] = true
+      end
+      n = n + 1
+    end
     out[#out + 1] = 1
     out[#out + 1] = id
+    first = id
+    added = added + 1
   end
-  if marked then k = k + 1 end
-  a = a + 2 + n
+  if seq > last then
+    sent[#sent + 1] = ARGV[a + 1]
+    sent[#sent + 1] = first
+    if seq > top then top = seq end
+  end
+  a = a + 4 + k
+end
+if #sent > 0 then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'last', top, unpack(sent))
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+if window > 0 and (added > 0 or m0 ~= g) then
+  redis.call('HSET', KEYS[3], 'g', g, 's', s, 'n', n, 'ps', ps)
+  redis.call('PEXPIRE', KEYS[3], 2 * window)
 end
 return out
 """)
+
+
+def record_digest(key: str) -> bytes:
+    """The 8 bytes a record of an event id or idempotency key is stored under (fixed length
+    whatever the key: a client's string never becomes part of a key name)."""
+    return hashlib.blake2b(key.encode(), digest_size=8).digest()
+
+
+async def find_record(
+    client: aioredis.Redis, keys: Keys, topic: str, key: str, *, window_ms: int
+) -> str | None:
+    """The first entry id recorded for an event id or idempotency key on ``topic`` (a stream
+    name: a partition of a partitioned topic), or None: for tests and ``inspect``."""
+    pub = keys.published_prefix(topic)
+    meta: list[Any] = await client.hmget(f"{pub}meta", ["g", "s", "ps"])
+    if meta[0] is None:
+        return None
+    g, s, ps = int(meta[0]), int(meta[1]), int(meta[2] or 0)
+    d = record_digest(key)
+    for gen, size in ((g, s), (g - 1, ps)):
+        if size:
+            shard = int.from_bytes(d[:4], "big") % size
+            first: Any = await client.hget(f"{pub}{gen}:{shard}", d)
+            if first is not None:
+                return first.decode() if isinstance(first, bytes) else str(first)
+    return None
 
 
 class Produced(NamedTuple):
@@ -93,7 +196,8 @@ class Produced(NamedTuple):
 
 
 _MARKED, _UNMARKED = bulk(b"1"), bulk(b"0")
-_ARGS_PER_EVENT = 2 + _FIELDS  # without a trace context
+_ARGS_PER_EVENT = 4 + _FIELDS  # without a trace context
+_NO_DIGEST = bulk(b"")
 _N_FIELDS = bulk(b"%d" % _FIELDS)
 #: Builds a Produced without NamedTuple's generated __new__ (a Python frame per event).
 _new = tuple.__new__
@@ -102,12 +206,11 @@ _new = tuple.__new__
 class _Part:
     """One caller's events of one topic, encoded."""
 
-    __slots__ = ("argc", "args", "markers", "size")
+    __slots__ = ("argc", "args", "size")
 
     def __init__(self) -> None:
-        self.markers: list[str] = []
-        #: Per event, packed: 1 (it has the next marker) or 0, the number of field and value
-        #: arguments, then those.
+        #: Per event, packed: 1 (it has a record) or 0, its sequence, its key's digest, the
+        #: number of field and value arguments, then those.
         self.args: list[bytes] = []
         self.size = 0
         self.argc = 0
@@ -154,6 +257,12 @@ class Producer:
         self._lag_reads: dict[str, asyncio.Future[tuple[str, int]]] = {}
         #: Every duplicate this producer saw (a running total across callers).
         self.duplicates = 0
+        #: This producer's identity: with a sequence per stream, what recognises a resend.
+        self.identity = uuid.uuid4().hex
+        self._seqs: dict[str, int] = {}
+        self._topic_of: dict[str, str] = {}  # a partition's topic (for its dedup window)
+        #: How long a stream keeps this producer's sequence mark: longer than any resend.
+        self.seq_ttl_ms = max(60_000, int(self.retry_timeout_s * 6_000))
         #: Topics this producer put in the registry set (``Keys.topics``): once per process.
         self._registered: set[str] = set()
         self._batcher = Batcher(
@@ -187,10 +296,9 @@ class Producer:
         """Append events; say for each where it went and whether it was a duplicate.
 
         ``idempotency_keys``: per event, the key its dedup marker uses instead of its id.
-        ``dedup``: per event, False skips the marker: for an id minted moments ago that no
-        caller can send again (the ingest's events posted without an id), where the marker
-        would cost Redis a GET and a SET and about 100 bytes for the window. A copy written
-        by this producer's own retry is then dropped by the consumers' dedup, not here.
+        ``dedup``: per event, False skips the record by id: for an id minted moments ago that
+        no caller can send again (the ingest's events posted without an id). This producer's
+        own resend after a lost reply is still recognised, by its sequence.
         """
         if not events:
             return []
@@ -209,15 +317,15 @@ class Producer:
                     await self._register(topics - self._registered)
                 for topic in topics:
                     await self.wait_for_capacity(topic)
-                return await self._queue(events, idempotency_keys, dedup, where)
-            except REDIS_DOWN as e:
-                # Safe to send again: the dedup marker makes a repeated XADD a no-op, and with
-                # producer dedup off consumers still drop the copy by event id.
+                break
+            except REDIS_DOWN as e:  # nothing was written yet: safe to try again
                 if time.monotonic() >= deadline:
                     raise PublishError(f"Redis unavailable for {self.retry_timeout_s}s: {e}") from e
                 if backoff.attempt == 0:
                     log.warning("publish_retrying", error=str(e))
                 await backoff.sleep()
+        # The write itself is retried by ``_write``, in order, with the same sequences.
+        return await self._queue(events, idempotency_keys, dedup, where)
 
     async def _register(self, topics: set[str]) -> None:
         """The first write of a topic in this process adds it to the registry set, so a
@@ -233,7 +341,10 @@ class Producer:
         """Per event, the topic (or partition of a partitioned topic) it is stored under."""
         if not self.keys.partitions:
             return [e.topic for e in events]
-        return [self.keys.partition(e.topic, e.key, e.id) for e in events]
+        where = [self.keys.partition(e.topic, e.key, e.id) for e in events]
+        for e, name in zip(events, where, strict=True):
+            self._topic_of[name] = e.topic
+        return where
 
     def _encode(
         self,
@@ -242,8 +353,9 @@ class Producer:
         dedup: Sequence[bool] | None,
         where: Sequence[str],
     ) -> _Write:
-        window = bool(self.settings.dedup_window_ms)
+        window = bool(self.settings.dedup_window_ms) or bool(self.settings.dedup_windows)
         encode = self.codec.encode_resp
+        seqs = self._seqs
         # The caller's trace context (none while tracing is off), the same for all its events.
         argc, count, trace = _ARGS_PER_EVENT, _N_FIELDS, b""
         if carried := tracing.carrier():
@@ -259,12 +371,12 @@ class Producer:
             order.append((topic, part.size))
             part.size += 1
             part.argc += argc
+            seq = seqs[topic] = seqs.get(topic, 0) + 1
             if window and (dedup is None or dedup[i]):
                 key = idempotency_keys[i] if idempotency_keys is not None else None
-                part.markers.append(self.keys.published_prefix(topic) + (key or event.id))
-                part.args.append(_MARKED)
+                part.args += (_MARKED, bulk(b"%d" % seq), bulk(record_digest(key or event.id)))
             else:
-                part.args.append(_UNMARKED)
+                part.args += (_UNMARKED, bulk(b"%d" % seq), _NO_DIGEST)
             part.args.append(count)
             part.args.append(encode(event) + trace)
         return _Write(parts, order)
@@ -290,7 +402,10 @@ class Producer:
         """
         sent: list[bool] = []  # per write of the group: part of what went out
         topics: list[str] = []  # one script call each, in this order
-        window = b"%d" % self.settings.dedup_window_ms
+        windows = self.settings.dedup_windows
+        default_window = self.settings.dedup_window_ms
+        seq_ttl = b"%d" % self.seq_ttl_ms
+        shards = b"%d" % self.settings.dedup_shards
 
         def build() -> list[Command]:
             sent[:] = [w.wanted for w in group]
@@ -302,14 +417,21 @@ class Producer:
             topics[:] = by_topic
             calls: list[Command] = []
             for topic, parts in by_topic.items():
-                keys = [self.keys.stream(topic).encode()]
-                keys += [m.encode() for part in parts for m in part.markers]
+                pub = self.keys.published_prefix(topic)
+                keys = [
+                    self.keys.stream(topic).encode(),
+                    f"{pub}seq:{self.identity}".encode(),
+                    f"{pub}meta".encode(),
+                ]
                 call = Command(
                     b"EVALSHA",
                     _PUBLISH.sha.encode(),
-                    b"%d" % len(keys),
+                    b"3",
                     *keys,
-                    window,
+                    b"%d" % windows.get(self._topic_of.get(topic, topic), default_window),
+                    seq_ttl,
+                    pub.encode(),
+                    shards,
                     route=keys[0],
                 )
                 for part in parts:
@@ -336,7 +458,7 @@ class Producer:
             return replies
 
         try:
-            replies = await with_scripts(self.client, [_PUBLISH], send)
+            replies = await self._send_in_order(send)
         except NotReplicated as e:
             raise PublishError(
                 f"not replicated (durability='replicated'): {e}; the events are on the master "
@@ -349,9 +471,10 @@ class Producer:
                 continue
             out = results[topic] = []
             for j in range(0, len(reply), 2):
-                if not reply[j]:
+                dup = reply[j] == 0
+                if dup:
                     self.duplicates += 1
-                out.append(_new(Produced, (reply[j + 1].decode(), not reply[j])))
+                out.append(_new(Produced, (reply[j + 1].decode(), dup)))
         # each caller: its results in its order, or the error of a topic it wrote to
         start = dict.fromkeys(results, 0)
         answers: list[list[Produced] | Exception] = []
@@ -367,6 +490,26 @@ class Producer:
             for topic, part in write.parts.items():
                 start[topic] += part.size
         return answers
+
+    async def _send_in_order(self, send: Callable[[], Awaitable[list[Any]]]) -> list[Any]:
+        """Send a write until Redis answers, before any later write of this producer goes out
+        (the batcher waits for it): a resend after a lost reply carries the same sequences, at
+        or below the stream's mark for this producer, and adds nothing again. A write that did
+        not go out by ``retry_timeout_s`` fails its callers with PublishError."""
+        backoff = Backoff(cap_s=1.0)
+        deadline = time.monotonic() + self.retry_timeout_s
+        while True:
+            try:
+                return await with_scripts(self.client, [_PUBLISH], send)
+            except REDIS_DOWN as e:
+                if time.monotonic() >= deadline:
+                    raise PublishError(
+                        f"Redis unavailable for {self.retry_timeout_s}s: {e}; the events may or "
+                        "may not be written: publishing them again is deduplicated by id"
+                    ) from e
+                if backoff.attempt == 0:
+                    log.warning("publish_retrying", error=str(e))
+                await backoff.sleep()
 
     async def group_backlog(self, topic: str) -> tuple[str, int]:
         """The group with the most entries waiting on ``topic`` (lag + pending), cached.

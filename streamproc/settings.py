@@ -104,8 +104,18 @@ class RetryPolicy(_Settings, frozen=True, kw_only=True):
 
 
 class ProducerSettings(_Settings, frozen=True, kw_only=True):
-    #: Producer-side dedup window by event id / idempotency key; 0 = off.
+    #: Producer-side dedup window by event id / idempotency key; 0 = off. A record lives one
+    #: to two windows (generations). 24 h: a client's retry of a request after a long outage
+    #: (Stripe keeps idempotency keys 24 h) and a handler's re-run that publishes the same
+    #: derived id (retries reach hours) are both inside it; a lost reply of this producer's
+    #: own write needs far less and is recognised by its sequence (seconds).
     dedup_window_ms: int = 24 * 3600 * 1000
+    #: Per-topic windows (topic name -> ms; 0 = off for that topic), over ``dedup_window_ms``.
+    dedup_windows: dict[str, int] = msgspec.field(default_factory=dict)
+    #: Shard hashes of a first dedup generation (later ones are sized from the one before):
+    #: about 96 records a hash keep Redis' compact encoding, so ~ expected events per window
+    #: / 96.
+    dedup_shards: int = 1024
     #: Backpressure: a group whose lag + pending exceeds this blocks publishing to the topic.
     high_watermark: int = 100_000
     #: How long ``publish`` waits for the lag to fall before raising BackpressureError.
@@ -126,6 +136,10 @@ class ProducerSettings(_Settings, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         self._positive("dedup_window_ms", "lag_cache_ms", allow_zero=True)
+        self._positive("dedup_shards")
+        for topic, ms in self.dedup_windows.items():
+            if ms < 0:
+                raise ConfigError(f"ProducerSettings.dedup_windows[{topic!r}] must be >= 0")
         self._positive("high_watermark", "backpressure_timeout_s", "coalesce_max_events")
         self._positive("min_replicas", "replica_timeout_ms")
 

@@ -128,3 +128,20 @@ def cli_in_process(
             code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         out, err = capsys.readouterr()
     return CliRun(code, out, err)
+
+
+async def dedup_records(client: aioredis.Redis, keys: Keys, topic: str = "cluster") -> set[bytes]:
+    """The digests the producer recorded on ``topic`` (every generation's shard hashes)."""
+    prefix = keys.published_prefix(topic)
+    found: set[bytes] = set()
+    async for k in client.scan_iter(match=prefix + "[0-9]*", count=1000):
+        fields: Any = await client.hkeys(k)
+        found |= set(fields)
+    return found
+
+
+def digests(*names: str) -> set[bytes]:
+    """The record digests of these event ids or idempotency keys."""
+    from streamproc.producer import record_digest
+
+    return {record_digest(n) for n in names}

@@ -19,9 +19,12 @@ import redis.asyncio as aioredis
 
 from schemas import SpotInterruption
 from streamproc import Codec, Context, Keys, Producer
+from streamproc.connection import connect
 from streamproc.consumer._scripts import SUCCEED
+from streamproc.settings import ProducerSettings, RedisSettings
 from tests.faults import FlakyRedis, command_is
-from tests.helpers import pending, spot
+from tests.helpers import dedup_records, digests, pending, spot
+from tests.tcpproxy import TcpProxy
 from tests.test_guarantees import consumer_on, count_effect, effects
 
 
@@ -67,7 +70,7 @@ async def test_an_entry_in_flight_when_its_group_is_recreated_applies_at_its_nex
     answers 0, but the group has not delivered the entry yet, so nothing is applied now
     (``redeliver``) and its next delivery applies it, once."""
     stream = keys.stream("cluster")
-    runs: list[bytes] = []
+    runs: list[str] = []
 
     async def handle(event: SpotInterruption, ctx: Context) -> None:
         runs.append(ctx.entry_id)
@@ -97,7 +100,7 @@ async def test_a_group_lost_while_a_handler_runs_recovers_and_applies_once(
     on: whichever of the settle's resend and the new delivery comes first applies the
     effects, the other applies nothing."""
     stream = keys.stream("cluster")
-    runs: list[bytes] = []
+    runs: list[str] = []
 
     async def handle(event: SpotInterruption, ctx: Context) -> None:
         runs.append(ctx.entry_id)
@@ -162,3 +165,122 @@ async def test_two_consumers_racing_after_a_steal_apply_once_without_marks(
     assert list((await effects(client, keys)).values()) == [b"1"]
     assert (b.stats.acked, a.stats.refused) == (1, 1)
     assert await dedup_keys(client, keys) == []
+
+
+# ---------------------------------------------------------------------- producer side
+
+
+async def _lose_publish_reply(
+    client: aioredis.Redis, proxy: TcpProxy, publish: Callable[[], Any], stream: str
+) -> Any:
+    """Run ``publish`` through the proxy; once its write reached Redis, cut the connection
+    before the reply gets back. The producer sends the write again. (The producer has
+    written once before: connected, topic registered, the groups' lag cached.)"""
+    before = await client.xlen(stream)
+    proxy.pause(to_server=False)  # requests go through, replies are held
+    task = asyncio.ensure_future(publish())
+    for _ in range(500):
+        if await client.xlen(stream) > before:
+            break
+        await asyncio.sleep(0.01)
+    assert await client.xlen(stream) == before + 1
+    proxy.cut()  # the reply is lost with the connection
+    proxy.resume()
+    return await task
+
+
+async def test_a_producer_resend_after_a_lost_reply_adds_nothing_without_a_record(
+    client: aioredis.Redis, redis_url: str, codec: Codec[Any], keys: Keys
+) -> None:
+    """No record by id (dedup=False, as ingest does for ids it minted): the resend is
+    recognised by (producer, sequence) and answers the entry the first send wrote."""
+    from urllib.parse import urlparse
+
+    url = urlparse(redis_url)
+    with TcpProxy(url.hostname or "127.0.0.1", url.port or 6379) as proxy:
+        flaky = connect(RedisSettings(url=proxy.url))
+        producer = Producer(flaky, codec, keys, ProducerSettings(lag_cache_ms=600_000))
+        await producer.append([spot(0)], dedup=[False])
+        event = spot(1)
+        stream = keys.stream("cluster")
+        [got] = await _lose_publish_reply(
+            client, proxy, lambda: producer.append([event], dedup=[False]), stream
+        )
+        await flaky.aclose()
+    rows: Any = await client.xrange(stream)
+    assert [r[0].decode() for r in rows][1:] == [got.entry_id]
+    assert not got.duplicate
+    assert producer.duplicates == 0
+    assert await dedup_records(client, keys) == set()
+
+
+async def test_a_producer_resend_after_a_lost_reply_with_an_explicit_id(
+    client: aioredis.Redis, redis_url: str, codec: Codec[Any], keys: Keys
+) -> None:
+    from urllib.parse import urlparse
+
+    url = urlparse(redis_url)
+    with TcpProxy(url.hostname or "127.0.0.1", url.port or 6379) as proxy:
+        flaky = connect(RedisSettings(url=proxy.url))
+        producer = Producer(flaky, codec, keys, ProducerSettings(lag_cache_ms=600_000))
+        await producer.append([spot(0)], dedup=[False])
+        event = spot(1, id="order-42")
+        stream = keys.stream("cluster")
+        got = await _lose_publish_reply(client, proxy, lambda: producer.publish(event), stream)
+        await flaky.aclose()
+    rows: Any = await client.xrange(stream)
+    assert [r[0].decode() for r in rows][1:] == [got]
+    assert await dedup_records(client, keys) == digests("order-42")
+    # another producer (a restarted process) publishing it again: refused by the record
+    [again] = await Producer(client, codec, keys).append([event])
+    assert again == (got, True)
+
+
+async def test_dedup_state_is_per_producer_and_generation_not_per_event(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys
+) -> None:
+    """1,000 events: no key per event. Records (by id) are fields of a generation's few shard
+    hashes; the sequence mark is one hash per producer holding its last call only."""
+    producer = Producer(client, codec, keys, ProducerSettings(dedup_shards=16))
+    events = [spot(i) for i in range(1000)]
+    for i in range(0, 1000, 100):
+        await producer.publish_many(events[i : i + 100])
+    prefix = keys.published_prefix("cluster")
+    names = [k async for k in client.scan_iter(match=prefix + "*")]
+    assert len(names) <= 2 + 16  # meta, this producer's mark, a first generation's shards
+    assert len(await dedup_records(client, keys)) == 1000
+    mark: Any = await client.hgetall(f"{prefix}seq:{producer.identity}")
+    assert int(mark[b"last"]) == 1000
+    assert len(mark) == 101  # 'last' and the last call's 100 sequences
+
+
+async def test_a_record_lives_one_to_two_windows_and_the_next_generation_is_sized(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys
+) -> None:
+    """Generations of one window: a record is found in its own generation and the next one,
+    and forgotten after; a generation's shard count follows the record count before it."""
+    window = 1000
+    settings = ProducerSettings(dedup_window_ms=window, dedup_shards=2)
+    producer = Producer(client, codec, keys, settings)
+    meta = keys.published_prefix("cluster") + "meta"
+
+    async def gen_now() -> int:
+        t: Any = await client.time()
+        return int((t[0] * 1000 + t[1] // 1000) // window)
+
+    async def wait_for_generation(g: int) -> None:  # Redis' clock: nothing to wait on
+        while await gen_now() < g:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    g = await gen_now() + 1
+    await wait_for_generation(g)  # a fresh generation: no race with its end
+    event = spot(1)
+    first = (await producer.append([event, *[spot(i) for i in range(2, 2001)]]))[0]
+    assert int(await client.hget(meta, "s")) == 2  # type: ignore[arg-type]
+    await wait_for_generation(g + 1)
+    [again] = await Producer(client, codec, keys, settings).append([event])
+    assert again == (first.entry_id, True)  # found in the generation before
+    assert int(await client.hget(meta, "s")) == 32  # type: ignore[arg-type]  # 2000 / 96
+    await wait_for_generation(g + 3)
+    [fresh] = await Producer(client, codec, keys, settings).append([event])
+    assert not fresh.duplicate  # two windows on: forgotten

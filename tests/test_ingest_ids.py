@@ -19,7 +19,11 @@ from schemas import REGISTRY
 from streamproc import Keys, Producer
 from streamproc.ingest.app import agent_event_id, idem_marker
 from streamproc.ingest.decode import EventDecoder
+from streamproc.producer import find_record
+from tests.helpers import dedup_records, digests
 from tests.test_ingest_support import Server, cluster_event, running_ingest
+
+DAY = 86_400_000
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,13 +47,9 @@ async def token(srv: Server) -> str:
     return await srv.token("agent-1", ["cluster.*"])
 
 
-async def markers(client: aioredis.Redis, keys: Keys, topic: str = "cluster") -> set[str]:
-    """The producer dedup markers of ``topic`` (without their prefix)."""
-    prefix = keys.published_prefix(topic)
-    found: set[str] = set()
-    async for k in client.scan_iter(match=prefix + "*", count=1000):
-        found.add((k.decode() if isinstance(k, bytes) else k).removeprefix(prefix))
-    return found
+async def markers(client: aioredis.Redis, keys: Keys, topic: str = "cluster") -> set[bytes]:
+    """The digests of the producer's dedup records of ``topic``."""
+    return await dedup_records(client, keys, topic)
 
 
 def ids(body: Any) -> list[str]:
@@ -69,7 +69,7 @@ async def test_an_event_posted_without_an_id_gets_no_marker(
     status, body, _ = await srv.post("/v1/events", cluster_event(), token=token)
     assert status == 202, body
     [minted] = ids(body)
-    assert await client.exists(keys.published_prefix("cluster") + minted) == 0
+    assert await find_record(client, keys, "cluster", minted, window_ms=DAY) is None
     assert await markers(client, keys) == set()
     rows: Any = await client.xrange(keys.stream("cluster"))
     assert [(r[0].decode(), r[1][b"id"].decode()) for r in rows] == [
@@ -83,9 +83,9 @@ async def test_an_event_with_its_own_id_is_marked_and_its_retry_adds_nothing(
     ev = cluster_event(id=ID_A)
     status, first, _ = await srv.post("/v1/events", ev, token=token)
     assert status == 202, first
-    assert await markers(client, keys) == {SA}
-    marker = await client.get(keys.published_prefix("cluster") + SA)
-    assert marker == first["events"][0]["entry_id"].encode()
+    assert await markers(client, keys) == digests(SA)
+    marker = await find_record(client, keys, "cluster", SA, window_ms=DAY)
+    assert marker == first["events"][0]["entry_id"]
     status, again, _ = await srv.post("/v1/events", ev, token=token)
     assert status == 202, again
     assert again["events"] == first["events"] == [{"id": SA, "entry_id": entry_ids(first)[0]}]
@@ -98,7 +98,7 @@ async def test_a_json_batch_marks_exactly_the_items_with_ids(
     batch = [cluster_event(id=ID_A), cluster_event(), cluster_event(id=ID_B), cluster_event()]
     status, first, _ = await srv.post("/v1/events", batch, token=token)
     assert status == 202, first
-    assert await markers(client, keys) == {SA, SB}
+    assert await markers(client, keys) == digests(SA, SB)
     status, again, _ = await srv.post("/v1/events", batch, token=token)
     assert status == 202, again
     # the items with ids are duplicates of the first post; the others are new events
@@ -106,7 +106,7 @@ async def test_a_json_batch_marks_exactly_the_items_with_ids(
     assert entry_ids(again)[2] == entry_ids(first)[2]
     assert not set(entry_ids(again)[1::2]) & set(entry_ids(first))
     assert await client.xlen(keys.stream("cluster")) == 6
-    assert await markers(client, keys) == {SA, SB}
+    assert await markers(client, keys) == digests(SA, SB)
 
 
 async def test_ndjson_marks_exactly_the_lines_with_ids(
@@ -118,7 +118,7 @@ async def test_ndjson_marks_exactly_the_lines_with_ids(
     status, first, _ = await srv.post("/v1/events", data=data, token=token, headers=NDJSON)
     assert status == 202, first
     assert ids(first)[1::2] == [SA, SB]
-    assert await markers(client, keys) == {SA, SB}
+    assert await markers(client, keys) == digests(SA, SB)
     status, again, _ = await srv.post("/v1/events", data=data, token=token, headers=NDJSON)
     assert status == 202, again
     assert entry_ids(again)[1::2] == entry_ids(first)[1::2]
@@ -133,13 +133,13 @@ async def test_msgpack_marks_exactly_the_items_with_ids(
         "/v1/events", data=msgspec.msgpack.encode(batch), token=token, headers=MSGPACK
     )
     assert status == 202, body
-    assert await markers(client, keys) == {SA}
+    assert await markers(client, keys) == digests(SA)
     for single in (cluster_event(), cluster_event(id=ID_B)):
         status, body, _ = await srv.post(
             "/v1/events", data=msgspec.msgpack.encode(single), token=token, headers=MSGPACK
         )
         assert status == 202, body
-    assert await markers(client, keys) == {SA, SB}
+    assert await markers(client, keys) == digests(SA, SB)
     assert await client.xlen(keys.stream("cluster")) == 5
 
 
@@ -151,7 +151,7 @@ async def test_an_id_key_written_with_an_escape_still_counts_as_given(
     status, first, _ = await srv.post("/v1/events", data=data, token=token, headers=JSON)
     assert status == 202, first
     assert ids(first) == [SA]
-    assert await markers(client, keys) == {SA}
+    assert await markers(client, keys) == digests(SA)
     status, again, _ = await srv.post("/v1/events", data=data, token=token, headers=JSON)
     assert again["events"] == first["events"]
     assert await client.xlen(keys.stream("cluster")) == 1
@@ -178,17 +178,17 @@ async def test_the_cluster_route_and_idempotency_keys_keep_their_markers(
         "/clusters/prod-7/events", [ev, {**ev, "id": ID_A}], token=token
     )
     assert status == 202, body
-    assert await markers(client, keys) == {SA}
+    assert await markers(client, keys) == digests(SA)
     h = {"Idempotency-Key": "req-9"}
     status, body, _ = await srv.post(
         "/v1/events", [ev | {"cluster_id": "c"}] * 2, token=token, headers=h
     )
     assert status == 202, body
-    assert await markers(client, keys) == {
+    assert await markers(client, keys) == digests(
         SA,
         idem_marker("agent-1", "req-9", 0),
         idem_marker("agent-1", "req-9", 1),
-    }
+    )
 
 
 # ---------------------------------------------------------------------- EventDecoder.ids_given

@@ -206,11 +206,12 @@ async def test_a_write_whose_reply_was_lost_is_not_resent_by_the_client_library(
         await c.aclose()
 
 
-async def test_a_publish_whose_reply_was_lost_is_retried_as_a_duplicate(
+async def test_a_publish_whose_reply_was_lost_is_resent_and_adds_nothing(
     proxy: TcpProxy, through: aioredis.Redis, codec: Codec[Any], keys: Keys, client: aioredis.Redis
 ) -> None:
-    """With the producer's dedup marker (the default), its own retry after a lost reply adds
-    nothing and answers the first entry's id."""
+    """The producer's own resend after a lost reply carries the same sequence: the script
+    answers the entry the first send wrote and adds nothing. For the caller it is one publish,
+    not a duplicate."""
     producer = make_producer(through, codec, keys)
     await producer.append([spot(0)])
     proxy.pause(to_server=False)
@@ -226,5 +227,6 @@ async def test_a_publish_whose_reply_was_lost_is_retried_as_a_duplicate(
     proxy.resume()
     [produced] = await publishing
     assert produced.entry_id == first_id
-    assert produced.duplicate
+    assert not produced.duplicate
+    assert producer.duplicates == 0
     assert await instance_ids(client, keys) == ["i-0", "i-1"]
