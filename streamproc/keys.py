@@ -19,8 +19,10 @@ spread). Every key of the table below is then built with the partition's name as
 | ``<p>:{<topic>}:retry:<group>`` | stream | retries that came due, read by that group only |
 | ``<p>:{<topic>}:delayed:<group>`` | zset | retries waiting for their time (score = due epoch ms) |
 | ``<p>:{<topic>}:dlq:<group>`` | stream | dead letters of that group for that topic |
-| ``<p>:{<topic>}:seen:<group>:<event id>`` | string, PX | consumer-side dedup marker |
-| ``<p>:{<topic>}:pub:<event id or idem. key>`` | string, PX | producer dedup: first entry id |
+| ``<p>:{<topic>}:pub:<gen>:<shard>`` | hash, PXAT | producer dedup records of a generation: |
+| | | 8-byte digest of event id / idem. key → first entry id (``producer._PUBLISH``) |
+| ``<p>:{<topic>}:pub:meta`` | hash | the current generation: ``g``, shards ``s``, records ``n``, ``ps`` |
+| ``<p>:{<topic>}:pub:seq:<producer>`` | hash, PX | a producer's last sequence and last call's ids |
 | ``<p>:{<topic>}:failed:<group>:<s|r>:<id>`` | string, PX | this failure's retry/DLQ is written |
 | ``<p>:{<topic>}:upkeep:<group>`` | hash | group clock: last renewal ``tick``, ``outage_end`` |
 | ``<p>:{<topic>}:hold:<group>`` | hash | ordered groups: event key → origin entry id of its head |
@@ -140,10 +142,6 @@ class Keys:
     def dlq(self, topic: str, group: str) -> str:
         return f"{self.prefix}:{{{topic}}}:dlq:{group}"
 
-    def seen_prefix(self, topic: str, group: str) -> str:
-        """Dedup markers are ``seen_prefix + event_id``."""
-        return f"{self.prefix}:{{{topic}}}:seen:{group}:"
-
     def failed(self, stream: str, group: str, entry_id: bytes) -> bytes:
         """Marker of a failed entry whose retry or dead letter is written (one per failure)."""
         kind = "r" if ":retry:" in stream else "s"
@@ -156,7 +154,7 @@ class Keys:
 
     def replays(self, topic: str, group: str) -> str:
         """Hash: what ``streamproc replay`` / ``group reset`` did to the group on this topic
-        (``replayed``, ``runs``, ``resets``, ``marks_cleared``, ``last_ms``, ``last``); and
+        (``replayed``, ``runs``, ``resets``, ``handled_again``, ``last_ms``, ``last``); and
         ``dlq_replayed``: its dead letters replayed (``dlq replay``, the dashboard)."""
         return f"{self.prefix}:{{{topic}}}:replays:{group}"
 
@@ -196,7 +194,8 @@ class Keys:
         return f"{self.prefix}:{{own:{group}}}:lease:{partition}"
 
     def published_prefix(self, topic: str) -> str:
-        """Producer dedup markers are ``published_prefix + event id or idempotency key``."""
+        """Producer dedup state: ``published_prefix`` + ``meta``, ``seq:<producer>`` and the
+        generations' shard hashes ``<gen>:<shard>``."""
         return f"{self.prefix}:{{{topic}}}:pub:"
 
     def state(self, *parts: str) -> str:

@@ -72,7 +72,9 @@ log = structlog.get_logger("streamproc.producer")
 #   sized from the previous one's record count (about 96 records a hash: small hashes stay in
 #   Redis' listpack encoding, ~20 bytes a record); a first generation (no previous one)
 #   starts at ``ProducerSettings.dedup_shards``.
-# KEYS[1] stream, KEYS[2] this producer's sequence hash, KEYS[3] the generations' meta hash.
+# KEYS[1] stream, KEYS[2] this producer's sequence hash, KEYS[3] the generations' meta hash
+# (g, s, n: the current generation, its shards, its records; ps, pn: the previous one's; w:
+# the window).
 # ARGV[1] window ms, ARGV[2] sequence TTL ms, ARGV[3] record key prefix, ARGV[4] a first
 # generation's shard count; then per event: '1' if
 # it has a record (its digest follows) else '0', its sequence, the digest ('' when none), the
@@ -87,7 +89,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window, prefix = tonumber(ARGV[1]), ARGV[3]
 local out, a = {}, 5
 local last = tonumber(redis.call('HGET', KEYS[2], 'last') or '0')
-local g, s, ps, n, m0 = 0, 0, 0, 0, nil
+local g, s, ps, n, pn, m0 = 0, 0, 0, 0, 0, nil
 if window > 0 then
   g = math.floor(now / window)
   local m = redis.call('HMGET', KEYS[3], 'g', 's', 'n', 'ps')
@@ -96,7 +98,7 @@ if window > 0 then
   if m0 ~= g then
     local size = tonumber(ARGV[4])
     if m0 == g - 1 then
-      ps, size = s, 16
+      ps, pn, size = s, n, 16
       while size < n / 96 and size < 1048576 do size = size * 2 end
     else
       ps = 0
@@ -152,8 +154,11 @@ if #sent > 0 then
   redis.call('HSET', KEYS[2], 'last', top, unpack(sent))
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
-if window > 0 and (added > 0 or m0 ~= g) then
-  redis.call('HSET', KEYS[3], 'g', g, 's', s, 'n', n, 'ps', ps)
+if window > 0 and m0 ~= g then
+  redis.call('HSET', KEYS[3], 'g', g, 's', s, 'n', n, 'ps', ps, 'pn', pn, 'w', window)
+  redis.call('PEXPIRE', KEYS[3], 2 * window)
+elseif window > 0 and added > 0 then
+  redis.call('HSET', KEYS[3], 'n', n)
   redis.call('PEXPIRE', KEYS[3], 2 * window)
 end
 return out
@@ -184,6 +189,39 @@ async def find_record(
             if first is not None:
                 return first.decode() if isinstance(first, bytes) else str(first)
     return None
+
+
+class DedupState(NamedTuple):
+    """What a stream's producer-side dedup state holds (``streamproc inspect``)."""
+
+    window_ms: int
+    #: Records of the current and the previous generation (each lives one to two windows).
+    records: int
+    #: Shard hashes of the two generations, and their memory (sampled, ``MEMORY USAGE``).
+    shards: int
+    bytes: int
+    #: Producers with a live sequence mark on the stream.
+    producers: int
+
+
+async def dedup_state(client: aioredis.Redis, keys: Keys, topic: str) -> DedupState | None:
+    """The producer-side dedup state of ``topic`` (a stream name), or None when it has none."""
+    pub = keys.published_prefix(topic)
+    raw: list[Any] = await client.hmget(f"{pub}meta", ["g", "s", "n", "ps", "pn", "w"])
+    if raw[0] is None:
+        return None
+    g, s, n, ps, pn, window = (int(v or 0) for v in raw)
+    sample, used = 0, 0
+    for gen, size in ((g, s), (g - 1, ps)):
+        for shard in range(min(size, 16)):  # a sample: shards fill alike (digests are uniform)
+            got = await client.memory_usage(f"{pub}{gen}:{shard}")
+            if got:
+                sample, used = sample + 1, used + int(got)
+    total = used * (s + ps) // sample if sample else 0
+    producers = 0
+    async for _ in client.scan_iter(match=f"{pub}seq:*", count=1000):
+        producers += 1
+    return DedupState(window, n + pn, s + ps, total, producers)
 
 
 class Produced(NamedTuple):

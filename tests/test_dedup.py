@@ -21,6 +21,7 @@ from schemas import SpotInterruption
 from streamproc import Codec, Context, Keys, Producer
 from streamproc.connection import connect
 from streamproc.consumer._scripts import SUCCEED
+from streamproc.producer import dedup_state
 from streamproc.settings import ProducerSettings, RedisSettings
 from tests.faults import FlakyRedis, command_is
 from tests.helpers import dedup_records, digests, pending, spot
@@ -284,3 +285,21 @@ async def test_a_record_lives_one_to_two_windows_and_the_next_generation_is_size
     await wait_for_generation(g + 3)
     [fresh] = await Producer(client, codec, keys, settings).append([event])
     assert not fresh.duplicate  # two windows on: forgotten
+
+
+async def test_dedup_state_reports_records_shards_memory_and_producers(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys
+) -> None:
+    assert await dedup_state(client, keys, "cluster") is None
+    producer = Producer(client, codec, keys, ProducerSettings(dedup_shards=4))
+    await producer.publish_many([spot(i) for i in range(300)])
+    await Producer(client, codec, keys).publish(spot(999))
+    state = await dedup_state(client, keys, "cluster")
+    assert state is not None
+    assert (state.window_ms, state.records, state.shards, state.producers) == (
+        86_400_000,
+        301,
+        4,
+        2,
+    )
+    assert 300 * 10 < state.bytes < 300 * 100  # compact hashes: tens of bytes a record

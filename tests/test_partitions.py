@@ -101,7 +101,7 @@ def test_every_key_a_topics_scripts_touch_shares_the_streams_slot(topic: str) ->
         keys.retry_stream(topic, "g"),
         keys.delayed(topic, "g"),
         keys.dlq(topic, "g"),
-        keys.seen_prefix(topic, "g") + "01J-event-id",
+        keys.published_prefix(topic) + "meta",
         keys.published_prefix(topic) + "idem{tag}",
         keys.failed(keys.stream(topic), "g", b"1-0"),
         keys.failed(keys.retry_stream(topic, "g"), "g", b"1-0"),
