@@ -8,9 +8,10 @@ group, topic, the original entry id and the time.
 Replay sends the original fields back with the event id unchanged, and deletes the dead letter
 in the same script, which also counts it (field ``dlq_replayed`` of ``Keys.replays``). By
 default it goes to the group's own retry stream, so only the group that failed sees it again;
-``to_topic=True`` appends it to the topic stream for every group (groups that already applied
-it drop it by their dedup window). A letter that did not decode (``DeadLetter.undecodable``)
-fails the same way again unless the code changed.
+``to_topic=True`` appends it to the topic stream for every group: a new entry, so every group
+reading the topic handles it, including those that applied it before (consumers recognise a
+repeat by the pending list, not by event id: README, Guarantees). A letter that did not
+decode (``DeadLetter.undecodable``) fails the same way again unless the code changed.
 """
 
 from __future__ import annotations

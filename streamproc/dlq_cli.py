@@ -57,7 +57,8 @@ def register(sub: Any) -> None:
     d.add_argument(
         "--to-topic",
         action="store_true",
-        help="replay to the topic stream (every group) instead of the group's own",
+        help="replay to the topic stream instead of the group's own: every group reading "
+        "the topic handles it again, those that applied it before too",
     )
     d.add_argument("--json", action="store_true", help="list, show: JSON lines")
     d.add_argument(
