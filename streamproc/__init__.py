@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from streamproc.app import App, AppContext, load_app
 from streamproc.codec import Codec, Registry
-from streamproc.concern import Concern, Context, Handler
+from streamproc.concern import Concern, Context, Handler, Limits
 from streamproc.connection import ServerInfo, check_server, connect
 from streamproc.consumer import Consumer, ConsumerStats
 from streamproc.errors import (
@@ -41,6 +41,7 @@ __all__ = (
     "Event",
     "Handler",
     "Keys",
+    "Limits",
     "Permanent",
     "Producer",
     "ProducerSettings",
