@@ -136,6 +136,17 @@ class Concern:
             raise ConfigError(f"concern {self.group!r}: concurrency must be >= 1")
         if not self.hold_on_retry and not self.ordered:
             raise ConfigError(f"concern {self.group!r}: hold_on_retry=False needs ordered=True")
+        min_idle_ms = self.settings.get("min_idle_ms")
+        if (
+            isinstance(min_idle_ms, int | float)
+            and self.limits.stuck_after_s * 1000 <= min_idle_ms / 3
+        ):
+            stuck_s, period_s = self.limits.stuck_after_s, min_idle_ms / 3000
+            raise ConfigError(
+                f"concern {self.group!r}: limits.stuck_after_s ({stuck_s:g}) must be above "
+                f"the renewal period, min_idle_ms / 3 ({period_s:g} s): else a busy handler "
+                "reads as stuck"
+            )
         for event_type in self.handlers:
             if event_type.topic not in self.topics:
                 raise ConfigError(

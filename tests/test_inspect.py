@@ -12,12 +12,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from schemas.cluster import SpotInterruption
 from schemas.ticks import DiscoveryTick
-from streamproc import Keys, Producer
-from streamproc.concern import Limits
+from streamproc import ConfigError, Keys, Producer
+from streamproc.concern import Concern, Limits
 from streamproc.inspect import (
     Report,
     TickerStatus,
@@ -373,3 +374,18 @@ async def test_a_pending_entry_of_a_dead_consumer_past_the_limit_is_stuck_and_in
     finally:
         consumer.stop()
         await runner
+
+
+def test_a_stuck_limit_under_the_renewal_period_is_refused() -> None:
+    """min_idle_ms 90 s renews every 30 s: a 20 s stuck limit would call busy groups stuck."""
+    with pytest.raises(ConfigError, match="renewal period"):
+        Concern(
+            group="g",
+            topics=("cluster",),
+            handlers={},
+            settings={"min_idle_ms": 90_000},
+            limits=Limits(stuck_after_s=20),
+        )
+    Concern(group="g", topics=("cluster",), handlers={}, limits=Limits(stuck_after_s=20))
+    with pytest.raises(ConfigError, match="stuck_after_s must be > 0"):
+        Limits(stuck_after_s=0)
