@@ -295,7 +295,11 @@ async def test_tasks_view_lists_expands_and_cancels_and_the_page_fits_a_phone(
     await client.xadd(keys.dlq("tasks.low", "tasks"), {"type": "x", "dlq_reason": "permanent"})
     async with running_ingest(client, keys, producer, task_types=blocker.types()) as srv:
         operator = await srv.token("admin", (), operator=True)
-        ids = [await _submit(srv, operator, f"job-{n}", p) for n, p in enumerate(("low", "high"))]
+        # a payload written by a submitter: shown as text, never parsed as HTML
+        ids = [
+            await _submit(srv, operator, f"job-{n} {HOSTILE}", p)
+            for n, p in enumerate(("low", "high"))
+        ]
         async with async_playwright() as pw:
             context = await pw.chromium.launch_persistent_context(
                 str(tmp_path / "chromium-profile"),
@@ -333,8 +337,9 @@ async def test_tasks_view_lists_expands_and_cancels_and_the_page_fits_a_phone(
                 await low.get_by_test_id("task-expand").click()
                 detail = page.locator(f'tr[data-task-detail="{ids[0]}"]')
                 await expect(detail.get_by_test_id("task-payload")).to_contain_text(
-                    '"label": "job-0"'
+                    f'"label": "job-0 {HOSTILE}"'
                 )
+                assert await page.locator("#tasks img").count() == 0
                 await _shoot(page, "dashboard-tasks")
 
                 # at a phone's width: one column, no page-wide horizontal scroll, tables scroll
@@ -366,7 +371,7 @@ async def test_tasks_view_lists_expands_and_cancels_and_the_page_fits_a_phone(
                 high = page.locator(f'#tasks tr[data-task="{ids[1]}"]')
                 await expect(high.locator("[data-field=status]")).to_have_text("cancelled")
                 await expect(page.locator("#tasks-note")).to_contain_text("Cancelled")
-                assert len(dialogs) == 1
+                assert len(dialogs) == 1  # the confirmation; no alert() from the payload
                 assert "Cancel task test.block" in dialogs[0]
                 await page.screenshot(
                     path=str(ARTIFACTS / "dashboard-tasks-cancelled-390.png"), full_page=True
