@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -69,9 +69,12 @@ TASKS_PANEL = Panel("tasks", "Tasks", read_tasks)
 # The dashboard's own Tasks section (``/dashboard/api/tasks``): live and finished tasks with
 # their runner and payload, and Cancel. Above is the application panel of finished tasks.
 
-#: The stream entry of a task is looked for this far around its creation time (the entry id
-#: is stamped by Redis when ingest publishes it, just after the hash is written).
-_ENTRY_SLACK_MS = 60_000
+#: A task's request entry is looked for among the entries stamped this long before (clocks of
+#: ingest and Redis apart) to this long after its creation time (ingest publishes it right
+#: after writing the hash), ``_ENTRY_SCAN`` of them at most.
+_ENTRY_BEFORE_MS = 10_000
+_ENTRY_AFTER_MS = 60_000
+_ENTRY_SCAN = 500
 
 
 class TaskRow(msgspec.Struct, kw_only=True):
@@ -96,43 +99,78 @@ def _ms(iso: str | None) -> int | None:
         return None
 
 
-async def _entry(
-    redis: aioredis.Redis, keys: Keys, view: TaskView
-) -> tuple[str | None, Any, str | None]:
-    """(entry id, payload, runner) of the task's request entry: looked for by its event id
-    (= the task id) among the entries stamped around its creation, on its priority's topic."""
-    created = _ms(view.created_at)
-    if created is None:
-        return None, None, None
+def _stream_of(keys: Keys, view: TaskView) -> str | None:
     try:
-        topic = task_event_class(view.priority, view.queue).topic
+        return keys.stream(task_event_class(view.priority, view.queue).topic)
     except (ValueError, ConfigError):
-        return None, None, None
-    stream = keys.stream(topic)
-    rows: Any = await redis.xrange(
-        stream,
-        min=str(max(0, created - _ENTRY_SLACK_MS)),
-        max=str(created + _ENTRY_SLACK_MS),
-        count=1000,
-    )
-    for entry_id, fields in rows:
-        if fields.get(b"id", b"").decode(errors="replace") != view.id:
-            continue
-        try:
-            event = _decode(fields.get(b"data", b""))
-            payload: Any = event.get("payload") if isinstance(event, dict) else None
-        except msgspec.DecodeError:
-            payload = fields.get(b"data", b"").decode(errors="replace")
-        runner = None
-        if view.status == "running":
-            pending: Any = await redis.xpending_range(
-                stream, task_group(view.queue), min=entry_id, max=entry_id, count=1
+        return None
+
+
+def _payload(fields: Mapping[bytes, bytes]) -> Any:
+    raw = fields.get(b"data", b"")
+    try:
+        event = _decode(raw)
+    except msgspec.DecodeError:
+        return raw.decode(errors="replace")
+    return event.get("payload") if isinstance(event, dict) else None
+
+
+async def _entries(
+    redis: aioredis.Redis, keys: Keys, views: Sequence[TaskView]
+) -> list[tuple[str | None, Any, str | None]]:
+    """Per task: (entry id, payload, runner) of its request entry, found by its event id (=
+    the task id) among the entries of its priority's topic stamped around its creation; the
+    runner is the consumer holding the entry while the task runs (XPENDING). Two pipelined
+    round trips for every task shown."""
+    wanted: list[tuple[TaskView, str] | None] = []
+    async with redis.pipeline(transaction=False) as pipe:
+        for v in views:
+            created, stream = _ms(v.created_at), _stream_of(keys, v)
+            if created is None or stream is None:
+                wanted.append(None)
+                continue
+            pipe.xrange(
+                stream,
+                min=str(max(0, created - _ENTRY_BEFORE_MS)),
+                max=str(created + _ENTRY_AFTER_MS),
+                count=_ENTRY_SCAN,
             )
-            if pending:
-                name = pending[0]["consumer"]
+            wanted.append((v, stream))
+        found: list[Any] = await pipe.execute() if any(wanted) else []
+    replies = iter(found)
+    out: list[tuple[str | None, Any, str | None]] = []
+    holders: list[tuple[int, str, str, str]] = []  # (row, stream, group, entry id)
+    for want in wanted:
+        if want is None:
+            out.append((None, None, None))
+            continue
+        view, stream = want
+        match = next(
+            (
+                (entry_id, fields)
+                for entry_id, fields in next(replies)
+                if fields.get(b"id", b"").decode(errors="replace") == view.id
+            ),
+            None,
+        )
+        if match is None:
+            out.append((None, None, None))
+            continue
+        entry_id = match[0].decode()
+        out.append((entry_id, _payload(match[1]), None))
+        if view.status == "running":
+            holders.append((len(out) - 1, stream, task_group(view.queue), entry_id))
+    if holders:
+        async with redis.pipeline(transaction=False) as pipe:
+            for _, stream, group, entry_id in holders:
+                pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+            pending: list[Any] = await pipe.execute()
+        for (row, _, _, _), rows in zip(holders, pending, strict=True):
+            if rows:
+                name = rows[0]["consumer"]
                 runner = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
-        return entry_id.decode(), payload, runner
-    return None, None, None
+                out[row] = (out[row][0], out[row][1], runner)
+    return out
 
 
 _decode = msgspec.json.Decoder().decode
@@ -167,8 +205,9 @@ async def task_rows(
         views += done
     now_ms = int(time.time() * 1000)
     rows = []
-    for v in views:
-        entry_id, payload, runner = await _entry(redis, keys, v)
+    for v, (entry_id, payload, runner) in zip(
+        views, await _entries(redis, keys, views), strict=True
+    ):
         rows.append(
             TaskRow(
                 task=v,
