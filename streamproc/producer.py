@@ -62,9 +62,10 @@ log = structlog.get_logger("streamproc.producer")
 # window, never as a key per event:
 # - (producer, sequence): every event a Producer writes gets the next sequence number of its
 #   stream; the script keeps, per producer, the highest one written and the entry ids of its
-#   last call (a hash with a short TTL). The producer retries a write in order, before any
-#   later one (``_write``), so a resend after a lost reply has sequences at or below that mark
-#   and is answered from it: nothing is added again, whatever the event's id.
+#   last call (one string ``<last>|<seq>=<id>,...`` with a short TTL). The producer retries a
+#   write in order, before any later one (``_send_in_order``), so a resend after a lost reply
+#   has sequences at or below that mark and is answered from it: nothing is added again,
+#   whatever the event's id.
 # - records by id or idempotency key (the caller's dedup=True, the default): an 8-byte digest
 #   of the key, as a field of one of a generation's shard hashes ``pub:<gen>:<shard>`` with the
 #   first entry id as value; a generation lasts one window and its hashes expire at the end of
@@ -72,7 +73,7 @@ log = structlog.get_logger("streamproc.producer")
 #   sized from the previous one's record count (about 96 records a hash: small hashes stay in
 #   Redis' listpack encoding, ~20 bytes a record); a first generation (no previous one)
 #   starts at ``ProducerSettings.dedup_shards``.
-# KEYS[1] stream, KEYS[2] this producer's sequence hash, KEYS[3] the generations' meta hash
+# KEYS[1] stream, KEYS[2] this producer's sequence mark, KEYS[3] the generations' meta hash
 # (g, s, n: the current generation, its shards, its records; ps, pn: the previous one's; w:
 # the window).
 # ARGV[1] window ms, ARGV[2] sequence TTL ms, ARGV[3] record key prefix, ARGV[4] a first
@@ -88,7 +89,16 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window, prefix = tonumber(ARGV[1]), ARGV[3]
 local out, a = {}, 5
-local last = tonumber(redis.call('HGET', KEYS[2], 'last') or '0')
+local mark = redis.call('GET', KEYS[2]) or '0|'
+local last = tonumber(string.match(mark, '^(%d+)|')) or 0
+local earlier = nil  -- the last call's sequence -> entry id, read on a resend only
+local function sent_before(seq)
+  if earlier == nil then
+    earlier = {}
+    for q, id in string.gmatch(mark, '(%d+)=([^,]+)') do earlier[q] = id end
+  end
+  return earlier[seq] or ''
+end
 local g, s, ps, n, pn, m0 = 0, 0, 0, 0, 0, nil
 if window > 0 then
   g = math.floor(now / window)
@@ -116,7 +126,7 @@ while a <= #ARGV do
   local k = tonumber(ARGV[a + 3])
   local first, resent = false, false
   if seq <= last then
-    first, resent = redis.call('HGET', KEYS[2], ARGV[a + 1]) or '', true
+    first, resent = sent_before(ARGV[a + 1]), true
   elseif marked and window > 0 then
     first = redis.call('HGET', prefix .. g .. ':' .. shard(d, s), d)
     if not first and ps > 0 then
@@ -130,11 +140,10 @@ while a <= #ARGV do
     local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 4, a + 3 + k))
     if marked and window > 0 then
       local h = prefix .. g .. ':' .. shard(d, s)
+      local fresh = expired[h] == nil and redis.call('EXISTS', h) == 0
       redis.call('HSET', h, d, id)
-      if not expired[h] then
-        redis.call('PEXPIREAT', h, (g + 2) * window)
-        expired[h] = true
-      end
+      if fresh then redis.call('PEXPIREAT', h, (g + 2) * window) end
+      expired[h] = true
       n = n + 1
     end
     out[#out + 1] = 1
@@ -143,16 +152,13 @@ while a <= #ARGV do
     added = added + 1
   end
   if seq > last then
-    sent[#sent + 1] = ARGV[a + 1]
-    sent[#sent + 1] = first
+    sent[#sent + 1] = ARGV[a + 1] .. '=' .. first
     if seq > top then top = seq end
   end
   a = a + 4 + k
 end
 if #sent > 0 then
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[2], 'last', top, unpack(sent))
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('SET', KEYS[2], top .. '|' .. table.concat(sent, ','), 'PX', ARGV[2])
 end
 if window > 0 and m0 ~= g then
   redis.call('HSET', KEYS[3], 'g', g, 's', s, 'n', n, 'ps', ps, 'pn', pn, 'w', window)
