@@ -50,13 +50,14 @@ _CONNECTION = (
 )
 #: Lua scripts are loaded once and run by hash (streamproc/_lua.py); EVAL is not needed.
 _SCRIPTS = "evalsha script|load script|exists"
-#: Keys, strings, hashes, lists (delivery logs, a task's cancel signal), sorted sets, and sets
-#: (the registry set of issue 17 item 14).
+#: Keys, strings, hashes, lists (delivery logs, a task's cancel signal, a consumer's parked
+#: entries: LPOP), sorted sets, and sets (the registry set of issue 17 item 14). PEXPIREAT: the
+#: producer's dedup generations (issue 20).
 _DATA = (
-    "exists type ttl pttl expire pexpire persist del unlink scan "
+    "exists type ttl pttl expire pexpire pexpireat persist del unlink scan "
     "get set mget incr incrby "
     "hget hset hmget hgetall hdel hexists hincrby hincrbyfloat hlen hkeys hscan "
-    "rpush lpush lrange ltrim llen "
+    "rpush lpush lpop lrange ltrim llen "
     "zadd zcard zcount zrange zrangebyscore zrevrange zrevrangebyscore zrank zrem "
     "zremrangebyrank zremrangebyscore zscore zmscore "
     "sadd srem smembers sismember scard sscan"
