@@ -589,11 +589,12 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
     """The report as terminal tables: topics, groups, ticker, then any breaches."""
     lines = [f"prefix {report.prefix}: {len(report.topics)} topic(s)", ""]
     lines += _table(
-        ("TOPIC", "LENGTH", "FIRST AGE", "LAST AGE", "MEMORY"),
+        ("TOPIC", "LENGTH", "GROUPS", "FIRST AGE", "LAST AGE", "MEMORY"),
         [
             [
                 t.topic,
                 str(t.length),
+                str(len(t.groups)),
                 _n(t.first_age_s, "s"),
                 _n(t.last_age_s, "s"),
                 _bytes(t.memory_bytes),
@@ -601,6 +602,9 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
             for t in report.topics
         ],
     )
+    unread = [t.topic for t in report.topics if t.length and not t.groups]
+    if unread:
+        lines.append(f"no group reads {', '.join(unread)}: what is written there is never handled")
     groups = [g for t in report.topics for g in t.groups]
     states = {h.group: h for h in health(report)}
     lines.append("")

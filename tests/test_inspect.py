@@ -389,3 +389,13 @@ def test_a_stuck_limit_under_the_renewal_period_is_refused() -> None:
     Concern(group="g", topics=("cluster",), handlers={}, limits=Limits(stuck_after_s=20))
     with pytest.raises(ConfigError, match="stuck_after_s must be > 0"):
         Limits(stuck_after_s=0)
+
+
+async def test_a_topic_with_entries_and_no_group_is_named(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    await client.xadd(keys.stream("notify"), {"type": "notify.x"})
+    table = render_table(await collect(client, keys))
+    assert "no group reads notify: what is written there is never handled" in table
+    [row] = [x for x in table.splitlines() if x.startswith("notify ")]
+    assert row.split()[:3] == ["notify", "1", "0"]
