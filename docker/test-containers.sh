@@ -14,7 +14,9 @@
 # Environment: ENGINE=podman|docker (default: the first that works), BASE_IMAGE (skip the
 # debootstrap base), STREAMPROC_CACHE (where the base rootfs is kept; default ~/.cache/streamproc),
 # REPLICAS (cluster-events replicas, default 3), MAX_IMAGE_MB (default 300), KEEP=1 (leave the
-# stack up for a look; `down` it yourself).
+# stack up for a look; `down` it yourself), CRASH_ROLE=SERVICE (the proof of the proof: that
+# service gets a command that exits at once, as a crash-looping role would; the run must end
+# with exit 1 naming it).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -197,6 +199,12 @@ unset REDIS_PORT HTTP_PORT
 python3 "$here/redis_secrets.py" --dir "$STREAMPROC_SECRETS" --prefix "$STREAMPROC_PREFIX" 2>/dev/null
 services=(redis ingest cluster-events notifications tasks-crawl tasks renders housekeeping
   ticker-a ticker-b)
+if [[ -n ${CRASH_ROLE:-} ]]; then
+  # A prefix streamproc refuses: the role exits 2 at start, and restarts, and exits…
+  printf 'services:\n  %s:\n    environment:\n      STREAMPROC_PREFIX: "no such prefix"\n' \
+    "$CRASH_ROLE" >"$work/crash.yml"
+  files+=(-f "$work/crash.yml")
+fi
 say "up on the bridge network ${project}_default: ${services[*]} (cluster-events x$replicas), ingest on host port $INGEST_PORT"
 started=1
 if [[ $engine == podman ]]; then
@@ -336,7 +344,24 @@ PY
 say "streamproc consumers (cluster-events): ${names:-?}"
 [[ $(wc -w <<<"$names") -eq $replicas ]] || fail "streamproc consumers lists '${names}' for cluster-events, expected $replicas distinct"
 
-say "a stop is prompt: SIGTERM to a role (podman stop), then the stack is still whole"
+say "inspect (the operator's view): no group breaches its limits"
+op inspect --json --max-pending-age-s 60 >"$work/inspect.json" 2>"$work/inspect.err" \
+  || { tail -c 3000 "$work/inspect.json" >&2; cat "$work/inspect.err" >&2; fail "inspect reports a breach"; }
+
+say "a preview render in the renders container (its process pool), stored in its volume"
+op publish render.requested '{"kind":"preview","width":16,"height":12,"frames":1}' \
+  >/dev/null 2>"$work/publish.err" || { cat "$work/publish.err" >&2; fail "publish render.requested"; }
+done_key="$STREAMPROC_PREFIX:{renders-done}:stream"
+for _ in $(seq 90); do
+  [[ $(rcli XLEN "$done_key") -ge 1 ]] && break
+  sleep 1
+done
+location=$(rcli XRANGE "$done_key" - + | grep -o 'file:///data/artefacts/[^"]*' | head -1 || true)
+[[ -n $location ]] || { logs_of "$(ctr_of renders)"; fail "no render.done with a file in /data/artefacts"; }
+$engine exec "$(ctr_of renders)" test -s "${location#file://}" \
+  || fail "$location is not in the renders container"
+
+say "a stop is prompt: SIGTERM to a running role (podman stop) drains it, exit 0"
 t0=$(date +%s)
 $engine stop -t 20 "$(ctr_of renders)" >/dev/null 2>>"$work/podman.log"
 read -r status _ code < <(state "$(ctr_of renders)")
@@ -345,5 +370,5 @@ t1=$(date +%s)
 echo "PASS: $engine ran ${#all[@]} containers on a bridge network (redis as uid $redis_uid," \
   "maxmemory $maxmemory noeviction; image $size_mb MB); every role healthy by its own check;" \
   "ingest on 127.0.0.1:$INGEST_PORT took an event into $feed; $replicas cluster-events" \
-  "replicas acked ${split[*]}; renders stopped on SIGTERM with exit 0 in $((t1 - t0)) s;" \
+  "replicas acked ${split[*]}; a render stored at $location; renders stopped on SIGTERM with exit 0 in $((t1 - t0)) s;" \
   "a role waiting for Redis stopped on SIGTERM in ${waited} s"
