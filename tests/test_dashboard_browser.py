@@ -355,6 +355,7 @@ async def test_tasks_view_lists_expands_and_cancels_and_the_page_fits_a_phone(
                 for action in (
                     page.locator("#logout"),
                     page.get_by_test_id("dlq-open").first,
+                    page.get_by_test_id("replay").first,  # the DLQ table's last column
                     page.locator(f'#tasks tr[data-task="{ids[1]}"]').get_by_test_id("task-cancel"),
                 ):
                     await action.scroll_into_view_if_needed()
