@@ -1,6 +1,6 @@
 """Tasks on the dashboard.
 
-- ``TASKS_PANEL`` (``App(panels=[TASKS_PANEL])``): the finished tasks of the history, newest
+- ``TASKS_PANEL`` (``App(panels=[TASKS_PANEL])``, "Task history"): the finished tasks, newest
   first (type, status, duration, submitter), and the live runners in its note. Read once per
   dashboard snapshot: one ZREVRANGEBYSCORE of the history and one pipelined HGETALL per task
   shown (at most ``MAX_ROWS``), the runner registry and the history's size.
@@ -62,7 +62,7 @@ async def read_tasks(redis: aioredis.Redis, keys: Keys) -> PanelData:
     return PanelData(columns=COLUMNS, rows=rows, total=int(total), note=note)
 
 
-TASKS_PANEL = Panel("tasks", "Tasks", read_tasks)
+TASKS_PANEL = Panel("tasks", "Task history", read_tasks)
 
 
 # ---------------------------------------------------------------------- the Tasks view
