@@ -41,6 +41,7 @@ from streamproc.groups import GroupInfo, group_info, group_infos
 from streamproc.keys import Keys
 from streamproc.presence import Liveness, live_consumers, liveness
 from streamproc.printable import printable
+from streamproc.producer import dedup_state
 
 if TYPE_CHECKING:
     from streamproc.schedule import Schedule
@@ -144,6 +145,20 @@ class Health(msgspec.Struct, kw_only=True):
     reasons: list[str]
 
 
+class DedupStatus(msgspec.Struct, kw_only=True):
+    """A topic's producer-side dedup state (``streamproc.producer.dedup_state``). Consumers
+    keep none per event: a group's pending list decides (README, Guarantees)."""
+
+    window_ms: int
+    #: Records by event id / idempotency key, current and previous generation.
+    records: int
+    shards: int
+    #: Their memory, sampled (``MEMORY USAGE`` of up to 16 shard hashes a generation).
+    memory_bytes: int
+    #: Producers with a live sequence mark on the topic.
+    producers: int
+
+
 class TopicStatus(msgspec.Struct, kw_only=True):
     topic: str
     stream: str
@@ -154,6 +169,8 @@ class TopicStatus(msgspec.Struct, kw_only=True):
     last_age_s: float | None
     memory_bytes: int | None
     groups: list[GroupStatus]
+    #: None when no producer recorded anything on the topic.
+    dedup: DedupStatus | None = None
 
 
 class TickerKey(msgspec.Struct, kw_only=True):
@@ -322,6 +339,7 @@ async def topic_status(
     mem = await client.memory_usage(stream) if memory else None
     if live is None:
         live = await liveness(client, keys)
+    state = await dedup_state(client, keys, topic) if memory else None
     return TopicStatus(
         topic=topic,
         stream=stream,
@@ -335,6 +353,15 @@ async def topic_status(
             await group_status(client, keys, topic, g, now_ms, live, limits(g.name))
             for g in sorted(groups, key=lambda g: g.name)
         ],
+        dedup=None
+        if state is None
+        else DedupStatus(
+            window_ms=state.window_ms,
+            records=state.records,
+            shards=state.shards,
+            memory_bytes=state.bytes,
+            producers=state.producers,
+        ),
     )
 
 
@@ -602,6 +629,34 @@ def render_table(report: Report, problems: list[str] | None = None) -> str:
             for t in report.topics
         ],
     )
+    deduped = [t for t in report.topics if t.dedup is not None]
+    if deduped:
+        lines.append("")
+        lines += _table(
+            (
+                "DEDUP (PRODUCERS)",
+                "WINDOW",
+                "RECORDS",
+                "SHARDS",
+                "MEMORY",
+                "PER RECORD",
+                "PRODUCERS",
+            ),
+            [
+                [
+                    t.topic,
+                    _human.duration(d.window_ms / 1000),
+                    str(d.records),
+                    str(d.shards),
+                    _bytes(d.memory_bytes),
+                    _bytes(d.memory_bytes // d.records) if d.records else "-",
+                    str(d.producers),
+                ]
+                for t in deduped
+                if (d := t.dedup) is not None
+            ],
+        )
+        lines.append("consumer groups keep no dedup state per event (their pending list decides)")
     unread = [t.topic for t in report.topics if t.length and not t.groups]
     if unread:
         lines.append(f"no group reads {', '.join(unread)}: what is written there is never handled")

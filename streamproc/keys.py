@@ -22,7 +22,7 @@ spread). Every key of the table below is then built with the partition's name as
 | ``<p>:{<topic>}:pub:<gen>:<shard>`` | hash, PXAT | producer dedup records of a generation: |
 | | | 8-byte digest of event id / idem. key → first entry id (``producer._PUBLISH``) |
 | ``<p>:{<topic>}:pub:meta`` | hash | the current generation ``g``, its shards, records, window |
-| ``<p>:{<topic>}:pub:seq:<producer>`` | string, PX | ``<last seq>|<seq>=<entry id>,…`` (last call) |
+| ``<p>:{<topic>}:pub:seq:<producer>`` | string, PX | ``<last>|<seq>=<entry id>,…`` (last call) |
 | ``<p>:{<topic>}:failed:<group>:<s|r>:<id>`` | string, PX | this failure's retry/DLQ is written |
 | ``<p>:{<topic>}:upkeep:<group>`` | hash | group clock: last renewal ``tick``, ``outage_end`` |
 | ``<p>:{<topic>}:hold:<group>`` | hash | ordered groups: event key → origin entry id of its head |

@@ -203,7 +203,8 @@ class DedupState(NamedTuple):
     window_ms: int
     #: Records of the current and the previous generation (each lives one to two windows).
     records: int
-    #: Shard hashes of the two generations, and their memory (sampled, ``MEMORY USAGE``).
+    #: Shard hashes of the two generations, and their memory (``MEMORY USAGE`` per record of
+    #: up to 32 shard hashes, times the records).
     shards: int
     bytes: int
     #: Producers with a live sequence mark on the stream.
@@ -216,14 +217,14 @@ async def dedup_state(client: aioredis.Redis, keys: Keys, topic: str) -> DedupSt
     raw: list[Any] = await client.hmget(f"{pub}meta", ["g", "s", "n", "ps", "pn", "w"])
     if raw[0] is None:
         return None
-    g, s, n, ps, pn, window = (int(v or 0) for v in raw)
-    sample, used = 0, 0
-    for gen, size in ((g, s), (g - 1, ps)):
-        for shard in range(min(size, 16)):  # a sample: shards fill alike (digests are uniform)
-            got = await client.memory_usage(f"{pub}{gen}:{shard}")
-            if got:
-                sample, used = sample + 1, used + int(got)
-    total = used * (s + ps) // sample if sample else 0
+    _, s, n, ps, pn, window = (int(v or 0) for v in raw)
+    used, held, sampled = 0, 0, 0
+    async for key in client.scan_iter(match=f"{pub}[0-9]*", count=1000):
+        got, fields = await client.memory_usage(key), await client.hlen(key)
+        used, held, sampled = used + int(got or 0), held + int(fields), sampled + 1
+        if sampled >= 32:  # a sample: shards fill alike (digests are uniform)
+            break
+    total = used * (n + pn) // held if held else 0
     producers = 0
     async for _ in client.scan_iter(match=f"{pub}seq:*", count=1000):
         producers += 1

@@ -399,3 +399,22 @@ async def test_a_topic_with_entries_and_no_group_is_named(
     assert "no group reads notify: what is written there is never handled" in table
     [row] = [x for x in table.splitlines() if x.startswith("notify ")]
     assert row.split()[:3] == ["notify", "1", "0"]
+
+
+async def test_inspect_shows_the_producers_dedup_state_per_topic(
+    client: aioredis.Redis, keys: Keys, producer: Producer, redis_url: str, repo_root: Path
+) -> None:
+    """Issue 20: records, shards, memory and producers per topic; none per group."""
+    await producer.publish_many([spot(i) for i in range(50)])
+    report = await collect(client, keys)
+    [topic] = report.topics
+    assert topic.dedup is not None
+    assert (topic.dedup.records, topic.dedup.producers) == (50, 1)
+    assert topic.dedup.shards == producer.settings.dedup_shards
+    assert topic.dedup.memory_bytes > 0
+    shown = cli(repo_root, redis_url, keys, "inspect")
+    assert shown.returncode == 0, shown.stderr
+    table = shown.stdout[shown.stdout.index("DEDUP") :].splitlines()
+    assert table[1].split()[0] == "cluster"
+    assert ["50", str(producer.settings.dedup_shards)] == table[1].split()[-5:-3]
+    assert "consumer groups keep no dedup state per event" in shown.stdout
