@@ -69,10 +69,12 @@ log = structlog.get_logger("streamproc.producer")
 # - records by id or idempotency key (the caller's dedup=True, the default): an 8-byte digest
 #   of the key, as a field of one of a generation's shard hashes ``pub:<gen>:<shard>`` with the
 #   first entry id as value; a generation lasts one window and its hashes expire at the end of
-#   the next one, so a record lives one to two windows. The shard count of a generation is
-#   sized from the previous one's record count (about 96 records a hash: small hashes stay in
-#   Redis' listpack encoding, ~20 bytes a record); a first generation (no previous one)
-#   starts at ``ProducerSettings.dedup_shards``.
+#   the next one, so a record lives one to two windows (their expiry is set when the next
+#   generation starts, all at once; after a gap of more than a window the next write deletes
+#   them; the meta hash, a few fields a topic, does not expire). The shard count of a
+#   generation is sized from the previous one's record count (about 48 records a hash: small
+#   hashes stay in Redis' listpack encoding, ~30 bytes a record); a first generation (no
+#   previous one) starts at ``ProducerSettings.dedup_shards``.
 # KEYS[1] stream, KEYS[2] this producer's sequence mark, KEYS[3] the generations' meta hash
 # (g, s, n: the current generation, its shards, its records; ps, pn: the previous one's; w:
 # the window).
@@ -108,10 +110,16 @@ if window > 0 then
   if m0 ~= g then
     local size = tonumber(ARGV[4])
     if m0 == g - 1 then
+      -- The generation that ended lives one more window; the current one's hashes get their
+      -- expiry here, at the next rotation, not on each write.
+      for i = 0, s - 1 do redis.call('PEXPIREAT', prefix .. m0 .. ':' .. i, (g + 1) * window) end
       ps, pn, size = s, n, 16
-      while size < n / 96 and size < 1048576 do size = size * 2 end
+      while size < n / 48 and size < 1048576 do size = size * 2 end
     else
-      ps = 0
+      if m0 then  -- a gap of more than a window: the last generation is of no use any more
+        for i = 0, s - 1 do redis.call('UNLINK', prefix .. m0 .. ':' .. i) end
+      end
+      ps, pn = 0, 0
     end
     s, n = size, 0
   end
@@ -120,7 +128,7 @@ local function shard(d, size)
   return (string.byte(d, 1) * 16777216 + string.byte(d, 2) * 65536
     + string.byte(d, 3) * 256 + string.byte(d, 4)) % size
 end
-local sent, expired, top, added = {}, {}, last, 0
+local sent, top, added, h = {}, last, 0, nil
 while a <= #ARGV do
   local marked, seq, d = ARGV[a] == '1', tonumber(ARGV[a + 1]), ARGV[a + 2]
   local k = tonumber(ARGV[a + 3])
@@ -128,7 +136,8 @@ while a <= #ARGV do
   if seq <= last then
     first, resent = sent_before(ARGV[a + 1]), true
   elseif marked and window > 0 then
-    first = redis.call('HGET', prefix .. g .. ':' .. shard(d, s), d)
+    h = prefix .. g .. ':' .. shard(d, s)
+    first = redis.call('HGET', h, d)
     if not first and ps > 0 then
       first = redis.call('HGET', prefix .. (g - 1) .. ':' .. shard(d, ps), d)
     end
@@ -139,11 +148,7 @@ while a <= #ARGV do
   else
     local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 4, a + 3 + k))
     if marked and window > 0 then
-      local h = prefix .. g .. ':' .. shard(d, s)
-      local fresh = expired[h] == nil and redis.call('EXISTS', h) == 0
       redis.call('HSET', h, d, id)
-      if fresh then redis.call('PEXPIREAT', h, (g + 2) * window) end
-      expired[h] = true
       n = n + 1
     end
     out[#out + 1] = 1
@@ -162,7 +167,6 @@ if #sent > 0 then
 end
 if window > 0 and m0 ~= g then
   redis.call('HSET', KEYS[3], 'g', g, 's', s, 'n', n, 'ps', ps, 'pn', pn, 'w', window)
-  redis.call('PEXPIRE', KEYS[3], 2 * window)
 elseif window > 0 and added > 0 then
   redis.call('HSET', KEYS[3], 'n', n)
   redis.call('PEXPIRE', KEYS[3], 2 * window)

@@ -113,9 +113,9 @@ class ProducerSettings(_Settings, frozen=True, kw_only=True):
     #: Per-topic windows (topic name -> ms; 0 = off for that topic), over ``dedup_window_ms``.
     dedup_windows: dict[str, int] = msgspec.field(default_factory=dict)
     #: Shard hashes of a first dedup generation (later ones are sized from the one before):
-    #: about 96 records a hash keep Redis' compact encoding, so ~ expected events per window
-    #: / 96.
-    dedup_shards: int = 1024
+    #: about 48 records a hash keep Redis' compact encoding (and its scans short), so ~
+    #: expected events per window / 48.
+    dedup_shards: int = 2048
     #: Backpressure: a group whose lag + pending exceeds this blocks publishing to the topic.
     high_watermark: int = 100_000
     #: How long ``publish`` waits for the lag to fall before raising BackpressureError.

@@ -282,10 +282,15 @@ async def test_a_record_lives_one_to_two_windows_and_the_next_generation_is_size
     await wait_for_generation(g + 1)
     [again] = await Producer(client, codec, keys, settings).append([event])
     assert again == (first.entry_id, True)  # found in the generation before
-    assert int(await client.hget(meta, "s")) == 32  # type: ignore[arg-type]  # 2000 / 96
+    prefix = keys.published_prefix("cluster")
+    for shard in (0, 1):  # the generation before expires at the end of this one
+        assert 0 < await client.pttl(f"{prefix}{g}:{shard}") <= window
+    assert int(await client.hget(meta, "s")) == 64  # type: ignore[arg-type]  # 2000 / 48
     await wait_for_generation(g + 3)
     [fresh] = await Producer(client, codec, keys, settings).append([event])
     assert not fresh.duplicate  # two windows on: forgotten
+    # after a gap of more than a window, the last generation written was deleted
+    assert [k async for k in client.scan_iter(match=f"{prefix}{g + 1}:*")] == []
 
 
 async def test_dedup_state_reports_records_shards_memory_and_producers(
