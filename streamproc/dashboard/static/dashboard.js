@@ -480,23 +480,30 @@
     $("outage").textContent = why + " — figures as of " + (lastAt === null ? "never" : hms(lastAt) + " UTC") + ".";
   }
 
-  const source = new EventSource("/dashboard/events");
-  source.addEventListener("snapshot", (e) => {
-    $("live").textContent = "live";
-    $("live").className = "live on";
-    document.body.classList.remove("stale");
-    $("outage").hidden = true;
-    render(JSON.parse(e.data));
-  });
-  source.addEventListener("problem", (e) => {
-    $("live").textContent = "Redis unavailable";
-    $("live").className = "live off";
-    $("live").title = JSON.parse(e.data).detail;
-    stale("Redis does not answer");
-  });
-  source.addEventListener("logout", () => { source.close(); location.assign("/dashboard"); });
-  source.onerror = () => {
-    $("live").textContent = "reconnecting…"; $("live").className = "live off";
-    stale("The dashboard's server does not answer");
-  };
+  // The browser retries a dropped stream by itself, but gives up for good after an answer
+  // that is not a stream (a 503 while Redis did not answer at the moment it reconnected):
+  // then open a new one in a few seconds, until one is live again.
+  function connect() {
+    const source = new EventSource("/dashboard/events");
+    source.addEventListener("snapshot", (e) => {
+      $("live").textContent = "live";
+      $("live").className = "live on";
+      document.body.classList.remove("stale");
+      $("outage").hidden = true;
+      render(JSON.parse(e.data));
+    });
+    source.addEventListener("problem", (e) => {
+      $("live").textContent = "Redis unavailable";
+      $("live").className = "live off";
+      $("live").title = JSON.parse(e.data).detail;
+      stale("Redis does not answer");
+    });
+    source.addEventListener("logout", () => { source.close(); location.assign("/dashboard"); });
+    source.onerror = () => {
+      $("live").textContent = "reconnecting…"; $("live").className = "live off";
+      stale("The dashboard's server does not answer");
+      if (source.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
+    };
+  }
+  connect();
 })();
