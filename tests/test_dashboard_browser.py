@@ -264,6 +264,25 @@ async def _open(context: Any, srv: Server, token: str) -> Any:
     return page
 
 
+async def _reachable(action: Any) -> dict[str, float]:
+    """Scroll an action into view and return its box. The page redraws its tables with every
+    snapshot (each second), so an element can be replaced between the steps: try again."""
+    from playwright.async_api import Error, expect
+
+    for attempt in range(5):
+        try:
+            await action.scroll_into_view_if_needed()
+            await expect(action).to_be_visible()
+            box = await action.bounding_box()
+        except Error as e:
+            if "not attached" not in str(e) or attempt == 4:
+                raise
+            continue
+        if box is not None:
+            return dict(box)
+    raise AssertionError("the action never stood still long enough to measure")
+
+
 async def _shoot(page: Any, name: str) -> None:
     """A full-page screenshot at 1440 px and at 390 px (a phone) into tests/artifacts/."""
     ARTIFACTS.mkdir(exist_ok=True)
@@ -358,10 +377,7 @@ async def test_tasks_view_lists_expands_and_cancels_and_the_page_fits_a_phone(
                     page.get_by_test_id("replay").first,  # the DLQ table's last column
                     page.locator(f'#tasks tr[data-task="{ids[1]}"]').get_by_test_id("task-cancel"),
                 ):
-                    await action.scroll_into_view_if_needed()
-                    await expect(action).to_be_visible()
-                    box = await action.bounding_box()
-                    assert box is not None
+                    box = await _reachable(action)
                     assert box["x"] >= 0, box
                     assert box["x"] + box["width"] <= 390, box
                 await (
