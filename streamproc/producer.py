@@ -79,8 +79,9 @@ log = structlog.get_logger("streamproc.producer")
 # (g, s, n: the current generation, its shards, its records; ps, pn: the previous one's; w:
 # the window).
 # ARGV[1] window ms, ARGV[2] sequence TTL ms, ARGV[3] record key prefix, ARGV[4] a first
-# generation's shard count; then per event: '1' if
-# it has a record (its digest follows) else '0', its sequence, the digest ('' when none), the
+# generation's shard count, ARGV[5] the clock skew allowed (ms); then per event: '1' if
+# it has a record (its digest follows) else '0', its sequence, the digest ('' when none), when
+# its id was minted (epoch ms of a UUIDv7 id, 0 when unknown: a key, another kind of id), the
 # number n of field and value arguments, and those n (the wire fields, then the optional trace
 # context: streamproc.tracing). Returns {added, id, ...} in event order: added = 1 written,
 # 0 a duplicate by its record (id = the first entry's id), 2 this producer's own resend (id =
@@ -90,7 +91,7 @@ _PUBLISH = Lua("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window, prefix = tonumber(ARGV[1]), ARGV[3]
-local out, a = {}, 5
+local out, a = {}, 6
 local mark = redis.call('GET', KEYS[2]) or '0|'
 local last = tonumber(string.match(mark, '^(%d+)|')) or 0
 local earlier = nil  -- the last call's sequence -> entry id, read on a resend only
@@ -129,16 +130,18 @@ local function shard(d, size)
     + string.byte(d, 3) * 256 + string.byte(d, 4)) % size
 end
 local sent, top, added, h = {}, last, 0, nil
+-- An id minted after this generation began (and the allowed skew) has no older record.
+local young = g * window + tonumber(ARGV[5])
 while a <= #ARGV do
   local marked, seq, d = ARGV[a] == '1', tonumber(ARGV[a + 1]), ARGV[a + 2]
-  local k = tonumber(ARGV[a + 3])
+  local born, k = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local first, resent = false, false
   if seq <= last then
     first, resent = sent_before(ARGV[a + 1]), true
   elseif marked and window > 0 then
     h = prefix .. g .. ':' .. shard(d, s)
     first = redis.call('HGET', h, d)
-    if not first and ps > 0 then
+    if not first and ps > 0 and born <= young then
       first = redis.call('HGET', prefix .. (g - 1) .. ':' .. shard(d, ps), d)
     end
   end
@@ -146,7 +149,7 @@ while a <= #ARGV do
     out[#out + 1] = resent and 2 or 0
     out[#out + 1] = first
   else
-    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 4, a + 3 + k))
+    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 5, a + 4 + k))
     if marked and window > 0 then
       redis.call('HSET', h, d, id)
       n = n + 1
@@ -160,7 +163,7 @@ while a <= #ARGV do
     sent[#sent + 1] = ARGV[a + 1] .. '=' .. first
     if seq > top then top = seq end
   end
-  a = a + 4 + k
+  a = a + 5 + k
 end
 if #sent > 0 then
   redis.call('SET', KEYS[2], top .. '|' .. table.concat(sent, ','), 'PX', ARGV[2])
@@ -245,8 +248,25 @@ class Produced(NamedTuple):
 
 
 _MARKED, _UNMARKED = bulk(b"1"), bulk(b"0")
-_ARGS_PER_EVENT = 4 + _FIELDS  # without a trace context
-_NO_DIGEST = bulk(b"")
+_ARGS_PER_EVENT = 5 + _FIELDS  # without a trace context
+_NO_DIGEST, _UNKNOWN_BIRTH = bulk(b""), bulk(b"0")
+#: How far a producer's clock may run ahead of Redis' for ``minted_ms`` to hold (below).
+MINTED_SKEW_MS = 60_000
+
+
+def minted_ms(event_id: str) -> int:
+    """When a UUIDv7 event id was minted (its first 48 bits, epoch ms), else 0 (unknown).
+
+    A record of the id cannot have been written before then (less any clock skew), which lets
+    the publish script skip the previous generation for ids minted in the current one."""
+    if len(event_id) == 36 and event_id[14] == "7" and event_id[8] == "-":
+        try:
+            return int(event_id[:8] + event_id[9:13], 16)
+        except ValueError:
+            return 0
+    return 0
+
+
 _N_FIELDS = bulk(b"%d" % _FIELDS)
 #: Builds a Produced without NamedTuple's generated __new__ (a Python frame per event).
 _new = tuple.__new__
@@ -423,9 +443,15 @@ class Producer:
             seq = seqs[topic] = seqs.get(topic, 0) + 1
             if window and (dedup is None or dedup[i]):
                 key = idempotency_keys[i] if idempotency_keys is not None else None
-                part.args += (_MARKED, bulk(b"%d" % seq), bulk(record_digest(key or event.id)))
+                born = _UNKNOWN_BIRTH if key else bulk(b"%d" % minted_ms(event.id))
+                part.args += (
+                    _MARKED,
+                    bulk(b"%d" % seq),
+                    bulk(record_digest(key or event.id)),
+                    born,
+                )
             else:
-                part.args += (_UNMARKED, bulk(b"%d" % seq), _NO_DIGEST)
+                part.args += (_UNMARKED, bulk(b"%d" % seq), _NO_DIGEST, _UNKNOWN_BIRTH)
             part.args.append(count)
             part.args.append(encode(event) + trace)
         return _Write(parts, order)
@@ -455,6 +481,7 @@ class Producer:
         default_window = self.settings.dedup_window_ms
         seq_ttl = b"%d" % self.seq_ttl_ms
         shards = b"%d" % self.settings.dedup_shards
+        skew = b"%d" % MINTED_SKEW_MS
 
         def build() -> list[Command]:
             sent[:] = [w.wanted for w in group]
@@ -481,6 +508,7 @@ class Producer:
                     seq_ttl,
                     pub.encode(),
                     shards,
+                    skew,
                     route=keys[0],
                 )
                 for part in parts:

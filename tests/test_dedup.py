@@ -21,7 +21,7 @@ from schemas import SpotInterruption
 from streamproc import Codec, Context, Keys, Producer
 from streamproc.connection import connect
 from streamproc.consumer._scripts import SUCCEED
-from streamproc.producer import dedup_state
+from streamproc.producer import dedup_state, minted_ms
 from streamproc.settings import ProducerSettings, RedisSettings
 from tests.faults import FlakyRedis, command_is
 from tests.helpers import dedup_records, digests, pending, spot
@@ -309,3 +309,36 @@ async def test_dedup_state_reports_records_shards_memory_and_producers(
         2,
     )
     assert 300 * 10 < state.bytes < 300 * 100  # compact hashes: tens of bytes a record
+
+
+def _uuid7_at(ms: int, tail: str) -> str:
+    """A UUIDv7 text minted at ``ms`` (epoch ms), as a host with that clock would mint it."""
+    h = f"{ms:012x}"
+    return f"{h[:8]}-{h[8:]}-7000-8000-{tail:0>12}"
+
+
+async def test_ids_minted_in_the_current_generation_skip_the_previous_one(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys
+) -> None:
+    """A UUIDv7 id says when it was minted: one minted after the current generation began
+    (plus the 60 s of clock skew allowed) cannot have a record in the previous generation, so
+    that lookup is skipped. The rule, stated: a copy is still found when its producer's clock
+    ran 30 s ahead of Redis', and no longer when it ran 2 min ahead."""
+    window = 3000
+    settings = ProducerSettings(dedup_window_ms=window)
+    t: Any = await client.time()
+    now = t[0] * 1000 + t[1] // 1000
+    g = now // window + 1
+    while (await client.time())[0] * 1000 < g * window:  # noqa: ASYNC110 - Redis' clock
+        await asyncio.sleep(0.01)
+    ahead_30s = spot(1, id=_uuid7_at(g * window + 30_000, "1"))
+    ahead_2min = spot(2, id=_uuid7_at(g * window + 120_000, "2"))
+    producer = Producer(client, codec, keys, settings)
+    first = await producer.append([ahead_30s, ahead_2min])
+    while (await client.time())[0] * 1000 < (g + 1) * window:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    again = await Producer(client, codec, keys, settings).append([ahead_30s, ahead_2min])
+    assert again[0] == (first[0].entry_id, True)  # looked up in the previous generation
+    assert not again[1].duplicate  # minted "later" than the skew allows: not looked up
+    assert minted_ms(ahead_30s.id) == g * window + 30_000
+    assert minted_ms("order-42") == 0
