@@ -51,6 +51,7 @@ from schemas.metrics import (
 from spot.hibernation_store import HibernationKeys
 from streamproc import Codec, Keys, Producer
 from streamproc.embedded import free_port
+from streamproc.groups import group_infos
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -185,6 +186,19 @@ async def wait_for_causes(
     return notes
 
 
+async def settled(
+    client: aioredis.Redis, keys: Keys, group: str, topics: set[str], *, rounds: int = 600
+) -> None:
+    """Until ``group`` has no lag and nothing pending on any of ``topics`` (polled)."""
+    for _ in range(rounds):
+        rows = [g for t in topics for g in await group_infos(client, keys.stream(t))]
+        mine = [g for g in rows if g.name == group]
+        if mine and all(not g.pending and not g.lag for g in mine):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{group} did not settle on {sorted(topics)}")
+
+
 @pytest.mark.timeout(120)
 async def test_consumers_and_ticker_run_on_the_cluster_with_partitions(
     roles: Roles, cluster_client: aioredis.Redis, cluster_keys: Keys
@@ -225,6 +239,11 @@ async def test_consumers_and_ticker_run_on_the_cluster_with_partitions(
     assert await cluster_client.get(hk.last_tick), roles.logs()
 
     # State where the design puts it: marks in the cluster's partition's slot, figures once.
+    # A handler publishes its follow-ups before its settle applies its effects: wait for the
+    # group to have nothing read and unsettled (it raced the assertions under load).
+    await settled(
+        cluster_client, keys, "cluster-events", {keys.partition("cluster", c, "") for c in CLUSTERS}
+    )
     for c in CLUSTERS:
         part = keys.partition("cluster", c, "")
         assert await cluster_client.get(interrupted_key(keys, part, c, "n-1"))

@@ -342,9 +342,11 @@ async def test_a7_reclaim_reaches_entries_behind_a_long_run_of_live_ones(
     async def handle(event: SpotInterruption, ctx: Context) -> None:
         seen.append(event.id)
 
-    live = consumer_on(client, codec, keys, producer, handle, name="live", min_idle_ms=300)
+    # min_idle well above the renewal loop's period even on a loaded machine: the busy
+    # consumer must never look dead (it did at 300 ms under CI load)
+    live = consumer_on(client, codec, keys, producer, handle, name="live", min_idle_ms=1500)
     await live.process_once()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while len(seen) < 3 and time.monotonic() < deadline:
         await client.xclaim(stream, "g", "busy", 0, busy_ids, justid=True)  # busy renews
         await live.process_once()
