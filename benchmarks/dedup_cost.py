@@ -264,27 +264,41 @@ async def child_bulk(spec: dict[str, Any]) -> dict[str, Any]:
     await ch.create_group()
     await ch.publish(ch.events(WARMUP, 0), batch)
     await ch.drain("warmup", WARMUP)
-    evs = ch.events(n, WARMUP)
+    done = WARMUP
+    prefill = int(spec.get("prefill") or 0)
+    if prefill:  # a generation full of records, then the measure in the next one
+        await ch.publish(ch.events(prefill, done), batch)
+        await ch.drain("prefill", done + prefill)
+        done += prefill
+        window = int(spec["window_ms"])
+        t = await ch.raw.time()
+        gen = (t[0] * 1000 + t[1] // 1000) // window
+        while True:
+            t = await ch.raw.time()
+            if (t[0] * 1000 + t[1] // 1000) // window > gen:
+                break
+            await asyncio.sleep(0.05)
+    evs = ch.events(n, done)
     before = await _redis_figures(ch.raw, ch.stream)
     t0 = time.monotonic()
     await ch.publish(evs, batch)
     publish_s = time.monotonic() - t0
     mid = await _redis_figures(ch.raw, ch.stream)
-    drain_s = await ch.drain("c1", WARMUP + n)
+    drain_s = await ch.drain("c1", done + n)
     await asyncio.sleep(0.2)  # the consumer's connections idle, its buffers released
     after = await _redis_figures(ch.raw, ch.stream)
     applied = await ch.applied()
     families = await _key_families(ch.raw)
     await ch.close()
-    if applied != WARMUP + n:
-        raise SystemExit(f"effects applied {applied} times for {WARMUP + n} events")
+    if applied != done + n:
+        raise SystemExit(f"effects applied {applied} times for {done + n} events")
     total_b = (after["used_memory"] - before["used_memory"]) - (
         after["clients"] - before["clients"]
     )
     return {
         "streamproc": ch.module,
         "events": n,
-        "applied": applied - WARMUP,
+        "applied": applied - done,
         "total_b": total_b / n,
         "stream_b": (after["stream"] - before["stream"]) / n,
         "state_b": (total_b - (after["stream"] - before["stream"])) / n,
@@ -458,6 +472,7 @@ def bulk(a: argparse.Namespace, trees: list[tuple[str, Path]]) -> dict[str, Any]
                 "window_ms": a.window_ms,
                 "dedup": dedup,
                 "skew_ms": a.skew_ms,
+                "prefill": a.prefill,
             }
             t0 = time.monotonic()
             res = run_child(tree, spec)
@@ -616,6 +631,13 @@ def main() -> None:
         help="the clock skew the producer allows for minted ids (MINTED_SKEW_MS, 60000): 0 "
         "with a short --window-ms stands for a long window's steady state, where ids minted "
         "in the current generation skip the previous one's lookup",
+    )
+    p.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="bulk: publish and drain this many events first, wait for the next generation "
+        "(--window-ms), then measure: the steady state of a window that has turned over",
     )
     p.add_argument("--soak", type=float, default=0.0, help="soak SECONDS instead of bulk")
     p.add_argument("--rate", type=float, default=2000.0, help="soak events/s")
