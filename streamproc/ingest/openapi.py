@@ -20,6 +20,7 @@ from streamproc.ingest.schedules import ScheduleIn
 from streamproc.ingest.tasks import TaskAccepted, TaskSubmit
 from streamproc.printable import NO_CONTROL_PATTERN
 from streamproc.scheduler import SCHEDULE_NAME_RE, ScheduleInfo
+from streamproc.tasks.history import CURSOR_PATTERN
 from streamproc.tasks.store import TaskView
 
 if TYPE_CHECKING:
@@ -519,7 +520,9 @@ def build_spec(
                         {
                             "name": "before",
                             "in": "query",
-                            "schema": {**query_int, "minimum": 0, "maximum": 2**62},
+                            "description": "the cursor of the previous page's `next` link "
+                            "(opaque), or a time in epoch ms: tasks that ended before it",
+                            "schema": {"type": "string", "pattern": CURSOR_PATTERN},
                         },
                     ],
                     "responses": {

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from urllib.parse import urlencode
 
 import msgspec
 import structlog
@@ -40,7 +41,7 @@ from streamproc.ingest._http import (
 from streamproc.ingest.auth import Agent
 from streamproc.ingest.decode import validation_problem
 from streamproc.tasks.events import PRIORITIES, Priority, task_event_class, task_group
-from streamproc.tasks.history import ACTIVE, TaskHistory
+from streamproc.tasks.history import ACTIVE, HistoryCursor, TaskHistory
 from streamproc.tasks.metrics import TASKS_SUBMITTED
 from streamproc.tasks.runner import TaskType
 from streamproc.tasks.runners import RunnerRegistry
@@ -343,7 +344,7 @@ class TaskApi:
                 400, "invalid_query", f"status must be one of {', '.join(_STATUSES)}", path="status"
             )
         limit = _int_query(q.get("limit"), "limit", default=50, low=1, high=500)
-        before = _int_query(q.get("before"), "before", default=None, low=0, high=2**62)
+        before = _cursor_query(q.get("before"))
         who = q.get("submitted_by") or None
         if not agent.operator:
             who = agent.name  # a submit token lists its own tasks only
@@ -356,14 +357,15 @@ class TaskApi:
                 views = await self.history.active(
                     self.store, limit=limit, statuses=active, types=types, submitted_by=who
                 )
-            cursor: int | None = None
+            cursor: HistoryCursor | None = None
             if (ended or not statuses) and len(views) >= limit:
-                cursor = int(time.time() * 1000) + 1  # the page is full: finished ones next
+                # The page is full: finished ones next (all that ended before now).
+                cursor = HistoryCursor(int(time.time() * 1000) + 1)
             elif ended or not statuses:
                 done, cursor = await self.history.list(
                     self.store,
                     limit=limit - len(views),
-                    before_ms=before,
+                    before=before,
                     statuses=ended,
                     types=types,
                     submitted_by=who,
@@ -374,7 +376,7 @@ class TaskApi:
         return json_response(
             {
                 "tasks": [msgspec.to_builtins(v) for v in views],
-                "next": f"/v1/tasks?before={cursor}" if cursor is not None else None,
+                "next": _next_link(request, cursor) if cursor is not None else None,
             }
         )
 
@@ -408,6 +410,22 @@ class TaskApi:
         if view is None:
             raise Problem(404, "not_found", f"no task {task_id!r} (or it expired)")
         return view
+
+
+def _cursor_query(raw: str | None) -> HistoryCursor | None:
+    """``before``: the ``next`` link's cursor (``HistoryCursor``), or a time in epoch ms."""
+    if raw is None:
+        return None
+    try:
+        return HistoryCursor.decode(raw)
+    except ValueError as e:
+        raise Problem(400, "invalid_query", f"before: {e}", path="before") from None
+
+
+def _next_link(request: web.Request, cursor: HistoryCursor) -> str:
+    """The next page: the same filters and limit, after ``cursor``."""
+    query = [(k, v) for k, v in request.query.items() if k != "before"]
+    return f"/v1/tasks?{urlencode([*query, ('before', cursor.encode())])}"
 
 
 def _int_query(raw: str | None, name: str, *, default: Any, low: int, high: int) -> Any:

@@ -7,22 +7,32 @@
   ``<type>:completed``, ``:failed``, ``:cancelled``, ``:runs`` (attempts that ran) and ``:ms``
   (their total run time). These are what the seed-003 JSON ``/metrics`` answers, for every
   runner process at once (Prometheus counters are per process).
+
+**Paging is exact.** Redis orders a sorted set by score, then by member (bytes); a page's
+cursor (``HistoryCursor``) is the last entry it looked at — its score *and* its member — so
+the next page starts right after that entry, also when many tasks ended in the same
+millisecond (a millisecond alone as the cursor skipped the rest of that millisecond). One
+script (``_PAGE``) finds the entry's place and reads on from it; when the entry has left the
+set meanwhile (trimmed, or ended again with a new score), it reads from the start of the
+cursor's millisecond and the entries at or before the cursor are dropped here.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
 import structlog
 
+from streamproc._lua import Lua
 from streamproc.keys import Keys
 from streamproc.tasks.store import TaskStore, TaskView
 
-__all__ = ("MAX_HISTORY", "TaskHistory", "TypeStats")
+__all__ = ("CURSOR_PATTERN", "MAX_HISTORY", "HistoryCursor", "TaskHistory", "TypeStats")
 
 log = structlog.get_logger("streamproc.tasks")
 
@@ -35,6 +45,68 @@ _ENDS = ("completed", "failed", "cancelled")
 Views = list[TaskView]
 #: The statuses of a task that has not ended.
 ACTIVE: tuple[str, ...] = ("queued", "running")
+
+
+#: A cursor's text: ``<ms>`` (everything that ended before that millisecond) or
+#: ``<ms>.<hex of the task id>`` (everything after that entry). Also the OpenAPI pattern.
+CURSOR_PATTERN = r"^[0-9]{1,18}(?:\.(?:[0-9a-f]{2}){1,256})?$"
+_CURSOR_RE = re.compile(CURSOR_PATTERN)
+
+
+class HistoryCursor(NamedTuple):
+    """Where a page ended: the entry scored ``ms`` whose member is ``task_id``; or, with an
+    empty ``task_id``, just before ``ms`` (every entry scored ``ms`` or more is behind)."""
+
+    ms: int
+    task_id: str = ""
+
+    def encode(self) -> str:
+        """An opaque token for a URL (``GET /v1/tasks?before=``): ``CURSOR_PATTERN``."""
+        return f"{self.ms}.{self.task_id.encode().hex()}" if self.task_id else str(self.ms)
+
+    @classmethod
+    def decode(cls, text: str) -> HistoryCursor:
+        """The cursor of ``encode``'s token; ValueError saying why when it is not one."""
+        if not _CURSOR_RE.fullmatch(text):
+            raise ValueError(
+                "not a cursor: use the 'next' link of the page before (or a time in epoch ms)"
+            )
+        ms, _, member = text.partition(".")
+        try:
+            task_id = bytes.fromhex(member).decode()
+        except UnicodeDecodeError:
+            raise ValueError("not a cursor: its task id is not UTF-8") from None
+        return cls(int(ms), task_id)
+
+
+# KEYS: the sorted set. ARGV: ms ('+inf' on the first page), member ('' = before ms), n.
+# Answers up to n entries after the cursor, newest first (WITHSCORES). When the cursor's
+# member is not there with that score, the entries from the start of its millisecond come
+# too (up to that millisecond's count more): the caller drops those at or before the cursor.
+_PAGE = Lua("""
+local key, ms, member, n = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local start, extra = nil, 0
+if member ~= '' then
+  local score = redis.call('ZSCORE', key, member)
+  if score and tonumber(score) == tonumber(ms) then
+    start = redis.call('ZREVRANK', key, member) + 1
+  else
+    start = redis.call('ZCOUNT', key, '(' .. ms, '+inf')
+    extra = redis.call('ZCOUNT', key, ms, ms)
+  end
+else
+  start = redis.call('ZCOUNT', key, ms, '+inf')
+end
+return redis.call('ZREVRANGE', key, start, start + n + extra - 1, 'WITHSCORES')
+""")
+
+
+def _after(entry: tuple[int, bytes], cursor: HistoryCursor) -> bool:
+    """Does ``entry`` (score, member) come after ``cursor`` in newest-first order?"""
+    ms, member = entry
+    if not cursor.task_id:
+        return ms < cursor.ms
+    return ms < cursor.ms or (ms == cursor.ms and member < cursor.task_id.encode())
 
 
 def _active(view: TaskView | None) -> bool:
@@ -97,19 +169,20 @@ class TaskHistory:
         store: TaskStore,
         *,
         limit: int = 50,
-        before_ms: int | None = None,
+        before: HistoryCursor | None = None,
         statuses: Sequence[str] = (),
         types: Sequence[str] = (),
         submitted_by: str | None = None,
         scan_max: int = 5000,
-    ) -> tuple[list[TaskView], int | None]:
-        """Finished tasks, newest first, filtered; and the cursor (``before_ms``) of the next
-        page, None at the end. At most ``scan_max`` ids are looked at per call."""
+    ) -> tuple[list[TaskView], HistoryCursor | None]:
+        """Finished tasks after ``before`` (None: the newest), newest first, filtered; and the
+        cursor of the next page, None at the end. At most ``scan_max`` ids are looked at per
+        call (the cursor then says where the next call goes on)."""
         return await self._scan(
             self.keys.task_history(),
             store,
             limit=limit,
-            before_ms=before_ms,
+            before=before,
             statuses=statuses,
             types=types,
             submitted_by=submitted_by,
@@ -133,7 +206,7 @@ class TaskHistory:
             self.keys.task_active(),
             store,
             limit=limit,
-            before_ms=None,
+            before=None,
             statuses=statuses,
             types=types,
             submitted_by=submitted_by,
@@ -148,31 +221,33 @@ class TaskHistory:
         store: TaskStore,
         *,
         limit: int,
-        before_ms: int | None,
+        before: HistoryCursor | None,
         statuses: Sequence[str],
         types: Sequence[str],
         submitted_by: str | None,
         scan_max: int,
         prune: bool = False,
-    ) -> tuple[Views, int | None]:
-        top: Any = "+inf" if before_ms is None else f"({before_ms}"
+    ) -> tuple[Views, HistoryCursor | None]:
         out: Views = []
-        cursor: int | None = None
+        cursor = before
         scanned = 0
         while len(out) < limit and scanned < scan_max:
-            chunk: Any = await self.redis.zrevrangebyscore(
-                key, top, "-inf", start=0, num=min(200, scan_max - scanned), withscores=True
-            )
+            n = min(200, scan_max - scanned)
+            args = ["+inf", "", n] if cursor is None else [cursor.ms, cursor.task_id, n]
+            raw: Any = await _PAGE(self.redis, [key], args)
+            pairs = [(int(float(raw[i + 1])), raw[i]) for i in range(0, len(raw), 2)]
+            chunk = [(ms, m) for ms, m in pairs if cursor is None or _after((ms, m), cursor)]
+            chunk = chunk[:n]
             if not chunk:
                 return out, None
             scanned += len(chunk)
-            views = await store.get_many([m.decode() for m, _ in chunk])
+            views = await store.get_many([m.decode() for _, m in chunk])
             if prune:
-                gone = [m for (m, _), v in zip(chunk, views, strict=True) if not _active(v)]
+                gone = [m for (_, m), v in zip(chunk, views, strict=True) if not _active(v)]
                 if gone:
                     await self.redis.zrem(key, *gone)
-            for (_, score), view in zip(chunk, views, strict=True):
-                cursor = int(score)
+            for (ms, member), view in zip(chunk, views, strict=True):
+                cursor = HistoryCursor(ms, member.decode())
                 if view is None or (prune and not _active(view)):
                     continue
                 if statuses and view.status not in statuses:
@@ -184,5 +259,4 @@ class TaskHistory:
                 out.append(view)
                 if len(out) >= limit:
                     break
-            top = f"({cursor}"
         return out, cursor
