@@ -8,6 +8,8 @@
 | ``STREAMPROC_LOG_LEVEL`` | debug, info, warning, error | default ``info`` |
 | ``STREAMPROC_LOG_JSON`` | force JSON logs (1) or console logs (0) | default: JSON unless a TTY |
 | ``STREAMPROC_ALLOW_EVICTION`` | start on a Redis that may evict keys (1) | default ``0`` |
+| ``STREAMPROC_REDIS_MEMORY_ALERT`` | used/maxmemory that is high (alert, check) | ``0.8`` |
+| ``STREAMPROC_REDIS_MEMORY_SAMPLE_S`` | ingest's INFO memory interval | seconds, ``5`` |
 | ``STREAMPROC_PARTITIONS`` | partitioned topics: the same in every role | ``cluster=6,metrics=3`` |
 | ``STREAMPROC_<SETTING>`` | any ConsumerSettings / ProducerSettings field, upper-case | its type |
 
@@ -25,7 +27,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from streamproc.errors import ConfigError
+from streamproc.errors import ConfigError, RedisUrlError
 from streamproc.keys import NAME_RE, Keys
 from streamproc.settings import ConsumerSettings, ProducerSettings, RedisSettings
 
@@ -122,6 +124,15 @@ def _struct_type(t: Any) -> type[Any] | None:
     return t if isinstance(t, type) and issubclass(t, msgspec.Struct) else None
 
 
+def _number(env: Mapping[str, str], var: str, default: float) -> float:
+    if not env.get(var, "").strip():
+        return default
+    try:
+        return float(env[var])
+    except ValueError:
+        raise ConfigError(f"{var}={env[var]!r}: expected a number") from None
+
+
 def _is_tuple(t: Any) -> bool:
     return any(a is tuple or typing.get_origin(a) is tuple for a in (t, *typing.get_args(t)))
 
@@ -141,14 +152,22 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     eviction_raw = env.get("STREAMPROC_ALLOW_EVICTION", "")
     if eviction_raw not in ("", "0", "1"):
         raise ConfigError(f"STREAMPROC_ALLOW_EVICTION={eviction_raw!r}: expected 0 or 1")
+    alert_ratio = _number(env, "STREAMPROC_REDIS_MEMORY_ALERT", 0.8)
+    sample_s = _number(env, "STREAMPROC_REDIS_MEMORY_SAMPLE_S", 5.0)
     try:
         redis = RedisSettings(
             url=url or "redis://127.0.0.1:6379/0",
             key_prefix=prefix,
             allow_eviction=eviction_raw == "1",
+            memory_alert_ratio=alert_ratio,
+            memory_sample_s=sample_s,
         )
-    except ConfigError as e:
+    except RedisUrlError as e:
         raise type(e)(f"REDIS_URL: {e}") from None
+    except ConfigError as e:  # the memory settings: name the variables
+        raise ConfigError(
+            f"STREAMPROC_REDIS_MEMORY_ALERT / STREAMPROC_REDIS_MEMORY_SAMPLE_S: {e}"
+        ) from None
     consumer_name = env.get("STREAMPROC_CONSUMER") or _default_consumer_name()
     if not NAME_RE.fullmatch(consumer_name):
         raise ConfigError(

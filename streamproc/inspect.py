@@ -19,6 +19,12 @@ entry nobody renewed for ``stuck_after_s``, or work and no live consumer) or bac
 than ``max_backlog`` not finished). The dashboard colours its rows with it and ``inspect``
 exits 1 on stuck or backlog (``breaches``). ``render_table`` prints the report.
 
+``redis_memory`` reads ``INFO memory``: ``used_memory`` against ``maxmemory``, high at or above
+``RedisSettings.memory_alert_ratio`` (0.8). A high Redis is a breach too (``inspect`` and
+``check`` exit 1); ``maxmemory`` 0 (not set) is shown, not judged: there is no ratio. The
+ingest's ``streamproc.metrics.RedisMemoryMonitor`` samples the same figures for its gauges
+and the ``redis_memory_high`` log.
+
 Ages are seconds, sizes are entries, memory is bytes; the table shows times as ISO-8601 UTC
 with their distance from now (``streamproc._human``: "3 min ago", "in 45 s"), all on the
 server's clock.
@@ -52,6 +58,7 @@ __all__ = (
     "GroupStatus",
     "Health",
     "LimitsOf",
+    "RedisMemory",
     "Report",
     "ScheduleStatus",
     "TickerKey",
@@ -63,6 +70,9 @@ __all__ = (
     "health",
     "judge",
     "limits_of",
+    "memory_breach",
+    "memory_line",
+    "redis_memory",
     "render_table",
     "schedule_statuses",
     "topics",
@@ -205,6 +215,20 @@ class ScheduleStatus(msgspec.Struct, kw_only=True):
     next_ms: int | None = None
 
 
+class RedisMemory(msgspec.Struct, kw_only=True):
+    """``INFO memory`` judged against an alert ratio (``redis_memory``)."""
+
+    used_bytes: int
+    #: 0: ``maxmemory`` not set (no limit; ``streamproc up`` always sets one).
+    maxmemory_bytes: int
+    #: used / maxmemory; None when maxmemory is not set.
+    ratio: float | None
+    #: The ratio at or above which it is high (``RedisSettings.memory_alert_ratio``).
+    alert_ratio: float
+    high: bool
+    policy: str | None = None
+
+
 class Report(msgspec.Struct, kw_only=True):
     prefix: str
     server_time_ms: int
@@ -214,6 +238,8 @@ class Report(msgspec.Struct, kw_only=True):
     schedules: list[ScheduleStatus] = msgspec.field(default_factory=list)
     #: The circuit breakers of outside destinations (``streamproc.breaker``).
     breakers: list[BreakerState] = msgspec.field(default_factory=list)
+    #: Redis' memory against maxmemory; None when not read.
+    redis_memory: RedisMemory | None = None
 
 
 def _text(value: Any) -> str:
@@ -232,6 +258,48 @@ async def server_time_ms(client: aioredis.Redis) -> int:
     """The server's clock: entry ids are stamped with it, so ages are measured against it."""
     secs, micros = await client.time()
     return int(secs) * 1000 + int(micros) // 1000
+
+
+async def redis_memory(client: aioredis.Redis, alert_ratio: float = 0.8) -> RedisMemory:
+    """``used_memory`` against ``maxmemory`` (``INFO memory``: a managed Redis that forbids
+    ``CONFIG GET`` still answers it), high at or above ``alert_ratio``. On a Redis Cluster,
+    the node the client sends keyless commands to."""
+    info: dict[str, Any] = await client.info("memory")
+    used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    ratio = used / limit if limit > 0 else None
+    policy = info.get("maxmemory_policy")
+    return RedisMemory(
+        used_bytes=used,
+        maxmemory_bytes=limit,
+        ratio=None if ratio is None else round(ratio, 4),
+        alert_ratio=alert_ratio,
+        high=ratio is not None and ratio >= alert_ratio,
+        policy=None if policy is None else str(policy),
+    )
+
+
+def memory_line(mem: RedisMemory) -> str:
+    """``Redis memory: 812.0MiB of maxmemory 1.0GiB (79 %, alert at 80 %)``, or with
+    ``maxmemory not set``."""
+    if mem.ratio is None:
+        return (
+            f"Redis memory: {_bytes(mem.used_bytes)} used, maxmemory not set "
+            "(no limit: Redis grows until the host runs out; streamproc up always sets one)"
+        )
+    return (
+        f"Redis memory: {_bytes(mem.used_bytes)} of maxmemory {_bytes(mem.maxmemory_bytes)} "
+        f"({mem.ratio:.0%}, alert at {mem.alert_ratio:.0%})"
+    )
+
+
+def memory_breach(mem: RedisMemory | None) -> list[str]:
+    """One line when Redis' memory is high, else none."""
+    if mem is None or not mem.high:
+        return []
+    return [
+        f"{memory_line(mem)}: high; at maxmemory Redis refuses writes "
+        f"(policy {mem.policy or 'unknown'}): trim, add memory or raise maxmemory"
+    ]
 
 
 async def topics(client: aioredis.Redis, keys: Keys) -> list[str]:
@@ -458,12 +526,14 @@ async def collect(
     memory: bool = True,
     schedules: Sequence[Schedule] = (),
     limits: LimitsOf = _DEFAULT_LIMITS,
+    memory_alert_ratio: float = 0.8,
 ) -> Report:
     """A snapshot of every topic, group and the ticker under ``keys.prefix``.
 
     ``schedules``: the application's (``App.schedules``), so that each shows when it is
     due next, and shows at all before it first fired. ``limits``: each group's
-    (``limits_of(app.concerns)``), for its stuck entries.
+    (``limits_of(app.concerns)``), for its stuck entries. ``memory_alert_ratio``: the
+    ``used_memory / maxmemory`` that is a breach (``RedisSettings.memory_alert_ratio``).
     """
     now_ms = await server_time_ms(client)
     live = await liveness(client, keys)
@@ -482,6 +552,7 @@ async def collect(
         ticker=ticker,
         schedules=schedule_statuses(ticker, schedules, now_ms),
         breakers=await breaker_states(client, keys),
+        redis_memory=await redis_memory(client, memory_alert_ratio),
     )
 
 
@@ -559,9 +630,10 @@ def health(report: Report) -> list[Health]:
 
 
 def breaches(report: Report) -> list[str]:
-    """One line per reason a group is stuck or behind (empty: every group is within its
-    limits). Busy groups are not breaches."""
-    return [line for h in health(report) if h.state in ("stuck", "backlog") for line in h.reasons]
+    """One line per reason a group is stuck or behind, and one when Redis' memory is high
+    (empty: all is within limits). Busy groups are not breaches."""
+    groups = [line for h in health(report) if h.state in ("stuck", "backlog") for line in h.reasons]
+    return memory_breach(report.redis_memory) + groups
 
 
 def _n(value: float | int | None, unit: str = "") -> str:
@@ -614,7 +686,10 @@ _GROUP_COLUMNS = (
 
 def render_table(report: Report, problems: list[str] | None = None) -> str:
     """The report as terminal tables: topics, groups, ticker, then any breaches."""
-    lines = [f"prefix {report.prefix}: {len(report.topics)} topic(s)", ""]
+    lines = [f"prefix {report.prefix}: {len(report.topics)} topic(s)"]
+    if report.redis_memory is not None:
+        lines.append(memory_line(report.redis_memory))
+    lines.append("")
     lines += _table(
         ("TOPIC", "LENGTH", "GROUPS", "FIRST AGE", "LAST AGE", "MEMORY"),
         [

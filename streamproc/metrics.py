@@ -32,18 +32,30 @@ process, started by the HTTP server).
 | ``streamproc_group_stats_age_seconds`` | gauge | (age of the cached XINFO figures) |
 | ``streamproc_event_loop_lag_seconds`` | histogram | |
 | ``streamproc_trim_cut_unacked_entries_total`` | counter | stream |
+| ``streamproc_redis_used_memory_bytes`` | gauge | (``INFO memory`` used_memory; ingest only) |
+| ``streamproc_redis_maxmemory_bytes`` | gauge | (0: maxmemory not set; ingest only) |
+| ``streamproc_redis_memory_used_ratio`` | gauge | (used / maxmemory; absent when not set) |
+| ``streamproc_redis_memory_alert_ratio`` | gauge | (the ratio that is high) |
+| ``streamproc_redis_memory_high`` | gauge | (1 from ``redis_memory_high`` to recovery) |
+| ``streamproc_redis_memory_samples_total`` | counter | (INFO memory reads that answered) |
+
+Redis' memory is sampled by the ingest only (``RedisMemoryMonitor``, every
+``RedisSettings.memory_sample_s``): the one role that ``streamproc up`` and compose always run
+with a ``/metrics``, and the door attacker-chosen data comes in by. One ``INFO memory`` per
+ingest process every 5 s; other roles' ``/metrics`` do not carry these gauges.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import structlog
-from prometheus_client import Counter
+from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -59,9 +71,9 @@ from streamproc.keys import Keys
 
 if TYPE_CHECKING:
     from streamproc.consumer import Consumer
-    from streamproc.inspect import GroupStatus
+    from streamproc.inspect import GroupStatus, RedisMemory
 
-__all__ = ("TRIM_CUT_UNACKED", "ConsumerCollector")
+__all__ = ("RECOVER_MARGIN", "TRIM_CUT_UNACKED", "ConsumerCollector", "RedisMemoryMonitor")
 
 log = structlog.get_logger("streamproc.metrics")
 
@@ -205,3 +217,136 @@ class ConsumerCollector:
         if self._read_at is not None:
             age.add_metric([], time.monotonic() - self._read_at)
         yield age
+
+
+#: An episode of high memory ends when the ratio falls this far below the alert ratio, so a
+#: Redis hovering at the threshold logs one episode, not one per sample.
+RECOVER_MARGIN = 0.05
+
+
+class RedisMemoryMonitor:
+    """Redis' ``used_memory`` against ``maxmemory``, every ``interval_s``: gauges on
+    ``/metrics`` and one ``redis_memory_high`` warning per episode.
+
+    An episode starts at the first sample at or above ``alert_ratio`` (warning
+    ``redis_memory_high``) and ends at the first below ``alert_ratio - RECOVER_MARGIN`` (info
+    ``redis_memory_recovered``); samples in between log nothing. ``maxmemory`` 0 (not set)
+    has no ratio and is never high. A failed read keeps the last figures (logged at debug:
+    the role's own Redis errors are logged where they happen).
+
+    ``start()`` registers the gauges (one collector per process, whatever the number of
+    monitors: the latest sample of any running one) and starts sampling; ``close()`` stops.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, *, alert_ratio: float = 0.8, interval_s: float = 5.0
+    ) -> None:
+        self.client, self.alert_ratio, self.interval_s = client, alert_ratio, interval_s
+        self.memory: RedisMemory | None = None
+        #: True from a ``redis_memory_high`` warning to its recovery.
+        self.high = False
+        #: Reads that answered (a scrape tells a stale figure by this not moving).
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def sample(self) -> RedisMemory | None:
+        """Read ``INFO memory`` once, update the figures and log a crossing; None on failure."""
+        from streamproc.inspect import redis_memory
+
+        try:
+            mem = await redis_memory(self.client, self.alert_ratio)
+        except _REFRESH_FAILED as e:
+            log.debug("redis_memory_read_failed", error=str(e))
+            return None
+        self.memory, self.samples = mem, self.samples + 1
+        _MEMORY.latest = self
+        ratio = mem.ratio
+        fields = {
+            "used_bytes": mem.used_bytes,
+            "maxmemory_bytes": mem.maxmemory_bytes,
+            "ratio": ratio,
+            "alert_ratio": self.alert_ratio,
+        }
+        if not self.high and mem.high:
+            self.high = True
+            log.warning("redis_memory_high", policy=mem.policy, **fields)
+        elif self.high and (ratio is None or ratio < self.alert_ratio - RECOVER_MARGIN):
+            self.high = False
+            log.info("redis_memory_recovered", **fields)
+        return mem
+
+    async def run(self) -> None:
+        """Sample every ``interval_s`` until cancelled."""
+        while True:
+            await self.sample()
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> RedisMemoryMonitor:
+        _MEMORY.register()
+        self._task = asyncio.create_task(self.run(), name="redis-memory-monitor")
+        return self
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if _MEMORY.latest is self:
+            _MEMORY.latest = None
+
+
+class _MemoryCollector:
+    """The gauges of the latest ``RedisMemoryMonitor`` sample; none while no monitor ran."""
+
+    def __init__(self) -> None:
+        self.latest: RedisMemoryMonitor | None = None
+        self._registered = False
+
+    def register(self) -> None:
+        if not self._registered:
+            REGISTRY.register(self)
+            self._registered = True
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # samples only once a monitor has read: no names claimed before
+
+    def collect(self) -> Iterable[Metric]:
+        monitor = self.latest
+        mem = monitor.memory if monitor is not None else None
+        if monitor is None or mem is None:
+            return []
+        gauges = [
+            (
+                "streamproc_redis_used_memory_bytes",
+                "Redis used_memory (INFO memory)",
+                mem.used_bytes,
+            ),
+            (
+                "streamproc_redis_maxmemory_bytes",
+                "Redis maxmemory; 0: not set",
+                mem.maxmemory_bytes,
+            ),
+            (
+                "streamproc_redis_memory_alert_ratio",
+                "used/maxmemory at or above which Redis memory is high",
+                monitor.alert_ratio,
+            ),
+            (
+                "streamproc_redis_memory_high",
+                "1 from a redis_memory_high warning to its recovery",
+                1.0 if monitor.high else 0.0,
+            ),
+        ]
+        if mem.ratio is not None:
+            gauges.append(
+                ("streamproc_redis_memory_used_ratio", "Redis used_memory / maxmemory", mem.ratio)
+            )
+        samples = CounterMetricFamily(
+            "streamproc_redis_memory_samples", "INFO memory reads that answered"
+        )
+        samples.add_metric([], monitor.samples)
+        return [*(GaugeMetricFamily(name, doc, value=float(v)) for name, doc, v in gauges), samples]
+
+
+_MEMORY = _MemoryCollector()

@@ -5,7 +5,10 @@ Exit codes (besides the CLI's 2 for bad arguments and 3 for Redis unreachable):
 nobody renewed, work and no live consumer, a backlog over ``max_backlog``), 0 when busy;
 ``check`` 1 when a group is missing, has work waiting and no live consumer, or the
 process's own ``/readyz`` does not answer 200; ``tail`` 0 when stopped or done;
-``consumers`` 0.
+``consumers`` 0. ``inspect`` and ``check`` also exit 1 when Redis' ``used_memory`` is at or
+above ``STREAMPROC_REDIS_MEMORY_ALERT`` (0.8) of ``maxmemory`` (``inspect.memory_breach``),
+except ``check --redis-only``: a container's health check, which prints the figures and does
+not fail on them (an orchestrator would restart healthy processes, and that frees no memory).
 
 ``consumers`` and not ``workers``: ``streamproc workers`` is the EC2 worker-monitoring
 feature's command (``workers/``); these are the processes consuming the streams.
@@ -127,6 +130,7 @@ def _cmd_inspect(args: argparse.Namespace, cfg: Config, app: App) -> int:
                 memory=not args.no_memory,
                 schedules=app.schedules,
                 limits=limits,
+                memory_alert_ratio=cfg.redis.memory_alert_ratio,
             )
         finally:
             await client.aclose()
@@ -244,6 +248,9 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
                             status = _inspect.group_status(client, keys, part, row, now_ms, live)
                             statuses.append(await status)
             problems += _inspect.unattended(statuses)
+            memory = await _inspect.redis_memory(client, cfg.redis.memory_alert_ratio)
+            if not args.redis_only:
+                problems += _inspect.memory_breach(memory)
         finally:
             await client.aclose()
         if args.http_port:
@@ -254,6 +261,7 @@ def _cmd_check(args: argparse.Namespace, cfg: Config, app: App) -> int:
             print(f"streamproc check: {p}", file=sys.stderr)
         if not problems:
             print(f"ok: Redis {info.version_text}, {len(groups)} group(s)")
+            print(_inspect.memory_line(memory) + (" HIGH" if memory.high else ""))
         return 1 if problems else 0
 
     return run_async(go())

@@ -50,10 +50,24 @@ class RedisSettings(_Settings, frozen=True, kw_only=True):
     #: Redis evicts the TTL keys dedup, leases and task state live in; under ``allkeys-*`` the
     #: streams too. Only for a Redis that never reaches ``maxmemory``.
     allow_eviction: bool = False
+    #: ``used_memory / maxmemory`` at or above this is high: ingest logs ``redis_memory_high``
+    #: (once per episode), ``check`` and ``inspect`` exit 1 (``streamproc.inspect.memory``).
+    memory_alert_ratio: float = 0.8
+    #: How often the ingest reads ``INFO memory`` for its gauges and the alert.
+    memory_sample_s: float = 5.0
 
     def __post_init__(self) -> None:
         _check_url(self.url)
         self._positive("socket_timeout_s", "connect_timeout_s", "max_connections")
+        if not 0 < self.memory_alert_ratio <= 1:  # NaN too
+            raise ConfigError(
+                f"RedisSettings.memory_alert_ratio must be > 0 and <= 1, "
+                f"got {self.memory_alert_ratio!r}"
+            )
+        if not 0 < self.memory_sample_s < float("inf"):
+            raise ConfigError(
+                f"RedisSettings.memory_sample_s must be > 0, got {self.memory_sample_s!r}"
+            )
 
     @property
     def cluster(self) -> bool:

@@ -32,6 +32,7 @@ from streamproc.ingest.app import Ingest, create_app
 from streamproc.ingest.auth import AgentStore, parse_types
 from streamproc.ingest.settings import IngestSettings
 from streamproc.inspect import limits_of
+from streamproc.metrics import RedisMemoryMonitor
 from streamproc.producer import Producer
 
 if TYPE_CHECKING:
@@ -94,6 +95,10 @@ async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool
         settings,
     )
     await runner.setup()
+    # Redis' memory against maxmemory: gauges on /metrics, the redis_memory_high warning.
+    memory = RedisMemoryMonitor(
+        client, alert_ratio=cfg.redis.memory_alert_ratio, interval_s=cfg.redis.memory_sample_s
+    ).start()
     stop = asyncio.Event()
     install_stop_handlers(stop.set)  # before the hooks: a stop while they run still drains
     try:
@@ -110,6 +115,7 @@ async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool
             await site.stop()
             await ingest.drain(settings.shutdown_grace_s)
     finally:
+        await memory.close()
         await runner.cleanup()
         await client.aclose()
         log.info("ingest_stopped", pid=os.getpid())
