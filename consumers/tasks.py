@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
+import structlog
 
 import media
 import qa
@@ -31,18 +32,23 @@ from schemas.notify import Notification, fit
 from schemas.tasks import QUEUES
 from spot import optimizer_pipeline as pipeline
 from spot.policy import Family, PolicyStore
+from streamproc.config import TASK_CONCURRENCY_VAR, parse_task_concurrency
 from streamproc.event import derived_id
 from streamproc.tasks import LoadLimits, TaskContext, TaskType, task_concerns
+from streamproc.tasks.events import task_group
 from streamproc.tasks.runners import limits_from_env
 
 __all__ = (
     "CONCERNS",
     "LIMITS",
+    "QUEUE_LIMITS",
     "TASK_TYPES",
     "OptimizerRun",
     "configure_from_env",
     "run_optimizer",
 )
+
+log = structlog.get_logger("consumers.tasks")
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=253)]
 
@@ -206,15 +212,38 @@ TASK_TYPES.update(qa.TASK_TYPES)
 LIMITS = LoadLimits(max_cpu_percent=90, max_memory_percent=85)
 _SEED_LIMITS = LoadLimits(max_cpu_percent=90, max_memory_percent=85)
 
+_USED = {t.queue for t in TASK_TYPES.values()}
+#: The figures in code (``schemas.tasks.QUEUES``) of the queues this application runs.
+_CODE_QUEUES: dict[str, int | None] = {q: n for q, n in QUEUES.items() if q in _USED}
+#: Each queue's concurrency across every runner now: the code's, with the overrides of
+#: ``STREAMPROC_TASK_CONCURRENCY`` (``crawl=3,tickets=6``) put in by ``configure_from_env``.
+#: The task concerns read it as each task starts (``streamproc.tasks.runner``).
+QUEUE_LIMITS: dict[str, int | None] = dict(_CODE_QUEUES)
+
 
 def configure_from_env(env: Mapping[str, str]) -> None:
+    """``STREAMPROC_TASKS_MAX_CPU_PERCENT`` / ``_MAX_MEMORY_PERCENT`` and
+    ``STREAMPROC_TASK_CONCURRENCY``; a bad value is a ConfigError naming the variable (and
+    the item), before anything changes."""
     configured = limits_from_env(env, _SEED_LIMITS)
+    overrides = parse_task_concurrency(env.get(TASK_CONCURRENCY_VAR, ""), queues=_CODE_QUEUES)
     LIMITS.max_cpu_percent = configured.max_cpu_percent
     LIMITS.max_memory_percent = configured.max_memory_percent
+    QUEUE_LIMITS.clear()
+    QUEUE_LIMITS.update({**_CODE_QUEUES, **overrides})
+    by_group = {c.group: c for c in CONCERNS}
+    for queue, n in sorted(overrides.items()):
+        log.info("task_queue_concurrency", queue=queue, concurrency=n, code=_CODE_QUEUES[queue])
+        per_process = by_group[task_group(queue)].concurrency
+        if n > per_process:  # fixed when the concerns were built (2x the code's figure, >= 8)
+            log.warning(
+                "task_queue_concurrency_above_one_runner",
+                queue=queue,
+                concurrency=n,
+                per_runner=per_process,
+                runners_needed=-(-n // per_process),
+            )
 
 
-_USED = {t.queue for t in TASK_TYPES.values()}
 #: One consumer group per queue (``schemas.tasks.QUEUES``): ``tasks-optimizer``, ``tasks-video``…
-CONCERNS = task_concerns(
-    TASK_TYPES, queues={q: n for q, n in QUEUES.items() if q in _USED}, limits=LIMITS
-)
+CONCERNS = task_concerns(TASK_TYPES, queues=QUEUE_LIMITS, limits=LIMITS)

@@ -11,18 +11,22 @@
 | ``STREAMPROC_REDIS_MEMORY_ALERT`` | used/maxmemory that is high (alert, check) | ``0.8`` |
 | ``STREAMPROC_REDIS_MEMORY_SAMPLE_S`` | ingest's INFO memory interval | seconds, ``5`` |
 | ``STREAMPROC_PARTITIONS`` | partitioned topics: the same in every role | ``cluster=6,metrics=3`` |
+| ``STREAMPROC_TASK_CONCURRENCY`` | queue concurrency, all runners (2) | ``crawl=3,tickets=6`` |
 | ``STREAMPROC_<SETTING>`` | any ConsumerSettings / ProducerSettings field, upper-case | its type |
 
 (1) or ``redis+cluster://host:port``: a Redis Cluster (``streamproc.connection.connect``).
+(2) overrides of the application's queue figures (``parse_task_concurrency``), applied by
+its ``configure`` (this repository: ``consumers.tasks``); the same in every runner.
 A bad value fails at start with a message naming the variable and the expected form.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -31,7 +35,15 @@ from streamproc.errors import ConfigError, RedisUrlError
 from streamproc.keys import NAME_RE, Keys
 from streamproc.settings import ConsumerSettings, ProducerSettings, RedisSettings
 
-__all__ = ("Config", "load_config", "parse_partitions", "settings_from_env")
+__all__ = (
+    "MAX_TASK_CONCURRENCY",
+    "TASK_CONCURRENCY_VAR",
+    "Config",
+    "load_config",
+    "parse_partitions",
+    "parse_task_concurrency",
+    "settings_from_env",
+)
 
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -69,6 +81,44 @@ def parse_partitions(raw: str) -> dict[str, int]:
         Keys("sp", partitions=out)
     except ConfigError as e:
         raise ConfigError(f"STREAMPROC_PARTITIONS={raw!r}: {e}") from None
+    return out
+
+
+#: Tasks of one queue at once, across every runner: the most an override may ask for.
+MAX_TASK_CONCURRENCY = 1000
+TASK_CONCURRENCY_VAR = "STREAMPROC_TASK_CONCURRENCY"
+_COUNT_RE = re.compile(r"[+-]?[0-9]+")
+
+
+def parse_task_concurrency(raw: str, queues: Iterable[str] | None = None) -> dict[str, int]:
+    """``crawl=3,tickets=6`` -> {"crawl": 3, "tickets": 6}: each queue's concurrency across
+    every runner. ConfigError naming the variable and the item when an item is not
+    ``queue=count``, its count is not an integer within 1..MAX_TASK_CONCURRENCY, a queue comes
+    twice, or (``queues`` given) the queue is not one of them. Empty: no overrides."""
+    known = None if queues is None else sorted(queues)
+    out: dict[str, int] = {}
+    for item in (p.strip() for p in raw.split(",")):
+        if not item:
+            continue
+
+        def bad(why: str, item: str = item) -> ConfigError:
+            return ConfigError(f"{TASK_CONCURRENCY_VAR}={raw!r}: item {item!r}: {why}")
+
+        queue, sep, count = (x.strip() for x in item.partition("="))
+        if not sep or not queue or "=" in count:
+            raise bad("expected queue=count, e.g. crawl=3,tickets=6")
+        if known is not None and queue not in known:
+            raise bad(f"unknown queue {queue!r}; known: {', '.join(known)}")
+        if not NAME_RE.fullmatch(queue):
+            raise bad("a queue is a name of letters, digits, _.-")
+        if queue in out:
+            raise bad(f"queue {queue!r} is given twice")
+        if not _COUNT_RE.fullmatch(count):
+            raise bad(f"count {count!r} is not an integer")
+        n = int(count) if len(count) <= 12 else MAX_TASK_CONCURRENCY + 1
+        if not 1 <= n <= MAX_TASK_CONCURRENCY:
+            raise bad(f"count {count[:20]} is not within 1..{MAX_TASK_CONCURRENCY}")
+        out[queue] = n
     return out
 
 

@@ -11,7 +11,10 @@ tasks need on top:
   across every runner replica the most urgent, then the oldest, task takes a freed slot.
 - **concurrency**: per task type (``TaskType.concurrency``) and per queue (``queues[name]``),
   across all runner processes: leases in Redis renewed while the task runs, expiring
-  ``SLOT_TTL_S`` after a runner died.
+  ``SLOT_TTL_S`` after a runner died. ``queues`` is read again as each task starts, so an
+  application may change a queue's figure in place after building the concerns (from its
+  settings); a type whose own limit is at least its queue's figure at build time has no limit
+  of its own and follows the queue's figure.
 - **status and progress** in the task's hash (``TaskStore``), kept 24 h; finished tasks go to
   the history and the per-type counts (``TaskHistory``).
 - **time limits**: at ``soft_time_limit_s`` the task gets ``SoftTimeLimit`` raised inside it
@@ -252,6 +255,7 @@ def task_concerns(
             q,
             qtypes,
             queue_limit=(queues or {}).get(q),
+            live=queues,
             ttl_s=ttl_s,
             settings=settings,
             monitor=monitor,
@@ -297,10 +301,13 @@ def _queue_concern(
     ttl_s: int,
     settings: Mapping[str, Any] | None,
     monitor: LoadMonitor,
+    live: Mapping[str, int | None] | None = None,
 ) -> Concern:
     if queue_limit is not None and queue_limit < 1:
         raise ConfigError(f"queue {queue!r}: concurrency must be >= 1")
     cap = queue_limit or 10**6
+    #: Types held by the queue's figure only (their own limit is not below it).
+    follow = {n for n, t in types.items() if queue_limit is not None and t.concurrency >= cap}
     state = _QueueState()
     #: One TaskStore per Redis client and key prefix this concern has run tasks with.
     stores: dict[tuple[int, str], tuple[TaskStore, TaskHistory]] = {}
@@ -324,13 +331,14 @@ def _queue_concern(
             raise Defer("this runner sheds load (CPU or memory)", delay_s=SHED_DELAY_S)
         rank = PRIORITIES.index(event.priority) if event.priority in PRIORITIES else 2
         created = event.received_at or event.occurred_at
+        now_limit = live.get(queue, queue_limit) if live is not None else queue_limit
         slots = QueueSlots(
             ctx.redis,
             ctx.keys,
             queue=queue,
             task_type=tt.name,
-            queue_limit=queue_limit,
-            type_limit=tt.concurrency,
+            queue_limit=now_limit,
+            type_limit=now_limit if now_limit and tt.name in follow else tt.concurrency,
         )
         # Every waiting task is in the queue's waiting list itself (no gate in this process
         # before it): a critical task read here is never stuck behind a low one read earlier.
