@@ -62,7 +62,7 @@ class HistoryCursor(NamedTuple):
 
     def encode(self) -> str:
         """An opaque token for a URL (``GET /v1/tasks?before=``): ``CURSOR_PATTERN``."""
-        return f"{self.ms}.{self.task_id.encode().hex()}" if self.task_id else str(self.ms)
+        return f"{self.ms}.{self.member.hex()}" if self.task_id else str(self.ms)
 
     @classmethod
     def decode(cls, text: str) -> HistoryCursor:
@@ -72,11 +72,13 @@ class HistoryCursor(NamedTuple):
                 "not a cursor: use the 'next' link of the page before (or a time in epoch ms)"
             )
         ms, _, member = text.partition(".")
-        try:
-            task_id = bytes.fromhex(member).decode()
-        except UnicodeDecodeError:
-            raise ValueError("not a cursor: its task id is not UTF-8") from None
-        return cls(int(ms), task_id)
+        # Any bytes: a member that is not UTF-8 (no task id is) just matches no entry.
+        return cls(int(ms), bytes.fromhex(member).decode("utf-8", "surrogateescape"))
+
+    @property
+    def member(self) -> bytes:
+        """The task id as the sorted set's member (bytes, as Redis orders them)."""
+        return self.task_id.encode("utf-8", "surrogateescape")
 
 
 # KEYS: the sorted set. ARGV: ms ('+inf' on the first page), member ('' = before ms), n.
@@ -106,7 +108,7 @@ def _after(entry: tuple[int, bytes], cursor: HistoryCursor) -> bool:
     ms, member = entry
     if not cursor.task_id:
         return ms < cursor.ms
-    return ms < cursor.ms or (ms == cursor.ms and member < cursor.task_id.encode())
+    return ms < cursor.ms or (ms == cursor.ms and member < cursor.member)
 
 
 def _active(view: TaskView | None) -> bool:
@@ -233,7 +235,7 @@ class TaskHistory:
         scanned = 0
         while len(out) < limit and scanned < scan_max:
             n = min(200, scan_max - scanned)
-            args = ["+inf", "", n] if cursor is None else [cursor.ms, cursor.task_id, n]
+            args = ["+inf", "", n] if cursor is None else [cursor.ms, cursor.member, n]
             raw: Any = await _PAGE(self.redis, [key], args)
             pairs = [(int(float(raw[i + 1])), raw[i]) for i in range(0, len(raw), 2)]
             chunk = [(ms, m) for ms, m in pairs if cursor is None or _after((ms, m), cursor)]
@@ -247,7 +249,7 @@ class TaskHistory:
                 if gone:
                     await self.redis.zrem(key, *gone)
             for (ms, member), view in zip(chunk, views, strict=True):
-                cursor = HistoryCursor(ms, member.decode())
+                cursor = HistoryCursor(ms, member.decode("utf-8", "surrogateescape"))
                 if view is None or (prune and not _active(view)):
                     continue
                 if statuses and view.status not in statuses:
