@@ -74,7 +74,13 @@ log = structlog.get_logger("streamproc.producer")
 #   them; the meta hash, a few fields a topic, does not expire). The shard count of a
 #   generation is sized from the previous one's record count (about 48 records a hash: small
 #   hashes stay in Redis' listpack encoding, ~30 bytes a record); a first generation (no
-#   previous one) starts at ``ProducerSettings.dedup_shards``.
+#   previous one) starts at ``ProducerSettings.dedup_shards``. A lookup that misses and the
+#   record written after the XADD are two commands; within one call they are one: after the
+#   first recorded XADD ('*'), the next entry's id is known before it is written (the same ms,
+#   the next sequence, what '*' would give), so an HSETNX of that id looks the record up and
+#   claims it at once, and the XADD names the id. If that XADD is refused (a stream at the end
+#   of its id space), the claim is deleted before the error is returned: never a record
+#   without its entry. Entries of one call thus share the ms of its first recorded one.
 # KEYS[1] stream, KEYS[2] this producer's sequence mark, KEYS[3] the generations' meta hash
 # (g, s, n: the current generation, its shards, its records; ps, pn: the previous one's; w:
 # the window).
@@ -125,34 +131,65 @@ if window > 0 then
     s, n = size, 0
   end
 end
-local function shard(d, size)
-  return (string.byte(d, 1) * 16777216 + string.byte(d, 2) * 65536
-    + string.byte(d, 3) * 256 + string.byte(d, 4)) % size
-end
 local sent, top, added, h = {}, last, 0, nil
 -- An id minted after this generation began (and the allowed skew) has no older record.
 local young = g * window + tonumber(ARGV[5])
+-- The last entry id this call wrote by '*' and its records since, as ms and sequence: the next
+-- recorded event's id is known before its XADD (ms-(sq+1), what '*' gives within one ms), so
+-- one HSETNX both looks its record up and claims it. nil until a recorded event's XADD '*',
+-- and again after any other '*' (whose id is not parsed).
+local ms, sq = nil, 0
+local hk = {}  -- shard -> its hash's name, this generation
 while a <= #ARGV do
   local marked, seq, d = ARGV[a] == '1', tonumber(ARGV[a + 1]), ARGV[a + 2]
   local born, k = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local first, resent = false, false
+  local first, resent, id = false, false, nil
   if seq <= last then
     first, resent = sent_before(ARGV[a + 1]), true
   elseif marked and window > 0 then
-    h = prefix .. g .. ':' .. shard(d, s)
-    first = redis.call('HGET', h, d)
-    if not first and ps > 0 and born <= young then
-      first = redis.call('HGET', prefix .. (g - 1) .. ':' .. shard(d, ps), d)
+    local b1, b2, b3, b4 = string.byte(d, 1, 4)
+    local x = ((b1 * 256 + b2) * 256 + b3) * 256 + b4
+    local sh = x % s
+    h = hk[sh]
+    if not h then
+      h = prefix .. g .. ':' .. sh
+      hk[sh] = h
+    end
+    if ps > 0 and born <= young then
+      first = redis.call('HGET', prefix .. (g - 1) .. ':' .. (x % ps), d)
+    end
+    if not first then
+      if ms then
+        id = ms .. '-' .. (sq + 1)
+        if redis.call('HSETNX', h, d, id) == 0 then
+          first, id = redis.call('HGET', h, d), nil
+        end
+      else
+        first = redis.call('HGET', h, d)
+      end
     end
   end
   if first then
     out[#out + 1] = resent and 2 or 0
     out[#out + 1] = first
   else
-    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 5, a + 4 + k))
-    if marked and window > 0 then
-      redis.call('HSET', h, d, id)
-      n = n + 1
+    if id then  -- its record is claimed under this id: the XADD must give it that id
+      local r = redis.pcall('XADD', KEYS[1], id, unpack(ARGV, a + 5, a + 4 + k))
+      if type(r) == 'table' and r.err then
+        redis.call('HDEL', h, d)
+        return r
+      end
+      sq, n = sq + 1, n + 1
+    else
+      id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 5, a + 4 + k))
+      if marked and window > 0 then
+        redis.call('HSET', h, d, id)
+        n = n + 1
+        local m1, m2 = string.match(id, '^(%d+)-(%d+)$')
+        ms, sq = m1, tonumber(m2)
+      else
+        ms = nil
+      end
     end
     out[#out + 1] = 1
     out[#out + 1] = id

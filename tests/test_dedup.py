@@ -15,13 +15,15 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from schemas import SpotInterruption
 from streamproc import Codec, Context, Keys, Producer
 from streamproc.connection import connect
 from streamproc.consumer._scripts import SUCCEED
-from streamproc.producer import dedup_state, minted_ms
+from streamproc.errors import PublishError
+from streamproc.producer import dedup_state, find_record, minted_ms
 from streamproc.settings import ProducerSettings, RedisSettings
 from tests.faults import FlakyRedis, command_is
 from tests.helpers import dedup_records, digests, pending, spot
@@ -342,3 +344,46 @@ async def test_ids_minted_in_the_current_generation_skip_the_previous_one(
     assert not again[1].duplicate  # minted "later" than the skew allows: not looked up
     assert minted_ms(ahead_30s.id) == g * window + 30_000
     assert minted_ms("order-42") == 0
+
+
+async def test_records_claimed_before_their_xadd_match_the_entries_written(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys
+) -> None:
+    """Within one call, after the first recorded XADD, a record is claimed (HSETNX) under the
+    id the next XADD is given: a call mixing recorded events, unrecorded ones (dedup=False,
+    whose '*' ids end the known sequence), a copy within the same call and one from an earlier
+    call writes each event once, in order, and every record names its own entry."""
+    producer = Producer(client, codec, keys)
+    [early] = await producer.append([spot(100, id="early")])
+    names = ["a", "b", None, "c", "a", None, "d", "early", "e", "c"]
+    events = [spot(i, id=n) if n else spot(i) for i, n in enumerate(names)]
+    got = await producer.append(events, dedup=[n is not None for n in names])
+    rows: Any = await client.xrange(keys.stream("cluster"))
+    written = [r[0].decode() for r in rows][1:]
+    fresh = [p.entry_id for p in got if not p.duplicate]
+    assert fresh == written  # each written once, in order
+    assert [p.duplicate for p in got] == [
+        n in ("a", "c", "early") and i > 3 for i, n in enumerate(names)
+    ]
+    first = {n: p.entry_id for n, p in zip(names, got, strict=True) if n and not p.duplicate}
+    assert got[4].entry_id == first["a"]
+    assert got[9].entry_id == first["c"]
+    assert got[7].entry_id == early.entry_id
+    for n, entry in first.items():  # the record of each id is its own entry's id
+        assert await find_record(client, keys, "cluster", n, window_ms=86_400_000) == entry
+    assert await dedup_records(client, keys) == digests("early", "a", "b", "c", "d", "e")
+
+
+async def test_a_refused_xadd_leaves_no_record_of_its_event(
+    client: aioredis.Redis, codec: Codec[Any], keys: Keys
+) -> None:
+    """A stream at the end of its id space: the first event of a call takes the last id, the
+    next one's XADD is refused. The call fails and the record claimed for the refused event
+    is deleted (a record without its entry would make the event a duplicate for a window)."""
+    stream = keys.stream("cluster")
+    await client.xadd(stream, {"x": "1"}, id="9999999999999-18446744073709551614")
+    producer = Producer(client, codec, keys)
+    with pytest.raises(PublishError, match="refused"):
+        await producer.append([spot(1, id="took-the-last"), spot(2, id="refused")])
+    assert await dedup_records(client, keys) == digests("took-the-last")
+    assert await client.xlen(stream) == 2
