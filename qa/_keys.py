@@ -7,12 +7,14 @@
 | ``<p>:state:{qa}:shots:<id>`` | hash, retention | a session's screenshots: sha256 → URL |
 | ``<p>:state:{qa}:png:<sha256>`` | string, ``staged_ttl_s`` | a PNG waiting for its upload |
 | ``<p>:state:qa:ticket:<bug id>`` | hash, retention | a bug's ticket: claim, issue id, URL |
+| ``<p>:state:qa:bug:<fingerprint>`` | hash, dedup days | a bug across sessions: issue, sightings |
 
 The first four share the hash tag ``{qa}``: a session's MULTI (its hash and the finished
 index), the cleanup's (both hashes and the index) and the screenshot's (its hash and the
 staged PNG) run on Redis Cluster, on one slot (QA's volume is a few sessions a day). A ticket
-is written alone and keeps its name. Before 2026-12 they were ``<p>:state:qa:…``: on one
-Redis, ``RENAME <p>:state:qa:sessions <p>:state:{qa}:sessions`` so the cleanup still finds the
+and a bug record (``ticket_dedup_days``) are each written alone and keep their names. Before
+2026-12 they were ``<p>:state:qa:…``: on one Redis,
+``RENAME <p>:state:qa:sessions <p>:state:{qa}:sessions`` so the cleanup still finds the
 sessions finished before (the rest expires by itself).
 
 Object keys (S3): ``<s3_prefix>/<session id>/<sha256>.png``.
@@ -26,6 +28,7 @@ from streamproc.keys import Keys
 _TAG = "{qa}"
 
 __all__ = (
+    "bug",
     "object_key",
     "screenshots",
     "session",
@@ -54,6 +57,11 @@ def staged_png(keys: Keys, sha256: str) -> str:
 
 def ticket(keys: Keys, bug_id: str) -> str:
     return keys.state("qa", "ticket", bug_id)
+
+
+def bug(keys: Keys, fingerprint: str) -> str:
+    """A bug across sessions (``qa.tickets.fingerprint``: 32 hex digits, no page text)."""
+    return keys.state("qa", "bug", fingerprint)
 
 
 def object_key(prefix: str, session_id: str, sha256: str) -> str:

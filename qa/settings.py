@@ -50,6 +50,9 @@ class QaSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     linear_team_id: str = ""
     tracker_connect_timeout_s: float = 3.0
     tracker_read_timeout_s: float = 15.0
+    #: A bug seen again (the same fingerprint: kind, page URL, console message) within this
+    #: many days of its last sighting is not filed again, only counted (docs/qa.md).
+    ticket_dedup_days: float = 30.0
     # ------------------------------------------------------------------ screenshots
     #: Empty: screenshots are taken (when Chromium is there) but not stored.
     s3_bucket: str = ""
@@ -101,6 +104,8 @@ class QaSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             raise ValueError("breaker_threshold within 1..1000, breaker_cooldown_s > 0")
         if not 0 < self.retention_days <= 3650:
             raise ValueError("retention_days within 0..3650")
+        if not 0 < self.ticket_dedup_days <= 3650:
+            raise ValueError("ticket_dedup_days within 0..3650")
 
     @property
     def tracker_configured(self) -> bool:

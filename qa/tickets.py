@@ -15,6 +15,26 @@ id (``issue_uuid``). So:
 A lost answer therefore costs a lookup, never a second issue; and even two runners racing on
 one bug cannot make two issues, since the tracker refuses a second issue with the same id.
 
+**One issue per bug across sessions.** A bug id names a problem within one crawl session; a
+daily crawl finds the same broken link every day under a new session id. ``fingerprint``
+names the problem itself (kind, page URL — its origin included — and, for console errors, the
+first message with numbers and hashes blanked out; SHA-256, 32 hex digits), and
+``<p>:state:qa:bug:<fingerprint>`` (``_keys.bug``) keeps its issue for ``ticket_dedup_days``
+(30) after the last sighting:
+
+- the first bug of a fingerprint names the issue id (``issue_uuid`` of its bug id, written
+  with HSETNX, so racing sessions agree on one id and the tracker refuses a second issue);
+- a later bug of a fingerprint whose issue is filed makes no call: the sighting is counted
+  (``sightings``, ``last_seen``, ``last_session``, ``last_bug_id``), the record's expiry is
+  pushed back, the bug's own record points at the issue, the task answers it with
+  ``seen_again: true`` and ``qa_ticket_seen_again`` is logged. Nothing is posted to the
+  tracker (no comment): the count is in Redis;
+- after ``ticket_dedup_days`` without a sighting the record is gone and the next sighting
+  files a new issue.
+
+The bug record and a bug's ticket record are written one after the other (each alone: Redis
+Cluster); a sighting counted twice by a retry is avoided by ``last_bug_id``.
+
 **Calls.** Connect/read timeouts (``tracker_*_timeout_s``), errors classed by
 ``streamproc.outbound``: network errors, timeouts and 5xx are retried (``CallTransient``);
 HTTP 429 — or Linear's own ``RATELIMITED`` error — waits for ``Retry-After`` /
@@ -26,6 +46,7 @@ holds every replica that long); authentication errors and other 4xx fail the tas
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -39,6 +60,7 @@ from qa import _keys, _submit
 from qa._submit import Submitter
 from qa.settings import QaSettings, settings
 from schemas.qa import BugFound, BugKind, SessionId
+from streamproc._lua import Lua
 from streamproc.breaker import Breaker
 from streamproc.concern import Concern
 from streamproc.errors import Permanent
@@ -56,7 +78,15 @@ from streamproc.outbound import (
 from streamproc.settings import RetryPolicy
 from streamproc.tasks import TaskContext
 
-__all__ = ("CONCERN", "TicketRequest", "create_ticket", "issue_uuid", "on_bug", "ticket_request")
+__all__ = (
+    "CONCERN",
+    "TicketRequest",
+    "create_ticket",
+    "fingerprint",
+    "issue_uuid",
+    "on_bug",
+    "ticket_request",
+)
 
 log = structlog.get_logger("qa.tickets")
 
@@ -108,6 +138,45 @@ def issue_uuid(bug_id: str) -> str:
     """The issue id of a bug: a UUID in version-4 form, derived from the bug id."""
     digest = hashlib.sha256(f"streamproc-qa-issue:{bug_id}".encode()).digest()
     return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
+#: Runs of hex digits holding a digit (line numbers, ids, build hashes): blanked in a message.
+_VARYING = re.compile(r"[0-9a-f]*[0-9][0-9a-f]*", re.IGNORECASE)
+
+
+def fingerprint(p: TicketRequest) -> str:
+    """The bug itself, whichever session found it: 32 hex digits of a SHA-256 over the kind,
+    the page URL (without its fragment) and, for a console error, the first message with
+    whitespace collapsed and numbers and hashes blanked."""
+    url = p.url.split("#", 1)[0]
+    message = ""
+    if p.kind == "console_error":
+        first = (p.detail or p.title).strip().split("\n", 1)[0]
+        message = _VARYING.sub("#", " ".join(first.split()))[:500]
+    raw = "\n".join(("streamproc-qa-bug/1", p.kind, url, message))
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+# KEYS: the bug record. ARGV: bug id, ttl s, now (ISO), session id, then field/value pairs.
+# Counts the sighting unless this bug was the last one counted (a retry), notes it, pushes the
+# expiry back; answers the sightings.
+_SIGHTING = Lua("""
+if redis.call('HGET', KEYS[1], 'last_bug_id') ~= ARGV[1] then
+  redis.call('HINCRBY', KEYS[1], 'sightings', 1)
+end
+redis.call('HSET', KEYS[1], 'last_bug_id', ARGV[1], 'last_seen', ARGV[3],
+           'last_session', ARGV[4], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return redis.call('HGET', KEYS[1], 'sightings')
+""")
+
+
+def _decoded(raw: Any) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _description(p: TicketRequest) -> str:
@@ -202,10 +271,24 @@ async def create_ticket(p: TicketRequest, ctx: TaskContext) -> dict[str, Any]:
         raise Permanent("no tracker: STREAMPROC_QA_LINEAR_API_KEY and _LINEAR_TEAM_ID are unset")
     key = _keys.ticket(ctx.keys, p.bug_id)
     raw: Any = await ctx.redis.hgetall(key)
-    record = {k.decode(): v.decode() for k, v in raw.items()}
+    record = _decoded(raw)
     if record.get("state") == "filed":
         return {**record, "created": False}
-    issue_id = issue_uuid(p.bug_id)
+    fp = fingerprint(p)
+    bug_key = _keys.bug(ctx.keys, fp)
+    dedup_s = int(s.ticket_dedup_days * _DAY_S)
+    async with ctx.redis.pipeline(transaction=True) as pipe:
+        # The first bug of this fingerprint names its issue; later ones read that name.
+        pipe.hsetnx(bug_key, "issue_id", issue_uuid(p.bug_id))
+        pipe.hsetnx(bug_key, "first_bug_id", p.bug_id)
+        pipe.hsetnx(bug_key, "first_seen", _now())
+        pipe.expire(bug_key, dedup_s)
+        pipe.hgetall(bug_key)
+        *_, raw = await pipe.execute()
+    known = _decoded(raw)
+    issue_id = known["issue_id"]
+    if known.get("state") == "filed":
+        return await _seen_again(p, ctx, key, fp, known, dedup_s)
     breaker = Breaker(
         ctx.redis,
         ctx.keys,
@@ -231,7 +314,8 @@ async def create_ticket(p: TicketRequest, ctx: TaskContext) -> dict[str, Any]:
                         "bug_id": p.bug_id,
                         "issue_id": issue_id,
                         "task_id": ctx.task_id,
-                        "claimed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                        "fingerprint": fp,
+                        "claimed_at": _now(),
                     },
                 )
                 pipe.expire(key, ttl_s)
@@ -259,10 +343,52 @@ async def create_ticket(p: TicketRequest, ctx: TaskContext) -> dict[str, Any]:
         "issue_id": str(issue["id"]),
         "identifier": str(issue.get("identifier") or ""),
         "url": str(issue.get("url") or ""),
-        "filed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "filed_at": _now(),
+        "fingerprint": fp,
     }
+    issue_fields = ["state", "filed", "identifier", filed["identifier"], "url", filed["url"]]
+    issue_fields += ["filed_at", filed["filed_at"]]
+    sightings = await _SIGHTING(
+        ctx.redis, [bug_key], [p.bug_id, dedup_s, _now(), p.session_id, *issue_fields]
+    )
     await ctx.redis.hset(key, mapping=dict(filed))  # type: ignore[arg-type]  # redis-py's Mapping is invariant
-    return {**filed, "created": created}
+    return {**filed, "created": created, "sightings": int(sightings)}
+
+
+async def _seen_again(
+    p: TicketRequest,
+    ctx: TaskContext,
+    key: str,
+    fp: str,
+    known: dict[str, str],
+    dedup_s: int,
+) -> dict[str, Any]:
+    """A bug whose issue another session filed: counted on the bug record, no tracker call."""
+    s = settings()
+    bug_key = _keys.bug(ctx.keys, fp)
+    sightings = await _SIGHTING(ctx.redis, [bug_key], [p.bug_id, dedup_s, _now(), p.session_id])
+    filed: dict[str, str] = {
+        "state": "filed",
+        "bug_id": p.bug_id,
+        "issue_id": known["issue_id"],
+        "identifier": known.get("identifier", ""),
+        "url": known.get("url", ""),
+        "filed_at": known.get("filed_at", ""),
+        "fingerprint": fp,
+        "first_bug_id": known.get("first_bug_id", ""),
+    }
+    async with ctx.redis.pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping=dict(filed))  # type: ignore[arg-type]  # redis-py's Mapping is invariant
+        pipe.expire(key, int(s.retention_days * _DAY_S) + _DAY_S)
+        await pipe.execute()
+    log.info(
+        "qa_ticket_seen_again",
+        bug_id=p.bug_id,
+        session_id=p.session_id,
+        issue=filed["identifier"] or filed["issue_id"],
+        sightings=int(sightings),
+    )
+    return {**filed, "created": False, "seen_again": True, "sightings": int(sightings)}
 
 
 async def on_bug(bug: BugFound, ctx: Submitter) -> None:
