@@ -20,6 +20,7 @@ from streamproc.config import parse_task_concurrency
 from streamproc.errors import ConfigError
 from streamproc.tasks import TaskContext, TaskType, task_concerns
 from tests.helpers import cli_in_process
+from tests.test_cli import cli
 from tests.test_ingest_support import Server, running_ingest
 from tests.test_task_queues import consumer
 from tests.test_tasks import running, submit, until_status
@@ -194,3 +195,13 @@ def test_a_runner_started_with_a_bad_value_exits_2_saying_why(
     run = cli_in_process(monkeypatch, capsys, env, "tasks", "--queues", "crawl")
     assert run.returncode == 2, (run.stdout, run.stderr)
     assert f"{VAR}={raw!r}: item " in run.stderr
+
+
+def test_a_real_runner_process_with_a_bad_value_exits_2_before_it_runs(
+    redis_url: str, keys: Keys
+) -> None:
+    """The same through ``python -m streamproc tasks`` (what a container runs)."""
+    env = {"REDIS_URL": redis_url, "STREAMPROC_PREFIX": keys.prefix, VAR: "crawl=3,tickets=0"}
+    run = cli("tasks", "--queues", "crawl", env=env)
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert f"{VAR}='crawl=3,tickets=0': item 'tickets=0': count 0 is not within" in run.stderr
