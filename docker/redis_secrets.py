@@ -52,11 +52,11 @@ _CONNECTION = (
 _SCRIPTS = "evalsha script|load script|exists"
 #: Keys, strings, hashes, lists (delivery logs, a task's cancel signal, a consumer's parked
 #: entries: LPOP), sorted sets, and sets (the registry set of issue 17 item 14). PEXPIREAT: the
-#: producer's dedup generations (issue 20).
+#: producer's dedup generations (issue 20); HSETNX: its records claimed before their XADD.
 _DATA = (
     "exists type ttl pttl expire pexpire pexpireat persist del unlink scan "
     "get set mget incr incrby "
-    "hget hset hmget hgetall hdel hexists hincrby hincrbyfloat hlen hkeys hscan "
+    "hget hset hsetnx hmget hgetall hdel hexists hincrby hincrbyfloat hlen hkeys hscan "
     "rpush lpush lpop lrange ltrim llen "
     "zadd zcard zcount zrange zrangebyscore zrevrange zrevrangebyscore zrank zrem "
     "zremrangebyrank zremrangebyscore zscore zmscore "

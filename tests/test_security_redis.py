@@ -409,6 +409,10 @@ async def test_ingest_publishes_and_a_consumer_retries_acks_and_dead_letters_as_
             "/v1/events", cluster_event(), token=token, headers={"Idempotency-Key": "k-1"}
         )
         assert status == 202, reply
+    # records by id as ingest's user: after a call's first XADD the script claims each next
+    # record with HSETNX before its XADD (issue 20), a command the user must have
+    got = await ingest_producer.append([spot(2, id="x-1"), spot(3, id="x-2"), spot(2, id="x-1")])
+    assert [p.duplicate for p in got] == [False, False, True]
 
     attempts: dict[str, int] = {}
 
@@ -436,7 +440,7 @@ async def test_ingest_publishes_and_a_consumer_retries_acks_and_dead_letters_as_
         idle = await consumer.process_once(block_ms=20) == 0
         if idle and attempts.get("i-flaky") == 2:
             break
-    assert attempts == {"i-flaky": 2, "i-bad": 1, "i-0abc": 1, "i-1": 1}
+    assert attempts == {"i-flaky": 2, "i-bad": 1, "i-0abc": 1, "i-1": 1, "i-2": 1, "i-3": 1}
     assert consumer.stats.acked >= 3
     op = clients["operator"]
     assert await op.xlen(keys.dlq("cluster", "g")) == 1
