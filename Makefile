@@ -2,14 +2,14 @@
 #   make run   - the whole system (ingest, consumer groups, ticker) on an embedded Redis
 #   make test  - the test suite (a redis-server process on 127.0.0.1, no Docker needed)
 # Each installs what is missing first: uv, the locked virtual environment, redis-server,
-# and for the browser test Chromium.
+# and for the browser test Chromium (valgrind for a benchmark script's test).
 
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 APT_PACKAGES_RUN := redis-server redis-tools ffmpeg espeak-ng
-APT_PACKAGES_TEST := $(APT_PACKAGES_RUN) chromium
+APT_PACKAGES_TEST := $(APT_PACKAGES_RUN) chromium valgrind
 # The suite mostly waits (subprocesses, timeouts, Redis), so it runs on pytest-xdist workers;
 # tests marked `serial` (1,000 sockets at once, kill -9 chaos) run after them, alone, so the
 # others' load cannot starve them. TEST_WORKERS=0 runs everything in one process.

@@ -93,3 +93,43 @@ def test_soak_mode_samples_memory_and_judges_the_last_half(repo_root: Path, tmp_
     assert published == sorted(published)
     assert "slope_other_b_per_s" in soak  # window full after 2 s: the last half has a verdict
     assert isinstance(soak["flat"], bool)
+
+
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None, reason="needs valgrind (make test installs it)"
+)
+def test_instruction_counts_per_event_for_dedup_off_and_on(repo_root: Path, tmp_path: Path) -> None:
+    """benchmarks/dedup_instructions.py: redis-server under callgrind, each variant's published
+    events drained with every effect once (the script fails otherwise); recording ids costs
+    Redis instructions on the publish side, none on the drain side (within 10 %)."""
+    out = tmp_path / "instr.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/dedup_instructions.py",
+            "--events",
+            "300",
+            "--window-ms",
+            "2000",
+            "--json",
+            str(out),
+        ],
+        cwd=repo_root,
+        env={**os.environ, "STREAMPROC_LOG_LEVEL": "warning"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| after | off |" in r.stdout
+    assert "| after | on |" in r.stdout
+    result = json.loads(out.read_text())
+    off, on = result["variants"]["after dedup off"], result["variants"]["after dedup on"]
+    for v in (off, on):
+        assert Path(v["streamproc"]).is_relative_to(repo_root.resolve())
+        assert v["publish"] > 0
+        assert v["drain"] > 0
+    assert on["publish"] > off["publish"]
+    assert abs(on["drain"] - off["drain"]) < 0.1 * off["drain"]
+    assert result["ratios"]["after"] == on["total"] / off["total"]
