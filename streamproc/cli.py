@@ -507,7 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert app is not None
         args.app = app_spec(args.app)
         func: Callable[[argparse.Namespace, Config, App], int] = args.func
-        return func(args, cfg, app)
+        code = func(args, cfg, app)
+        sys.stdout.flush()  # here, where a reader gone (BrokenPipeError) is handled below
+        return code
     except StoppedWhileWaiting as e:  # asked to stop before Redis came up: nothing to drain
         print(f"streamproc: {e}", file=sys.stderr)
         return 0
@@ -526,6 +528,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StreamprocError as e:
         print(f"streamproc: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # Our output's reader went away (`| head`): not an error, and not Redis (redis-py
+        # raises its own ConnectionError for a socket). Point stdout at /dev/null so that
+        # the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except REDIS_DOWN as e:
         print(f"streamproc: error: Redis connection lost: {e}", file=sys.stderr)
         return 3

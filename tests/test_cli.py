@@ -419,3 +419,28 @@ def test_schedule_listings_show_times_as_iso_and_relative_and_intervals_in_units
     [discovery] = [line for line in ticker.stdout.splitlines() if line.startswith("discovery ")]
     assert "every 5 min " in discovery
     assert re.search(f"next: {ISO_AND_RELATIVE}, ", discovery), discovery
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["tasks", "history"]])
+def test_output_piped_into_a_reader_that_left_is_not_a_redis_error(
+    env: dict[str, str], command: list[str]
+) -> None:
+    """`streamproc tasks history | head`: the reader closes the pipe before the command writes.
+    That is no error: exit 0 and nothing on stderr (it said 'Redis connection lost', exit 3)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        p = subprocess.run(
+            [sys.executable, "-m", "streamproc", *command],
+            cwd=ROOT,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
