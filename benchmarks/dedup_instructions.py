@@ -12,13 +12,15 @@ time (a cache miss costs no instructions), so both figures are reported, each fo
 How. Per tree (as in dedup_cost.py: ``--before REV`` a worktree in /tmp/sp-before, ``--before
 PATH`` a folder, "after" this tree or ``--after PATH``) and dedup off/on, a child with
 ``PYTHONPATH=<tree>`` runs redis-server under ``valgrind --tool=callgrind`` (Debian's valgrind)
-and the bulk steps of dedup_cost.py with its ``_Child``: 500 events warm-up, N published and
-drained (the prefill: a full generation of records), then, in the next generation of the window
-(``MINTED_SKEW_MS`` = 0: what a 24 h window does after its first minute), N events published,
-counted (``callgrind_control -z`` / ``-d``), then drained by a new consumer, counted. The
-child's drain check polls every 0.5 s (not 5 ms): polls are counted too. Every effect must be
-applied once or the run fails. Redis runs ~50x slower under callgrind: N = 5,000 takes ~45 s a
-variant.
+and the bulk steps of dedup_cost.py with its ``_Child``: 500 events warm-up; at the start of a
+generation of the window, N published and drained (the prefill: the records of one generation,
+which sizes the next); then at the start of the next generation (``MINTED_SKEW_MS`` = 0: what a
+24 h window does after its first minute), N events published, counted (``callgrind_control -z``
+/ ``-d``), then drained by a new consumer, counted. Each step must end in the generation it
+began in, or the run fails (the counts would depend on where the boundary fell: raise
+``--window-ms``). The child's drain check polls every 0.5 s (not 5 ms): polls are counted too.
+Every effect must be applied once or the run fails. Redis runs ~50x slower under callgrind:
+N = 5,000 takes ~2 min a variant with the 60 s window (most of it waiting for generations).
 """
 
 from __future__ import annotations
@@ -133,19 +135,31 @@ async def _measure(spec: dict[str, Any], port: int, pid: int) -> tuple[str, int,
         t: Any = await ch.raw.time()
         return int((t[0] * 1000 + t[1] // 1000) // window)
 
+    async def next_gen() -> int:
+        gen = await now_gen()
+        while await now_gen() <= gen:  # noqa: ASYNC110 - Redis' clock
+            await asyncio.sleep(0.1)
+        return gen + 1
+
+    def same(gen: int, now: int, what: str) -> None:
+        if now != gen:  # the counts would hold a rotation or a half-full generation
+            raise SystemExit(f"{what} crossed a generation: raise --window-ms")
+
     await ch.create_group()
     await ch.publish(ch.events(WARMUP, 0), BATCH)
     await drain("warmup", WARMUP)
+    # the prefill fills one whole generation, the measure runs in the next one, alone
+    gen = await next_gen()
     await ch.publish(ch.events(n, WARMUP), BATCH)
     await drain("prefill", WARMUP + n)
-    gen = await now_gen()
-    while await now_gen() <= gen:  # noqa: ASYNC110 - Redis' clock
-        await asyncio.sleep(0.1)
+    same(gen, await now_gen(), "the prefill")
+    gen = await next_gen()
     done = WARMUP + n
     events = ch.events(n, done)
     ctl("-z")
     await ch.publish(events, BATCH)
     ctl("-d")
+    same(gen, await now_gen(), "the measured publish")
     await drain("c1", done + n)
     ctl("-d")
     applied = await ch.applied()
@@ -182,7 +196,7 @@ def main() -> None:
     p.add_argument("--after", type=Path, default=ROOT, help="the tree to compare (default: here)")
     p.add_argument("--keep-worktree", action="store_true")
     p.add_argument("--events", type=int, default=5000)
-    p.add_argument("--window-ms", type=int, default=20_000)
+    p.add_argument("--window-ms", type=int, default=60_000)
     p.add_argument("--json", type=Path)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -110,7 +110,7 @@ def test_instruction_counts_per_event_for_dedup_off_and_on(repo_root: Path, tmp_
             "--events",
             "300",
             "--window-ms",
-            "2000",
+            "10000",
             "--json",
             str(out),
         ],
@@ -118,7 +118,7 @@ def test_instruction_counts_per_event_for_dedup_off_and_on(repo_root: Path, tmp_
         env={**os.environ, "STREAMPROC_LOG_LEVEL": "warning"},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
     assert r.returncode == 0, r.stdout + r.stderr
