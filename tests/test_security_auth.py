@@ -303,8 +303,10 @@ async def test_twenty_thousand_garbage_tokens_do_not_evict_a_cached_agent(
     agent, token = await store.add("steady", types=["cluster.*"])
     assert await store.authenticate(token) == agent  # looked up once, then cached
     garbage = [f"spk_{secrets.token_urlsafe(32)}" for _ in range(20_000)]
-    for start in range(0, len(garbage), 500):
-        found = await asyncio.gather(*(store.authenticate(t) for t in garbage[start : start + 500]))
+    # 100 at a time: 500 at once starved the event loop under CI load until a connect to
+    # Redis timed out (2 s); what is tested is the cache, not concurrency
+    for start in range(0, len(garbage), 100):
+        found = await asyncio.gather(*(store.authenticate(t) for t in garbage[start : start + 100]))
         assert not any(found)
     lookups = await cmdstat_calls(client, "evalsha")
     assert await store.authenticate(token) == agent
