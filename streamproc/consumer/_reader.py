@@ -63,6 +63,11 @@ class Reader:
         self.drained.set()
         self._reserved = 0  # room promised to a read under way
         self._recovering: dict[str, bytes] = dict.fromkeys(self.streams, b"0")
+        #: Per stream with a recovery read (``0``) under way: the entries released (settled,
+        #: or let go) since it was sent. Its reply may list them as pending (Redis ran the read
+        #: first, on another connection, e.g. both queued during a stall) though they are no
+        #: longer held here: not run again on the strength of that reply.
+        self._released_since: dict[str, set[bytes]] = {}
         self._reading_all: set[str] = set()  # a single-call read under way: its streams
         self._cursors: dict[str, bytes] = dict.fromkeys(self.streams, b"0-0")
         #: Deliveries of an entry that ended cleanly (released after a blip): not counted.
@@ -126,6 +131,8 @@ class Reader:
         for e in entries:
             if self.held[e.stream].pop(e.entry_id, None) is not None:
                 self.in_flight -= 1
+                if (since := self._released_since.get(e.stream)) is not None:
+                    since.add(e.entry_id)
         self.room.set()
         if self.in_flight == 0:
             self.drained.set()
@@ -175,19 +182,29 @@ class Reader:
         while self._recovering:
             stream, cursor = next(iter(self._recovering.items()))
             count = min(self.settings.batch, free)
-            reply: Any = await self._reserve(
-                count,
-                self.client.xreadgroup(self.group, self.name, {stream: cursor}, count=count),
-            )
+            released = self._released_since[stream] = set()
+            try:
+                reply: Any = await self._reserve(
+                    count,
+                    self.client.xreadgroup(self.group, self.name, {stream: cursor}, count=count),
+                )
+            finally:
+                self._released_since.pop(stream, None)
             got: list[tuple[bytes, dict[bytes, bytes] | None]] = reply[0][1] if reply else []
             # Another step may have restarted this stream's recovery at 0 meanwhile (a blip):
             # then keep that, but still take what this read delivered.
             restarted = self._recovering.get(stream) != cursor
-            if not got:
+            if released and any(i in released for i, _ in got):
+                # Released while the read was under way: settled (gone from the pending list
+                # by now) or let go (still pending). Not from this reply: read again from 0,
+                # sent after the release, which lists only what is still pending.
+                got = [(i, f) for i, f in got if i not in released]
+                self._recovering[stream] = b"0"
+            elif not got:
                 if not restarted:
                     self._recovering.pop(stream, None)
                 continue
-            if not restarted:
+            elif not restarted:
                 self._recovering[stream] = got[-1][0]
             held = self.held[stream]  # already being worked on here: not twice
             fresh = [(i, f) for i, f in got if i not in held]
