@@ -256,6 +256,50 @@ async def test_group_that_vanished_is_recreated(
     assert consumer.ready
 
 
+async def test_a_stream_deleted_under_a_settle_is_a_vanished_group_not_a_crash(
+    make_consumer: MakeConsumer, producer: Producer, client: aioredis.Redis, keys: Keys
+) -> None:
+    """The stream goes (deleted, FLUSHALL) while a handler runs: its settle's XACK answers 0
+    and the check whether the group was recreated (XINFO GROUPS) met a missing key, an error
+    the consumer crashed on (the script ran in a pipeline, so the guard did not see 'no such
+    key'). Now the settle treats it as a recreated group (nothing applied, the entry went with
+    the stream), the reader recreates stream and group, and the next event is handled."""
+    seen: list[str] = []
+    effects = keys.state("deleted-under")
+
+    async def handle(event: SpotInterruption, ctx: Context) -> None:
+        seen.append(event.instance_id)
+        if event.instance_id == "i-1":
+            await client.delete(keys.stream("cluster"), keys.retry_stream("cluster", "g"))
+        ctx.effect("HINCRBY", effects, event.instance_id, 1)
+
+    consumer = make_consumer({SpotInterruption: handle}, block_ms=50)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await producer.publish(spot(1))
+        for _ in range(500):
+            if "i-1" in seen and await client.exists(keys.stream("cluster")):
+                groups: Any = await client.xinfo_groups(keys.stream("cluster"))
+                if groups:
+                    break
+            await asyncio.sleep(0.01)
+        await producer.publish(spot(2))
+        for _ in range(500):
+            if "i-2" in seen or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done(), task.exception()  # the consumer did not crash
+        assert seen == ["i-1", "i-2"]
+        for _ in range(500):
+            if await client.hget(effects, "i-2"):
+                break
+            await asyncio.sleep(0.01)
+        assert await client.hgetall(effects) == {b"i-2": b"1"}  # i-1 went with its stream
+    finally:
+        consumer.stop()
+        await task
+
+
 async def test_stop_while_redis_is_down_returns_after_the_grace_period(
     tmp_path: Path, keys: Keys, codec: Codec[Any]
 ) -> None:

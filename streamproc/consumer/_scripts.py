@@ -208,7 +208,11 @@ local delivered = nil  -- the group's last-delivered id, read once if needed
 local function undelivered(id)
   if delivered == nil then
     delivered = '0-0'
-    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    -- The stream itself is gone (deleted, FLUSHALL): as for a recreated group, nothing is
+    -- applied (the entry went with it); the reader's NOGROUP recreates stream and group.
+    local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+    if groups['err'] then return true end
+    for _, g in ipairs(groups) do
       local t = {}
       for j = 1, #g, 2 do t[g[j]] = g[j + 1] end
       if t['name'] == ARGV[1] then delivered = t['last-delivered-id'] end
