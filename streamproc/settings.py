@@ -127,8 +127,8 @@ class ProducerSettings(_Settings, frozen=True, kw_only=True):
     #: Per-topic windows (topic name -> ms; 0 = off for that topic), over ``dedup_window_ms``.
     dedup_windows: dict[str, int] = msgspec.field(default_factory=dict)
     #: Shard hashes of a first dedup generation (later ones are sized from the one before):
-    #: about 48 records a hash keep Redis' compact encoding (and its scans short), so ~
-    #: expected events per window / 48.
+    #: about 24 records a hash keep Redis' compact encoding and its scans short (a record's
+    #: lookup reads the whole listpack), so ~ expected events per window / 24.
     dedup_shards: int = 2048
     #: Backpressure: a group whose lag + pending exceeds this blocks publishing to the topic.
     high_watermark: int = 100_000

@@ -287,7 +287,7 @@ async def test_a_record_lives_one_to_two_windows_and_the_next_generation_is_size
     prefix = keys.published_prefix("cluster")
     for shard in (0, 1):  # the generation before expires at the end of this one
         assert 0 < await client.pttl(f"{prefix}{g}:{shard}") <= window
-    assert int(await client.hget(meta, "s")) == 64  # type: ignore[arg-type]  # 2000 / 48
+    assert int(await client.hget(meta, "s")) == 128  # type: ignore[arg-type]  # 2000 / 24
     await wait_for_generation(g + 3)
     [fresh] = await Producer(client, codec, keys, settings).append([event])
     assert not fresh.duplicate  # two windows on: forgotten
