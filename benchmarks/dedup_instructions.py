@@ -1,7 +1,7 @@
 """Dedup cost in Redis instructions per event (callgrind): dedup on vs off, two trees (issue 20).
 
     .venv/bin/python benchmarks/dedup_instructions.py --before 29211fa [--events 5000]
-        [--window-ms 20000] [--json out.json]
+        [--window-ms 20000] [--json out.json] [--redis-server PATH --top 30]
 
 Why. ``benchmarks/dedup_cost.py`` measures Redis CPU time, the figure the issue's target is
 written in; on this shared 2-vCPU VM the same code's on/off ratio moves by ±0.06 between runs
@@ -21,6 +21,12 @@ began in, or the run fails (the counts would depend on where the boundary fell: 
 ``--window-ms``). The child's drain check polls every 0.5 s (not 5 ms): polls are counted too.
 Every effect must be applied once or the run fails. Redis runs ~50x slower under callgrind:
 N = 5,000 takes ~2 min a variant with the 60 s window (most of it waiting for generations).
+
+Where the instructions go. ``--top N`` prints, per tree, the N functions whose instructions per
+published event differ most between dedup on and off (exclusive counts of the publish step, by
+``callgrind_annotate``). Debian's redis-server has no symbols (all of it is "???"): give a build
+that has them with ``--redis-server PATH``, e.g. the 7.0.15 source tarball built with
+``make OPTIMIZATION=-O2`` (~2 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -66,7 +73,7 @@ def _child(spec: dict[str, Any], out: Path) -> dict[str, Any]:
             "valgrind",
             "--tool=callgrind",
             f"--callgrind-out-file={out}/cg.%p",
-            "redis-server",
+            spec.get("redis_server") or "redis-server",
             "--port",
             str(port),
             "--bind",
@@ -95,7 +102,26 @@ def _child(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         "publish": publish / n,
         "drain": drained / n,
         "total": (publish + drained) / n,
+        "functions": _functions(dumps[0]) if spec.get("top") else {},
     }
+
+
+def _functions(dump: Path) -> dict[str, int]:
+    """Exclusive instructions per function in one callgrind dump (``callgrind_annotate``)."""
+    text = subprocess.run(
+        ["callgrind_annotate", "--auto=no", "--threshold=100", "--inclusive=no", str(dump)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found: dict[str, int] = {}
+    rows = text.split("file:function", 1)[-1].splitlines()
+    for row in rows:
+        m = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(\S.*)", row)
+        if m:  # "<file>:<function> [<object>]": the function's name alone
+            name = m.group(2).split(" [")[0].rsplit(":", 1)[-1]
+            found[name] = found.get(name, 0) + int(m.group(1).replace(",", ""))
+    return found
 
 
 async def _measure(spec: dict[str, Any], port: int, pid: int) -> tuple[str, int, int]:
@@ -198,6 +224,8 @@ def main() -> None:
     p.add_argument("--events", type=int, default=5000)
     p.add_argument("--window-ms", type=int, default=60_000)
     p.add_argument("--json", type=Path)
+    p.add_argument("--redis-server", help="the redis-server to run (default: the one on PATH)")
+    p.add_argument("--top", type=int, default=0, help="print the N functions on - off differ most")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -205,8 +233,10 @@ def main() -> None:
         spec = json.loads(a.child)
         print(json.dumps(_child(spec, Path(spec["out"]))), flush=True)
         return
-    if a.events < 1 or a.window_ms < 1000:
-        p.error("--events must be >= 1 and --window-ms >= 1000")
+    if a.events < 1 or a.window_ms < 1000 or a.top < 0:
+        p.error("--events must be >= 1, --window-ms >= 1000 and --top >= 0")
+    if a.redis_server and not os.access(a.redis_server, os.X_OK):
+        p.error(f"--redis-server {a.redis_server}: not an executable file")
     from benchmarks.dedup_cost import WORKTREE, before_tree, git, machine
 
     trees: list[tuple[str, Path]] = []
@@ -224,7 +254,13 @@ def main() -> None:
     try:
         for label, tree in trees:
             for dedup in (False, True):
-                spec = {"events": a.events, "window_ms": a.window_ms, "dedup": dedup}
+                spec = {
+                    "events": a.events,
+                    "window_ms": a.window_ms,
+                    "dedup": dedup,
+                    "redis_server": a.redis_server,
+                    "top": a.top,
+                }
                 name = f"{label} dedup {'on' if dedup else 'off'}"
                 results[name] = run_child(tree, spec)
                 r = results[name]
@@ -246,6 +282,19 @@ def main() -> None:
         r_off, r_on = results[f"{label} dedup off"], results[f"{label} dedup on"]
         ratios[label] = r_on["total"] / r_off["total"]
         print(f"| {label} | {ratios[label]:.3f} | {r_on['publish'] - r_off['publish']:,.0f} |")
+    if a.top:
+        for label, _ in trees:
+            off, on = results[f"{label} dedup off"], results[f"{label} dedup on"]
+            names = set(off["functions"]) | set(on["functions"])
+            diff = {
+                f: (on["functions"].get(f, 0) - off["functions"].get(f, 0)) / a.events
+                for f in names
+            }
+            print(
+                f"\n{label}: the {a.top} functions differing most, on - off, instructions per event"
+            )
+            for f, d in sorted(diff.items(), key=lambda x: -abs(x[1]))[: a.top]:
+                print(f"  {d:+9,.0f}  {f}")
     if a.json:
         a.json.write_text(json.dumps({"machine": machine(), "variants": results, "ratios": ratios}))
 

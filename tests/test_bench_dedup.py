@@ -113,6 +113,8 @@ def test_instruction_counts_per_event_for_dedup_off_and_on(repo_root: Path, tmp_
             "10000",
             "--json",
             str(out),
+            "--top",
+            "5",
         ],
         cwd=repo_root,
         env={**os.environ, "STREAMPROC_LOG_LEVEL": "warning"},
@@ -133,3 +135,21 @@ def test_instruction_counts_per_event_for_dedup_off_and_on(repo_root: Path, tmp_
     assert on["publish"] > off["publish"]
     assert abs(on["drain"] - off["drain"]) < 0.1 * off["drain"]
     assert result["ratios"]["after"] == on["total"] / off["total"]
+    # --top: the publish step's functions (libc's have names even in Debian's stripped build)
+    assert on["functions"]
+    assert off["functions"]
+    listed = r.stdout.split("differing most, on - off, instructions per event\n", 1)[1]
+    assert len(listed.strip().splitlines()) == 5, r.stdout
+
+
+def test_instruction_counts_refuse_a_redis_server_that_is_not_there(repo_root: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "benchmarks/dedup_instructions.py", "--redis-server", "/nonexistent"],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2
+    assert "--redis-server /nonexistent: not an executable file" in r.stderr
