@@ -153,3 +153,38 @@ def test_instruction_counts_refuse_a_redis_server_that_is_not_there(repo_root: P
     )
     assert r.returncode == 2
     assert "--redis-server /nonexistent: not an executable file" in r.stderr
+
+
+def test_record_shapes_store_each_record_and_report_against_hsetnx(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    """benchmarks/dedup_record_shapes.py: every shape stores (nearly) every record it is given
+    (a cost model that dropped records would look cheap), and each row is against hsetnx."""
+    out = tmp_path / "shapes.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/dedup_record_shapes.py",
+            "--records",
+            "3000",
+            "--rounds",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"hsetnx", "hsetnx-48", "range", "bitfield", "hashtable"}
+    assert summary["hsetnx"]["ratio"] == 1.0
+    for shape, s in summary.items():
+        assert s["stored"] >= 0.95, shape
+        assert s["cpu_us"] > 0, shape
+        assert f"| {shape} |" in r.stdout
+    # the string tables are allocated whole before the records: their bytes include the table
+    assert summary["range"]["bytes"] > 0
