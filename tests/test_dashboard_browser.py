@@ -524,3 +524,57 @@ async def test_the_live_stream_reopens_after_an_answer_that_is_not_a_stream(
                 assert len(refused) == 1
             finally:
                 await context.close()
+
+
+async def test_the_redis_memory_card_reads_high_at_the_alert_ratio_and_calms_below_it(
+    keys: Keys, codec: Codec[Any], tmp_path: Path
+) -> None:
+    """A redis-server of its own (the test moves maxmemory): the card shows used/maxmemory as
+    a percentage, red with 'high' at the alert ratio (0.5 here), and plain with 'alert at
+    50 %' once maxmemory is raised."""
+    from playwright.async_api import async_playwright, expect
+
+    from streamproc.embedded import EmbeddedRedis
+
+    expect.set_options(timeout=WAIT_MS)
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=False).start()
+    own = connect(RedisSettings(url=server.url, key_prefix=keys.prefix))
+    try:
+        used = int((await own.info("memory"))["used_memory"])
+        await own.config_set("maxmemory", int(used * 1.5))  # ~0.67: over 0.5
+        producer = Producer(own, codec, keys)
+        async with running_ingest(own, keys, producer, memory_alert_ratio=0.5) as srv:
+            operator = await srv.token("admin", (), operator=True)
+            async with async_playwright() as pw:
+                context = await pw.chromium.launch_persistent_context(
+                    str(tmp_path / "chromium-profile"),
+                    executable_path=str(CHROMIUM),
+                    headless=True,
+                    args=_ARGS,
+                    viewport={"width": 1440, "height": 900},
+                )
+                try:
+                    page = await context.new_page()
+                    page.set_default_timeout(WAIT_MS)
+                    errors: list[str] = []
+                    page.on("pageerror", lambda e: errors.append(str(e)))
+                    await page.goto(f"{srv.url}/dashboard")
+                    await page.fill("#token", operator)
+                    await page.click("#login")
+                    await page.wait_for_selector("#live.on")
+                    await expect(page.locator("#memory")).to_have_text(re.compile(r"^\d+ %$"))
+                    await expect(page.locator("#memory")).to_have_class(re.compile(r"\bbad\b"))
+                    await expect(page.locator("#memory-of")).to_contain_text("high")
+                    await expect(page.locator("#memory-of")).to_contain_text(" of ")
+                    ARTIFACTS.mkdir(exist_ok=True)
+                    await page.screenshot(path=str(ARTIFACTS / "dashboard-memory-high.png"))
+
+                    await own.config_set("maxmemory", used * 50)
+                    await expect(page.locator("#memory-of")).to_contain_text("alert at 50 %")
+                    await expect(page.locator("#memory")).not_to_have_class(re.compile(r"\bbad\b"))
+                    assert errors == []
+                finally:
+                    await context.close()
+    finally:
+        await own.aclose()
+        server.stop()

@@ -97,9 +97,11 @@ async def running_ingest(
     task_types: Mapping[str, TaskType] | None = None,
     groups: Mapping[str, Sequence[str]] | None = None,
     routes: Sequence[Callable[[web.Application, Ingest], None]] = (),
+    memory_alert_ratio: float = 0.8,
     **settings: Any,
 ) -> AsyncIterator[Server]:
-    """An ingest server on 127.0.0.1 (``routes``: the app's route hooks, as ``App.routes``)."""
+    """An ingest server on 127.0.0.1 (``routes``: the app's route hooks, as ``App.routes``;
+    ``memory_alert_ratio``: the dashboard's, as ``create_app``'s)."""
     ingest = Ingest(
         client=client,
         registry=REGISTRY,
@@ -109,7 +111,7 @@ async def running_ingest(
         task_types=task_types,
         groups=groups,
     )
-    app: web.Application = create_app(ingest, routes=routes)
+    app: web.Application = create_app(ingest, routes=routes, memory_alert_ratio=memory_alert_ratio)
     server = TestServer(app, host="127.0.0.1", port=0)
     await server.start_server()
     try:

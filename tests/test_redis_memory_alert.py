@@ -17,6 +17,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import aiohttp
 import pytest
@@ -300,3 +301,69 @@ async def test_check_and_inspect_exit_1_while_redis_memory_is_high(
     assert mem.ratio is not None
     assert mem.ratio < 0.8
     assert not mem.high
+
+
+# ---------------------------------------------------------------------- the dashboard's card
+
+
+async def test_the_dashboard_snapshot_judges_redis_memory_as_check_does(
+    mem_client: aioredis.Redis, keys: Keys
+) -> None:
+    """The snapshot the page renders carries used_memory against maxmemory at the ingest's
+    alert ratio (``create_app(memory_alert_ratio=...)``): no ratio while maxmemory is unset,
+    high once used/maxmemory reaches the ratio, not high below it."""
+    from schemas import REGISTRY
+    from streamproc import Codec, Producer
+    from streamproc.dashboard import DASHBOARD, build_snapshot
+    from streamproc.ingest import Ingest, create_app
+
+    producer = Producer(mem_client, Codec(REGISTRY), keys)
+    ingest = Ingest(client=mem_client, registry=REGISTRY, keys=keys, producer=producer)
+    app = create_app(ingest, memory_alert_ratio=0.5)
+    snap = await app[DASHBOARD].sampler.snapshot()
+    mem = snap.redis_memory
+    assert mem is not None
+    assert (mem.maxmemory_bytes, mem.ratio, mem.high, mem.alert_ratio) == (0, None, False, 0.5)
+    assert mem.used_bytes > 0
+
+    now = await used(mem_client)
+    await mem_client.config_set("maxmemory", int(now * 1.5))  # ~0.67 of it used
+    snap, _ = await build_snapshot(mem_client, keys, memory_alert_ratio=0.5)
+    assert snap.redis_memory is not None
+    assert snap.redis_memory.high
+    assert snap.redis_memory.ratio is not None
+    assert 0.5 <= snap.redis_memory.ratio < 1
+
+    await mem_client.config_set("maxmemory", now * 20)
+    snap, _ = await build_snapshot(mem_client, keys, memory_alert_ratio=0.5)
+    assert snap.redis_memory is not None
+    assert not snap.redis_memory.high
+
+
+async def test_a_dashboard_whose_redis_user_may_not_run_info_shows_no_memory_and_the_rest(
+    mem_client: aioredis.Redis, own_redis: str, keys: Keys
+) -> None:
+    """An ACL user without INFO: the snapshot is still built (its groups, topics), with no
+    memory figure, rather than failing as an outage."""
+    from streamproc.dashboard import build_snapshot
+    from streamproc.groups import ensure_declared_groups
+
+    await ensure_declared_groups(mem_client, keys, {"cluster": ["g"]})
+    await mem_client.acl_setuser(
+        "no-info",
+        enabled=True,
+        passwords=["+pw-no-info"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-info"],
+    )
+    host = urlparse(own_redis).netloc.rsplit("@", 1)[-1]
+    url = f"redis://no-info:pw-no-info@{host}/0"
+    limited = connect(RedisSettings(url=url, key_prefix=keys.prefix))
+    try:
+        snap, _ = await build_snapshot(limited, keys)
+        assert snap.redis_memory is None
+        assert [(g.topic, g.group) for g in snap.groups] == [("cluster", "g")]
+    finally:
+        await limited.aclose()
+        await mem_client.acl_deluser("no-info")

@@ -152,6 +152,7 @@ class Dashboard:
         panels: Sequence[Panel] = (),
         draining: Callable[[], bool] = lambda: False,
         limits: LimitsOf | None = None,
+        memory_alert_ratio: float = 0.8,
     ) -> None:
         self.client, self.keys = client, keys
         self.settings = s = settings or DashboardSettings()
@@ -164,6 +165,7 @@ class Dashboard:
             render_topics=s.render_topics,
             panels=PanelReader(panels, timeout_s=s.panel_timeout_s) if panels else None,
             limits=limits or limits_of(),
+            memory_alert_ratio=memory_alert_ratio,
         )
         self.draining = draining
         self._proxies = s.proxy_networks()
@@ -604,13 +606,15 @@ def add_dashboard(
     panels: Sequence[Panel] = (),
     draining: Callable[[], bool] = lambda: False,
     limits: LimitsOf | None = None,
+    memory_alert_ratio: float = 0.8,
 ) -> Dashboard:
     """Add the dashboard's routes to ``app`` (the ingest app); returns the Dashboard.
 
     ``schedules``: the application's ticker table (``App.schedules``), for next fire times.
     ``panels``: the application's panels (``App.panels``), each a table on the page.
     ``limits``: each group's limits (``inspect.limits_of(app.concerns)``); the defaults when
-    None.
+    None. ``memory_alert_ratio``: the Redis memory card is high at or above it
+    (``RedisSettings.memory_alert_ratio``).
     """
     dashboard = Dashboard(
         client=client,
@@ -621,6 +625,7 @@ def add_dashboard(
         panels=panels,
         draining=draining,
         limits=limits,
+        memory_alert_ratio=memory_alert_ratio,
     )
     app[DASHBOARD] = dashboard
     dashboard.add_routes(app.router)

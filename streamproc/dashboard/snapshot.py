@@ -24,6 +24,10 @@ plus what a single report cannot give and a series of them can:
   waiting (lag), done/s. Slot occupancy lives inside the render process (its
   ``streamproc_offload_*`` metrics), out of this process's reach;
 - **runtime schedules**: how many there are (``Scheduler.count()``), beside the static table;
+- **Redis memory**: ``used_memory`` against ``maxmemory`` and the alert ratio
+  (``inspect.redis_memory``: one ``INFO memory`` a snapshot), high as ``check`` and the
+  ingest's ``redis_memory_high`` warning judge it; None when Redis refuses ``INFO`` (an ACL
+  user without it) — the rest of the snapshot is built as usual;
 - **application panels** (``App(panels=...)``, ``streamproc.dashboard.panels``): each panel's
   table, or its error.
 
@@ -55,11 +59,13 @@ from streamproc.inspect import (
     GroupStatus,
     Health,
     LimitsOf,
+    RedisMemory,
     Report,
     ScheduleStatus,
     TickerStatus,
     health,
     limits_of,
+    redis_memory,
     schedule_statuses,
     server_time_ms,
     topic_status,
@@ -176,6 +182,8 @@ class Snapshot(msgspec.Struct, kw_only=True):
     panels: list[PanelView] = []
     #: Every group judged against its limits, by name (``inspect.judge``).
     health: list[Health] = []
+    #: Redis' memory against maxmemory; None when Redis refused ``INFO memory``.
+    redis_memory: RedisMemory | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -385,12 +393,14 @@ async def build_snapshot(
     panels: PanelReader | None = None,
     limits: LimitsOf = _DEFAULT_LIMITS,
     latency_base: _Counts | None = None,
+    memory_alert_ratio: float = 0.8,
 ) -> tuple[Snapshot, _Counts]:
     """One snapshot, and the counters the next one computes its rates against.
 
     ``panels``: the application's panels; a panel that fails shows its error, the rest of
     the snapshot is built as usual. ``limits``: each group's (``inspect.limits_of``).
     ``latency_base``: the sample the latency window starts at (``previous`` when None).
+    ``memory_alert_ratio``: Redis memory is high at or above it (``RedisSettings``).
     """
     report = await _report(client, keys, schedules, limits)
     runtime_schedules = await Scheduler(client, keys).count()
@@ -480,8 +490,17 @@ async def build_snapshot(
         latency_window_s=round((now_ms - base.at_ms) / 1000, 1) if base is not None else 0.0,
         panels=await panels.read(client, keys) if panels is not None else [],
         health=judged,
+        redis_memory=await _memory(client, memory_alert_ratio),
     )
     return snapshot, counts
+
+
+async def _memory(client: aioredis.Redis, alert_ratio: float) -> RedisMemory | None:
+    """Redis' memory, or None where ``INFO`` is refused (NOPERM): not an outage."""
+    try:
+        return await redis_memory(client, alert_ratio)
+    except ResponseError:
+        return None
 
 
 class Sampler:
@@ -497,10 +516,12 @@ class Sampler:
         render_topics: Sequence[str] = ("renders",),
         panels: PanelReader | None = None,
         limits: LimitsOf = _DEFAULT_LIMITS,
+        memory_alert_ratio: float = 0.8,
     ) -> None:
         self.client, self.keys, self.interval_s = client, keys, interval_s
         self.schedules, self.render_topics = tuple(schedules), tuple(render_topics)
         self.panels, self.limits = panels, limits
+        self.memory_alert_ratio = memory_alert_ratio
         self._counts: _Counts | None = None
         #: Earlier samples' counters, the oldest within ``LATENCY_WINDOW_S`` first.
         self._window: deque[_Counts] = deque()
@@ -531,6 +552,7 @@ class Sampler:
                     panels=self.panels,
                     limits=self.limits,
                     latency_base=self._window[0] if self._window else None,
+                    memory_alert_ratio=self.memory_alert_ratio,
                 )
                 self._window.append(self._counts)
                 while self._counts.at_ms - self._window[0].at_ms > LATENCY_WINDOW_S * 1000:

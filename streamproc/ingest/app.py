@@ -556,6 +556,7 @@ def create_app(
     panels: Sequence[Panel] = (),
     dashboard: DashboardSettings | None = None,
     limits: LimitsOf | None = None,
+    memory_alert_ratio: float = 0.8,
 ) -> web.Application:
     """The aiohttp application (the caller owns the Redis client and closes it).
 
@@ -565,6 +566,8 @@ def create_app(
     ``panels``: the application's dashboard panels (``App.panels``).
     ``limits``: each group's ``Limits`` (``inspect.limits_of(app.concerns)``), which colour
     the dashboard's groups as ``streamproc inspect`` judges them.
+    ``memory_alert_ratio``: the dashboard's Redis memory card is high at or above it
+    (``RedisSettings.memory_alert_ratio``, as the ingest's ``redis_memory_high`` warning).
     ``routes``: the application's route hooks (``App.routes``), called with the app and this
     ``Ingest``.
     """
@@ -595,6 +598,7 @@ def create_app(
         panels=panels,
         draining=lambda: ingest.draining,
         limits=limits,
+        memory_alert_ratio=memory_alert_ratio,
     )
     for add_routes in routes:
         add_routes(app, ingest)

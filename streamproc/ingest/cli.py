@@ -91,6 +91,7 @@ async def serve(cfg: Config, app: App, host: str, port: int, *, reuse_port: bool
             panels=app.panels,
             dashboard=_dashboard_settings(),
             limits=limits_of(app.concerns),
+            memory_alert_ratio=cfg.redis.memory_alert_ratio,
         ),
         settings,
     )

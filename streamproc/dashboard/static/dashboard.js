@@ -58,6 +58,38 @@
     return new Date(ms).toISOString().replace(".000", "") + " (" + rel + ")";
   }
 
+  // 1536 -> "1.5 KiB", as `streamproc check` writes sizes (inspect._bytes)
+  function bytes(n) {
+    if (n === null || n === undefined) return "–";
+    const units = ["B", "KiB", "MiB", "GiB"];
+    let size = n, i = 0;
+    while (size >= 1024 && i < units.length - 1) { size /= 1024; i++; }
+    return i === 0 ? n + " B" : size.toFixed(1) + " " + units[i];
+  }
+
+  // Redis' used_memory against maxmemory, high at the alert ratio (as `streamproc check`)
+  function renderMemory(m) {
+    const pct = (r) => Math.round(r * 100) + " %";
+    if (!m) {
+      $("memory").textContent = "–";
+      $("memory").className = "value";
+      $("memory-of").textContent = "not read (INFO refused)";
+      $("memory-of").className = "sub-value";
+      return;
+    }
+    const high = m.high;
+    if (m.ratio === null) {
+      $("memory").textContent = bytes(m.used_bytes);
+      $("memory-of").textContent = "maxmemory not set: no limit";
+    } else {
+      $("memory").textContent = pct(m.ratio);
+      $("memory-of").textContent = bytes(m.used_bytes) + " of " + bytes(m.maxmemory_bytes) +
+        (high ? " — high: at maxmemory Redis refuses writes" : " · alert at " + pct(m.alert_ratio));
+    }
+    $("memory").className = "value" + (high ? " bad" : "");
+    $("memory-of").className = "sub-value" + (high ? " bad" : "");
+  }
+
   function clip(text, n) {
     return text.length > n ? text.slice(0, n - 1) + "…" : text;
   }
@@ -245,6 +277,7 @@
     $("total-oldest").textContent = secs(oldest);
     $("total-dlq").textContent = num(s.dlq_total);
     $("total-dlq").className = "value" + (s.dlq_total ? " bad" : "");
+    renderMemory(s.redis_memory);
     const worst = counts.stuck ? "stuck" : counts.backlog ? "backlog" : counts.busy ? "busy" : "ok";
     $("total-state").textContent = worst;
     $("total-state").className = "value state-text " + worst;
