@@ -124,3 +124,32 @@ async def test_a_running_task_keeps_its_slot_past_the_lease(
             await asyncio.sleep(0.2)
             assert not await b.take("p2:task-2", LOW)
     assert await b.take("p2:task-2", LOW)
+
+
+async def test_a_slot_given_back_in_the_same_process_wakes_its_waiter_at_once(
+    client: aioredis.Redis, keys: Keys
+) -> None:
+    """A waiter whose next ask is ten minutes away (its poll) takes a slot freed by a task of
+    its queue in the same process at once: the give wakes it. Without the wake this test
+    waits out its 30 s bound and fails."""
+    long = {"waiter_ttl_s": 7200.0, "poll_base_s": 600.0, "poll_cap_s": 600.0}
+    running = QueueSlots(client, keys, queue="q", task_type="t", queue_limit=None, type_limit=1)
+    waiting = QueueSlots(
+        client, keys, queue="q", task_type="t", queue_limit=None, type_limit=1, **long
+    )
+    assert waiting.poll_base_s == waiting.poll_cap_s == 600.0
+    assert await running.take("p1:first", LOW)
+    took = asyncio.Event()
+
+    async def second() -> None:
+        async with waiting.hold("p1:second", LOW):
+            took.set()
+
+    task = asyncio.create_task(second())
+    waiting_key = keys.task_slots("q", "t", "waiting")
+    while await client.zscore(waiting_key, "p1:second") is None:  # noqa: ASYNC110 - in Redis
+        await asyncio.sleep(0.01)
+    assert not took.is_set()
+    await running.give("p1:first")
+    await asyncio.wait_for(took.wait(), 30)
+    await task

@@ -10,6 +10,11 @@
   slots are free. A waiter that stops asking (its runner died) leaves the list after
   ``WAITER_TTL_S``. So a critical task read by one runner takes the next free slot before a
   low one another runner read earlier.
+
+  A waiter asks again after a backoff (20 ms, doubling to 1 s), or at once when a task of its
+  queue gives its slots back in the same process (``_FREED``): in one runner a freed slot
+  is taken again without waiting out a poll. A slot freed by another runner process is seen
+  at the next poll (up to 1 s later): no pub/sub connection per runner for that.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import redis.asyncio as aioredis
 import structlog
 
 from streamproc import _gate
 from streamproc._aio import stop
-from streamproc._backoff import Backoff
+from streamproc._backoff import backoff_delay_s
 from streamproc._lua import Lua
 from streamproc.keys import Keys
 
@@ -108,6 +113,32 @@ class PriorityGate(_gate.PriorityGate[None]):
         return self.hold(-rank, tiebreak=seq)
 
 
+class _Freed:
+    """Wakes this process's waiters of a queue when a task of it gives its slots back here."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+
+    @contextlib.contextmanager
+    def listen(self, queue_key: str) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        waiting = self._waiting.setdefault(queue_key, set())
+        waiting.add(event)
+        try:
+            yield event
+        finally:
+            waiting.discard(event)
+            if not waiting:
+                self._waiting.pop(queue_key, None)
+
+    def wake(self, queue_key: str) -> None:
+        for event in self._waiting.get(queue_key, ()):
+            event.set()
+
+
+_FREED = _Freed()
+
+
 class QueueSlots:
     """One task type's slots within its queue, across every runner process (see module doc)."""
 
@@ -122,6 +153,8 @@ class QueueSlots:
         type_limit: int,
         ttl_s: float = SLOT_TTL_S,
         waiter_ttl_s: float = WAITER_TTL_S,
+        poll_base_s: float = 0.02,
+        poll_cap_s: float = 1.0,
     ) -> None:
         self.redis = redis
         self.keys = [
@@ -131,6 +164,10 @@ class QueueSlots:
         ]
         self.queue_limit, self.type_limit = queue_limit or 0, type_limit
         self.ttl_ms, self.waiter_ms = int(ttl_s * 1000), int(waiter_ttl_s * 1000)
+        #: The longest wait between asks: under a fifth of the waiter TTL, so that a waiter's
+        #: place never lapses while it waits.
+        self.poll_cap_s = min(poll_cap_s, self.waiter_ms / 5000)
+        self.poll_base_s = min(poll_base_s, self.poll_cap_s)
 
     async def take(self, member: str, order: int) -> bool:
         """Take (or renew) ``member``'s slots now; False: it waits, its place kept a while."""
@@ -139,14 +176,28 @@ class QueueSlots:
 
     async def give(self, member: str) -> None:
         await _GIVE(self.redis, self.keys, [member])
+        _FREED.wake(self.keys[0])
+
+    async def _wait(self, member: str, order: int) -> None:
+        """Ask until the slots are taken: after a backoff, or at once when a task of the queue
+        gives its slots back in this process. The event is cleared before each ask, so a give
+        that lands while the ask is under way still wakes the wait after it."""
+        attempt = 0
+        with _FREED.listen(self.keys[0]) as freed:
+            while True:
+                freed.clear()
+                if await self.take(member, order):
+                    return
+                attempt += 1
+                delay = backoff_delay_s(attempt, self.poll_base_s, self.poll_cap_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(freed.wait(), delay)
 
     @contextlib.asynccontextmanager
     async def hold(self, member: str, order: int) -> AsyncIterator[None]:
         """Wait for the slots, keep them renewed while the body runs, then give them back."""
-        backoff = Backoff(base_s=0.02, cap_s=min(1.0, self.waiter_ms / 5000))
         try:
-            while not await self.take(member, order):
-                await backoff.sleep()
+            await self._wait(member, order)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.give(member)  # leave the waiting list (a shutdown, Redis down)
