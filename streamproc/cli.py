@@ -35,7 +35,7 @@ import structlog
 
 from streamproc import tracing
 from streamproc._backoff import Backoff
-from streamproc._supervise import supervise
+from streamproc._supervise import SAME_STOP_S, supervise
 from streamproc.app import App, load_app
 from streamproc.config import Config, load_config
 from streamproc.connection import REDIS_DOWN, ServerInfo, check_server, connect
@@ -198,16 +198,21 @@ def _safe_url(url: str) -> str:
 
 
 def install_stop_handlers(stop: Callable[[], None]) -> None:
-    """First SIGTERM/SIGINT: ``stop()`` (graceful). Second: exit at once."""
+    """First SIGTERM/SIGINT: ``stop()`` (graceful). Second: exit at once; but one within
+    ``SAME_STOP_S`` of the first is the same stop sent twice (under ``streamproc up`` started
+    by ``make``, or a systemd unit, a role gets the signal from both) and is logged only."""
     loop = asyncio.get_running_loop()
-    count = 0
+    first_at: float | None = None
 
     def on_signal(signame: str) -> None:
-        nonlocal count
-        count += 1
-        if count == 1:
+        nonlocal first_at
+        now = time.monotonic()
+        if first_at is None:
+            first_at = now
             log.info("stopping", signal=signame)
             stop()
+        elif now - first_at < SAME_STOP_S:
+            log.info("stop_signal_repeated", signal=signame)
         else:
             log.warning("stopping_now", signal=signame)
             os._exit(130)
